@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from mechscope import HookedModel
-from mechscope.main_job import MainJobConfig, held_out_tokens
+from mechscope.apps.main_job import MainJobConfig, held_out_tokens
 from mechscope.sae import SparseAutoencoder, evaluate_sae
 
 job = MainJobConfig(out_dir=sys.argv[1] if len(sys.argv) > 1 else "demo_output")

@@ -1,10 +1,10 @@
 """mechscope: mechanistic interpretability of transformer language models."""
 
-from mechscope.bench import BaseInterpretabilityBench, Experiment
-from mechscope.cache import ActivationCache, get_act_name
-from mechscope.factored import FactoredMatrix
 from mechscope.models import Generation, HookedAutoConfig, HookedAutoModel, HookedConfig, HookedModel, HookPoint
+from mechscope.models.cache import ActivationCache, get_act_name
+from mechscope.models.factored import FactoredMatrix
 from mechscope.sae import SAE, SparseAutoencoder
+from mechscope.tools.experiments import BaseInterpretabilityBench, Experiment
 from mechscope.tools.svd import SVDInterpreter
 
 __version__ = "0.1.0"

@@ -1,5 +1,5 @@
 """``python -m mechscope``: the same as the ``mechscope`` command."""
 
-from mechscope.cli import main
+from mechscope.apps.cli import main
 
 raise SystemExit(main())

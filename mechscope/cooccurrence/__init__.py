@@ -42,7 +42,7 @@ from mechscope.cooccurrence.pca_results import (
 )
 from mechscope.cooccurrence.pipeline import run_all, run_count, run_graphs, run_pca
 from mechscope.cooccurrence.subspace import SubspacePCA, pca_candidates, subgraph_pca, subgraph_pcas
-from mechscope.cooccurrence.tokens import LatentTokens, latent_tokens
+from mechscope.sae.tokens import LatentTokens, latent_tokens
 
 __all__ = [
     "AnalysisConfig",

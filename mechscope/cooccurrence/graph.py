@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 
 from mechscope.cooccurrence.counting import threshold_tag
 from mechscope.cooccurrence.html import neuronpedia_link, size_histogram, write_subgraph_pages
-from mechscope.cooccurrence.tokens import LatentTokens
+from mechscope.sae.tokens import LatentTokens
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from tqdm.auto import tqdm
 
-from mechscope.cooccurrence.tokens import LatentTokens
+from mechscope.sae.tokens import LatentTokens
 
 if TYPE_CHECKING:
     from mechscope.cooccurrence.graph import Subgraph

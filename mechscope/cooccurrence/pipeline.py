@@ -33,6 +33,7 @@ from safetensors.torch import load_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from mechscope.apps.first_look import format_table
 from mechscope.cooccurrence.config import CoocConfig
 from mechscope.cooccurrence.counting import (
     TOKENS_FILE,
@@ -48,13 +49,12 @@ from mechscope.cooccurrence.counting import (
 from mechscope.cooccurrence.graph import Subgraph, edge_threshold, save_graphs, subgraphs
 from mechscope.cooccurrence.pca_results import save_pca_results
 from mechscope.cooccurrence.subspace import pca_candidates
-from mechscope.cooccurrence.tokens import latent_tokens
 from mechscope.data.store import ActivationStore
-from mechscope.demo import format_table
 from mechscope.files import atomic_write
 from mechscope.models.hooked import HookedModel
 from mechscope.models.points import token_vectors
 from mechscope.sae.model import SparseAutoencoder
+from mechscope.sae.tokens import latent_tokens
 
 CHECKPOINT = "count_checkpoint.npz"
 SUMMARY = "summary.json"

@@ -1,6 +1,6 @@
 """Hooked models: HF causal LMs with TransformerLens hook points."""
 
-from mechscope.config import HookedConfig
+from mechscope.models.config import HookedConfig
 from mechscope.models.hooked import Generation, HookedAutoModel, HookedModel
 from mechscope.models.hooks import HookPoint
 from mechscope.models.loading import HookedAutoConfig

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from mechscope.config import HookedConfig
+from mechscope.models.config import HookedConfig
 
 
 @dataclass(frozen=True)

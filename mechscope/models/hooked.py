@@ -16,9 +16,9 @@ from torch import nn
 from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.cache_utils import DynamicCache
 
-from mechscope.cache import ActivationCache
 from mechscope.models.adapters import adapter_for, hooked_config
 from mechscope.models.attention import register_attention
+from mechscope.models.cache import ActivationCache
 from mechscope.models.hooks import HookFn, HookRegistry, read_only
 from mechscope.models.points import PointSet
 from mechscope.models.sampling import sample_next

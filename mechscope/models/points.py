@@ -28,9 +28,9 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from mechscope.config import HookedConfig
 from mechscope.models.adapters import Adapter
 from mechscope.models.attention import ATTN_POINTS, AttentionSite, attach_site
+from mechscope.models.config import HookedConfig
 from mechscope.models.hooks import HookRegistry
 from mechscope.models.weights import linear_in_out
 

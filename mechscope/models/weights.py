@@ -22,9 +22,9 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from mechscope.config import HookedConfig
-from mechscope.factored import FactoredMatrix
 from mechscope.models.adapters import Adapter
+from mechscope.models.config import HookedConfig
+from mechscope.models.factored import FactoredMatrix
 
 Pair = tuple[torch.Tensor, torch.Tensor]
 

