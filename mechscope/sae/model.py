@@ -29,18 +29,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mechscope.sae.config import SAEConfig, dtype_name
+from mechscope.sae.latents import SparseLatents
 
 LAYER_NORM_EPS = 1e-5  # OpenAI sparse_autoencoder's LN (and SAELens's "layer_norm") divide by std + 1e-5
 
 # (shift, scale) of an input normalisation: the reconstruction is mapped back as out * scale + shift.
 _Stats = tuple[Tensor | float, Tensor | float]
-
-
-class SparseLatents(NamedTuple):
-    """The active latents of each token: ``indices [..., k]`` (int64) and ``values [..., k]``; unused slots hold 0."""
-
-    indices: Tensor
-    values: Tensor
 
 
 class SAEOutput(NamedTuple):
