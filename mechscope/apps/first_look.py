@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
+from mechscope.apps.tables import format_table
 from mechscope.models import HookedModel
 from mechscope.models.cache import ActivationCache
 
@@ -37,18 +37,6 @@ def logit_lens(model: HookedModel, cache: ActivationCache, position: int = -1, b
     if softcap:
         logits = torch.tanh(logits / softcap) * softcap
     return logits.softmax(-1)
-
-
-def format_table(headers: Sequence[str], rows: Sequence[Sequence[str]], right: Sequence[int] = ()) -> str:
-    """A plain-text table with aligned columns; column indices in ``right`` are right-aligned."""
-    widths = [max(len(cell) for cell in column) for column in zip(headers, *rows, strict=True)]
-
-    def line(cells: Sequence[str]) -> str:
-        padded = (c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths, strict=True)))
-        return "  " + "  ".join(padded).rstrip()
-
-    rule = "  " + "  ".join("-" * w for w in widths)
-    return "\n".join([line(headers), rule, *(line(row) for row in rows)])
 
 
 def _token_label(model: HookedModel, token_id: int) -> str:

@@ -28,7 +28,8 @@ from pathlib import Path
 
 import torch
 
-from mechscope.apps.first_look import DEFAULT_MODEL, DEFAULT_PROMPT, format_table, load_and_report, run_first_look
+from mechscope.apps.first_look import DEFAULT_MODEL, DEFAULT_PROMPT, load_and_report, run_first_look
+from mechscope.apps.tables import format_table
 from mechscope.cooccurrence.config import AnalysisConfig, CoocConfig, GenerationConfig, PCAConfig
 from mechscope.cooccurrence.pipeline import run_all
 from mechscope.data.store import ActivationStore

@@ -33,7 +33,7 @@ from safetensors.torch import load_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from mechscope.apps.first_look import format_table
+from mechscope.apps.tables import format_table
 from mechscope.cooccurrence.config import CoocConfig
 from mechscope.cooccurrence.counting import (
     TOKENS_FILE,

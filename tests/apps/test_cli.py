@@ -13,8 +13,9 @@ from transformers import AutoModelForCausalLM
 import mechscope.models.loading as loading
 from mechscope import ActivationCache, HookedAutoConfig, HookedModel
 from mechscope.apps.cli import _given, build_parser, main
-from mechscope.apps.first_look import format_table, logit_lens, run_first_look
+from mechscope.apps.first_look import logit_lens, run_first_look
 from mechscope.apps.main_job import MainJobConfig
+from mechscope.apps.tables import format_table
 from mechscope.models.tokenizer import byte_tokenizer
 
 PROMPT = "The capital of France is"
