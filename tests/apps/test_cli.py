@@ -12,11 +12,12 @@ from transformers import AutoModelForCausalLM
 
 import mechscope.models.loading as loading
 from mechscope import ActivationCache, HookedAutoConfig, HookedModel
-from mechscope.apps.cli import _given, build_parser, main
+from mechscope.apps.cli import build_parser, main
 from mechscope.apps.first_look import logit_lens, run_first_look
 from mechscope.apps.main_job import MainJobConfig
 from mechscope.apps.tables import format_table
 from mechscope.models.tokenizer import byte_tokenizer
+from mechscope.settings import DeprecatedSetting, flag_values, load
 
 PROMPT = "The capital of France is"
 
@@ -114,7 +115,7 @@ def test_run_demo_reports_the_models_own_numbers(llama: HookedModel, tmp_path: P
 def test_parser_defaults_and_flags() -> None:
     parser = build_parser()
     args = parser.parse_args(["demo"])
-    assert MainJobConfig(**_given(args, MainJobConfig)) == MainJobConfig()
+    assert load(MainJobConfig, overrides=flag_values(args, MainJobConfig)) == MainJobConfig()
     assert (MainJobConfig().model, MainJobConfig().prompt, MainJobConfig().stages) == (
         "smollm2-135m",
         PROMPT,
@@ -122,9 +123,10 @@ def test_parser_defaults_and_flags() -> None:
     )
     argv = ["demo", "--model", "m.gguf", "--prompt", "Hi", "--out-dir", "o", "--top-k", "2", "--max-new-tokens", "3"]
     argv += ["--stages", "look", "sae", "--activation-thresholds", "0", "2.5", "--lr", "0.01"]
-    job = MainJobConfig(**_given(parser.parse_args(argv), MainJobConfig))
+    with pytest.warns(DeprecatedSetting, match="--activation-thresholds is deprecated: use --cooc.generation.activ"):
+        job = load(MainJobConfig, overrides=flag_values(parser.parse_args(argv), MainJobConfig))
     assert (job.model, job.prompt, job.out_dir, job.top_k, job.max_new_tokens) == ("m.gguf", "Hi", "o", 2, 3)
-    assert (job.stages, job.activation_thresholds, job.lr) == (["look", "sae"], [0.0, 2.5], 0.01)
+    assert (job.stages, job.cooc.generation.activation_thresholds, job.train.lr) == (["look", "sae"], [0.0, 2.5], 0.01)
     for bad in (["demo", "--max-new-tokens", "x"], ["demo", "--stages"], []):
         with pytest.raises(SystemExit):
             parser.parse_args(bad)
