@@ -21,159 +21,175 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-import typing
 from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from mechscope.apps.first_look import DEFAULT_MODEL, DEFAULT_PROMPT, load_and_report, run_first_look
 from mechscope.apps.tables import format_table
-from mechscope.cooccurrence.config import AnalysisConfig, CoocConfig, GenerationConfig, PCAConfig
+from mechscope.cooccurrence.config import CoocConfig, GenerationConfig, PCAConfig
 from mechscope.cooccurrence.pipeline import run_all
-from mechscope.data.store import ActivationStore
+from mechscope.data.store import MANIFEST, ActivationStore
+from mechscope.files import check_settings
 from mechscope.models.hooked import HookedModel
 from mechscope.sae.evaluate import evaluate_sae
 from mechscope.sae.model import SparseAutoencoder
 from mechscope.sae.train import CHECKPOINT_DIR, RESUMABLE_CHANGES, TrainConfig, train_sae
-from mechscope.validation import matches, type_name
+from mechscope.settings import Config, ConfigError, at_least, check_fields, derive, meta
 
 STAGES = ("look", "sae", "cooc")
+SAE_DIR = "sae"  # train_sae saves the SAE in out_dir/sae
 
 
-def _help(text: str) -> dict[str, str]:
-    return {"help": text}
+def _job_training() -> TrainConfig:
+    """The job's SAE: a TopK SAE trained on 131,072 harvested tokens (model, hook, context length and paths are
+    set by the job)."""
+    return TrainConfig(
+        n_tokens=131072,
+        batch_size=1024,
+        architecture="topk",
+        expansion_factor=8,
+        k=32,
+        lr=1e-3,
+        warmup_steps=10,
+        shuffle_buffer=32768,
+        dead_tokens_threshold=65536,
+        log_every=16,
+        checkpoint_every=32,
+    )
+
+
+def _job_cooccurrence() -> CoocConfig:
+    """The job's co-occurrence pipeline: the first 32 x 4096 harvested rows at thresholds 0 and 10, PCA of two
+    subgraphs per size (model, SAE, hook, context length and paths are set by the job)."""
+    return CoocConfig(
+        GenerationConfig(model_name=DEFAULT_MODEL, n_batches=32, batch_size_tokens=4096, activation_thresholds=[0, 10]),
+        pca=PCAConfig(candidates_per_size=2),
+    )
 
 
 @dataclass
-class MainJobConfig:
+class MainJobConfig(Config):
     """Settings of the main job; the defaults are the SmolLM2-135M run documented in the README.
-    ``mechscope demo`` has one flag per field (``--sae-tokens 65536`` ...).
 
-    ``sae_tokens`` rows of ``hook_name`` are harvested once (``out_dir/activations``) and serve both the SAE's
-    training and the co-occurrence count (``cooc_batches`` batches of ``cooc_batch_tokens`` rows, which must fit
-    in them). ``eval_contexts`` contexts that follow the harvested ones are held out for the SAE's evaluation.
+    It nests the SAE training run (``train``, a :class:`TrainConfig`) and the co-occurrence pipeline (``cooc``, a
+    :class:`CoocConfig`) and sets what they share from its own fields (:meth:`derived`): the model, the hook, the
+    context length and the paths under ``out_dir``. ``mechscope demo`` has one flag per setting (``--top-k 3``,
+    ``--train.n-tokens 65536``, ``--cooc.generation.n-batches 8`` ...) and reads a TOML file of them
+    (``--config job.toml``, with tables ``[train]`` and ``[cooc.generation]`` ...).
     """
 
-    model: str = field(default=DEFAULT_MODEL, metadata=_help("short name, hub id, local dir or .gguf"))
-    prompt: str = field(default=DEFAULT_PROMPT, metadata=_help("the prompt of the first look"))
-    out_dir: str = field(default="demo_output", metadata=_help("where everything goes"))
+    model: str = field(default=DEFAULT_MODEL, metadata=meta("model: short name, hub id, local dir or .gguf"))
+    prompt: str = field(default=DEFAULT_PROMPT, metadata=meta("the prompt of the first look"))
+    out_dir: str = field(default="demo_output", metadata=meta("where everything goes"))
     stages: list[str] = field(
-        default_factory=lambda: list(STAGES), metadata=_help("stages to run: any of look, sae, cooc")
+        default_factory=lambda: list(STAGES), metadata=meta("stages to run: any of look, sae, cooc")
     )
-    top_k: int = field(default=5, metadata=_help("look: how many next tokens to list"))
-    max_new_tokens: int = field(default=10, metadata=_help("look: length of the greedy continuation"))
-    hook_name: str = field(default="blocks.15.hook_resid_post", metadata=_help("sae: the hook point"))
-    context_length: int = field(default=128, metadata=_help("tokens per corpus context"))
-    sae_tokens: int = field(default=131072, metadata=_help("sae: tokens harvested and trained on"))
-    expansion_factor: int = field(default=8, metadata=_help("sae: d_sae / d_model"))
-    k: int = field(default=32, metadata=_help("sae: active latents per token"))
-    batch_size: int = field(default=1024, metadata=_help("sae: tokens per training step"))
-    lr: float = field(default=1e-3, metadata=_help("sae: Adam learning rate"))
-    eval_contexts: int = field(default=32, metadata=_help("sae: held-out contexts for the evaluation"))
-    activation_thresholds: list[float] = field(
-        default_factory=lambda: [0.0, 10.0], metadata=_help("cooc: activity thresholds")
+    top_k: int = field(default=5, metadata=meta("look: how many next tokens to list"))
+    max_new_tokens: int = field(default=10, metadata=meta("look: length of the greedy continuation"))
+    hook_name: str = field(default="blocks.15.hook_resid_post", metadata=meta("sae, cooc: the hook point"))
+    context_length: int = field(default=128, metadata=meta("sae, cooc: tokens per corpus context"))
+    eval_contexts: int = field(default=32, metadata=meta("sae: held-out contexts for the evaluation"))
+    train: TrainConfig = field(
+        default_factory=_job_training,
+        metadata=meta(
+            "sae: the training run (model, hook_name, context_length, shard_dir, out_dir and resume are the job's)",
+            moved={"sae_tokens": "n_tokens", **{name: name for name in ("expansion_factor", "k", "batch_size", "lr")}},
+        ),
     )
-    cooc_batches: int = field(default=32, metadata=_help("cooc: batches counted"))
-    cooc_batch_tokens: int = field(default=4096, metadata=_help("cooc: tokens per batch"))
-    min_subgraph_size: int = field(default=150, metadata=_help("cooc: target size of the largest subgraph, lower"))
-    max_subgraph_size: int = field(default=200, metadata=_help("cooc: largest subgraph allowed"))
-    candidate_sizes: list[int] = field(default_factory=lambda: [3, 4, 5], metadata=_help("cooc: PCA subgraph sizes"))
-    candidates_per_size: int = field(default=2, metadata=_help("cooc: PCA subgraphs per size"))
+    cooc: CoocConfig = field(
+        default_factory=_job_cooccurrence,
+        metadata=meta(
+            "cooc: the pipeline over the harvested activations (model, SAE, hook, corpus, context length and paths "
+            "are the job's)",
+            moved={
+                "activation_thresholds": "generation.activation_thresholds",
+                "cooc_batches": "generation.n_batches",
+                "cooc_batch_tokens": "generation.batch_size_tokens",
+                "min_subgraph_size": "analysis.min_subgraph_size",
+                "max_subgraph_size": "analysis.max_subgraph_size",
+                "candidate_sizes": "pca.candidate_sizes",
+                "candidates_per_size": "pca.candidates_per_size",
+            },
+        ),
+    )
 
     def __post_init__(self) -> None:
-        unknown = [s for s in self.stages if s not in STAGES]
+        unknown = [s for s in self.stages if s not in STAGES] if isinstance(self.stages, list) else []
         if unknown:
-            raise ValueError(f"unknown main-job stage(s) {unknown}: choose from {', '.join(STAGES)}")
-        for name, hint in typing.get_type_hints(MainJobConfig).items():
-            value = getattr(self, name)
-            if not matches(value, hint):
-                raise ValueError(f"{name} must be {type_name(hint)}, got {value!r}")
-            if hint is int and value < 1:
-                raise ValueError(f"{name} must be at least 1, got {value}")
-        if self.cooc_batches * self.cooc_batch_tokens > self.sae_tokens:
-            raise ValueError(
-                f"cooc_batches * cooc_batch_tokens = {self.cooc_batches * self.cooc_batch_tokens} exceeds the "
-                f"{self.sae_tokens} harvested tokens (sae_tokens): lower one or raise sae_tokens"
+            raise ConfigError(f"unknown main-job stage(s) {unknown}: choose from {', '.join(STAGES)}", field="stages")
+        check_fields(self)
+        at_least(self, 1, "top_k", "max_new_tokens", "context_length", "eval_contexts")
+        derive(self)  # the nested configs check themselves again, now rather than after the training
+        counted = self.cooc.generation.n_batches * self.cooc.generation.batch_size_tokens
+        if counted > self.train.n_tokens:
+            raise ConfigError(
+                f"cooc.generation.n_batches * cooc.generation.batch_size_tokens = {counted} exceeds the "
+                f"{self.train.n_tokens} harvested tokens (train.n_tokens): lower one or raise train.n_tokens",
+                field="cooc.generation.n_batches",
             )
-        self.train_config()  # the SAE's and the pipeline's own checks, now rather than after the training
-        cooc_config(self, Path(self.out_dir) / "sae")
 
-    def train_config(self) -> TrainConfig:
-        """The SAE training run: a TopK SAE on ``hook_name`` over the harvested activations."""
+    def derived(self) -> dict[str, Any]:
+        """What the training run and the pipeline share, set from the job's fields: the pipeline reads the shards
+        the training harvested and the SAE it trained (absolute paths, so ``out_dir/cooc.toml`` works from any
+        directory)."""
         out = Path(self.out_dir)
-        return TrainConfig(
-            model=self.model,
-            hook_name=self.hook_name,
-            shard_dir=str(out / "activations"),
-            context_length=self.context_length,
-            n_tokens=self.sae_tokens,
-            batch_size=self.batch_size,
-            architecture="topk",
-            expansion_factor=self.expansion_factor,
-            k=self.k,
-            lr=self.lr,
-            warmup_steps=10,
-            shuffle_buffer=min(32768, self.sae_tokens),
-            dead_tokens_threshold=min(65536, self.sae_tokens // 2),
-            out_dir=str(out / "sae_training"),
-            log_every=16,
-            checkpoint_every=32,
-        )
+        shards, training = out / "activations", out / "sae_training"
+        return {
+            "train.model": self.model,
+            "train.hook_name": self.hook_name,
+            "train.context_length": self.context_length,
+            "train.shard_dir": str(shards),
+            "train.out_dir": str(training),
+            "train.resume": False,  # train_or_reuse_sae resumes when a checkpoint is there
+            "cooc.generation.model_name": self.model,
+            "cooc.generation.sae": str((training / SAE_DIR).resolve()),
+            "cooc.generation.sae_ids": [self.hook_name],
+            "cooc.generation.corpus": self.train.source,
+            "cooc.generation.context_length": self.context_length,
+            "cooc.generation.activations_dir": str(shards.resolve()),
+            "cooc.results_dir": str((out / "cooc").resolve()),
+        }
+
+    @property
+    def sae_dir(self) -> Path:
+        """Where the trained SAE is (``train.out_dir/sae``)."""
+        return Path(self.train.out_dir) / SAE_DIR
 
 
 def train_or_reuse_sae(model: HookedModel, job: MainJobConfig) -> tuple[SparseAutoencoder, bool]:
-    """The job's SAE: loaded from ``out_dir/sae_training/sae`` when a finished run is there, else trained (resuming
-    an interrupted run from its checkpoint). Returns ``(sae, reused)``."""
-    config = job.train_config()
-    final = Path(config.out_dir) / "sae"
+    """The job's SAE: loaded from ``job.sae_dir`` when a finished run is there, else trained (resuming an
+    interrupted run from its checkpoint). Returns ``(sae, reused)``."""
+    config = job.train
     saved = Path(config.out_dir) / "train_config.json"
     if saved.exists():
-        before, now = json.loads(saved.read_text()), dataclasses.asdict(config)
-        diff = {k: (before.get(k), v) for k, v in now.items() if k not in RESUMABLE_CHANGES and before.get(k) != v}
-        if diff:
-            raise ValueError(
-                f"{config.out_dir} holds an SAE trained with other settings {diff} (there, now): "
-                "use another out_dir, or the same settings"
-            )
-    if final.exists():
-        return SparseAutoencoder.load(final), True
-    config.resume = (Path(config.out_dir) / CHECKPOINT_DIR).exists()
-    return train_sae(config, model=model), False
+        check_settings(
+            json.loads(saved.read_text()),
+            dataclasses.asdict(config),
+            where=config.out_dir,
+            what="holds an SAE trained",
+            fix="use another out_dir, or the same settings",
+            labels="there, now",
+            ignore=RESUMABLE_CHANGES,
+        )
+    if job.sae_dir.exists():
+        return SparseAutoencoder.load(job.sae_dir), True
+    resume = (Path(config.out_dir) / CHECKPOINT_DIR).exists()
+    return train_sae(dataclasses.replace(config, resume=resume), model=model), False
 
 
 def held_out_tokens(model: HookedModel, job: MainJobConfig) -> torch.Tensor:
     """``[eval_contexts, context_length]``: the corpus contexts right after the harvested ones (never trained on)."""
-    store = ActivationStore(model, job.hook_name, context_length=job.context_length)
-    manifest = json.loads((Path(job.out_dir) / "activations" / "manifest.json").read_text())
+    store = ActivationStore(model, job.hook_name, job.train.source, context_length=job.context_length)
+    manifest = json.loads((Path(str(job.train.shard_dir)) / MANIFEST).read_text())
     last = manifest["shards"][-1]
     contexts = list(islice(store.contexts(skip=last["first_context"] + last["n_contexts"]), job.eval_contexts))
     if not contexts:
         raise ValueError("the corpus has no contexts left after the harvested ones for the SAE's evaluation")
     return torch.stack(contexts)
-
-
-def cooc_config(job: MainJobConfig, sae_path: Path) -> CoocConfig:
-    """The co-occurrence pipeline over the first ``cooc_batches * cooc_batch_tokens`` harvested rows (absolute paths,
-    so that the config written from it works from any directory)."""
-    out = Path(job.out_dir).resolve()
-    sae_path = Path(sae_path).resolve()
-    return CoocConfig(
-        generation=GenerationConfig(
-            model_name=job.model,
-            sae=str(sae_path),
-            sae_ids=[job.hook_name],
-            n_batches=job.cooc_batches,
-            batch_size_tokens=job.cooc_batch_tokens,
-            activation_thresholds=list(job.activation_thresholds),
-            context_length=job.context_length,
-            activations_dir=str(out / "activations"),
-        ),
-        analysis=AnalysisConfig(min_subgraph_size=job.min_subgraph_size, max_subgraph_size=job.max_subgraph_size),
-        pca=PCAConfig(candidate_sizes=list(job.candidate_sizes), candidates_per_size=job.candidates_per_size),
-        results_dir=str(out / "cooc"),
-    )
 
 
 def evaluate_job_sae(model: HookedModel, sae: SparseAutoencoder, job: MainJobConfig, reused: bool) -> dict:
@@ -214,7 +230,7 @@ def run_main_job(job: MainJobConfig | None = None, model: HookedModel | None = N
     start = time.perf_counter()
     model = model if model is not None else load_and_report(job.model)
     out = Path(job.out_dir)
-    sae_path = out / "sae_training" / "sae"
+    sae_path = job.sae_dir
     result: dict = {}
     if "look" in job.stages:
         print("\n== 1. A first look: next tokens, logit lens, continuation ==")
@@ -228,9 +244,8 @@ def run_main_job(job: MainJobConfig | None = None, model: HookedModel | None = N
         print("\n== 3. Latent co-occurrence: counts, graphs, subspace PCA ==")
         if not sae_path.exists():
             raise FileNotFoundError(f"no trained SAE in {sae_path}: run the 'sae' stage first")
-        config = cooc_config(job, sae_path)
-        config_path = config.to_toml(out / "cooc.toml")
+        config_path = job.cooc.to_toml(out / "cooc.toml")
         print(f"Pipeline config: {config_path} (rerun it with: mechscope cooc run {config_path})")
-        result["cooc"] = run_all(config, model=model)
+        result["cooc"] = run_all(job.cooc, model=model)
     print(f"\nMain job done in {time.perf_counter() - start:.0f} s; everything is in {out.resolve()}")
     return result

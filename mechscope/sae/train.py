@@ -34,24 +34,16 @@ state and the dead-latent counters, and ``trainer.json`` with the step and Adam'
 
 from __future__ import annotations
 
-import sys
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - Python 3.10
-    import tomli as tomllib
-
 import dataclasses
 import json
 import os
 import shutil
-import typing
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, ClassVar, Protocol
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -60,7 +52,7 @@ from tqdm.auto import tqdm
 
 from mechscope.sae.config import ARCHITECTURES, DTYPES, SAEConfig
 from mechscope.sae.model import SparseAutoencoder, SparseDecode, SparseLatents, scatter_outer
-from mechscope.validation import matches, type_name
+from mechscope.settings import Config, ConfigError, at_least, check_fields, fail, label, meta
 
 CHECKPOINT_DIR = "checkpoint"
 TRAINER_TENSORS = "trainer.safetensors"
@@ -70,97 +62,70 @@ METRICS_FILE = "metrics.jsonl"
 RESUMABLE_CHANGES = {"resume", "progress", "log_every", "checkpoint_every", "out_dir"}
 
 
-def _help(text: str) -> dict[str, str]:
-    return {"help": text}
-
-
 @dataclass
-class TrainConfig:
-    """Everything a training run needs; ``mechscope sae train`` has one flag per field (``--hook-name`` ...)."""
+class TrainConfig(Config):
+    """Everything a training run needs; ``mechscope sae train`` has one flag per field (``--hook-name`` ...), and
+    ``TrainConfig.from_toml(path, **overrides)`` reads a TOML file of fields (top-level keys)."""
 
-    model: str = field(default="smollm2-135m", metadata=_help("model: short name, hub id, local dir or .gguf"))
-    hook_name: str = field(default="blocks.15.hook_resid_post", metadata=_help("hook point to train on"))
-    source: str | None = field(default=None, metadata=_help("corpus (mechscope.data.iter_texts); default: embedded"))
-    shard_dir: str | None = field(default=None, metadata=_help("harvest activations to disk shards here first"))
-    context_length: int = field(default=128, metadata=_help("tokens per context"))
-    batch_contexts: int = field(default=8, metadata=_help("contexts per forward pass of the model"))
-    n_tokens: int = field(default=2_000_000, metadata=_help("training tokens; steps = n_tokens // batch_size"))
-    batch_size: int = field(default=4096, metadata=_help("tokens per step"))
-    architecture: str = field(default="topk", metadata=_help(f"one of {', '.join(ARCHITECTURES)}"))
-    d_sae: int | None = field(default=None, metadata=_help("latents; default: expansion_factor * d_in"))
-    expansion_factor: int = field(default=8, metadata=_help("d_sae / d_in when d_sae is not given"))
-    k: float | None = field(default=32, metadata=_help("latents per token (topk: an int; batchtopk: the mean)"))
-    l1_coefficient: float = field(default=5.0, metadata=_help("relu: weight of the decoder-norm weighted L1"))
-    l0_coefficient: float = field(default=1e-3, metadata=_help("jumprelu: weight of the L0 penalty"))
-    jumprelu_bandwidth: float = field(default=1e-3, metadata=_help("jumprelu: width of the STE rectangle kernel"))
-    jumprelu_init_threshold: float = field(default=1e-3, metadata=_help("jumprelu: initial threshold"))
-    batchtopk_threshold_lr: float = field(default=0.01, metadata=_help("batchtopk: rate of the threshold's mean"))
-    aux_k: int | None = field(default=None, metadata=_help("topk/batchtopk: dead latents in AuxK; default d_in // 2"))
-    aux_k_coefficient: float = field(default=1 / 32, metadata=_help("topk/batchtopk: weight of the AuxK loss"))
-    dead_tokens_threshold: int = field(default=1_000_000, metadata=_help("a latent silent this many tokens is dead"))
-    lr: float = field(default=3e-4, metadata=_help("Adam learning rate"))
-    adam_beta1: float = field(default=0.9, metadata=_help("Adam beta1"))
-    adam_beta2: float = field(default=0.999, metadata=_help("Adam beta2"))
-    warmup_steps: int = field(default=100, metadata=_help("linear learning-rate warm-up steps"))
-    decay_fraction: float = field(default=0.2, metadata=_help("final fraction of steps decaying the lr to 0"))
-    seed: int = field(default=0, metadata=_help("seeds the SAE initialisation and the data order"))
-    shuffle_buffer: int = field(default=65536, metadata=_help("rows mixed at a time (0: corpus order)"))
-    out_dir: str = field(default="sae_runs/run", metadata=_help("where sae/, metrics.jsonl and checkpoint/ go"))
-    checkpoint_every: int = field(default=0, metadata=_help("steps between checkpoints (0: only at the end)"))
-    log_every: int = field(default=50, metadata=_help("steps between metrics lines"))
-    resume: bool = field(default=False, metadata=_help("continue from out_dir/checkpoint"))
-    progress: bool = field(default=True, metadata=_help("show a progress bar"))
-    device: str = field(default="cpu", metadata=_help("device of the SAE (and of a model loaded by name)"))
-    dtype: str = field(default="float32", metadata=_help(f"SAE dtype: one of {', '.join(DTYPES)}"))
+    model: str = field(default="smollm2-135m", metadata=meta("model: short name, hub id, local dir or .gguf"))
+    hook_name: str = field(default="blocks.15.hook_resid_post", metadata=meta("hook point to train on"))
+    source: str | None = field(default=None, metadata=meta("corpus (mechscope.data.iter_texts); default: embedded"))
+    shard_dir: str | None = field(default=None, metadata=meta("harvest activations to disk shards here first"))
+    context_length: int = field(default=128, metadata=meta("tokens per context"))
+    batch_contexts: int = field(default=8, metadata=meta("contexts per forward pass of the model"))
+    n_tokens: int = field(default=2_000_000, metadata=meta("training tokens; steps = n_tokens // batch_size"))
+    batch_size: int = field(default=4096, metadata=meta("tokens per step"))
+    architecture: str = field(default="topk", metadata=meta(f"one of {', '.join(ARCHITECTURES)}"))
+    d_sae: int | None = field(default=None, metadata=meta("latents; default: expansion_factor * d_in"))
+    expansion_factor: int = field(default=8, metadata=meta("d_sae / d_in when d_sae is not given"))
+    k: float | None = field(default=32, metadata=meta("latents per token (topk: an int; batchtopk: the mean)"))
+    l1_coefficient: float = field(default=5.0, metadata=meta("relu: weight of the decoder-norm weighted L1"))
+    l0_coefficient: float = field(default=1e-3, metadata=meta("jumprelu: weight of the L0 penalty"))
+    jumprelu_bandwidth: float = field(default=1e-3, metadata=meta("jumprelu: width of the STE rectangle kernel"))
+    jumprelu_init_threshold: float = field(default=1e-3, metadata=meta("jumprelu: initial threshold"))
+    batchtopk_threshold_lr: float = field(default=0.01, metadata=meta("batchtopk: rate of the threshold's mean"))
+    aux_k: int | None = field(default=None, metadata=meta("topk/batchtopk: dead latents in AuxK; default d_in // 2"))
+    aux_k_coefficient: float = field(default=1 / 32, metadata=meta("topk/batchtopk: weight of the AuxK loss"))
+    dead_tokens_threshold: int = field(default=1_000_000, metadata=meta("a latent silent this many tokens is dead"))
+    lr: float = field(default=3e-4, metadata=meta("Adam learning rate"))
+    adam_beta1: float = field(default=0.9, metadata=meta("Adam beta1"))
+    adam_beta2: float = field(default=0.999, metadata=meta("Adam beta2"))
+    warmup_steps: int = field(default=100, metadata=meta("linear learning-rate warm-up steps"))
+    decay_fraction: float = field(default=0.2, metadata=meta("final fraction of steps decaying the lr to 0"))
+    seed: int = field(default=0, metadata=meta("seeds the SAE initialisation and the data order"))
+    shuffle_buffer: int = field(default=65536, metadata=meta("rows mixed at a time (0: corpus order)"))
+    out_dir: str = field(default="sae_runs/run", metadata=meta("where sae/, metrics.jsonl and checkpoint/ go"))
+    checkpoint_every: int = field(default=0, metadata=meta("steps between checkpoints (0: only at the end)"))
+    log_every: int = field(default=50, metadata=meta("steps between metrics lines"))
+    resume: bool = field(default=False, metadata=meta("continue from out_dir/checkpoint"))
+    progress: bool = field(default=True, metadata=meta("show a progress bar"))
+    device: str = field(default="cpu", metadata=meta("device of the SAE (and of a model loaded by name)"))
+    dtype: str = field(default="float32", metadata=meta(f"SAE dtype: one of {', '.join(DTYPES)}"))
+
+    LABEL: ClassVar[str] = "TrainConfig."
 
     def __post_init__(self) -> None:
-        for name, hint in field_types().items():
-            if not matches(getattr(self, name), hint):
-                raise TypeError(f"TrainConfig.{name} must be {type_name(hint)}, got {getattr(self, name)!r}")
+        check_fields(self)
         if self.architecture not in ARCHITECTURES:
-            raise ValueError(
-                f"TrainConfig.architecture {self.architecture!r} is not one of: {', '.join(ARCHITECTURES)}"
-            )
+            raise fail(self, "architecture", f"{self.architecture!r} is not one of: {', '.join(ARCHITECTURES)}")
         if self.architecture == "topk" and (self.k is None or self.k != int(self.k)):
-            raise ValueError(f"TrainConfig.k must be a whole number for a topk SAE, got {self.k!r}")
+            raise fail(self, "k", f"must be a whole number for a topk SAE, got {self.k!r}")
         if self.architecture in ("relu", "jumprelu"):
             self.k = None  # only topk/batchtopk use k, and SAEConfig refuses it elsewhere
-        for name in ("n_tokens", "batch_size", "context_length", "batch_contexts", "expansion_factor", "log_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"TrainConfig.{name} must be at least 1, got {getattr(self, name)}")
+        at_least(self, 1, "n_tokens", "batch_size", "context_length", "batch_contexts", "expansion_factor", "log_every")
         if self.n_tokens < self.batch_size:
-            raise ValueError(f"TrainConfig.n_tokens={self.n_tokens} is less than one batch ({self.batch_size})")
+            raise ConfigError(
+                f"{label(self, 'n_tokens')}={self.n_tokens} is less than one batch ({self.batch_size})",
+                field="n_tokens",
+            )
         if not 0 <= self.decay_fraction <= 1:
-            raise ValueError(f"TrainConfig.decay_fraction must be in [0, 1], got {self.decay_fraction}")
+            raise fail(self, "decay_fraction", f"must be in [0, 1], got {self.decay_fraction}")
         if self.dtype not in DTYPES:
-            raise ValueError(f"TrainConfig.dtype {self.dtype!r} is not one of: {', '.join(DTYPES)}")
+            raise fail(self, "dtype", f"{self.dtype!r} is not one of: {', '.join(DTYPES)}")
 
     @property
     def n_steps(self) -> int:
         return self.n_tokens // self.batch_size
-
-    @classmethod
-    def from_toml(cls, path: str | Path, **overrides: Any) -> TrainConfig:
-        """The config in the TOML file ``path`` (top-level keys = field names), with ``overrides`` on top."""
-        path = Path(path)
-        with open(path, "rb") as f:
-            try:
-                values = tomllib.load(f)
-            except tomllib.TOMLDecodeError as e:
-                raise ValueError(f"{path} is not valid TOML: {e}") from None
-        known = field_types()
-        for key in values:
-            if key not in known:
-                raise ValueError(f"{path}: unknown key {key!r}; TrainConfig fields are: {', '.join(known)}")
-        try:
-            return cls(**{**values, **overrides})
-        except (TypeError, ValueError) as e:
-            raise ValueError(f"{path}: {e}") from None
-
-
-def field_types() -> dict[str, Any]:
-    """Each ``TrainConfig`` field's type annotation, resolved (e.g. ``int | None``)."""
-    return typing.get_type_hints(TrainConfig)
 
 
 # ---- pieces --------------------------------------------------------------------------------------------------

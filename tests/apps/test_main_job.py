@@ -13,34 +13,38 @@ import torch
 from safetensors.torch import load_file
 
 from mechscope import HookedModel
-from mechscope.apps.main_job import MainJobConfig, cooc_config, run_main_job
+from mechscope.apps.main_job import MainJobConfig, run_main_job
 from mechscope.cooccurrence import CoocConfig, load_counts
 from mechscope.data import iter_texts, pack_contexts
 from mechscope.sae import SparseAutoencoder, evaluate_sae
+from mechscope.settings import load
 
 HOOK = "blocks.1.hook_resid_post"
 
 
 def _job(out_dir: Path, **overrides) -> MainJobConfig:
-    settings = dict(
-        out_dir=str(out_dir),
-        hook_name=HOOK,
-        context_length=32,
-        sae_tokens=4096,
-        expansion_factor=2,
-        k=4,
-        batch_size=256,
-        eval_contexts=4,
-        activation_thresholds=[0.0, 0.5],
-        cooc_batches=4,
-        cooc_batch_tokens=512,
-        min_subgraph_size=3,
-        max_subgraph_size=8,
-        candidate_sizes=[2, 3],
-        candidates_per_size=1,
-        max_new_tokens=2,
-    )
-    return MainJobConfig(**{**settings, **overrides})
+    """A small job; ``overrides`` by dotted path (``{"train.k": 8}``), as the flags give them."""
+    settings = {
+        "out_dir": str(out_dir),
+        "hook_name": HOOK,
+        "context_length": 32,
+        "eval_contexts": 4,
+        "max_new_tokens": 2,
+        "train.n_tokens": 4096,
+        "train.expansion_factor": 2,
+        "train.k": 4,
+        "train.batch_size": 256,
+        "train.shuffle_buffer": 4096,
+        "train.dead_tokens_threshold": 2048,
+        "cooc.generation.activation_thresholds": [0.0, 0.5],
+        "cooc.generation.n_batches": 4,
+        "cooc.generation.batch_size_tokens": 512,
+        "cooc.analysis.min_subgraph_size": 3,
+        "cooc.analysis.max_subgraph_size": 8,
+        "cooc.pca.candidate_sizes": [2, 3],
+        "cooc.pca.candidates_per_size": 1,
+    }
+    return load(MainJobConfig, overrides={**settings, **overrides})
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +60,7 @@ def test_sae_is_trained_on_the_harvest_and_evaluated_on_the_contexts_after_it(ll
     assert (sae.cfg.architecture, sae.cfg.d_sae, sae.cfg.k, sae.cfg.hook_name) == ("topk", 128, 4, HOOK)
     manifest = json.loads((out / "activations" / "manifest.json").read_text())
     harvested = sum(s["n_contexts"] for s in manifest["shards"])
-    assert sum(s["n_tokens"] for s in manifest["shards"]) >= job.sae_tokens
+    assert sum(s["n_tokens"] for s in manifest["shards"]) >= job.train.n_tokens
     contexts = pack_contexts(iter_texts(None), llama.tokenizer, job.context_length)
     held_out = torch.stack(list(islice(contexts, harvested, harvested + job.eval_contexts)))
     expected = evaluate_sae(llama, sae, HOOK, tokens=held_out, progress=False).to_dict()
@@ -72,16 +76,16 @@ def test_counts_are_over_the_first_harvested_rows(first_run) -> None:
     sae = SparseAutoencoder.load(out / "sae_training" / "sae")
     manifest = json.loads((out / "activations" / "manifest.json").read_text())
     rows = torch.cat([load_file(str(out / "activations" / s["file"]))[HOOK] for s in manifest["shards"]])
-    n = job.cooc_batches * job.cooc_batch_tokens
+    n = job.cooc.generation.n_batches * job.cooc.generation.batch_size_tokens
     with torch.no_grad():
         latents = sae.encode(rows[:n]).numpy()
-    for t in job.activation_thresholds:
+    for t in job.cooc.generation.activation_thresholds:
         active = (latents > t).astype(np.int64)
         counts = load_counts(out / "cooc" / HOOK, t)
         assert counts.n_tokens == n
         np.testing.assert_array_equal(counts.counts.toarray(), active.T @ active)
     written = CoocConfig.from_toml(out / "cooc.toml")
-    assert written == cooc_config(job, out / "sae_training" / "sae")
+    assert written == job.cooc
     assert written.generation.activations_dir == str(out / "activations")
     assert (out / "cooc" / HOOK / "pca").is_dir()
 
@@ -95,7 +99,7 @@ def test_a_second_run_reuses_the_sae_its_evaluation_and_the_counts(llama, first_
     assert "Reused the SAE" in printed and "count: already done" in printed
     assert (out / "sae_training" / "sae" / "sae_weights.safetensors").read_bytes() == weights
     assert again["sae"] == result["sae"]
-    for t in job.activation_thresholds:
+    for t in job.cooc.generation.activation_thresholds:
         assert again["cooc"]["graphs"][HOOK][t] == result["cooc"]["graphs"][HOOK][t]
 
 
@@ -107,13 +111,13 @@ def test_the_cooc_stage_needs_a_trained_sae(llama, tmp_path: Path) -> None:
 def test_a_run_with_other_sae_settings_does_not_reuse_the_sae(llama, first_run) -> None:
     job, _ = first_run
     with pytest.raises(ValueError, match=r"holds an SAE trained with other settings \{'k': \(4, 8\)\}"):
-        run_main_job(_job(Path(job.out_dir), k=8, stages=["sae"]), model=llama)
+        run_main_job(_job(Path(job.out_dir), stages=["sae"], **{"train.k": 8}), model=llama)
 
 
 def test_bad_pipeline_settings_fail_before_any_work(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"min_subgraph_size=9 is larger than \[analysis\].max_subgraph_size=8"):
-        _job(tmp_path, min_subgraph_size=9)
+        _job(tmp_path, **{"cooc.analysis.min_subgraph_size": 9})
     with pytest.raises(ValueError, match="activation_thresholds must be finite and >= 0"):
-        _job(tmp_path, activation_thresholds=[-1.0])
+        _job(tmp_path, **{"cooc.generation.activation_thresholds": [-1.0]})
     with pytest.raises(ValueError, match=r"candidate_sizes must be list\[int\], got \[2.5\]"):
-        _job(tmp_path, candidate_sizes=[2.5])
+        _job(tmp_path, **{"cooc.pca.candidate_sizes": [2.5]})
