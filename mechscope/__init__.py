@@ -1,7 +1,8 @@
 """mechscope: mechanistic interpretability of transformer language models."""
 
 from mechscope.models import Generation, HookedAutoConfig, HookedAutoModel, HookedConfig, HookedModel, HookPoint
-from mechscope.models.cache import ActivationCache, get_act_name
+from mechscope.models.cache import ActivationCache
+from mechscope.models.names import get_act_name
 from mechscope.models.factored import FactoredMatrix
 from mechscope.sae import SAE, SparseAutoencoder
 from mechscope.tools.experiments import BaseInterpretabilityBench, Experiment
