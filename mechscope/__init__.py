@@ -2,8 +2,8 @@
 
 from mechscope.models import Generation, HookedAutoConfig, HookedAutoModel, HookedConfig, HookedModel, HookPoint
 from mechscope.models.cache import ActivationCache
-from mechscope.models.names import get_act_name
 from mechscope.models.factored import FactoredMatrix
+from mechscope.models.names import get_act_name
 from mechscope.sae import SAE, SparseAutoencoder
 from mechscope.tools.experiments import BaseInterpretabilityBench, Experiment
 from mechscope.tools.svd import SVDInterpreter

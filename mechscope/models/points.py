@@ -393,9 +393,9 @@ class PointSet:
         MLP, and the final norm."""
         a = self.adapter
         parts = (a.ln1, a.ln2, a.attn, a.attn_out, a.mlp, a.mlp_out)
-        blocks = self.backbone.get_submodule(a.layers)
+        stack = self.adapter.blocks(self.backbone)
         out = [self.backbone.get_submodule(a.final_norm)]
-        for block in blocks.children():
+        for block in stack.children():
             out += [block, *(block.get_submodule(p) for p in parts)]
         return out
 
