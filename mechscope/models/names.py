@@ -139,6 +139,8 @@ def parse_hook(name: str) -> HookName:
         )
     if last in MODULE_POINTS.values() and base:
         return HookName(last, module=base)
+    if _ALIASES.get(name, name) in (*_SHORTHAND, *_NORM_POINTS, *_OUTER):
+        raise ValueError(f"{name!r} is TransformerLens shorthand: get_act_name({name!r}, layer) gives the hook name")
     raise ValueError(f"{name!r} is not a hook name; hook names are {_FORMS}")
 
 

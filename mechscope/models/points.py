@@ -376,8 +376,8 @@ class PointSet:
         if module is None:
             raise ValueError(f"{name!r} is not a module point of this model: see model.hook_names(True)")
         pre = parsed.point == MODULE_POINTS["pre"]
-        if isinstance(module, nn.Embedding):
-            return () if pre else (module.embedding_dim,)
+        if isinstance(module, nn.Embedding) and not pre:  # (its input is ids, token or position)
+            return (module.embedding_dim,)
         if isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D":
             weight, _ = linear_in_out(module)  # [in, out]
             return (int(weight.shape[0 if pre else 1]),)
