@@ -15,6 +15,7 @@ import torch
 from mechscope.apps.tables import format_table
 from mechscope.models import HookedModel
 from mechscope.models.cache import ActivationCache
+from mechscope.tools.logit_lens import LogitLens
 
 DEFAULT_MODEL = "smollm2-135m"
 DEFAULT_PROMPT = "The capital of France is"
@@ -24,19 +25,13 @@ def logit_lens(model: HookedModel, cache: ActivationCache, position: int = -1, b
     """Next-token probabilities ``[n_layers, d_vocab]`` read off each block's ``hook_resid_post``.
 
     Row ``L`` is the model's own final norm (weights included) and unembedding applied to the residual
-    stream after block ``L`` at ``position`` of sequence ``batch``, as if the later blocks were skipped.
-    Final logit soft-capping (Gemma 2) is applied too, so the last row is the model's output distribution.
+    stream after block ``L`` at ``position`` of sequence ``batch``, as if the later blocks were skipped
+    (:meth:`LogitLens.apply_unembed <mechscope.tools.logit_lens.LogitLens.apply_unembed>` on the cached
+    residuals). Final logit soft-capping (Gemma 2) is applied too, so the last row is the model's output
+    distribution.
     """
-    backbone = model.model.get_submodule(model.adapter.backbone)
-    final_norm = backbone.get_submodule(model.adapter.final_norm)
-    unembed = model.model.get_submodule(model.adapter.lm_head)
     resid = torch.stack([cache["resid_post", layer][batch, position] for layer in range(model.cfg.n_layers)])
-    with torch.no_grad():
-        logits = unembed(final_norm(resid.to(model.device))).float()
-    softcap = getattr(model.model.config, "final_logit_softcapping", None)
-    if softcap:
-        logits = torch.tanh(logits / softcap) * softcap
-    return logits.softmax(-1)
+    return LogitLens(model).apply_unembed(resid).softmax(-1)
 
 
 def _token_label(model: HookedModel, token_id: int) -> str:

@@ -52,7 +52,6 @@ from mechscope.cooccurrence.subspace import pca_candidates
 from mechscope.data.store import ActivationStore
 from mechscope.files import atomic_write
 from mechscope.models.hooked import HookedModel
-from mechscope.models.points import token_vectors
 from mechscope.sae.model import SparseAutoencoder
 from mechscope.sae.tokens import latent_tokens
 
@@ -101,20 +100,13 @@ def load_saes(config: CoocConfig, model: HookedModel, sae: SAEs = None) -> dict[
             raise ValueError(f"sae_ids {missing} have no SAE (given: {list(sae)})")
         saes = {i: sae[i] for i in ids}
     for sae_id, s in saes.items():
-        width = _hook_width(model, sae_id)
+        width = model.hook_width(sae_id)  # an unknown hook name fails here, with the closest valid names
         if s.cfg.d_in != width:
             raise ValueError(
                 f"the SAE for {sae_id!r} has d_in={s.cfg.d_in} but that hook of {gen.model_name!r} is {width} wide: "
                 "use the SAE trained on this hook, or the sae_id (hook name) it was trained on"
             )
     return saes
-
-
-def _hook_width(model: HookedModel, hook_name: str) -> int:
-    """The width of ``hook_name``'s token vectors (per-head points flattened), from a one-token forward pass."""
-    model.points.resolve(hook_name)  # an unknown hook name fails here, with the closest valid names
-    _, cache = model.run_with_cache(torch.zeros(1, 1, dtype=torch.long, device=model.device), names_filter=[hook_name])
-    return token_vectors(cache[hook_name], hook_name).shape[-1]
 
 
 def _store(config: CoocConfig, model: HookedModel, sae_ids: list[str]) -> ActivationStore:

@@ -14,7 +14,6 @@ covers: nothing is lost or stored twice.
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Iterator
 from itertools import islice
 from pathlib import Path
@@ -30,20 +29,6 @@ from mechscope.models.hooked import HookedModel
 from mechscope.models.points import token_vectors
 
 MANIFEST = "manifest.json"
-_BLOCK = re.compile(r"^blocks\.(\d+)\.")
-_BEFORE_BLOCKS = {"hook_embed", "hook_pos_embed"}
-
-
-def stop_layer_for(hook_names: list[str], n_layers: int) -> int | None:
-    """The ``stop_at_layer`` that still reaches every hook in ``hook_names`` (None: run the whole model)."""
-    last = -1
-    for name in hook_names:
-        m = _BLOCK.match(name)
-        if m:
-            last = max(last, int(m.group(1)))
-        elif name not in _BEFORE_BLOCKS:
-            return None
-    return min(last + 1, n_layers)
 
 
 class ActivationStore:
@@ -78,7 +63,7 @@ class ActivationStore:
         self.exclude_special, self.dtype = exclude_special, dtype
         self.shard_dir = Path(shard_dir) if shard_dir is not None else None
         self.shard_tokens = shard_tokens
-        self.stop_at_layer = stop_layer_for(self.hook_names, model.cfg.n_layers)
+        self.stop_at_layer = model.stop_layer_for(self.hook_names)
         tok = model.tokenizer
         self._special = sorted({t for t in (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) if t is not None})
 

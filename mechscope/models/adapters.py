@@ -8,6 +8,7 @@ style. Everything else (hook points, caching, generation) works from these paths
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from torch import nn
 
@@ -38,11 +39,32 @@ class Adapter:
     norm_kind: str = "rms"  # "layer", "rms" (weight * x_hat) or "rms_offset" ((1 + weight) * x_hat)
     pos_embed: str | None = None  # learned absolute positions, relative to the backbone
 
+    def blocks(self, backbone: nn.Module) -> nn.ModuleList:
+        """The decoder blocks of ``backbone``, as they are now."""
+        blocks = backbone.get_submodule(self.layers)
+        if not isinstance(blocks, nn.ModuleList):
+            raise TypeError(f"{self.family}: {self.layers} is a {type(blocks).__name__}, not the ModuleList of blocks")
+        return blocks
+
     def block(self, backbone: nn.Module, layer: int) -> nn.Module:
-        return backbone.get_submodule(self.layers)[layer]
+        return self.blocks(backbone)[layer]
+
+    def part_path(self, part: str) -> str:
+        """The path inside a block of ``part``: one of :data:`BLOCK_PARTS`."""
+        inner = {"o_proj": self.attn, "mlp_in": self.mlp, "mlp_up": self.mlp, "mlp_down": self.mlp}
+        if part not in BLOCK_PARTS:
+            raise ValueError(f"{part!r} is not a part of a block; the parts are {', '.join(BLOCK_PARTS)}")
+        path = getattr(self, part)
+        if path is None:
+            raise ValueError(f"a {self.family} block has no {part} (its MLP is {self.mlp_kind})")
+        return f"{inner[part]}.{path}" if part in inner else path
 
 
-_LLAMA = dict(
+#: the parts of a block :meth:`Adapter.part_path` finds: attention and its output projection, the norms, the
+#: modules whose outputs the block adds to the residual, the MLP and its projections
+BLOCK_PARTS = ("attn", "o_proj", "ln1", "ln2", "attn_out", "mlp", "mlp_out", "mlp_in", "mlp_up", "mlp_down")
+
+_LLAMA: dict[str, Any] = dict(
     backbone="model",
     embed="embed_tokens",
     layers="layers",
@@ -162,4 +184,5 @@ def hooked_config(hf_config, adapter: Adapter) -> HookedConfig:
         family=adapter.family,
         gated_mlp=adapter.mlp_kind != "plain",
         parallel_attn_mlp=bool(getattr(c, "use_parallel_residual", False)),
+        output_logits_soft_cap=float(getattr(c, "final_logit_softcapping", None) or -1.0),
     )

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from transformers import AttentionInterface
@@ -28,22 +28,26 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMa
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from mechscope.models.hooks import HookRegistry
+from mechscope.models.names import ATTN_POINTS, block_hook
 
-ATTN_POINTS = ("hook_q", "hook_k", "hook_v", "hook_attn_scores", "hook_pattern", "hook_z")
 _SITE_ATTR = "_mechscope_attn_site"
 
 
 @dataclass
 class AttentionSite:
-    """Per-layer state the attention function reads: which of its hook names are active."""
+    """Per-layer state the attention function reads: its hook names, and which of them are active."""
 
-    prefix: str  # "blocks.L.attn."
+    layer: int
     registry: HookRegistry
-    active: frozenset[str] = frozenset()  # short names ("hook_q", ...) with a hook attached
+    active: frozenset[str] = frozenset()  # points ("attn.hook_q", ...) with a hook attached
+    names: dict[str, str] = field(init=False)  # point -> hook name ("attn.hook_q" -> "blocks.L.attn.hook_q")
+
+    def __post_init__(self) -> None:
+        self.names = {p: block_hook(self.layer, p) for p in ATTN_POINTS}
 
     def refresh(self) -> None:
         names = self.registry.active_names()
-        self.active = frozenset(p for p in ATTN_POINTS if self.prefix + p in names)
+        self.active = frozenset(p for p, name in self.names.items() if name in names)
 
 
 def attach_site(module: torch.nn.Module, site: AttentionSite | None) -> None:
@@ -114,37 +118,36 @@ def hooked_attention(
     if site is None or not site.active:
         return delegate(module, query, key, value, attention_mask, **kwargs)
 
-    run, active, prefix = site.registry, site.active, site.prefix
+    run, active, names = site.registry, site.active, site.names
     edited_qkv = False
-    if "hook_q" in active:
-        q_, e = run(prefix + "hook_q", query.transpose(1, 2))
+    if "attn.hook_q" in active:
+        q_, e = run(names["attn.hook_q"], query.transpose(1, 2))
         query, edited_qkv = q_.transpose(1, 2), edited_qkv or e
-    if "hook_k" in active:
-        k_, e = run(prefix + "hook_k", key.transpose(1, 2))
+    if "attn.hook_k" in active:
+        k_, e = run(names["attn.hook_k"], key.transpose(1, 2))
         key, edited_qkv = k_.transpose(1, 2), edited_qkv or e
-    if "hook_v" in active:
-        v_, e = run(prefix + "hook_v", value.transpose(1, 2))
+    if "attn.hook_v" in active:
+        v_, e = run(names["attn.hook_v"], value.transpose(1, 2))
         value, edited_qkv = v_.transpose(1, 2), edited_qkv or e
     if edited_qkv:
         # transformers' kernels expect contiguous [batch, heads, pos, d] layouts.
         query, key, value = query.contiguous(), key.contiguous(), value.contiguous()
 
     explicit = False
-    if "hook_attn_scores" in active or "hook_pattern" in active:
+    if "attn.hook_attn_scores" in active or "attn.hook_pattern" in active:
+        scores_name, pattern_name = names["attn.hook_attn_scores"], names["attn.hook_pattern"]
         scores = masked_scores(query, key, attention_mask, kwargs.get("scaling"), kwargs.get("softcap"))
-        scores, e_scores = run(prefix + "hook_attn_scores", scores) if "hook_attn_scores" in active else (scores, False)
+        scores, e_scores = run(scores_name, scores) if "attn.hook_attn_scores" in active else (scores, False)
         pattern = pattern_from_scores(scores, query.dtype)
-        pattern, e_pattern = run(prefix + "hook_pattern", pattern) if "hook_pattern" in active else (pattern, False)
-        explicit = (
-            e_scores or e_pattern or run.has_bwd(prefix + "hook_attn_scores") or run.has_bwd(prefix + "hook_pattern")
-        )
+        pattern, e_pattern = run(pattern_name, pattern) if "attn.hook_pattern" in active else (pattern, False)
+        explicit = e_scores or e_pattern or run.has_bwd(scores_name) or run.has_bwd(pattern_name)
     if explicit:
         z = torch.matmul(pattern, _repeat_kv(value, query.shape[1])).transpose(1, 2)
         weights = pattern
     else:
         z, weights = delegate(module, query, key, value, attention_mask, **kwargs)
-    if "hook_z" in active:
-        z, _ = run(prefix + "hook_z", z)
+    if "attn.hook_z" in active:
+        z, _ = run(names["attn.hook_z"], z)
     return z, weights
 
 

@@ -10,41 +10,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from mechscope.models.config import HookedConfig
-
-_BLOCK_POINTS = {"resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out"}
-_ATTN_POINTS = {"q", "k", "v", "z", "result", "attn_scores", "pattern"}
-_MLP_POINTS = {"pre", "post", "pre_linear"}
-_ALIASES = {"attn": "pattern", "mlp_pre": "pre", "mlp_post": "post"}
-
-
-def get_act_name(name: str, layer: int | None = None, layer_type: str | None = None) -> str:
-    """Full hook name from TransformerLens shorthand.
-
-    ``get_act_name("resid_post", 3) == "blocks.3.hook_resid_post"``, ``("pattern", 0)`` ->
-    ``blocks.0.attn.hook_pattern``, ``("scale", 2, "ln1")`` -> ``blocks.2.ln1.hook_scale``,
-    ``("scale")`` -> ``ln_final.hook_scale``, ``("embed")`` -> ``hook_embed``. Full names pass through.
-    """
-    if "." in name or name.startswith("hook_"):
-        return name
-    name = _ALIASES.get(name, name)
-    if name in ("embed", "pos_embed", "logits"):
-        return f"hook_{name}"
-    if name in ("scale", "normalized"):
-        if layer is None:
-            return f"ln_final.hook_{name}"
-        return f"blocks.{layer}.{layer_type or 'ln1'}.hook_{name}"
-    if layer is None:
-        raise ValueError(f"{name!r} is a per-block activation: give a layer, e.g. cache[{name!r}, 0]")
-    if name in _BLOCK_POINTS:
-        return f"blocks.{layer}.hook_{name}"
-    if name in _ATTN_POINTS:
-        return f"blocks.{layer}.attn.hook_{name}"
-    if name in _MLP_POINTS:
-        return f"blocks.{layer}.mlp.hook_{name}"
-    raise KeyError(
-        f"unknown activation shorthand {name!r}; known: "
-        f"{sorted(_BLOCK_POINTS | _ATTN_POINTS | _MLP_POINTS | {'embed', 'pos_embed', 'scale', 'normalized'})}"
-    )
+from mechscope.models.names import get_act_name
 
 
 class ActivationCache(Mapping):
@@ -143,7 +109,7 @@ class ActivationCache(Mapping):
         parts, labels = [], []
         if incl_embeds:
             for name in ("embed", "pos_embed"):
-                if f"hook_{name}" in self._acts:
+                if get_act_name(name) in self._acts:
                     parts.append(self[name])
                     labels.append(name)
         for i in range(layer):

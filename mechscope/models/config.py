@@ -10,7 +10,8 @@ class HookedConfig:
     """Shapes and kinds of a hooked model, named as in TransformerLens's ``HookedTransformerConfig``.
 
     ``normalization_type`` is ``"LN"`` (LayerNorm) or ``"RMS"``; ``positional_embedding_type`` is
-    ``"standard"`` (learned absolute) or ``"rotary"``; ``family`` is the transformers ``model_type``.
+    ``"standard"`` (learned absolute) or ``"rotary"``; ``family`` is the transformers ``model_type``;
+    ``output_logits_soft_cap`` is the final soft-cap ``c * tanh(logits / c)`` of the logits (Gemma 2), -1.0 without.
     """
 
     n_layers: int
@@ -27,6 +28,7 @@ class HookedConfig:
     family: str
     gated_mlp: bool
     parallel_attn_mlp: bool
+    output_logits_soft_cap: float = -1.0
 
     def to_dict(self) -> dict:
         return asdict(self)

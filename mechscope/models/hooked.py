@@ -6,9 +6,11 @@ a cache asks for them, plus one attention function (see :mod:`mechscope.models.a
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import TypeAlias
 
 import torch
 import torch.nn.functional as F
@@ -20,13 +22,14 @@ from mechscope.models.adapters import adapter_for, hooked_config
 from mechscope.models.attention import register_attention
 from mechscope.models.cache import ActivationCache
 from mechscope.models.hooks import HookFn, HookRegistry, read_only
+from mechscope.models.names import POINT_DIMS, ModulePoint, module_hook, parse_hook, stop_layer_for
 from mechscope.models.points import PointSet
 from mechscope.models.sampling import sample_next
 from mechscope.models.tokenizer import Input, byte_tokenizer, tokenize
 from mechscope.models.weights import WeightViews
 
-HookSpec = tuple["str | Callable[[str], bool]", HookFn]
-NamesFilter = "str | Iterable[str] | Callable[[str], bool] | None"
+HookSpec: TypeAlias = tuple[str | Callable[[str], bool], HookFn]
+NamesFilter: TypeAlias = str | Iterable[str] | Callable[[str], bool] | None
 
 
 class _StopForward(Exception):
@@ -79,6 +82,8 @@ class HookedModel(WeightViews, nn.Module):
         self.name = name or getattr(model.config, "name_or_path", "") or f"random-{self.cfg.family}"
         self.registry = HookRegistry()
         self.points = PointSet(model, self.adapter, self.cfg, self.registry)
+        # what run_with_cache keeps by default: attn.hook_result ([batch, pos, head, d_model]) only when asked for
+        self._cached_by_default = [n for n in self.points.names if parse_hook(n).point != "attn.hook_result"]
         self.eval()
 
     # ---- construction ------------------------------------------------------------------------------
@@ -108,6 +113,68 @@ class HookedModel(WeightViews, nn.Module):
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
+    # ---- structure ---------------------------------------------------------------------------------
+    @property
+    def blocks(self) -> nn.ModuleList:
+        """The HF decoder blocks, indexable (``model.blocks[3]``); inside a block surgery, the rearranged list."""
+        return self.adapter.blocks(self.points.backbone)
+
+    @property
+    def ln_final(self) -> nn.Module:
+        """The final norm module (its weights and bias included in its output; see :attr:`ln_final_w`)."""
+        return self.points.backbone.get_submodule(self.adapter.final_norm)
+
+    def block_part(self, layer: int, part: str) -> nn.Module:
+        """The HF module of ``part`` in block ``layer``: ``"attn"`` (its ``o_proj``), ``"ln1"``, ``"ln2"``, ``"mlp"``
+        (its ``mlp_in``, ``mlp_up`` of gated MLPs, ``mlp_down``), and ``"attn_out"`` / ``"mlp_out"``, the modules
+        whose outputs the block adds to the residual stream (Gemma 2's post-norms, else attention and the MLP)."""
+        return self.blocks[layer].get_submodule(self.adapter.part_path(part))
+
+    def module_hook(self, module: nn.Module, which: ModulePoint = "post") -> str:
+        """The module point of a submodule of the backbone: ``<path>.hook_result_pre`` (its first input) or
+        ``<path>.hook_result_post`` (its output), e.g. for ``model.ln_final``."""
+        path = next((n for n, m in self.points.backbone.named_modules() if m is module and n), None)
+        if path is None:
+            raise ValueError(f"this {type(module).__name__} is not a submodule of the model's backbone")
+        return module_hook(path, which)
+
+    def unembed(self, resid: torch.Tensor) -> torch.Tensor:
+        """``[..., d_model] -> [..., d_vocab]``: the unembedding ``resid @ W_U + b_U``, as TransformerLens's
+        ``model.unembed``. The final norm is not applied (apply :attr:`ln_final` first, as TransformerLens does),
+        nor Gemma 2's final soft-cap of the logits (``cfg.output_logits_soft_cap``)."""
+        return self.model.get_submodule(self.adapter.lm_head)(resid)
+
+    def hook_shape(self, name: str) -> tuple[int, ...]:
+        """The shape of one position's activation at hook ``name``, from the config (no forward pass).
+
+        ``(d_model,)`` on the residual stream and at norm outputs, ``(1,)`` at ``hook_scale``, ``(n_heads, d_head)``
+        at ``attn.hook_q`` / ``hook_z``, ``(n_key_value_heads, d_head)`` at ``hook_k`` / ``hook_v``,
+        ``(n_heads, d_model)`` at ``hook_result``, ``(d_mlp,)`` in the MLP, ``(d_vocab,)`` at ``hook_logits``;
+        at a module point the width of the module's input or output. The activation is
+        ``[batch, pos, *hook_shape(name)]``; attention maps (``[batch, head, query_pos, key_pos]``) raise.
+        """
+        self.points.resolve(name)  # unknown names fail here, with the closest valid ones
+        parsed = parse_hook(name)
+        if parsed.module is not None:
+            return self.points.module_shape(name)
+        dims = POINT_DIMS[parsed.point]
+        if dims is None:
+            raise ValueError(
+                f"{name} is an attention map [batch, head, query_pos, key_pos]: it has no per-position shape "
+                f"(n_heads = {self.cfg.n_heads}; key_pos is the length of the sequence)"
+            )
+        return tuple(d if isinstance(d, int) else int(getattr(self.cfg, d)) for d in dims)
+
+    def hook_width(self, name: str) -> int:
+        """The length of one position's vector at ``name`` as SAEs and activation stores read it: per-head points
+        flattened (``n_heads * d_head`` at ``attn.hook_z``, see :func:`~mechscope.models.points.token_vectors`)."""
+        return math.prod(self.hook_shape(name))
+
+    def stop_layer_for(self, names: Iterable[str]) -> int | None:
+        """The smallest ``stop_at_layer`` that still runs every hook in ``names`` (``None``: the whole model), module
+        points inside a block included; see :func:`mechscope.models.names.stop_layer_for`."""
+        return stop_layer_for(names, self.cfg.n_layers, self.adapter.layers)
+
     # ---- tokens ------------------------------------------------------------------------------------
     def to_tokens(self, input: Input, prepend_bos: bool | None = None, padding_side: str = "right") -> torch.Tensor:
         """Token ids ``[batch, pos]`` on the model's device (padded with the pad/EOS token)."""
@@ -120,15 +187,14 @@ class HookedModel(WeightViews, nn.Module):
             tokens = tokens.reshape(1)
         if tokens.ndim == 1:
             return self.tokenizer.decode(tokens.tolist())
-        return [self.tokenizer.decode(t) for t in tokens.tolist()]
+        return self.tokenizer.batch_decode(tokens.tolist())
 
     def to_str_tokens(self, input: Input, prepend_bos: bool | None = None) -> list[str]:
         """Each token of one sequence as its own string."""
         tokens = self.to_tokens(input, prepend_bos) if not isinstance(input, torch.Tensor) else input
-        tokens = tokens.reshape(-1) if tokens.ndim == 1 or tokens.shape[0] == 1 else None
-        if tokens is None:
+        if not (tokens.ndim == 1 or tokens.shape[0] == 1):
             raise ValueError("to_str_tokens takes a single sequence; index the batch first")
-        return [self.tokenizer.decode([t]) for t in tokens.tolist()]
+        return self.tokenizer.batch_decode([[t] for t in tokens.reshape(-1).tolist()])
 
     # ---- hooks -------------------------------------------------------------------------------------
     def hook_names(self, include_module_points: bool = False) -> list[str]:
@@ -209,7 +275,7 @@ class HookedModel(WeightViews, nn.Module):
         layer = stop_at_layer + n if stop_at_layer < 0 else stop_at_layer
         if not 0 <= layer <= n:
             raise ValueError(f"stop_at_layer={stop_at_layer} is out of range: valid values are {-n}..{n}")
-        blocks = self.model.get_submodule(self.adapter.backbone).get_submodule(self.adapter.layers)
+        blocks = self.blocks
         if layer == n:
             handle = self.points.add_stop(blocks[n - 1], before=False, exc=_StopForward)
         else:
@@ -248,7 +314,7 @@ class HookedModel(WeightViews, nn.Module):
         or cast only when ``device`` / ``dtype`` are given. With ``stop_at_layer`` logits are ``None``.
         """
         if names_filter is None:
-            names = [n for n in self.points.names if not n.endswith("attn.hook_result")]
+            names = self._cached_by_default
         elif isinstance(names_filter, str) or callable(names_filter):
             names = self.points.resolve(names_filter)
         else:

@@ -18,15 +18,14 @@ names that have a function attached, and removes them whenever the registry chan
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
-HookFn = Callable[..., "torch.Tensor | None"]
+from mechscope.models.names import hook_layer
 
-_LAYER_RE = re.compile(r"^blocks\.(\d+)\.")
+HookFn = Callable[..., "torch.Tensor | None"]
 
 #: attribute marking a hook function that never edits its tensor (mechscope's own caching hooks)
 READ_ONLY = "_mechscope_read_only"
@@ -47,8 +46,7 @@ class HookPoint:
 
     def layer(self) -> int | None:
         """The block index of this point (``blocks.L....``), or ``None`` for points outside the blocks."""
-        m = _LAYER_RE.match(self.name)
-        return int(m.group(1)) if m else None
+        return hook_layer(self.name)
 
 
 class HookRegistry:

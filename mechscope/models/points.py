@@ -14,29 +14,27 @@ Canonical names (TransformerLens) per block ``L``::
 
 and ``hook_embed``, ``hook_pos_embed``, ``ln_final.hook_scale``, ``ln_final.hook_normalized``,
 ``hook_logits``. Besides these every backbone submodule ``P`` has ``P.hook_result_pre`` (its first
-input) and ``P.hook_result_post`` (its output, or the output's first element).
+input) and ``P.hook_result_post`` (its output, or the output's first element). The names are built and
+parsed by :mod:`mechscope.models.names`, once, when the sites are made and when a name is resolved.
 """
 
 from __future__ import annotations
 
 import difflib
-import re
 from abc import ABC, abstractmethod
 from collections.abc import Callable
+from functools import partial
 
 import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from mechscope.models.adapters import Adapter
-from mechscope.models.attention import ATTN_POINTS, AttentionSite, attach_site
+from mechscope.models.attention import AttentionSite, attach_site
 from mechscope.models.config import HookedConfig
 from mechscope.models.hooks import HookRegistry
+from mechscope.models.names import MODULE_POINTS, HookName, block_hook, hook_names, is_per_head, module_hook, parse_hook
 from mechscope.models.weights import linear_in_out
-
-GENERIC_SUFFIXES = (".hook_result_pre", ".hook_result_post")
-#: points whose activation is ``[batch, pos, head, d]``: one vector per head
-PER_HEAD_SUFFIXES = ("attn.hook_q", "attn.hook_k", "attn.hook_v", "attn.hook_z", "attn.hook_result")
 
 
 def token_vectors(activation: torch.Tensor, hook_name: str) -> torch.Tensor:
@@ -44,8 +42,7 @@ def token_vectors(activation: torch.Tensor, hook_name: str) -> torch.Tensor:
     the activation unchanged elsewhere. This is how SAEs and activation stores read per-head points (the SAELens
     convention: an ``attn.hook_z`` SAE has ``d_in = n_heads * d_head``, heads outer); ``.view(activation.shape)``
     undoes it."""
-    return activation.flatten(-2) if hook_name.endswith(PER_HEAD_SUFFIXES) else activation
-_BLOCK_RE = re.compile(r"^blocks\.(-?\d+)\.")
+    return activation.flatten(-2) if is_per_head(hook_name) else activation
 
 
 def _first_input(args: tuple, kwargs: dict) -> tuple[torch.Tensor, Callable]:
@@ -140,23 +137,26 @@ class NormSite(Site):
     makes the output be recomputed from the hooked values.
     """
 
-    def __init__(self, prefix: str, module: nn.Module, kind: str):
-        self.names = (prefix + "hook_scale", prefix + "hook_normalized")
+    def __init__(self, scale_name: str, normalized_name: str, module: nn.Module, kind: str):
+        self.names = (scale_name, normalized_name)
         self.module, self.kind = module, kind
 
     def _eps(self) -> float:
         return float(getattr(self.module, "eps", getattr(self.module, "variance_epsilon", 1e-6)))
 
     def apply_weight(self, normalized: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        m = self.module
+        weight: torch.Tensor | None = getattr(self.module, "weight", None)
+        bias: torch.Tensor | None = getattr(self.module, "bias", None)
         if self.kind == "layer":
             out = normalized.to(dtype)
-            if m.weight is not None:
-                out = out * m.weight
-            return out + m.bias if getattr(m, "bias", None) is not None else out
+            if weight is not None:
+                out = out * weight
+            return out + bias if bias is not None else out
+        if weight is None:
+            raise ValueError(f"the {self.kind} norm {type(self.module).__name__} has no weight")
         if self.kind == "rms_offset":
-            return (normalized * (1.0 + m.weight.float())).to(dtype)
-        return m.weight * normalized.to(dtype)
+            return (normalized * (1.0 + weight.float())).to(dtype)
+        return weight * normalized.to(dtype)
 
     def install(self, run, active):
         scale_name, norm_name = self.names
@@ -189,8 +189,8 @@ class NormSite(Site):
 class FusedGateSite(Site):
     """``mlp.hook_pre`` / ``mlp.hook_pre_linear`` of a fused gate-up projection (gate first, then up)."""
 
-    def __init__(self, prefix: str, module: nn.Module):
-        self.names = (prefix + "hook_pre", prefix + "hook_pre_linear")
+    def __init__(self, pre_name: str, pre_linear_name: str, module: nn.Module):
+        self.names = (pre_name, pre_linear_name)
         self.module = module
 
     def install(self, run, active):
@@ -264,7 +264,7 @@ class PointSet:
     """The hook points of one wrapped model and the PyTorch hooks currently serving them."""
 
     def __init__(self, hf_model: nn.Module, adapter: Adapter, cfg: HookedConfig, registry: HookRegistry):
-        self.registry, self.cfg = registry, cfg
+        self.registry, self.cfg, self.adapter = registry, cfg, adapter
         self.backbone = hf_model.get_submodule(adapter.backbone)
         self._handles: list[RemovableHandle] = []
         self.attn_sites: list[AttentionSite] = []
@@ -275,57 +275,73 @@ class PointSet:
         if adapter.pos_embed:
             sites.append(PosEmbedSite("hook_pos_embed", bb.get_submodule(adapter.pos_embed), embed))
         for layer in range(cfg.n_layers):
-            p = f"blocks.{layer}."
+            name = partial(block_hook, layer)  # name("hook_resid_pre") == "blocks.{layer}.hook_resid_pre"
             block = adapter.block(bb, layer)
             attn = block.get_submodule(adapter.attn)
             mlp = block.get_submodule(adapter.mlp)
             ln2 = block.get_submodule(adapter.ln2)
-            site = AttentionSite(p + "attn.", registry)
+            site = AttentionSite(layer, registry)
             attach_site(attn, site)
             self.attn_sites.append(site)
             sites += [
-                InputSite(p + "hook_resid_pre", block),
-                NormSite(p + "ln1.", block.get_submodule(adapter.ln1), adapter.norm_kind),
-                ResultSite(p + "attn.hook_result", attn.get_submodule(adapter.o_proj), cfg.n_heads),
-                OutputSite(p + "hook_attn_out", block.get_submodule(adapter.attn_out)),
+                InputSite(name("hook_resid_pre"), block),
+                NormSite(
+                    name("ln1.hook_scale"),
+                    name("ln1.hook_normalized"),
+                    block.get_submodule(adapter.ln1),
+                    adapter.norm_kind,
+                ),
+                ResultSite(name("attn.hook_result"), attn.get_submodule(adapter.o_proj), cfg.n_heads),
+                OutputSite(name("hook_attn_out"), block.get_submodule(adapter.attn_out)),
             ]
             if not cfg.parallel_attn_mlp:
-                sites.append(ResidMidSite(p + "hook_resid_mid", ln2, block))
-            sites.append(NormSite(p + "ln2.", ln2, adapter.norm_kind))
+                sites.append(ResidMidSite(name("hook_resid_mid"), ln2, block))
+            sites.append(NormSite(name("ln2.hook_scale"), name("ln2.hook_normalized"), ln2, adapter.norm_kind))
             if adapter.mlp_kind == "fused_gated":
-                sites.append(FusedGateSite(p + "mlp.", mlp.get_submodule(adapter.mlp_in)))
+                sites.append(
+                    FusedGateSite(name("mlp.hook_pre"), name("mlp.hook_pre_linear"), mlp.get_submodule(adapter.mlp_in))
+                )
             else:
-                sites.append(OutputSite(p + "mlp.hook_pre", mlp.get_submodule(adapter.mlp_in)))
+                sites.append(OutputSite(name("mlp.hook_pre"), mlp.get_submodule(adapter.mlp_in)))
             if adapter.mlp_kind == "gated":
-                sites.append(OutputSite(p + "mlp.hook_pre_linear", mlp.get_submodule(adapter.mlp_up)))
+                if adapter.mlp_up is None:
+                    raise ValueError(f"the {adapter.family} adapter has a gated MLP but no mlp_up path")
+                sites.append(OutputSite(name("mlp.hook_pre_linear"), mlp.get_submodule(adapter.mlp_up)))
             sites += [
-                InputSite(p + "mlp.hook_post", mlp.get_submodule(adapter.mlp_down)),
-                OutputSite(p + "hook_mlp_out", block.get_submodule(adapter.mlp_out)),
-                OutputSite(p + "hook_resid_post", block),
+                InputSite(name("mlp.hook_post"), mlp.get_submodule(adapter.mlp_down)),
+                OutputSite(name("hook_mlp_out"), block.get_submodule(adapter.mlp_out)),
+                OutputSite(name("hook_resid_post"), block),
             ]
-        sites.append(NormSite("ln_final.", bb.get_submodule(adapter.final_norm), adapter.norm_kind))
+        final = bb.get_submodule(adapter.final_norm)
+        sites.append(NormSite("ln_final.hook_scale", "ln_final.hook_normalized", final, adapter.norm_kind))
         self.sites = sites
-        self.names: list[str] = []
-        for s in sites:  # in the order a forward pass reaches them
-            if isinstance(s, ResultSite):  # attention's own points come just before the per-head results
-                self.names += [s.names[0][: -len("hook_result")] + a for a in ATTN_POINTS]
-            self.names += s.names
-        self.names.append("hook_logits")
+        served = {n for s in sites for n in s.names} | {n for a in self.attn_sites for n in a.names.values()}
+        served.add("hook_logits")  # run by HookedModel on the returned logits
+        #: the canonical names this model serves, in the order a forward pass reaches them
+        self.names: list[str] = [n for n in hook_names(cfg.n_layers) if n in served]
         self._name_set = set(self.names)
 
     # ---- names -------------------------------------------------------------------------------
     def generic_names(self) -> list[str]:
-        return [n + s for n, _ in self.backbone.named_modules() if n for s in GENERIC_SUFFIXES]
+        return [module_hook(n, which) for n, _ in self.backbone.named_modules() if n for which in MODULE_POINTS]
+
+    def _module_of(self, parsed: HookName) -> nn.Module | None:
+        if parsed.module is None or parsed.sae is not None:
+            return None
+        try:
+            return self.backbone.get_submodule(parsed.module)
+        except AttributeError:
+            return None
 
     def _generic_site(self, name: str) -> Site | None:
-        for suffix, cls in zip(GENERIC_SUFFIXES, (InputSite, OutputSite), strict=True):
-            if name.endswith(suffix):
-                try:
-                    module = self.backbone.get_submodule(name[: -len(suffix)])
-                except AttributeError:
-                    return None
-                return cls(name, module)
-        return None
+        try:
+            parsed = parse_hook(name)
+        except ValueError:
+            return None
+        module = self._module_of(parsed)
+        if module is None:
+            return None
+        return InputSite(name, module) if parsed.point == MODULE_POINTS["pre"] else OutputSite(name, module)
 
     def resolve(self, name_or_pred: str | Callable[[str], bool]) -> list[str]:
         """The hook names a name or a predicate selects; a clear error for unknown names.
@@ -339,39 +355,73 @@ class PointSet:
             raise TypeError(f"a hook point is a name or a predicate on names, got {type(name).__name__}")
         if name in self._name_set or self._generic_site(name) is not None:
             return [name]
-        m = _BLOCK_RE.match(name)
-        if m and not 0 <= int(m.group(1)) < self.cfg.n_layers:
+        try:
+            layer = parse_hook(name).layer
+        except ValueError:
+            layer = None
+        if layer is not None and not 0 <= layer < self.cfg.n_layers:
             raise ValueError(
-                f"hook point {name!r}: layer {m.group(1)} is out of range; this model has "
+                f"hook point {name!r}: layer {layer} is out of range; this model has "
                 f"{self.cfg.n_layers} layers, valid layers are 0..{self.cfg.n_layers - 1}"
             )
         close = difflib.get_close_matches(name, self.names + self.generic_names(), n=5, cutoff=0.5)
         hint = f" Closest valid names: {', '.join(close)}." if close else ""
         raise KeyError(f"unknown hook point {name!r}.{hint} See model.hook_names() for every name.")
 
+    def module_shape(self, name: str) -> tuple[int, ...]:
+        """One position's shape at a module point, from the module (no forward pass): the input or output width
+        of a linear layer or an embedding, ``(d_model,)`` at modules that read and write the residual stream."""
+        parsed = parse_hook(name)
+        module = self._module_of(parsed)
+        if module is None:
+            raise ValueError(f"{name!r} is not a module point of this model: see model.hook_names(True)")
+        pre = parsed.point == MODULE_POINTS["pre"]
+        if isinstance(module, nn.Embedding) and not pre:  # (its input is ids, token or position)
+            return (module.embedding_dim,)
+        if isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D":
+            weight, _ = linear_in_out(module)  # [in, out]
+            return (int(weight.shape[0 if pre else 1]),)
+        if any(module is m for m in self._residual_modules()):
+            return (self.cfg.d_model,)
+        raise ValueError(
+            f"mechscope cannot tell the shape at {name!r} ({type(module).__name__}) without running the model; "
+            "read it off model.run_with_cache(tokens, names_filter=name)"
+        )
+
+    def _residual_modules(self) -> list[nn.Module]:
+        """The modules whose first input and output are ``[..., d_model]``: each block, its norms, attention and
+        MLP, and the final norm."""
+        a = self.adapter
+        parts = (a.ln1, a.ln2, a.attn, a.attn_out, a.mlp, a.mlp_out)
+        stack = self.adapter.blocks(self.backbone)
+        out = [self.backbone.get_submodule(a.final_norm)]
+        for block in stack.children():
+            out += [block, *(block.get_submodule(p) for p in parts)]
+        return out
+
     # ---- installing ----------------------------------------------------------------------------
     def sync(self) -> None:
         """Remove every PyTorch hook, then install those the registry's active names need."""
         self.remove_all()
         active = self.registry.active_names()
-        for site in self.attn_sites:
-            site.refresh()
+        for attn_site in self.attn_sites:
+            attn_site.refresh()
         if not active:
             return
         for site in self.sites:
             if active.intersection(site.names):
                 self._handles += site.install(self.registry, active)
         for name in sorted(active - self._name_set):
-            site = self._generic_site(name)
-            if site is not None:
-                self._handles += site.install(self.registry, active)
+            generic = self._generic_site(name)
+            if generic is not None:
+                self._handles += generic.install(self.registry, active)
 
     def remove_all(self) -> None:
         for h in self._handles:
             h.remove()
         self._handles = []
-        for site in self.attn_sites:
-            site.active = frozenset()
+        for attn_site in self.attn_sites:
+            attn_site.active = frozenset()
 
     def add_stop(self, module: nn.Module, before: bool, exc: type[BaseException]) -> RemovableHandle:
         """A hook that raises ``exc`` before ``module`` runs (ahead of every other pre-hook) or after it

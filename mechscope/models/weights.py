@@ -21,6 +21,7 @@ from collections.abc import Callable
 
 import torch
 from torch import nn
+from transformers import PreTrainedModel
 
 from mechscope.models.adapters import Adapter
 from mechscope.models.config import HookedConfig
@@ -29,10 +30,25 @@ from mechscope.models.factored import FactoredMatrix
 Pair = tuple[torch.Tensor, torch.Tensor]
 
 
+def tensor_attr(module: nn.Module, name: str) -> torch.Tensor:
+    """``module.<name>``, a parameter or buffer; a ``TypeError`` naming the module when it has no such tensor."""
+    value = getattr(module, name, None)
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{type(module).__name__} has no tensor {name!r}")
+    return value
+
+
+def optional_tensor_attr(module: nn.Module, name: str) -> torch.Tensor | None:
+    """``module.<name>`` if it is a tensor (a bias, say), else ``None``."""
+    value = getattr(module, name, None)
+    return value if isinstance(value, torch.Tensor) else None
+
+
 def linear_in_out(module: nn.Module) -> Pair:
     """``(weight [in, out], bias [out])`` of an ``nn.Linear`` or a GPT-2 ``Conv1D``; a zero bias if it has none."""
-    w = module.weight if type(module).__name__ == "Conv1D" else module.weight.T
-    bias = getattr(module, "bias", None)
+    weight = tensor_attr(module, "weight")
+    w = weight if type(module).__name__ == "Conv1D" else weight.T
+    bias = optional_tensor_attr(module, "bias")
     return w, bias if bias is not None else w.new_zeros(w.shape[1])
 
 
@@ -43,13 +59,14 @@ def qkv_in_out(attn: nn.Module, cfg: HookedConfig) -> tuple[Pair, Pair, Pair]:
     """
     h, kv, d = cfg.n_heads, cfg.n_key_value_heads, cfg.d_head
     if hasattr(attn, "q_proj"):
-        return linear_in_out(attn.q_proj), linear_in_out(attn.k_proj), linear_in_out(attn.v_proj)
+        q, k, v = (linear_in_out(attn.get_submodule(n)) for n in ("q_proj", "k_proj", "v_proj"))
+        return q, k, v
     if hasattr(attn, "query_key_value"):  # GPT-NeoX: output features laid out as [head, (q, k, v), d_head]
-        w, b = linear_in_out(attn.query_key_value)
+        w, b = linear_in_out(attn.get_submodule("query_key_value"))
         w, b = w.unflatten(-1, (h, 3, d)), b.unflatten(-1, (h, 3, d))
         q, k, v = ((w[..., i, :].flatten(-2), b[..., i, :].flatten(-2)) for i in range(3))
         return q, k, v
-    fused = next((getattr(attn, n) for n in ("c_attn", "qkv_proj") if hasattr(attn, n)), None)
+    fused = next((attn.get_submodule(n) for n in ("c_attn", "qkv_proj") if hasattr(attn, n)), None)
     if fused is None:
         raise ValueError(
             f"no q/k/v projection found in {type(attn).__name__}: teach mechscope/models/weights.py its layout"
@@ -60,24 +77,25 @@ def qkv_in_out(attn: nn.Module, cfg: HookedConfig) -> tuple[Pair, Pair, Pair]:
     return q, k, v
 
 
-def mlp_in_out(mlp: nn.Module, adapter: Adapter, part: str) -> Pair:
-    """``(weight [in, out], bias)`` of an MLP projection: ``part`` is "in" (the up projection of gated
-    MLPs, the input projection of plain ones), "gate" (gated MLPs) or "out" (the down projection)."""
+def mlp_in_out(block: nn.Module, adapter: Adapter, part: str) -> Pair:
+    """``(weight [in, out], bias)`` of an MLP projection of ``block``: ``part`` is "in" (the up projection of
+    gated MLPs, the input projection of plain ones), "gate" (gated MLPs) or "out" (the down projection)."""
     if part == "out":
-        return linear_in_out(mlp.get_submodule(adapter.mlp_down))
+        return linear_in_out(block.get_submodule(adapter.part_path("mlp_down")))
     if adapter.mlp_kind == "fused_gated":  # [gate | up]
-        w, b = linear_in_out(mlp.get_submodule(adapter.mlp_in))
+        w, b = linear_in_out(block.get_submodule(adapter.part_path("mlp_in")))
         i = 0 if part == "gate" else 1
         return w.chunk(2, dim=-1)[i], b.chunk(2)[i]
-    path = adapter.mlp_up if part == "in" and adapter.mlp_kind == "gated" else adapter.mlp_in
-    return linear_in_out(mlp.get_submodule(path))
+    gated_up = part == "in" and adapter.mlp_kind == "gated"
+    return linear_in_out(block.get_submodule(adapter.part_path("mlp_up" if gated_up else "mlp_in")))
 
 
 def norm_weight_bias(module: nn.Module, kind: str) -> Pair:
     """``(w, b)`` ``[d_model]`` with ``norm output == normalized * w + b``: ``w`` is ``1 + weight`` for
     ``rms_offset`` (Gemma), ``b`` zeros when the norm has no bias (every RMSNorm)."""
-    w = 1 + module.weight if kind == "rms_offset" else module.weight
-    bias = getattr(module, "bias", None)
+    weight = tensor_attr(module, "weight")
+    w = 1 + weight if kind == "rms_offset" else weight
+    bias = optional_tensor_attr(module, "bias")
     return w, bias if bias is not None else w.new_zeros(w.shape)
 
 
@@ -94,7 +112,7 @@ class WeightViews:
     ``OV`` and ``QK`` factored ``[n_layers, n_heads, d_model, d_model]``.
     """
 
-    model: nn.Module
+    model: PreTrainedModel
     adapter: Adapter
     cfg: HookedConfig
 
@@ -104,7 +122,7 @@ class WeightViews:
 
     def _per_layer(self, fn: Callable[[nn.Module], Pair]) -> Pair:
         """``fn(block)`` for every block, each of the pair stacked over layers."""
-        first, second = zip(*(fn(block) for block in self._backbone().get_submodule(self.adapter.layers)), strict=True)
+        first, second = zip(*(fn(block) for block in self.adapter.blocks(self._backbone())), strict=True)
         return torch.stack(first), torch.stack(second)
 
     def _heads(self, which: int, repeat_kv: bool = True) -> Pair:
@@ -121,7 +139,7 @@ class WeightViews:
     def _mlp(self, part: str) -> Pair:
         if part == "gate" and not self.cfg.gated_mlp:
             raise ValueError(f"W_gate/b_gate: {self.cfg.family} has a plain MLP (no gate projection); use W_in")
-        return self._per_layer(lambda blk: mlp_in_out(blk.get_submodule(self.adapter.mlp), self.adapter, part))
+        return self._per_layer(lambda blk: mlp_in_out(blk, self.adapter, part))
 
     def _norm(self, which: str) -> Pair:
         path = self.adapter.ln1 if which == "ln1" else self.adapter.ln2
@@ -135,8 +153,8 @@ class WeightViews:
         Gemma's ``sqrt(d_model)`` embedding scale is folded in (as TransformerLens does).
         """
         embed = self._backbone().get_submodule(self.adapter.embed)
-        scale = getattr(embed, "embed_scale", None)
-        return embed.weight if scale is None else embed.weight * scale.to(embed.weight.dtype)
+        weight, scale = tensor_attr(embed, "weight"), optional_tensor_attr(embed, "embed_scale")
+        return weight if scale is None else weight * scale.to(weight.dtype)
 
     @property
     def W_pos(self) -> torch.Tensor:  # noqa: N802
@@ -146,7 +164,7 @@ class WeightViews:
                 f"W_pos: {self.cfg.family} has {self.cfg.positional_embedding_type} position embeddings, "
                 "applied to queries and keys inside attention; only learned ('standard') positions have a W_pos"
             )
-        return self._backbone().get_submodule(self.adapter.pos_embed).weight
+        return tensor_attr(self._backbone().get_submodule(self.adapter.pos_embed), "weight")
 
     @property
     def W_U(self) -> torch.Tensor:  # noqa: N802

@@ -33,6 +33,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from mechscope.models.names import block_hook, module_hook
 from mechscope.sae.config import DTYPES, NORMALIZATIONS, SAEConfig, dtype_name
 from mechscope.sae.model import SparseAutoencoder
 
@@ -413,7 +414,7 @@ def load_sparsify(path: str | Path) -> SparseAutoencoder:
         architecture="topk",
         k=_field(raw, "k", cfg_file),
         model_name=_sparsify_model_name(path.resolve().parent / "config.json"),
-        hook_name=f"{hookpoint}.hook_result_post"
+        hook_name=module_hook(hookpoint, "post")
         if re.fullmatch(r"(layers\.\d+|embed_tokens)(\.\w+)*", hookpoint)
         else None,
         dtype=dtype_name(tensors["W_dec"].dtype),
@@ -485,7 +486,7 @@ def _gemma_scope_site(path: str) -> tuple[str | None, str | None]:
     size, variant, site = release.groups()
     model = f"google/gemma-2-{size}" + ("-it" if variant == "it" else "")
     hook = {"res": "hook_resid_post", "mlp": "hook_mlp_out", "att": "attn.hook_z"}[site]
-    return model, f"blocks.{layer.group(1)}.{hook}"
+    return model, block_hook(int(layer.group(1)), hook)
 
 
 # ---- OpenAI sparse_autoencoder / Transformer Debugger ---------------------------------------------------------

@@ -23,6 +23,7 @@ from torch import Tensor
 
 from mechscope.models.hooked import HookedModel
 from mechscope.models.hooks import HookPoint
+from mechscope.models.names import sae_hook
 from mechscope.models.points import token_vectors
 from mechscope.sae.model import SparseAutoencoder
 
@@ -80,7 +81,7 @@ class SAESplice:
         self.latent_hooks: list[LatentHookFn] = list(latent_hooks)
         self.cache_enabled = cache
         self.cache: dict[str, Tensor] = {}
-        self.latent_point = HookPoint(f"{hook_name}.hook_sae_acts_post")
+        self.latent_point = HookPoint(sae_hook(hook_name, "hook_sae_acts_post"))
 
     @property
     def latent_hook_name(self) -> str:
@@ -128,10 +129,10 @@ class SAESplice:
         recons = self.sae.decode(latents, x=x_sae) if self.latent_hooks else out.reconstruction
         if self.cache_enabled:
             name = self.hook_name
-            self.cache[f"{name}.hook_sae_input"] = flat.detach()
-            self.cache[f"{name}.hook_sae_acts_post"] = latents.detach()
-            self.cache[f"{name}.hook_sae_recons"] = recons.detach()
-            self.cache[f"{name}.hook_sae_error"] = (x_sae - out.reconstruction).detach()
+            self.cache[sae_hook(name, "hook_sae_input")] = flat.detach()
+            self.cache[sae_hook(name, "hook_sae_acts_post")] = latents.detach()
+            self.cache[sae_hook(name, "hook_sae_recons")] = recons.detach()
+            self.cache[sae_hook(name, "hook_sae_error")] = (x_sae - out.reconstruction).detach()
         if not self.include_error:
             return recons.to(x.dtype).view(x.shape)
         if not self.latent_hooks:

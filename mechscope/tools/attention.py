@@ -4,9 +4,6 @@ Patterns come from ``blocks.L.attn.hook_pattern`` ``[batch, head, query_pos, key
 replaces one head's ``blocks.L.attn.hook_z`` (zero, or its mean over batch and positions) with a hook, so
 the model's weights are never edited. Previous-token and induction scores follow the usual definitions
 (Olsson et al. 2022; TransformerLens / ARENA). See ``docs/tools/attention.md``.
-
-The helpers :func:`as_tokens`, :func:`check_layer` and :func:`check_head` are shared by the tools
-``"logit_lens"``, ``"composition"`` and ``"sparsity"``.
 """
 
 from __future__ import annotations
@@ -16,42 +13,12 @@ from typing import Any
 
 import torch
 
-from mechscope.models.tokenizer import Input, tokenize
+from mechscope.models.names import block_hook
+from mechscope.models.tokenizer import Input
 from mechscope.tools import BaseInterpretabilityTool
+from mechscope.tools.inputs import as_tokens, check_head, check_layer
 
 ABLATION_METHODS = ("zero", "mean")
-
-
-# ---- helpers shared by the tools of this package ---------------------------------------------------------
-def as_tokens(model: Any, input_ids: Input) -> torch.Tensor:
-    """``[batch, pos]`` token ids on the model's device (``[pos]`` and texts of equal length accepted).
-
-    Texts of different lengths are refused: padding would enter every per-position statistic.
-    """
-    tokens, mask = tokenize(model.tokenizer, input_ids)
-    if mask is not None:
-        raise ValueError("the texts have different lengths in tokens; pass them one at a time or as equal-length ids")
-    return tokens.to(model.device)
-
-
-def check_layer(model: Any, layer: int, what: str = "layer") -> int:
-    """``layer`` if it is a block index ``0..n_layers-1``; otherwise a ``ValueError`` giving that range."""
-    n = model.cfg.n_layers
-    if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < n:
-        raise ValueError(f"{what}={layer!r} is out of range: valid layers are 0..{n - 1}")
-    return layer
-
-
-def check_head(model: Any, head: int, what: str = "head") -> int:
-    """``head`` if it is a head index ``0..n_heads-1``; otherwise a ``ValueError`` giving that range."""
-    n = model.cfg.n_heads
-    if isinstance(head, bool) or not isinstance(head, int) or not 0 <= head < n:
-        raise ValueError(f"{what}={head!r} is out of range: valid heads are 0..{n - 1}")
-    return head
-
-
-def pattern_name(layer: int) -> str:
-    return f"blocks.{layer}.attn.hook_pattern"
 
 
 def diagonal_score(pattern: torch.Tensor, offset: int, first_query: int) -> torch.Tensor:
@@ -89,12 +56,13 @@ def repeated_tokens(
 
 def _parse_heads(model: Any, heads: tuple[int, int] | Sequence[tuple[int, int]]) -> dict[int, list[int]]:
     """``{layer: [head, ...]}`` from one ``(layer, head)`` pair or a list of them, ranges checked."""
-    pairs = [heads] if len(heads) == 2 and all(isinstance(x, int) for x in heads) else list(heads)
+    single = len(heads) == 2 and all(isinstance(x, int) for x in heads)
+    pairs: list[object] = [heads] if single else list(heads)
     if not pairs:
         raise ValueError("no heads given: pass (layer, head) or a list of (layer, head) pairs")
     out: dict[int, list[int]] = {}
     for pair in pairs:
-        if len(pair) != 2:
+        if not isinstance(pair, Sequence) or len(pair) != 2:
             raise ValueError(f"a head is a (layer, head) pair, got {pair!r}")
         layer, head = pair
         out.setdefault(check_layer(model, layer), []).append(check_head(model, head))
@@ -113,9 +81,9 @@ class AttentionTools(BaseInterpretabilityTool):
         Row ``q`` of a head's pattern is the softmax of its masked scores: it sums to 1 over ``k <= q``.
         """
         layers = range(self.model.cfg.n_layers) if layer is None else [check_layer(self.model, layer)]
-        names = [pattern_name(i) for i in layers]
+        names = [block_hook(i, "attn.hook_pattern") for i in layers]
         _, cache = self.model.run_with_cache(
-            as_tokens(self.model, input_ids), names_filter=names, stop_at_layer=max(layers) + 1
+            as_tokens(self.model, input_ids), names_filter=names, stop_at_layer=self.model.stop_layer_for(names)
         )
         patterns = torch.stack([cache[n] for n in names])
         return patterns if layer is None else patterns[0]
@@ -159,14 +127,14 @@ class AttentionTools(BaseInterpretabilityTool):
         if method not in ABLATION_METHODS:
             raise ValueError(f"method={method!r}: use one of {ABLATION_METHODS}")
         by_layer = _parse_heads(self.model, heads)
-        names = {layer: f"blocks.{layer}.attn.hook_z" for layer in by_layer}
+        names = {layer: block_hook(layer, "attn.hook_z") for layer in by_layer}
         if method == "mean":
             if reference_ids is None:
                 raise ValueError("method='mean' needs reference_ids: the inputs the mean of z is taken over")
             _, cache = self.model.run_with_cache(
                 as_tokens(self.model, reference_ids),
                 names_filter=list(names.values()),
-                stop_at_layer=max(by_layer) + 1,
+                stop_at_layer=self.model.stop_layer_for(names.values()),
             )
             means = {layer: cache[names[layer]].mean(dim=(0, 1)) for layer in by_layer}  # [head, d_head]
 
@@ -200,8 +168,8 @@ class AttentionTools(BaseInterpretabilityTool):
 
     # ---- head scores -------------------------------------------------------------------------------
     def _scores(self, tokens: torch.Tensor, offset: int, first_query: int) -> torch.Tensor:
-        names = [pattern_name(i) for i in range(self.model.cfg.n_layers)]
-        _, cache = self.model.run_with_cache(tokens, names_filter=names, stop_at_layer=len(names))
+        names = [block_hook(i, "attn.hook_pattern") for i in range(self.model.cfg.n_layers)]
+        _, cache = self.model.run_with_cache(tokens, names_filter=names, stop_at_layer=self.model.stop_layer_for(names))
         return torch.stack([diagonal_score(cache[n], offset, first_query) for n in names])
 
     def previous_token_scores(self, input_ids: Input) -> torch.Tensor:

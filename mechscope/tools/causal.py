@@ -12,6 +12,7 @@ from collections.abc import Sequence
 import torch
 from tqdm.auto import tqdm
 
+from mechscope.models.names import block_hook
 from mechscope.models.tokenizer import Input, tokenize
 from mechscope.tools import BaseInterpretabilityTool
 
@@ -48,9 +49,9 @@ class CausalTracer(BaseInterpretabilityTool):
     def _restore_names(self, layer: int, kind: str, window: int) -> list[str]:
         n = self.model.cfg.n_layers
         if kind == "resid":
-            return [f"blocks.{layer}.{_KIND_HOOKS[kind]}"]
+            return [block_hook(layer, _KIND_HOOKS[kind])]
         lo, hi = max(0, layer - window // 2), min(n, layer - window // 2 + window)
-        return [f"blocks.{i}.{_KIND_HOOKS[kind]}" for i in range(lo, hi)]
+        return [block_hook(i, _KIND_HOOKS[kind]) for i in range(lo, hi)]
 
     @torch.no_grad()
     def trace(
@@ -81,7 +82,7 @@ class CausalTracer(BaseInterpretabilityTool):
             raise ValueError(f"trace takes one prompt, got a batch of {tokens.shape[0]}; trace them one at a time")
         tokens = tokens.to(self.model.device)
         subj = self.subject_positions(tokens[0], subject)
-        names = [f"blocks.{layer}.{_KIND_HOOKS[kind]}" for layer in range(self.model.cfg.n_layers)]
+        names = [block_hook(layer, _KIND_HOOKS[kind]) for layer in range(self.model.cfg.n_layers)]
         logits, clean_cache = self.model.run_with_cache(tokens, names_filter=names)
 
         def prob(lg: torch.Tensor) -> float:

@@ -31,7 +31,7 @@ import os
 import time
 import uuid
 import warnings
-from collections.abc import Callable, Iterator, MutableMapping
+from collections.abc import Callable, Iterator, MutableMapping, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -233,7 +233,7 @@ class BaseInterpretabilityBench:
         identity: dict[str, Any] = {
             "name": getattr(model, "name", type(model).__name__),
             "family": getattr(cfg, "family", None),
-            "cfg": cfg.to_dict() if hasattr(cfg, "to_dict") else None,
+            "cfg": cfg.to_dict() if cfg is not None and hasattr(cfg, "to_dict") else None,
         }
         if isinstance(model, torch.nn.Module):
             params = list(model.named_parameters())
@@ -246,7 +246,7 @@ class BaseInterpretabilityBench:
                 identity["weights_sha256"] = self._weights_sha256(params)
         return identity
 
-    def _weights_sha256(self, params: list[tuple[str, torch.Tensor]]) -> str:
+    def _weights_sha256(self, params: Sequence[tuple[str, torch.Tensor]]) -> str:
         """SHA-256 of every parameter's bytes, reused while no parameter has been replaced or edited."""
         state = tuple((n, p.data_ptr(), p._version) for n, p in params)
         if self._weights_hash is None or self._weights_hash[0] != state:
@@ -265,7 +265,7 @@ Experiment = BaseInterpretabilityBench
 def _tensor_bytes(t: torch.Tensor) -> memoryview:
     """The raw bytes of a tensor (any dtype), without a copy when it is already a contiguous CPU tensor."""
     flat = t.detach().cpu().contiguous().reshape(-1)
-    return memoryview(flat.view(torch.uint8).numpy())
+    return flat.view(torch.uint8).numpy().data
 
 
 def _numeric_array(value: Any) -> bool:

@@ -13,9 +13,10 @@ from collections.abc import Sequence
 import torch
 from tqdm.auto import tqdm
 
+from mechscope.models.names import get_act_name
 from mechscope.models.tokenizer import Input
 from mechscope.tools import BaseInterpretabilityTool
-from mechscope.tools.attention import as_tokens, check_layer
+from mechscope.tools.inputs import as_tokens, check_layer
 
 SITES = ("resid_pre", "resid_mid", "resid_post")
 
@@ -32,19 +33,17 @@ class LogitLens(BaseInterpretabilityTool):
             raise ValueError(f"sites={list(sites)!r}: choose among {SITES}")
         layers = range(self.model.cfg.n_layers) if layers is None else [check_layer(self.model, i) for i in layers]
         # resolve() raises with the closest names, e.g. for resid_mid in parallel-block models
-        return [self.model.points.resolve(f"blocks.{i}.hook_{s}")[0] for i in layers for s in SITES if s in sites]
+        return [self.model.points.resolve(get_act_name(s, i))[0] for i in layers for s in SITES if s in sites]
 
     def apply_unembed(self, resid: torch.Tensor) -> torch.Tensor:
         """Logits ``[..., d_vocab]`` (float32) of residual vectors ``[..., d_model]``: the model's final norm
         (weights and bias included), its unembedding, and the final soft-cap ``c·tanh(logits / c)`` of
-        models that have one (Gemma 2)."""
-        backbone = self.model.model.get_submodule(self.model.adapter.backbone)
-        final_norm = backbone.get_submodule(self.model.adapter.final_norm)
-        unembed = self.model.model.get_submodule(self.model.adapter.lm_head)
+        models that have one (Gemma 2, ``cfg.output_logits_soft_cap``)."""
+        model = self.model
         with torch.no_grad():
-            logits = unembed(final_norm(resid.to(self.model.device))).float()
-        cap = getattr(self.model.model.config, "final_logit_softcapping", None)
-        return torch.tanh(logits / cap) * cap if cap else logits
+            logits = model.unembed(model.ln_final(resid.to(model.device))).float()
+        cap = model.cfg.output_logits_soft_cap
+        return torch.tanh(logits / cap) * cap if cap > 0 else logits
 
     def layer_logits(
         self,
@@ -61,8 +60,7 @@ class LogitLens(BaseInterpretabilityTool):
         """
         names = self._points(sites, layers)
         tokens = as_tokens(self.model, input_ids)
-        last = max(int(n.split(".")[1]) for n in names)
-        _, cache = self.model.run_with_cache(tokens, names_filter=names, stop_at_layer=last + 1)
+        _, cache = self.model.run_with_cache(tokens, names_filter=names, stop_at_layer=self.model.stop_layer_for(names))
         logits = []
         for name in tqdm(names, desc="logit lens", disable=len(names) < 8, leave=False):
             resid = cache[name] if position is None else cache[name][:, position]

@@ -15,7 +15,6 @@ import torch
 from tqdm.auto import tqdm
 
 from mechscope.data import iter_texts, pack_contexts
-from mechscope.data.store import stop_layer_for
 from mechscope.models.hooked import lm_loss
 from mechscope.tools import BaseInterpretabilityTool
 
@@ -31,7 +30,7 @@ class NeuronTools(BaseInterpretabilityTool):
 
     # ---- inputs ------------------------------------------------------------------------------------
     def _direction(self, hook_name: str, neuron: int | None, direction: torch.Tensor | None) -> torch.Tensor:
-        d = self._width(hook_name)
+        d = self.model.hook_shape(hook_name)[-1]  # the last dimension, which `act · d` contracts
         if (neuron is None) == (direction is None):
             raise ValueError("give exactly one of neuron= (an index into the last dimension) or direction= (a vector)")
         if neuron is not None:
@@ -42,14 +41,6 @@ class NeuronTools(BaseInterpretabilityTool):
         if direction.numel() != d:
             raise ValueError(f"direction has {direction.numel()} entries but {hook_name} has width {d}")
         return direction
-
-    def _width(self, hook_name: str) -> int:
-        _, cache = self.model.run_with_cache(
-            torch.zeros(1, 1, dtype=torch.long, device=self.model.device),
-            names_filter=hook_name,
-            stop_at_layer=stop_layer_for([hook_name], self.model.cfg.n_layers),
-        )
-        return cache[hook_name].shape[-1]
 
     def corpus_tokens(
         self, corpus: torch.Tensor | str | Path | None = None, n_tokens: int = 16_384, context_length: int = 64
@@ -72,7 +63,7 @@ class NeuronTools(BaseInterpretabilityTool):
     @torch.no_grad()
     def _activations(self, tokens: torch.Tensor, hook_name: str, d: torch.Tensor, batch_size: int) -> torch.Tensor:
         """``act · d`` for every token: ``[n_contexts, context_length]``."""
-        stop = stop_layer_for([hook_name], self.model.cfg.n_layers)
+        stop = self.model.stop_layer_for([hook_name])
         out = []
         for batch in self._batches(tokens, batch_size, f"scanning {hook_name}"):
             _, cache = self.model.run_with_cache(batch, names_filter=hook_name, stop_at_layer=stop)

@@ -18,6 +18,7 @@ from collections.abc import Callable, Sequence
 import torch
 from tqdm.auto import tqdm
 
+from mechscope.models.names import block_hook, get_act_name
 from mechscope.models.tokenizer import Input, tokenize
 from mechscope.tools import BaseInterpretabilityTool
 
@@ -105,10 +106,10 @@ class ActivationPatching(BaseInterpretabilityTool):
     def _layer_names(self, site: str) -> list[str]:
         if site not in LAYER_SITES:
             raise ValueError(f"site={site!r} is not a layer site: use one of {', '.join(LAYER_SITES)}")
-        return [f"blocks.{layer}.hook_{site}" for layer in range(self.model.cfg.n_layers)]
+        return [get_act_name(site, layer) for layer in range(self.model.cfg.n_layers)]
 
     def _head_names(self) -> list[str]:
-        return [f"blocks.{layer}.attn.hook_z" for layer in range(self.model.cfg.n_layers)]
+        return [block_hook(layer, "attn.hook_z") for layer in range(self.model.cfg.n_layers)]
 
     # ---- activation patching -----------------------------------------------------------------------
     @torch.no_grad()

@@ -16,8 +16,10 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from mechscope.models.tokenizer import Input, tokenize
+from mechscope.models.names import EMBED_POINTS, block_hook
+from mechscope.models.tokenizer import Input
 from mechscope.tools import BaseInterpretabilityTool
+from mechscope.tools.inputs import as_tokens
 
 #: logits held at once while integrating gradients (float32 entries: 2**25 is 128 MiB)
 _LOGIT_BUDGET = 2**25
@@ -45,13 +47,6 @@ class ResidualTools(BaseInterpretabilityTool):
     """Residual-stream decomposition, movement and attribution (tool ``"residual"``)."""
 
     # ---- helpers -----------------------------------------------------------------------------------
-    def _tokens(self, input_ids: Input) -> torch.Tensor:
-        """``[batch, pos]`` token ids on the model's device; ragged text batches are refused."""
-        tokens, mask = tokenize(self.model.tokenizer, input_ids)
-        if mask is not None:
-            raise ValueError("the sequences have different lengths; pass them one at a time or as equal-length tokens")
-        return tokens.to(self.model.device)
-
     def _layer(self, layer: int, what: str) -> int:
         n = self.model.cfg.n_layers
         if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer <= n:
@@ -63,12 +58,12 @@ class ResidualTools(BaseInterpretabilityTool):
 
     def _resid_name(self, layer: int) -> str:
         n = self.model.cfg.n_layers
-        return f"blocks.{layer}.hook_resid_pre" if layer < n else f"blocks.{n - 1}.hook_resid_post"
+        return block_hook(layer, "hook_resid_pre") if layer < n else block_hook(n - 1, "hook_resid_post")
 
     def _component_names(self, layer: int) -> list[str]:
         """Hook names of the embeddings and of the attention and MLP outputs of blocks ``0..layer-1``."""
-        embeds = [n for n in ("hook_embed", "hook_pos_embed") if n in self.model.points.names]
-        return embeds + [f"blocks.{i}.hook_{kind}_out" for i in range(layer) for kind in ("attn", "mlp")]
+        embeds = [n for n in EMBED_POINTS if n in self.model.points.names]
+        return embeds + [block_hook(i, point) for i in range(layer) for point in ("hook_attn_out", "hook_mlp_out")]
 
     # ---- decomposition and movement ----------------------------------------------------------------
     def residual_decomposition(self, input_ids: Input, layer_idx: int) -> dict[str, torch.Tensor]:
@@ -79,8 +74,9 @@ class ResidualTools(BaseInterpretabilityTool):
         (``layer_idx = n_layers``: the final residual) up to float rounding. Later blocks are not run.
         """
         layer = self._layer(layer_idx, "layer_idx")
+        names = self._component_names(layer)
         _, cache = self.model.run_with_cache(
-            self._tokens(input_ids), names_filter=self._component_names(layer), stop_at_layer=layer
+            as_tokens(self.model, input_ids), names_filter=names, stop_at_layer=self.model.stop_layer_for(names)
         )
         parts, labels = cache.decompose_resid(layer, return_labels=True)
         return dict(zip(labels, parts, strict=True))
@@ -93,9 +89,10 @@ class ResidualTools(BaseInterpretabilityTool):
         """
         l1, l2 = self._layer(layer_idx1, "layer_idx1"), self._layer(layer_idx2, "layer_idx2")
         n1, n2 = self._resid_name(l1), self._resid_name(l2)
-        # a block's resid_pre is read after the stop hook of that block would fire: run one block more
-        stop = min(max(l1, l2) + 1, self.model.cfg.n_layers)
-        _, cache = self.model.run_with_cache(self._tokens(input_ids), names_filter=[n1, n2], stop_at_layer=stop)
+        stop = self.model.stop_layer_for([n1, n2])
+        _, cache = self.model.run_with_cache(
+            as_tokens(self.model, input_ids), names_filter=[n1, n2], stop_at_layer=stop
+        )
         r1, r2 = cache[n1].float(), cache[n2].float()
         norm1, norm2 = r1.norm(dim=-1), r2.norm(dim=-1)
         return {
@@ -171,7 +168,7 @@ class ResidualTools(BaseInterpretabilityTool):
           norm's bias and the unembedding bias. The entries sum to the logit (before Gemma 2's final
           soft-cap, where the model has one).
         """
-        tokens = self._tokens(input_ids)
+        tokens = as_tokens(self.model, input_ids)
         batch, pos = tokens.shape
         if not -pos <= position < pos:
             raise ValueError(f"position={position} is out of range for sequences of {pos} tokens")

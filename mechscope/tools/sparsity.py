@@ -10,15 +10,31 @@ See ``docs/tools/sparsity.md``.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
+from typing import TypedDict
 
 import torch
 from tqdm.auto import tqdm
 
+from mechscope.models.names import block_hook, is_attention_map, parse_hook
 from mechscope.models.tokenizer import Input, tokenize
 from mechscope.tools import BaseInterpretabilityTool
 
-#: hook points of every block measured when no names are given
-DEFAULT_SUFFIXES = ("hook_attn_out", "mlp.hook_post", "hook_mlp_out", "hook_resid_post")
+#: points of every block measured when no names are given
+DEFAULT_POINTS = ("hook_attn_out", "mlp.hook_post", "hook_mlp_out", "hook_resid_post")
+
+
+class SparsityStats(TypedDict):
+    """The statistics of one hook point; see :meth:`SparsityTools.activation_sparsity`."""
+
+    n_tokens: int
+    zero_fraction: float
+    near_zero_fraction: float
+    l0_per_token: torch.Tensor
+    l0: float
+    mean_abs: float
+    kurtosis: float
+    frequency: torch.Tensor
+    dead: torch.Tensor
 
 
 class _Stats:
@@ -50,7 +66,7 @@ class _Stats:
         self.active += active.sum(0).cpu()
         self.l0.append(active.sum(-1).cpu())
 
-    def result(self) -> dict[str, float | torch.Tensor]:
+    def result(self) -> SparsityStats:
         entries = self.n_tokens * len(self.active)
         l0 = torch.cat(self.l0)
         frequency = self.active.double() / self.n_tokens
@@ -73,7 +89,7 @@ class SparsityTools(BaseInterpretabilityTool):
     def _names(self, hook_names: str | Sequence[str] | Callable[[str], bool] | None) -> list[str]:
         points = self.model.points
         if hook_names is None:
-            return [n for n in points.names if n.startswith("blocks.") and n.endswith(DEFAULT_SUFFIXES)]
+            return [n for n in points.names if parse_hook(n).point in DEFAULT_POINTS]
         if isinstance(hook_names, str) or callable(hook_names):
             return points.resolve(hook_names)  # unknown names raise with the closest valid ones
         return [n for h in hook_names for n in points.resolve(h)]
@@ -92,7 +108,7 @@ class SparsityTools(BaseInterpretabilityTool):
         inputs: Input | Iterable[Input],
         hook_names: str | Sequence[str] | Callable[[str], bool] | None = None,
         eps: float = 1e-6,
-    ) -> dict[str, dict[str, float | torch.Tensor]]:
+    ) -> dict[str, SparsityStats]:
         """Sparsity statistics per hook point, over every real token of ``inputs``.
 
         ``inputs``: one batch (text, list of texts, ids ``[batch, pos]``) or an iterable of batches.
@@ -111,13 +127,12 @@ class SparsityTools(BaseInterpretabilityTool):
         Attention patterns and scores (``[batch, head, q, k]``) are not per-token activations and are refused.
         """
         names = self._names(hook_names)
-        refused = [n for n in names if n.endswith(("hook_pattern", "hook_attn_scores"))]
+        refused = [n for n in names if is_attention_map(n)]
         if refused:
             raise ValueError(f"{refused} are attention maps, not per-token activations; choose other hook points")
         stats: dict[str, _Stats] = {}
         batches = self._batches(inputs)
-        last = max((int(n.split(".")[1]) for n in names if n.startswith("blocks.")), default=None)
-        stop = last + 1 if last is not None and all(n.startswith("blocks.") for n in names) else None
+        stop = self.model.stop_layer_for(names)
         for batch in tqdm(batches, desc="sparsity", disable=len(batches) < 2, leave=False):
             tokens, mask = tokenize(self.model.tokenizer, batch)
             tokens = tokens.to(self.model.device)
@@ -137,7 +152,7 @@ class SparsityTools(BaseInterpretabilityTool):
         For ReLU MLPs with ``eps=0`` firing is ``post > 0``. GELU and SiLU outputs are rarely exactly 0, so
         pass a small ``eps`` there.
         """
-        names = [f"blocks.{i}.mlp.hook_post" for i in range(self.model.cfg.n_layers)]
+        names = [block_hook(i, "mlp.hook_post") for i in range(self.model.cfg.n_layers)]
         stats = self.activation_sparsity(inputs, names, eps)
         frequency = torch.stack([stats[n]["frequency"] for n in names])
         return {"frequency": frequency, "dead": frequency == 0}

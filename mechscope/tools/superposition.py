@@ -7,7 +7,6 @@ them, and interpolating between two directions. See ``docs/tools/superposition.m
 
 from __future__ import annotations
 
-import re
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -15,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
+from mechscope.models.names import is_attention_map
 from mechscope.models.tokenizer import Input, tokenize
 from mechscope.tools import BaseInterpretabilityTool
 
@@ -146,19 +146,12 @@ class SuperpositionDisentangler(BaseInterpretabilityTool):
     """Principal and independent directions of one hook point's activations (tool ``"superposition"``)."""
 
     # ---- activations ------------------------------------------------------------------------------
-    def _stop_layer(self, layer: str) -> int | None:
-        """The ``stop_at_layer`` that still runs the module serving hook point ``layer``."""
-        m = re.match(rf"^(?:blocks|{re.escape(self.model.adapter.layers)})\.(\d+)\.", layer)
-        if m:
-            return int(m.group(1)) + 1
-        return 0 if layer in ("hook_embed", "hook_pos_embed") else None
-
     def _activations(self, ids_list: Input | Sequence[Input], layer: str, desc: str) -> Iterator[torch.Tensor]:
         """``[n_tokens, features]`` per element of ``ids_list`` (padding dropped), running only the blocks needed."""
         if not isinstance(layer, str):
             raise TypeError(f"layer is one hook name such as 'blocks.0.hook_resid_post', got {type(layer).__name__}")
         self.model.points.resolve(layer)  # unknown names and layers out of range raise here, naming the fix
-        if layer.endswith(("hook_pattern", "hook_attn_scores")):
+        if is_attention_map(layer):
             raise ValueError(
                 f"hook point {layer} is [batch, head, q_pos, k_pos], not a per-token activation [batch, pos, ...]; "
                 "pick a per-token activation such as blocks.0.hook_resid_post or blocks.0.attn.hook_z"
@@ -166,7 +159,7 @@ class SuperpositionDisentangler(BaseInterpretabilityTool):
         items = [ids_list] if isinstance(ids_list, torch.Tensor | str) else list(ids_list)
         if not items:
             raise ValueError("ids_list is empty: give a list of token tensors or texts")
-        stop = self._stop_layer(layer)
+        stop = self.model.stop_layer_for([layer])
         for item in tqdm(items, desc=desc, disable=len(items) < 2, leave=False):
             tokens, mask = tokenize(self.model.tokenizer, item)
             _, cache = self.model.run_with_cache(tokens, names_filter=layer, stop_at_layer=stop, attention_mask=mask)
@@ -195,19 +188,21 @@ class SuperpositionDisentangler(BaseInterpretabilityTool):
         (``layers.0.self_attn.hook_result_post``); blocks after it are not run. Sequences are streamed:
         per-sequence means and centred scatter matrices are merged exactly (Chan et al.), in float64.
         """
-        n, mean, m2, dtype = 0, None, None, torch.float32
+        n, dtype = 0, torch.float32
+        mean: torch.Tensor | None = None  # [d]
+        m2: torch.Tensor | None = None  # [d, d]: the centred scatter matrix
         for x in self._activations(ids_list, layer, "covariance"):
             dtype, x = _out_dtype(x), x.double()
             nb, mb = x.shape[0], x.mean(0)
             xc = x - mb
-            if mean is None:
+            if mean is None or m2 is None:
                 n, mean, m2 = nb, mb, xc.T @ xc
                 continue
             delta, total = mb - mean, n + nb
             m2 = m2 + xc.T @ xc + torch.outer(delta, delta) * (n * nb / total)
             mean = mean + delta * (nb / total)
             n = total
-        if n < 2:
+        if n < 2 or m2 is None:
             raise ValueError("a covariance needs at least two tokens; give longer or more sequences")
         return (m2 / (n - 1)).to(dtype)
 

@@ -1,7 +1,7 @@
 """Tool "surgery": delete, replace or permute the decoder blocks, restoring the model on exit.
 
 Each method is a context manager that rearranges the HF ``ModuleList`` of decoder layers
-(``model.adapter.backbone`` / ``adapter.layers``) and puts the original list back on exit, also when the
+(``model.blocks``) and puts the original list back on exit, also when the
 block raised. Nothing else changes: the blocks keep their weights, their ``layer_idx`` (so each keeps its
 own kv-cache slot and attention type) and their hook points, which follow the module, so
 ``blocks.2.hook_resid_post`` is the output of the original block 2 wherever it now runs, and the hooks of a
@@ -24,7 +24,7 @@ class BlockSurgery(BaseInterpretabilityTool):
     @property
     def blocks(self) -> nn.ModuleList:
         """The model's decoder layers as they are now (inside a surgery: the rearranged list)."""
-        return self.model.model.get_submodule(self.model.adapter.backbone).get_submodule(self.model.adapter.layers)
+        return self.model.blocks
 
     def _index(self, layer: int) -> int:
         n = len(self.blocks)
@@ -48,15 +48,15 @@ class BlockSurgery(BaseInterpretabilityTool):
 
     @contextmanager
     def _swapped(self, new_blocks: list[nn.Module]) -> Iterator[nn.ModuleList]:
-        blocks = self.blocks
-        original = blocks._modules.copy()
-        blocks._modules.clear()
-        blocks._modules.update({str(i): b for i, b in enumerate(new_blocks)})
+        stack = self.blocks
+        original = stack._modules.copy()
+        stack._modules.clear()
+        stack._modules.update({str(i): b for i, b in enumerate(new_blocks)})
         try:
-            yield blocks
+            yield stack
         finally:
-            blocks._modules.clear()
-            blocks._modules.update(original)
+            stack._modules.clear()
+            stack._modules.update(original)
 
     def delete(self, *layers: int) -> AbstractContextManager[nn.ModuleList]:
         """Context manager: run without blocks ``layers`` (the residual stream skips them)."""

@@ -261,8 +261,7 @@ def _check_locations(model: HookedModel, layer: int, tokens: torch.Tensor) -> No
     plain_logits, cache = model.run_with_cache(tokens)
     torch.testing.assert_close(logits, plain_logits, rtol=0, atol=0)  # read-only hooks change nothing
     d_head, heads = model.cfg.d_head, model.cfg.n_heads
-    attn = model.adapter.block(model.points.backbone, layer).get_submodule(model.adapter.attn)
-    root = attn.scaling**0.5
+    root = model.block_part(layer, "attn").scaling ** 0.5
     c = lambda name: cache[f"blocks.{layer}.{name}"]  # noqa: E731
     g = lambda path: got[(path, layer)]  # noqa: E731
 
@@ -292,7 +291,7 @@ def _check_locations(model: HookedModel, layer: int, tokens: torch.Tensor) -> No
         x = c(resid)
         centred = x - x.mean(-1, keepdim=True) if model.cfg.normalization_type == "LN" else x
         torch.testing.assert_close(g(f"resid.torso.{tdb}.post_mean_subtraction"), centred)
-        norm = model.adapter.block(model.points.backbone, layer).get_submodule(getattr(model.adapter, ours))
+        norm = model.block_part(layer, ours)
         eps = getattr(norm, "eps", getattr(norm, "variance_epsilon", None))
         scale = (centred.pow(2).mean(-1, keepdim=True) + eps).sqrt()
         torch.testing.assert_close(g(f"resid.torso.{tdb}.scale"), scale, rtol=1e-4, atol=1e-5)

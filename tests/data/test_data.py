@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from mechscope.data import ActivationStore, default_texts, iter_texts, pack_contexts
-from mechscope.data.store import stop_layer_for
+from mechscope.models.names import stop_layer_for
 from mechscope.models.tokenizer import byte_tokenizer
 
 HOOKS = ["blocks.0.hook_resid_post", "blocks.0.mlp.hook_post"]

@@ -149,8 +149,7 @@ def test_qk_circuit_gives_the_attention_score_at_position_zero(family, tokens):
     """Rotary leaves position 0 unrotated, so scores[0, 0] = (x0 W_Q + b_Q)(x0 W_K + b_K)^T * scaling."""
     model, _ = build_pair(family)
     _, cache = model.run_with_cache(tokens, names_filter=lambda n: n.endswith(("attn_scores", "ln1.hook_normalized")))
-    attn = model.model.get_submodule(model.adapter.backbone).get_submodule(model.adapter.layers)[0]
-    scaling = attn.get_submodule(model.adapter.attn).scaling
+    scaling = model.block_part(0, "attn").scaling
     x0 = cache["normalized", 0, "ln1"][:, 0] * model.ln1_w[0] + model.ln1_b[0]  # [batch, d_model]
     qk, W_Q, W_K, b_Q, b_K = model.QK[0], model.W_Q[0], model.W_K[0], model.b_Q[0], model.b_K[0]  # noqa: N806
     for batch in range(tokens.shape[0]):

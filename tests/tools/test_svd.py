@@ -88,6 +88,7 @@ def transformer_lens_layout(model) -> nn.Module:
 @torch.no_grad()
 def test_same_as_transformer_lens_svd_interpreter(model):
     import transformer_lens as tl  # in the dev extra: this cross-check must run, never skip
+
     reference = tl.SVDInterpreter(transformer_lens_layout(model))
     ours = SVDInterpreter(model)
     for args in [("OV", 1, 6, 2), ("w_in", 0, 8, None), ("w_out", 1, 5, None)]:

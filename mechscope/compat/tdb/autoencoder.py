@@ -44,6 +44,8 @@ class Autoencoder(nn.Module):
     latents.
     """
 
+    latents_activation_frequency: torch.Tensor  # a buffer, [n_latents]
+
     def __init__(self, sae: SparseAutoencoder, latents_activation_frequency: torch.Tensor | None = None) -> None:
         super().__init__()
         self.sae = sae
@@ -63,9 +65,10 @@ class Autoencoder(nn.Module):
         state = dict(state_dict) if strict else {k: v for k, v in state_dict.items() if k in _OPENAI_KEYS}
         return cls(openai_state_dict_to_sae(state), state.get("latents_activation_frequency"))
 
-    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+    def state_dict(self, *args: Any, destination: Any = None, prefix: str = "", keep_vars: bool = False) -> Any:
         """The OpenAI layout (plain tensors and strings), loadable by :meth:`from_state_dict` and ``torch.load(...,
-        weights_only=True)``; positional/keyword arguments are ignored."""
+        weights_only=True)``. Inside another module's ``state_dict`` (``destination`` given) the entries are added
+        to ``destination`` under ``prefix``; tensors are always detached copies (``keep_vars`` is ignored)."""
         cfg = self.sae.cfg
         state: dict[str, Any] = {
             "pre_bias": self.pre_bias.detach().clone(),
@@ -76,7 +79,10 @@ class Autoencoder(nn.Module):
             "activation": "TopK" if cfg.architecture == "topk" else "ReLU",
             "activation_state_dict": {"k": cfg.k, "postact_fn": "ReLU"} if cfg.architecture == "topk" else {},
         }
-        return state
+        if destination is None:
+            return state
+        destination.update({prefix + key: value for key, value in state.items()})
+        return destination
 
     @property
     def n_latents(self) -> int:

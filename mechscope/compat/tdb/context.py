@@ -267,7 +267,8 @@ class AutoencoderContext:
         if layer_index not in self._cache:
             path = self.autoencoder_config.autoencoder_path_by_layer_index.get(layer_index)
             if path is None:
-                raise ValueError(f"no autoencoder for layer {layer_index}; layers: {sorted(self.layer_indices)}")
+                layers = sorted(self.layer_indices, key=lambda i: -1 if i is None else i)
+                raise ValueError(f"no autoencoder for layer {layer_index}; layers: {layers}")
             state = torch.load(path, map_location=self.device, weights_only=True)
             autoencoder = Autoencoder.from_state_dict(state, strict=False).to(self.device)
             autoencoder.requires_grad_(False)

@@ -10,7 +10,7 @@ gradient hooks (``append_bwd``, which see the gradient of the value the forward 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -119,8 +119,10 @@ class HookCollection:
             if not isinstance(child, HookCollection):
                 raise KeyError(f"{head!r} is a leaf; cannot descend into {rest!r}")
             child.append_to_path(rest, hook)
-        else:
+        elif isinstance(child, Hooks | FwdBwdHooks):
             child.append(hook)
+        else:
+            raise KeyError(f"{head!r} holds the locations {', '.join(child.all_hooks)}; append to one of them")
         return self
 
     def is_empty(self) -> bool:
@@ -144,20 +146,20 @@ class FwdBwdHooks(HookCollection):
 
     def __init__(self) -> None:
         super().__init__()
-        self.add_subhooks("fwd", Hooks())
-        self.add_subhooks("bwd", _GradHooks())
-        self.add_subhooks("fwd2", Hooks())
+        self._stages: dict[str, Hooks] = {"fwd": Hooks(), "bwd": _GradHooks(), "fwd2": Hooks()}
+        for name, hooks in self._stages.items():
+            self.add_subhooks(name, hooks)
 
     def append_fwd(self, hook: Hook) -> FwdBwdHooks:
-        self.all_hooks["fwd"].append(hook)
+        self._stages["fwd"].append(hook)
         return self
 
     def append_bwd(self, hook: Hook) -> FwdBwdHooks:
-        self.all_hooks["bwd"].append(hook)
+        self._stages["bwd"].append(hook)
         return self
 
     def append_fwd2(self, hook: Hook) -> FwdBwdHooks:
-        self.all_hooks["fwd2"].append(hook)
+        self._stages["fwd2"].append(hook)
         return self
 
     def append(self, hook: Hook) -> FwdBwdHooks:
@@ -165,68 +167,92 @@ class FwdBwdHooks(HookCollection):
         return self.append_fwd(hook)
 
     def __call__(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        for stage in ("fwd", "bwd", "fwd2"):
-            x = self.all_hooks[stage](x, *args, **kwargs)
+        for hooks in self._stages.values():
+            x = hooks(x, *args, **kwargs)
         return x
 
 
-def _tree(**children: Callable[[], HookCollection | Hooks]) -> type[HookCollection]:
-    """A HookCollection subclass whose constructor adds the given children."""
+#: the children of a node of the tree: name -> what builds it
+_Children = dict[str, Callable[[], HookCollection | Hooks]]
 
-    def __init__(self: HookCollection) -> None:  # noqa: N807
-        HookCollection.__init__(self)
-        for name, make in children.items():
+
+class _Tree(HookCollection):
+    """A HookCollection whose constructor adds the children its class lists in ``_children``."""
+
+    _children: ClassVar[_Children] = {}
+
+    def __init__(self) -> None:
+        super().__init__()
+        for name, make in self._children.items():
             self.add_subhooks(name, make())
 
-    return type("HookCollection", (HookCollection,), {"__init__": __init__})
 
-
-class MLPHooks(_tree(pre_act=FwdBwdHooks, post_act=FwdBwdHooks)):
+class MLPHooks(_Tree):
     """``pre_act`` ``[batch, pos, d_mlp]`` (input of the activation function), ``post_act`` (its output)."""
 
+    _children: ClassVar[_Children] = {"pre_act": FwdBwdHooks, "post_act": FwdBwdHooks}
 
-class NormalizationHooks(_tree(post_mean_subtraction=FwdBwdHooks, scale=FwdBwdHooks, post_scale=FwdBwdHooks)):
+
+class NormalizationHooks(_Tree):
     """A norm's ``post_mean_subtraction`` ``[batch, pos, d_model]``, ``scale`` ``[batch, pos, 1]``, ``post_scale``."""
 
+    _children: ClassVar[_Children] = {
+        "post_mean_subtraction": FwdBwdHooks,
+        "scale": FwdBwdHooks,
+        "post_scale": FwdBwdHooks,
+    }
 
-class AttentionHooks(
-    _tree(
-        q=FwdBwdHooks,
-        k=FwdBwdHooks,
-        v=FwdBwdHooks,
-        qk_logits=FwdBwdHooks,
-        qk_softmax_denominator=FwdBwdHooks,
-        qk_probs=FwdBwdHooks,
-        v_out=FwdBwdHooks,
-    )
-):
+
+class AttentionHooks(_Tree):
     """``q``/``k``/``v``/``v_out`` ``[batch, pos, head, d_head]``; ``qk_logits``/``qk_probs``
     ``[batch, query_pos, key_pos, head]``."""
 
+    _children: ClassVar[_Children] = {
+        "q": FwdBwdHooks,
+        "k": FwdBwdHooks,
+        "v": FwdBwdHooks,
+        "qk_logits": FwdBwdHooks,
+        "qk_softmax_denominator": FwdBwdHooks,
+        "qk_probs": FwdBwdHooks,
+        "v_out": FwdBwdHooks,
+    }
 
-class ResidualStreamTorsoHooks(
-    _tree(
-        post_ln_attn=FwdBwdHooks,
-        ln_attn=NormalizationHooks,
-        delta_attn=FwdBwdHooks,
-        post_attn=FwdBwdHooks,
-        ln_mlp=NormalizationHooks,
-        post_ln_mlp=FwdBwdHooks,
-        delta_mlp=FwdBwdHooks,
-        post_mlp=FwdBwdHooks,
-    )
-):
+
+class ResidualStreamTorsoHooks(_Tree):
     """The residual stream inside each block, every tensor ``[batch, pos, d_model]`` (norm scales ``[.., 1]``)."""
 
+    _children: ClassVar[_Children] = {
+        "post_ln_attn": FwdBwdHooks,
+        "ln_attn": NormalizationHooks,
+        "delta_attn": FwdBwdHooks,
+        "post_attn": FwdBwdHooks,
+        "ln_mlp": NormalizationHooks,
+        "post_ln_mlp": FwdBwdHooks,
+        "delta_mlp": FwdBwdHooks,
+        "post_mlp": FwdBwdHooks,
+    }
 
-class ResidualStreamHooks(
-    _tree(post_emb=FwdBwdHooks, torso=ResidualStreamTorsoHooks, ln_f=NormalizationHooks, post_ln_f=FwdBwdHooks)
-):
+
+class ResidualStreamHooks(_Tree):
     """``post_emb``, the per-block ``torso``, the final norm ``ln_f`` and its output ``post_ln_f``."""
 
+    _children: ClassVar[_Children] = {
+        "post_emb": FwdBwdHooks,
+        "torso": ResidualStreamTorsoHooks,
+        "ln_f": NormalizationHooks,
+        "post_ln_f": FwdBwdHooks,
+    }
 
-class TransformerHooks(_tree(mlp=MLPHooks, attn=AttentionHooks, resid=ResidualStreamHooks, logits=FwdBwdHooks)):
+
+class TransformerHooks(_Tree):
     """The full location tree of a forward pass; see ``docs/tdb.md`` for shapes and mechscope hook points."""
+
+    _children: ClassVar[_Children] = {
+        "mlp": MLPHooks,
+        "attn": AttentionHooks,
+        "resid": ResidualStreamHooks,
+        "logits": FwdBwdHooks,
+    }
 
 
 class ConditionalHooks(Hooks):
@@ -265,17 +291,17 @@ class AutoencoderHooks(HookCollection):
 
     def __init__(self, encode: Callable[[torch.Tensor], torch.Tensor], decode: Callable, add_error: bool = False):
         super().__init__()
-        for name in ("latents", "reconstruction", "error"):
-            self.add_subhooks(name, FwdBwdHooks())
+        self._parts = {name: FwdBwdHooks() for name in ("latents", "reconstruction", "error")}
+        for name, hooks in self._parts.items():
+            self.add_subhooks(name, hooks)
         self.encode, self.decode, self.add_error = encode, decode, add_error
 
     def __call__(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         latents = self.encode(x)
-        clean = latents.clone() if self.add_error else None
-        hooked = self.all_hooks["latents"](latents.clone() if self.add_error else latents, *args, **kwargs)
-        reconstruction = self.all_hooks["reconstruction"](self.decode(hooked), *args, **kwargs)
+        hooked = self._parts["latents"](latents.clone() if self.add_error else latents, *args, **kwargs)
+        reconstruction = self._parts["reconstruction"](self.decode(hooked), *args, **kwargs)
         if self.add_error:
-            error = self.all_hooks["error"](x - self.decode(clean), *args, **kwargs)
+            error = self._parts["error"](x - self.decode(latents), *args, **kwargs)
             return reconstruction + error
-        self.all_hooks["error"](x - reconstruction, *args, **kwargs)
+        self._parts["error"](x - reconstruction, *args, **kwargs)
         return reconstruction

@@ -19,6 +19,7 @@ from transformers.cache_utils import DynamicCache
 from mechscope.compat.tdb.hooks import FwdBwdHooks, TransformerHooks
 from mechscope.models.hooked import HookedModel
 from mechscope.models.hooks import HookPoint
+from mechscope.models.names import block_hook
 
 
 def get_default_device() -> torch.device:
@@ -55,10 +56,10 @@ class Encoding:
         return [self.encode(t) for t in texts]
 
     def decode(self, tokens: list[int]) -> str:
-        return self.tokenizer.decode(tokens)
+        return self.decode_batch([tokens])[0]
 
     def decode_batch(self, batch: list[list[int]]) -> list[str]:
-        return [self.decode(tokens) for tokens in batch]
+        return self.tokenizer.batch_decode(batch)
 
 
 @dataclass
@@ -73,7 +74,10 @@ class HiddenState:
     def __getitem__(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Layer ``layer``'s cached ``(keys, values)``, each ``[batch, kv_head, seen_pos, d_head]``."""
         cache_layer = self.kv.layers[layer]
-        return cache_layer.keys, cache_layer.values
+        keys, values = getattr(cache_layer, "keys", None), getattr(cache_layer, "values", None)
+        if not isinstance(keys, torch.Tensor) or not isinstance(values, torch.Tensor):
+            raise ValueError(f"layer {layer} has cached no keys and values yet: run the model on some tokens first")
+        return keys, values
 
 
 def _prep_left_padded(prompts: list[list[int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -95,6 +99,21 @@ def nucleus_sample(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     return order.gather(-1, choice[..., None])[..., 0]
 
 
+#: TDB locations served by one point of every block, and that point
+_BLOCK_LOCATIONS = {
+    "mlp.pre_act": "mlp.hook_pre",
+    "mlp.post_act": "mlp.hook_post",
+    "attn.q": "attn.hook_q",
+    "attn.k": "attn.hook_k",
+    "attn.v": "attn.hook_v",
+    "attn.qk_logits": "attn.hook_attn_scores",
+    "attn.qk_probs": "attn.hook_pattern",
+    "attn.v_out": "attn.hook_z",
+    "resid.torso.delta_attn": "hook_attn_out",
+    "resid.torso.post_attn": "hook_resid_mid",
+    "resid.torso.delta_mlp": "hook_mlp_out",
+    "resid.torso.post_mlp": "hook_resid_post",
+}
 # TDB's per-block norms and mechscope's names for them
 _TORSO_NORMS = {"ln_attn": "ln1", "ln_mlp": "ln2"}
 
@@ -131,35 +150,27 @@ class Transformer(torch.nn.Module):
         return self.model.device
 
     # ---- hooks ------------------------------------------------------------------------------------
-    def _location_points(self) -> dict[str, tuple[str, bool]]:
-        """TDB location -> (mechscope hook point with ``{L}`` for the layer, whether it is per layer)."""
-        a = self.model.adapter
-        block = f"{a.layers}.{{L}}."
-        norm_module = {"ln1": block + a.ln1, "ln2": block + a.ln2, "ln_final": a.final_norm}
-        points: dict[str, tuple[str, bool]] = {
-            "mlp.pre_act": ("blocks.{L}.mlp.hook_pre", True),
-            "mlp.post_act": ("blocks.{L}.mlp.hook_post", True),
-            "attn.q": ("blocks.{L}.attn.hook_q", True),
-            "attn.k": ("blocks.{L}.attn.hook_k", True),
-            "attn.v": ("blocks.{L}.attn.hook_v", True),
-            "attn.qk_logits": ("blocks.{L}.attn.hook_attn_scores", True),
-            "attn.qk_probs": ("blocks.{L}.attn.hook_pattern", True),
-            "attn.v_out": ("blocks.{L}.attn.hook_z", True),
-            "resid.post_emb": ("blocks.0.hook_resid_pre", False),
-            "resid.torso.delta_attn": ("blocks.{L}.hook_attn_out", True),
-            "resid.torso.post_attn": ("blocks.{L}.hook_resid_mid", True),
-            "resid.torso.delta_mlp": ("blocks.{L}.hook_mlp_out", True),
-            "resid.torso.post_mlp": ("blocks.{L}.hook_resid_post", True),
-            "resid.post_ln_f": (norm_module["ln_final"] + ".hook_result_post", False),
-            "resid.ln_f.post_mean_subtraction": (norm_module["ln_final"] + ".hook_result_pre", False),
-            "resid.ln_f.scale": ("ln_final.hook_scale", False),
-            "resid.ln_f.post_scale": ("ln_final.hook_normalized", False),
+    def _location_points(self) -> dict[str, str | list[str]]:
+        """TDB location -> its mechscope hook point, or (per-layer locations) its point in every layer."""
+        model, layers = self.model, range(self.cfg.n_layers)
+        points: dict[str, str | list[str]] = {
+            tdb: [block_hook(layer, point) for layer in layers] for tdb, point in _BLOCK_LOCATIONS.items()
         }
+        points.update(
+            {
+                "resid.post_emb": block_hook(0, "hook_resid_pre"),
+                "resid.post_ln_f": model.module_hook(model.ln_final, "post"),
+                "resid.ln_f.post_mean_subtraction": model.module_hook(model.ln_final, "pre"),
+                "resid.ln_f.scale": "ln_final.hook_scale",
+                "resid.ln_f.post_scale": "ln_final.hook_normalized",
+            }
+        )
         for tdb, ours in _TORSO_NORMS.items():
-            points[f"resid.torso.post_{tdb}"] = (norm_module[ours] + ".hook_result_post", True)
-            points[f"resid.torso.{tdb}.post_mean_subtraction"] = (norm_module[ours] + ".hook_result_pre", True)
-            points[f"resid.torso.{tdb}.scale"] = (f"blocks.{{L}}.{ours}.hook_scale", True)
-            points[f"resid.torso.{tdb}.post_scale"] = (f"blocks.{{L}}.{ours}.hook_normalized", True)
+            norms = [model.block_part(layer, ours) for layer in layers]
+            points[f"resid.torso.post_{tdb}"] = [model.module_hook(norm, "post") for norm in norms]
+            points[f"resid.torso.{tdb}.post_mean_subtraction"] = [model.module_hook(norm, "pre") for norm in norms]
+            points[f"resid.torso.{tdb}.scale"] = [block_hook(layer, f"{ours}.hook_scale") for layer in layers]
+            points[f"resid.torso.{tdb}.post_scale"] = [block_hook(layer, f"{ours}.hook_normalized") for layer in layers]
         return points
 
     def _converters(self, location: str, layer: int | None) -> tuple[Callable, Callable]:
@@ -168,9 +179,9 @@ class Transformer(torch.nn.Module):
         ``to_tdb`` returns views where it can, so an in-place edit by a TDB hook reaches mechscope's tensor.
         """
         same = (lambda t: t, lambda t: t)
-        if location in ("attn.q", "attn.k"):
+        if location in ("attn.q", "attn.k") and layer is not None:
             # TDB scales q and k each by scaling ** 0.5, so that q . k is already the scaled logit
-            attn = self.model.adapter.block(self.model.points.backbone, layer).get_submodule(self.model.adapter.attn)
+            attn = self.model.block_part(layer, "attn")
             root = float(getattr(attn, "scaling", self.cfg.d_head**-0.5)) ** 0.5
             return (lambda t: t * root, lambda t: t / root)
         if location in ("attn.qk_logits", "attn.qk_probs"):
@@ -190,22 +201,23 @@ class Transformer(torch.nn.Module):
             if location == "logits":
                 pairs.append(("hook_logits", self._wrap(fwd_bwd, location, None)))
                 continue
-            point, per_layer = self._points[location]
             if location == "resid.torso.post_attn" and self.cfg.parallel_attn_mlp:
                 raise ValueError(
                     f"resid.torso.post_attn does not exist in {self.cfg.family}: attention and MLP run in parallel "
                     "on the same residual (hook resid.torso.delta_attn or resid.torso.post_mlp instead)"
                 )
-            layers = range(self.cfg.n_layers) if per_layer else [None]
-            pairs += [(point.replace("{L}", str(layer)), self._wrap(fwd_bwd, location, layer)) for layer in layers]
+            points = self._points[location]
+            if isinstance(points, str):
+                pairs.append((points, self._wrap(fwd_bwd, location, None)))
+            else:
+                pairs += [(point, self._wrap(fwd_bwd, location, layer)) for layer, point in enumerate(points)]
         return pairs
 
     def _wrap(self, fwd_bwd: FwdBwdHooks, location: str, layer: int | None) -> Callable:
         to_tdb, from_tdb = self._converters(location, layer)
         kwargs: dict[str, Any] = {} if layer is None else {"layer": layer}
-        if location == "mlp.post_act":
-            mlp = self.model.adapter.block(self.model.points.backbone, layer).get_submodule(self.model.adapter.mlp)
-            kwargs["out_layer"] = mlp.get_submodule(self.model.adapter.mlp_down)
+        if location == "mlp.post_act" and layer is not None:
+            kwargs["out_layer"] = self.model.block_part(layer, "mlp_down")
 
         def run(tensor: torch.Tensor, hook: HookPoint) -> torch.Tensor | None:
             x = to_tdb(tensor)
@@ -274,7 +286,8 @@ class Transformer(torch.nn.Module):
             token_lists = [list(prompts)]
         else:
             token_lists = [list(p) for p in prompts]
-        tokens, pad = _prep_left_padded(token_lists, self.device)
+        tokens, left_pad = _prep_left_padded(token_lists, self.device)
+        pad: torch.Tensor | None = left_pad  # the first step only
         out: dict[str, list] = {"tokens": [[] for _ in token_lists], "strings": ["" for _ in token_lists]}
         H = None  # noqa: N806
         with torch.no_grad():
