@@ -32,7 +32,7 @@ from mechscope.apps.first_look import DEFAULT_MODEL, DEFAULT_PROMPT, load_and_re
 from mechscope.apps.tables import format_table
 from mechscope.cooccurrence.config import CoocConfig, GenerationConfig, PCAConfig
 from mechscope.cooccurrence.pipeline import run_all
-from mechscope.data.store import MANIFEST, ActivationStore
+from mechscope.data.store import ActivationStore
 from mechscope.files import check_settings
 from mechscope.models.hooked import HookedModel
 from mechscope.sae.evaluate import evaluate_sae
@@ -183,10 +183,16 @@ def train_or_reuse_sae(model: HookedModel, job: MainJobConfig) -> tuple[SparseAu
 
 def held_out_tokens(model: HookedModel, job: MainJobConfig) -> torch.Tensor:
     """``[eval_contexts, context_length]``: the corpus contexts right after the harvested ones (never trained on)."""
-    store = ActivationStore(model, job.hook_name, job.train.source, context_length=job.context_length)
-    manifest = json.loads((Path(str(job.train.shard_dir)) / MANIFEST).read_text())
-    last = manifest["shards"][-1]
-    contexts = list(islice(store.contexts(skip=last["first_context"] + last["n_contexts"]), job.eval_contexts))
+    train = job.train
+    store = ActivationStore(
+        model,
+        job.hook_name,
+        train.source,
+        context_length=job.context_length,
+        batch_contexts=train.batch_contexts,
+        activations_dir=train.shard_dir,
+    )
+    contexts = list(islice(store.contexts(skip=store.harvested_contexts()), job.eval_contexts))
     if not contexts:
         raise ValueError("the corpus has no contexts left after the harvested ones for the SAE's evaluation")
     return torch.stack(contexts)

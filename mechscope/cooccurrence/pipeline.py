@@ -21,7 +21,6 @@ import dataclasses
 import hashlib
 import json
 import warnings
-from collections.abc import Iterator
 from itertools import islice
 from pathlib import Path
 from typing import Any
@@ -29,7 +28,6 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 import torch
-from safetensors.torch import load_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
@@ -49,7 +47,7 @@ from mechscope.cooccurrence.counting import (
 from mechscope.cooccurrence.graph import Subgraph, edge_threshold, save_graphs, subgraphs
 from mechscope.cooccurrence.pca_results import save_pca_results
 from mechscope.cooccurrence.subspace import pca_candidates
-from mechscope.data.store import ActivationStore
+from mechscope.data.store import ActivationStore, Rows
 from mechscope.files import atomic_write
 from mechscope.models.hooked import HookedModel
 from mechscope.sae.model import SparseAutoencoder
@@ -57,7 +55,6 @@ from mechscope.sae.tokens import latent_tokens
 
 CHECKPOINT = "count_checkpoint.npz"
 SUMMARY = "summary.json"
-Rows = dict[str, Tensor]
 Counts = dict[str, dict[float, CooccurrenceCounts]]  # sae_id -> threshold -> counts
 SAEs = SparseAutoencoder | dict[str, SparseAutoencoder] | None
 _DESCRIPTIVE_SAE_FIELDS = {"model_name", "hook_name", "neuronpedia_id", "device"}  # no effect on the latents
@@ -109,9 +106,11 @@ def load_saes(config: CoocConfig, model: HookedModel, sae: SAEs = None) -> dict[
     return saes
 
 
-def _store(config: CoocConfig, model: HookedModel, sae_ids: list[str]) -> ActivationStore:
+def _store(config: CoocConfig, model: HookedModel, sae_ids: list[str], n_rows: int) -> ActivationStore:
+    """The activations at ``sae_ids``: live, or from ``activations_dir``, whose harvest is first extended to
+    ``n_rows`` rows (resuming one that is there)."""
     gen = config.generation
-    return ActivationStore(
+    store = ActivationStore(
         model,
         sae_ids,
         gen.corpus,
@@ -119,55 +118,11 @@ def _store(config: CoocConfig, model: HookedModel, sae_ids: list[str]) -> Activa
         batch_contexts=gen.batch_contexts,
         exclude_special=gen.remove_special_tokens,
         text_field=gen.text_field,
-        shard_dir=gen.activations_dir,
+        activations_dir=gen.activations_dir,
     )
-
-
-# ---- batches of rows, with where the next one starts ---------------------------------------------------------
-
-
-def _chunks(store: ActivationStore, start: int, n_rows: int) -> Iterator[tuple[int, Rows]]:
-    """``(key of the next chunk, rows)`` from chunk ``start`` on: a forward pass of ``batch_contexts`` contexts
-    (key = its first context) when streaming, a shard (key = its index) with ``shard_dir``."""
-    if store.shard_dir is None:
-        for first, n_contexts, rows in store.stream(None, skip_contexts=start, progress=False):
-            yield first + n_contexts, rows
-        return
-    store.harvest(n_rows)
-    shards = store.manifest()["shards"]
-    for index in range(start, len(shards)):
-        yield index + 1, load_file(str(store.shard_dir / shards[index]["file"]))
-
-
-def row_batches(
-    store: ActivationStore, batch_size: int, start: tuple[int, int] = (0, 0), n_rows: int = 0
-) -> Iterator[tuple[Rows, tuple[int, int]]]:
-    """Batches of ``batch_size`` rows (``{hook: [batch, d], "tokens"/"context"/"position": [batch]}``) in corpus
-    order from ``start = (chunk key, rows of it already used)``, each with the ``start`` of the batch after it.
-
-    The last batch may be smaller when the corpus (or the shards) run out. ``n_rows``: rows to harvest into the
-    store's ``shard_dir`` first (resuming a harvest that is there).
-    """
-    key, skip = start
-    pending: list[Rows] = []
-    n = 0
-    for next_key, rows in _chunks(store, key, n_rows):
-        size = len(rows["tokens"])
-        used, skip = skip, 0
-        while used < size:
-            take = min(batch_size - n, size - used)
-            pending.append({k: v[used : used + take] for k, v in rows.items()})
-            n, used = n + take, used + take
-            if n == batch_size:
-                yield _cat(pending), ((key, used) if used < size else (next_key, 0))
-                pending, n = [], 0
-        key = next_key
-    if pending:
-        yield _cat(pending), (key, 0)
-
-
-def _cat(pieces: list[Rows]) -> Rows:
-    return {k: torch.cat([p[k] for p in pieces]) for k in pieces[0]}
+    if store.activations_dir is not None:
+        store.harvest(n_rows)
+    return store
 
 
 def encode(sae: SparseAutoencoder, x: Tensor) -> Tensor | tuple[Tensor, Tensor]:
@@ -283,8 +238,9 @@ def run_count(
     if state["saved_n_batches"] == gen.n_batches and all((results / i / TOKENS_FILE).exists() for i in counts):
         print(f"count: already done ({state['batches_done']} batches, {state['n_tokens']} tokens) in {results}")
         return counts
-    store = _store(config, model, list(saes))
-    batches = row_batches(store, gen.batch_size_tokens, tuple(state["next"]), gen.n_batches * gen.batch_size_tokens)
+    store = _store(config, model, list(saes), gen.n_batches * gen.batch_size_tokens)
+    key, skip = state["next"]
+    batches = store.resumable_batches(gen.batch_size_tokens, (key, skip))
     bar = tqdm(total=gen.n_batches, initial=state["batches_done"], unit="batch", desc="count")
     try:
         while state["batches_done"] < target and not state["exhausted"]:
@@ -465,9 +421,8 @@ def run_pca(config: CoocConfig, model: HookedModel | None = None, sae: SAEs = No
     gen, pca = config.generation, config.pca
     model = load_model(config, model)
     saes = load_saes(config, model, sae)
-    store = _store(config, model, list(saes))
-    n_rows = pca.n_batches_reconstruction * gen.batch_size_tokens
-    batches = row_batches(store, gen.batch_size_tokens, n_rows=n_rows)
+    store = _store(config, model, list(saes), pca.n_batches_reconstruction * gen.batch_size_tokens)
+    batches = store.resumable_batches(gen.batch_size_tokens)
     collected = [rows for rows, _ in islice(batches, pca.n_batches_reconstruction)]
     if not collected:
         raise ValueError(f"the corpus {gen.corpus or 'default'!r} gave no tokens for the PCA: use a larger corpus")

@@ -4,77 +4,99 @@ Contexts come from :func:`mechscope.data.corpus.pack_contexts` in a fixed order.
 ``batch_contexts`` of them and stops after the last block any requested hook needs. Rows are the kept
 token positions (BOS/EOS/PAD excluded by default), in corpus order.
 
-On disk (``shard_dir``) a harvest writes ``shard_NNNNN.safetensors`` files — one ``[rows, d]`` tensor per
-hook name plus ``tokens``, ``context`` and ``position`` ``[rows]`` — and ``manifest.json``, which records
-the settings and, per shard, the contexts it covers. Shards and the manifest are written atomically
-(temporary file, then rename), so an interrupted harvest resumes at the first context no finished shard
-covers: nothing is lost or stored twice.
+The store owns its disk format; consumers read it through :meth:`ActivationStore.chunks`,
+:meth:`~ActivationStore.batches` and :meth:`~ActivationStore.resumable_batches`, never the files. In
+``activations_dir`` a harvest writes ``shard_NNNNN.safetensors`` files — one ``[rows, d]`` tensor per hook
+name plus ``tokens``, ``context`` and ``position`` ``[rows]`` — and ``manifest.json``, which records the
+settings and, per shard, the contexts it covers. Shards and the manifest are written atomically
+(:func:`mechscope.files.atomic_write`), so an interrupted harvest resumes at the first context no finished
+shard covers: nothing is lost or stored twice.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
-from itertools import islice
+import warnings
+from collections.abc import Callable, Iterable, Iterator
+from itertools import islice, repeat
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+from torch import Tensor
 from tqdm.auto import tqdm
 
 from mechscope.data.corpus import iter_texts, pack_contexts
-from mechscope.files import atomic_write
+from mechscope.files import atomic_write, atomic_write_json, check_settings
 from mechscope.models.hooked import HookedModel
 from mechscope.models.points import token_vectors
+from mechscope.settings import DeprecatedSetting
 
 MANIFEST = "manifest.json"
+Rows = dict[str, Tensor]  # hook name -> [rows, d], and "tokens" / "context" / "position" -> [rows]
+Position = tuple[int, int]  # where a batch starts: (key of a chunk, rows of it already served)
+_RENAMED = {"source": "corpus", "shard_dir": "activations_dir"}  # keyword arguments it had before -> now
 
 
 class ActivationStore:
     """Activations of ``hook_names`` over a corpus.
 
-    ``source`` is a corpus source (see :func:`mechscope.data.corpus.iter_texts`; default: the embedded
+    ``corpus`` is a corpus source (see :func:`mechscope.data.corpus.iter_texts`; default: the embedded
     English prose). Rows are ``[d]`` vectors of one token position; batches are dicts hook name ->
     ``[batch, d]`` (plus ``"tokens"`` ``[batch]``). Per-head points (``attn.hook_z`` ...) are stored as one
     ``[n_heads * d_head]`` vector per token (:func:`~mechscope.models.points.token_vectors`), as SAEs read them.
+    ``activations_dir``: where :meth:`harvest` writes its shards (``None``: live only). The keywords
+    ``source=`` and ``shard_dir=`` still work, with a :class:`~mechscope.settings.DeprecatedSetting` warning.
     """
 
     def __init__(
         self,
         model: HookedModel,
         hook_names: str | list[str],
-        source: str | Path | None = None,
+        corpus: str | Path | None = None,
         *,
         context_length: int = 128,
         batch_contexts: int = 8,
         exclude_special: bool = True,
         text_field: str = "text",
         dtype: torch.dtype = torch.float32,
-        shard_dir: str | Path | None = None,
+        activations_dir: str | Path | None = None,
         shard_tokens: int = 65536,
+        **old_names: Any,
     ):
+        for old, value in old_names.items():
+            if old not in _RENAMED:
+                raise TypeError(f"ActivationStore() got an unexpected keyword argument {old!r}")
+            new = _RENAMED[old]
+            warnings.warn(f"ActivationStore({old}=...) is deprecated: use {new}=", DeprecatedSetting, stacklevel=2)
+            if new == "corpus":
+                corpus = value
+            else:
+                activations_dir = value
         self.model = model
         self.hook_names = [hook_names] if isinstance(hook_names, str) else list(hook_names)
         for name in self.hook_names:
             model.points.resolve(name)  # unknown names fail here, with the closest valid ones
-        self.source, self.text_field = source, text_field
+        self.corpus, self.text_field = corpus, text_field
         self.context_length, self.batch_contexts = context_length, batch_contexts
         self.exclude_special, self.dtype = exclude_special, dtype
-        self.shard_dir = Path(shard_dir) if shard_dir is not None else None
+        self.activations_dir = Path(activations_dir) if activations_dir is not None else None
         self.shard_tokens = shard_tokens
         self.stop_at_layer = model.stop_layer_for(self.hook_names)
         tok = model.tokenizer
         self._special = sorted({t for t in (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) if t is not None})
 
     # ---- identity ------------------------------------------------------------------------------------
-    def settings(self) -> dict:
-        """What determines the stored rows; a shard directory is reused only for identical settings."""
+    def settings(self) -> dict[str, Any]:
+        """What determines the stored rows; a shard directory is reused only for identical settings (the
+        manifest's names: ``source`` is the corpus)."""
         return {
             "model": self.model.name,
             "family": self.model.cfg.family,
             "hook_names": self.hook_names,
-            "source": "default" if self.source is None else str(self.source),
+            "source": "default" if self.corpus is None else str(self.corpus),
             "text_field": self.text_field,
             "context_length": self.context_length,
             "batch_contexts": self.batch_contexts,
@@ -83,12 +105,12 @@ class ActivationStore:
         }
 
     # ---- live harvesting ----------------------------------------------------------------------------
-    def contexts(self, skip: int = 0) -> Iterator[torch.Tensor]:
+    def contexts(self, skip: int = 0) -> Iterator[Tensor]:
         """Token contexts ``[context_length]`` in corpus order, from the ``skip``-th on."""
-        packed = pack_contexts(iter_texts(self.source, self.text_field), self.model.tokenizer, self.context_length)
+        packed = pack_contexts(iter_texts(self.corpus, self.text_field), self.model.tokenizer, self.context_length)
         return islice(packed, skip, None)
 
-    def _run(self, tokens: torch.Tensor, first_context: int) -> dict[str, torch.Tensor]:
+    def _run(self, tokens: Tensor, first_context: int) -> Rows:
         """Rows of one forward pass over ``tokens [n_contexts, context_length]``."""
         with torch.no_grad():
             _, cache = self.model.run_with_cache(tokens, names_filter=self.hook_names, stop_at_layer=self.stop_at_layer)
@@ -102,7 +124,9 @@ class ActivationStore:
         rows.update(tokens=tokens[keep], context=context[keep], position=position[keep])
         return rows
 
-    def stream(self, n_tokens: int | None = None, skip_contexts: int = 0, progress: bool = True):
+    def stream(
+        self, n_tokens: int | None = None, skip_contexts: int = 0, progress: bool = True
+    ) -> Iterator[tuple[int, int, Rows]]:
         """Yield ``(first_context, n_contexts, rows)`` per forward pass, in corpus order, until ``n_tokens`` rows."""
         done = 0
         bar = tqdm(total=n_tokens, unit="tok", desc="harvest", disable=not progress)
@@ -122,53 +146,76 @@ class ActivationStore:
             bar.close()
 
     # ---- disk shards --------------------------------------------------------------------------------
-    def manifest(self) -> dict | None:
-        """The shard directory's manifest, or None when nothing was harvested there yet."""
-        if self.shard_dir is None or not (self.shard_dir / MANIFEST).exists():
+    def manifest(self) -> dict[str, Any] | None:
+        """The shard directory's manifest, or None when nothing was harvested there yet; a directory harvested
+        under other settings raises :class:`~mechscope.files.SettingsMismatch` naming them."""
+        if self.activations_dir is None or not (self.activations_dir / MANIFEST).exists():
             return None
-        manifest = json.loads((self.shard_dir / MANIFEST).read_text())
-        if manifest["settings"] != self.settings():
-            diff = {k: (v, self.settings()[k]) for k, v in manifest["settings"].items() if self.settings()[k] != v}
-            raise ValueError(
-                f"{self.shard_dir} holds activations harvested with other settings {diff} (stored, requested); "
-                "use another shard_dir or the same settings"
-            )
+        manifest: dict[str, Any] = json.loads((self.activations_dir / MANIFEST).read_text())
+        check_settings(
+            manifest["settings"],
+            self.settings(),
+            where=self.activations_dir,
+            what="holds activations harvested",
+            fix="use another activations_dir, or the same settings",
+            labels="stored, requested",
+        )
         return manifest
 
     def stored_tokens(self) -> int:
+        """Rows the shards in ``activations_dir`` hold (0 when nothing was harvested)."""
         manifest = self.manifest()
         return sum(s["n_tokens"] for s in manifest["shards"]) if manifest else 0
 
-    def harvest(self, n_tokens: int, progress: bool = True) -> int:
-        """Harvest into ``shard_dir`` until it holds at least ``n_tokens`` rows (resuming what is there).
+    def harvested_contexts(self) -> int:
+        """Contexts the shards cover: the first ``harvested_contexts()`` of the corpus (0 when nothing was
+        harvested). A harvest continues at this context; ``contexts(skip=harvested_contexts())`` are unseen."""
+        manifest = self.manifest()
+        if not manifest or not manifest["shards"]:
+            return 0
+        last = manifest["shards"][-1]
+        return int(last["first_context"] + last["n_contexts"])
+
+    def harvest(
+        self, n_tokens: int, progress: bool = True, *, on_batch: Callable[[int, int], object] | None = None
+    ) -> int:
+        """Harvest into ``activations_dir`` until it holds at least ``n_tokens`` rows (resuming what is there).
 
         Returns the rows stored. The corpus running out first is not an error; the count says so.
+        ``on_batch(first_context, n_contexts)`` is called after every forward pass, before its rows are stored;
+        an exception it raises stops the harvest as a kill would (rows not yet in a finished shard are lost, the
+        finished shards and the manifest stay), so a test can check that the next harvest resumes exactly.
         """
-        if self.shard_dir is None:
-            raise ValueError("harvest() writes shards: create the store with shard_dir=...")
-        self.shard_dir.mkdir(parents=True, exist_ok=True)
+        directory = self.activations_dir
+        if directory is None:
+            raise ValueError("harvest() writes shards: create the store with activations_dir=...")
+        directory.mkdir(parents=True, exist_ok=True)
         manifest = self.manifest() or {"version": 1, "settings": self.settings(), "shards": []}
         shards = manifest["shards"]
         stored = sum(s["n_tokens"] for s in shards)
-        next_context = shards[-1]["first_context"] + shards[-1]["n_contexts"] if shards else 0
-        pending: list[dict[str, torch.Tensor]] = []
+        next_context = self.harvested_contexts()
+        pending: list[Rows] = []
         first = next_context
 
         def flush(n_contexts: int) -> None:
             nonlocal first, stored
-            merged = {k: torch.cat([p[k] for p in pending]) for k in pending[0]}
+            merged = _cat(pending)
             name = f"shard_{len(shards):05d}.safetensors"
-            atomic_write(self.shard_dir / name, lambda tmp: save_file(merged, str(tmp)))
+            atomic_write(directory / name, lambda tmp: save_file(merged, str(tmp)))
             n = len(merged["tokens"])
             shards.append({"file": name, "first_context": first, "n_contexts": n_contexts, "n_tokens": n})
-            atomic_write(self.shard_dir / MANIFEST, lambda tmp: tmp.write_text(json.dumps(manifest, indent=1)))
+            atomic_write_json(directory / MANIFEST, manifest)
             stored += n
             first += n_contexts
             pending.clear()
 
         n_contexts = 0
         remaining = max(n_tokens - stored, 0)
-        for _, count, rows in self.stream(remaining, skip_contexts=next_context, progress=progress and remaining > 0):
+        for first_context, count, rows in self.stream(
+            remaining, skip_contexts=next_context, progress=progress and remaining > 0
+        ):
+            if on_batch is not None:
+                on_batch(first_context, count)
             pending.append(rows)
             n_contexts += count
             if sum(len(p["tokens"]) for p in pending) >= self.shard_tokens:
@@ -178,80 +225,121 @@ class ActivationStore:
             flush(n_contexts)
         return stored
 
-    def shard_rows(self) -> Iterator[dict[str, torch.Tensor]]:
-        """The stored shards one at a time, in corpus order."""
-        manifest = self.manifest()
-        if not manifest or not manifest["shards"]:
-            raise FileNotFoundError(f"no harvested shards in {self.shard_dir}; call harvest(n_tokens) first")
-        for shard in manifest["shards"]:
-            path = self.shard_dir / shard["file"]
+    def _shards(self, start: int = 0) -> Iterator[Rows]:
+        """The stored shards from the ``start``-th on, one at a time, in corpus order."""
+        manifest, directory = self.manifest(), self.activations_dir
+        if directory is None or not manifest or not manifest["shards"]:
+            raise FileNotFoundError(f"no harvested shards in {directory}; call harvest(n_tokens) first")
+        for shard in manifest["shards"][start:]:
+            path = directory / shard["file"]
             try:
                 yield load_file(str(path))
             except (SafetensorError, FileNotFoundError) as e:
                 raise OSError(f"shard {path} cannot be read ({e}); delete it and its manifest entry") from e
 
-    # ---- batches for training --------------------------------------------------------------------------
+    def shard_rows(self) -> Iterator[Rows]:
+        """The stored shards one at a time, in corpus order."""
+        return self._shards()
+
+    # ---- reading: chunks, and batches cut from them ---------------------------------------------------------
+    def chunks(self, start: int = 0, n_tokens: int | None = None, progress: bool = False) -> Iterator[tuple[int, Rows]]:
+        """The rows in corpus order, a chunk at a time, each with the key of the chunk after it.
+
+        A chunk is a stored shard when ``activations_dir`` holds a harvest, else a forward pass of
+        ``batch_contexts`` contexts run live (nothing written). ``start`` is a key an earlier call yielded (0: the
+        beginning). With ``n_tokens`` the chunks stop after the one that brings their rows to ``n_tokens``.
+        ``progress`` shows a bar while harvesting live.
+        """
+        if self.activations_dir is not None and self.stored_tokens() > 0:
+            done = 0
+            for index, rows in enumerate(self._shards(start), start=start + 1):
+                if n_tokens is not None and done >= n_tokens:
+                    return
+                yield index, rows
+                done += len(rows["tokens"])
+            return
+        for first, n_contexts, rows in self.stream(n_tokens, skip_contexts=start, progress=progress):
+            yield first + n_contexts, rows
+
+    def resumable_batches(self, batch_size_tokens: int, start: Position = (0, 0)) -> Iterator[tuple[Rows, Position]]:
+        """Batches of ``batch_size_tokens`` rows in corpus order (``{hook: [batch, d], "tokens" / "context" /
+        "position": [batch]}``) from ``start``, each with the ``start`` of the batch after it, to resume from
+        (a JSON-able pair). The last batch may be smaller when the corpus (or the shards) run out."""
+        key, skip = start
+        return _rebatch(self.chunks(key), batch_size_tokens, (key, skip))
+
     def batches(
         self,
-        batch_size: int,
+        batch_size_tokens: int,
         n_tokens: int | None = None,
         shuffle_buffer: int = 0,
         seed: int = 0,
         progress: bool = False,
-    ) -> Iterator[dict[str, torch.Tensor]]:
-        """Batches ``{hook_name: [batch_size, d], "tokens": [batch_size]}`` from the shards if harvested, else live.
+    ) -> Iterator[Rows]:
+        """Batches ``{hook_name: [batch_size_tokens, d], "tokens": [batch_size_tokens]}`` from the shards if
+        harvested, else live.
 
         ``shuffle_buffer`` rows are mixed at a time (0: corpus order): the buffer fills, is permuted, and
-        its first half is served while new rows refill it. At most ``n_tokens`` rows are served; the last
-        batch may be smaller.
+        its first half is served while new rows refill it. At most ``n_tokens`` rows are served (whole
+        batches: the last one may be smaller); rows are read up to the chunk that reaches ``n_tokens``.
         """
-        if self.shard_dir is not None and self.stored_tokens() > 0:
-            chunks: Iterator[dict[str, torch.Tensor]] = self.shard_rows()
-        else:
-            chunks = (rows for _, _, rows in self.stream(n_tokens, progress=progress))
         keys = [*self.hook_names, "tokens"]
-        chunks = ({k: c[k] for k in keys} for c in chunks)
+        rows: Iterator[Rows] = ({k: c[k] for k in keys} for _, c in self.chunks(0, n_tokens, progress))
         if shuffle_buffer:
-            chunks = _mix(chunks, shuffle_buffer, torch.Generator().manual_seed(seed))
+            rows = _mix(rows, shuffle_buffer, torch.Generator().manual_seed(seed))
         served = 0
-        for batch in _rebatch(chunks, batch_size):
-            if n_tokens is not None and served >= n_tokens:
-                return
+        for batch, _ in _rebatch(zip(repeat(0), rows), batch_size_tokens):  # shuffled rows have no position
             yield batch
             served += len(batch["tokens"])
+            if n_tokens is not None and served >= n_tokens:
+                return
 
 
-Rows = dict[str, torch.Tensor]
+def _n_rows(rows: Rows) -> int:
+    return len(next(iter(rows.values())))
 
 
-def _cat(a: Rows | None, b: Rows) -> Rows:
-    return b if a is None else {k: torch.cat([a[k], b[k]]) for k in a}
+def _cat(pieces: list[Rows]) -> Rows:
+    """Rows pieces joined in order (a single piece as it is)."""
+    if len(pieces) == 1:
+        return pieces[0]
+    return {k: torch.cat([p[k] for p in pieces]) for k in pieces[0]}
 
 
 def _mix(chunks: Iterator[Rows], buffer_rows: int, generator: torch.Generator) -> Iterator[Rows]:
     """Rows in shuffled order: fill a buffer of ``buffer_rows``, permute it, serve half, refill."""
     buffer: Rows | None = None
     for chunk in chunks:
-        buffer = _cat(buffer, chunk)
-        n = len(next(iter(buffer.values())))
+        buffer = chunk if buffer is None else _cat([buffer, chunk])
+        n = _n_rows(buffer)
         if n >= buffer_rows:
             order = torch.randperm(n, generator=generator)
             yield {k: v[order[: n // 2]] for k, v in buffer.items()}
             buffer = {k: v[order[n // 2 :]] for k, v in buffer.items()}
     if buffer is not None:
-        order = torch.randperm(len(next(iter(buffer.values()))), generator=generator)
+        order = torch.randperm(_n_rows(buffer), generator=generator)
         yield {k: v[order] for k, v in buffer.items()}
 
 
-def _rebatch(chunks: Iterator[Rows], batch_size: int) -> Iterator[Rows]:
-    """Chunks of any size re-cut into batches of ``batch_size`` rows (the last one may be smaller)."""
-    buffer: Rows | None = None
-    for chunk in chunks:
-        buffer = _cat(buffer, chunk)
-        n = len(next(iter(buffer.values())))
-        usable = n - n % batch_size
-        for start in range(0, usable, batch_size):
-            yield {k: v[start : start + batch_size] for k, v in buffer.items()}
-        buffer = {k: v[usable:] for k, v in buffer.items()}
-    if buffer is not None and len(next(iter(buffer.values()))):
-        yield buffer
+def _rebatch(
+    chunks: Iterable[tuple[int, Rows]], batch_size: int, start: Position = (0, 0)
+) -> Iterator[tuple[Rows, Position]]:
+    """Chunks ``(key of the next chunk, rows)`` of any size re-cut into batches of ``batch_size`` rows (the last
+    one may be smaller), each with the position of the batch after it. ``start``: the key of the first chunk and
+    the rows of it to skip."""
+    key, skip = start
+    pending: list[Rows] = []
+    n = 0
+    for next_key, rows in chunks:
+        size = _n_rows(rows)
+        used, skip = skip, 0
+        while used < size:
+            take = min(batch_size - n, size - used)
+            pending.append({k: v[used : used + take] for k, v in rows.items()})
+            n, used = n + take, used + take
+            if n == batch_size:
+                yield _cat(pending), ((key, used) if used < size else (next_key, 0))
+                pending, n = [], 0
+        key = next_key
+    if pending:
+        yield _cat(pending), (key, 0)

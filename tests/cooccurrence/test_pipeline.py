@@ -15,7 +15,7 @@ import mechscope.cooccurrence.pipeline as pipeline
 from mechscope import HookedModel
 from mechscope.cooccurrence import load_counts
 from mechscope.cooccurrence.config import AnalysisConfig, CoocConfig, GenerationConfig, PCAConfig
-from mechscope.cooccurrence.pipeline import CHECKPOINT, row_batches, run_all, run_count
+from mechscope.cooccurrence.pipeline import CHECKPOINT, run_all, run_count
 from mechscope.data import ActivationStore, iter_texts, pack_contexts
 from mechscope.sae import SAEConfig, SparseAutoencoder
 from tests.sae_utils import random_weights
@@ -189,28 +189,13 @@ def test_stop_after_then_more_batches_extends_the_count(llama, saes, corpus, tmp
 def test_shards_in_activations_dir_give_the_live_counts(llama, saes, corpus, tmp_path) -> None:
     live = run_count(_config(tmp_path, corpus, "live"), llama, saes)
     shards = tmp_path / "shards"
-    ActivationStore(
-        llama, HOOKS, corpus, context_length=CONTEXT, batch_contexts=BATCH_CONTEXTS, shard_dir=shards, shard_tokens=50
-    ).harvest(60)  # a previous harvest (e.g. for SAE training) that holds fewer rows than needed: it is extended
+    kwargs = dict(context_length=CONTEXT, batch_contexts=BATCH_CONTEXTS, activations_dir=shards, shard_tokens=50)
+    # a previous harvest (e.g. for SAE training) that holds fewer rows than needed: it is extended
+    ActivationStore(llama, HOOKS, corpus, **kwargs).harvest(60)
     from_shards = run_count(_config(tmp_path, corpus, "sharded", activations_dir=str(shards)), llama, saes)
     _assert_same(from_shards, live)
     manifest = json.loads((shards / "manifest.json").read_text())
     assert sum(s["n_tokens"] for s in manifest["shards"]) >= N_BATCHES * BATCH_ROWS
-
-
-def test_row_batches_resume_inside_a_forward_pass(llama, corpus) -> None:
-    store = ActivationStore(llama, HOOKS[:1], corpus, context_length=CONTEXT, batch_contexts=BATCH_CONTEXTS)
-    batches = list(row_batches(store, BATCH_ROWS))
-    everything = torch.cat([rows[HOOKS[0]] for rows, _ in batches])
-    assert [len(rows["tokens"]) for rows, _ in batches[:-1]] == [BATCH_ROWS] * (len(batches) - 1)
-    assert 0 < len(batches[-1][0]["tokens"]) <= BATCH_ROWS  # the corpus ran out: a last, smaller batch
-    torch.testing.assert_close(everything, _reference_rows(llama, corpus, HOOKS[0], len(everything)), rtol=0, atol=0)
-    for i in (0, 1, 2):
-        rest = list(row_batches(store, BATCH_ROWS, batches[i][1]))
-        assert len(rest) == len(batches) - i - 1
-        for (a, _), (b, _) in zip(rest, batches[i + 1 :], strict=True):
-            assert a.keys() == b.keys()
-            assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_a_corpus_that_runs_out_counts_every_row_and_warns(llama, saes, corpus, tmp_path) -> None:

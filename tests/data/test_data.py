@@ -9,8 +9,10 @@ import pytest
 import torch
 
 from mechscope.data import ActivationStore, default_texts, iter_texts, pack_contexts
+from mechscope.files import SettingsMismatch
 from mechscope.models.names import stop_layer_for
 from mechscope.models.tokenizer import byte_tokenizer
+from mechscope.settings import DeprecatedSetting
 
 HOOKS = ["blocks.0.hook_resid_post", "blocks.0.mlp.hook_post"]
 
@@ -108,27 +110,24 @@ def test_stream_equals_by_hand_and_stops_early(llama, text_source):
     assert len(tokens) >= 100
 
 
-def test_interrupted_harvest_resumes_without_loss_or_duplicates(llama, text_source, tmp_path, monkeypatch):
+def test_interrupted_harvest_resumes_without_loss_or_duplicates(llama, text_source, tmp_path):
     kwargs = dict(context_length=16, batch_contexts=2, shard_tokens=40)
-    full = ActivationStore(llama, HOOKS, text_source, shard_dir=tmp_path / "full", **kwargs)
+    full = ActivationStore(llama, HOOKS, text_source, activations_dir=tmp_path / "full", **kwargs)
     full.harvest(300, progress=False)
 
-    part = ActivationStore(llama, HOOKS, text_source, shard_dir=tmp_path / "part", **kwargs)
-    real_run, calls = part._run, []
+    part = ActivationStore(llama, HOOKS, text_source, activations_dir=tmp_path / "part", **kwargs)
+    calls = []
 
-    def crash_on_fifth(tokens, first_context):
+    def crash_on_fifth(first_context, n_contexts):
         calls.append(first_context)
         if len(calls) == 5:
             raise KeyboardInterrupt
-        return real_run(tokens, first_context)
 
-    monkeypatch.setattr(part, "_run", crash_on_fifth)
     with pytest.raises(KeyboardInterrupt):
-        part.harvest(300, progress=False)
+        part.harvest(300, progress=False, on_batch=crash_on_fifth)
     assert 0 < part.stored_tokens() < 300
     assert not list((tmp_path / "part").glob(".*tmp*"))  # nothing half-written
-    monkeypatch.undo()
-    resumed = ActivationStore(llama, HOOKS, text_source, shard_dir=tmp_path / "part", **kwargs)
+    resumed = ActivationStore(llama, HOOKS, text_source, activations_dir=tmp_path / "part", **kwargs)
     assert resumed.harvest(300, progress=False) == full.stored_tokens()
 
     def concat(store, key):
@@ -139,17 +138,30 @@ def test_interrupted_harvest_resumes_without_loss_or_duplicates(llama, text_sour
     # contexts are consecutive and none repeats
     ctx = concat(resumed, "context").unique_consecutive()
     assert torch.equal(ctx, torch.arange(len(ctx)))
+    assert resumed.harvested_contexts() == len(ctx)
+    chunked = [rows for _, rows in resumed.chunks()]
+    for key in [*HOOKS, "tokens", "context", "position"]:
+        assert torch.equal(torch.cat([c[key] for c in chunked]), concat(full, key)), key
 
 
 def test_settings_mismatch_is_refused(llama, text_source, tmp_path):
-    ActivationStore(llama, HOOKS, text_source, context_length=16, shard_dir=tmp_path).harvest(20, progress=False)
-    other = ActivationStore(llama, HOOKS, text_source, context_length=32, shard_dir=tmp_path)
-    with pytest.raises(ValueError, match="context_length"):
+    first = ActivationStore(llama, HOOKS, text_source, context_length=16, activations_dir=tmp_path)
+    stored = first.harvest(20, progress=False)
+    other = ActivationStore(llama, HOOKS, text_source, context_length=32, activations_dir=tmp_path)
+    mismatch = r"other settings \{'context_length': \(16, 32\)\} \(stored, requested\)"
+    with pytest.raises(SettingsMismatch, match=mismatch):
         other.harvest(20, progress=False)
+    with pytest.warns(DeprecatedSetting) as caught:  # the keywords' names before
+        old = ActivationStore(llama, HOOKS, source=text_source, context_length=16, shard_dir=tmp_path)
+    assert [str(w.message) for w in caught] == [
+        "ActivationStore(source=...) is deprecated: use corpus=",
+        "ActivationStore(shard_dir=...) is deprecated: use activations_dir=",
+    ]
+    assert (old.corpus, old.activations_dir, old.stored_tokens()) == (text_source, tmp_path, stored)
 
 
 def test_batches_shuffle_is_a_permutation(llama, text_source, tmp_path):
-    store = ActivationStore(llama, HOOKS[:1], text_source, context_length=16, shard_dir=tmp_path, shard_tokens=50)
+    store = ActivationStore(llama, HOOKS[:1], text_source, context_length=16, activations_dir=tmp_path, shard_tokens=50)
     stored = store.harvest(200, progress=False)
     ordered = list(store.batches(32))
     mixed = list(store.batches(32, shuffle_buffer=64, seed=1))
@@ -165,3 +177,36 @@ def test_batches_shuffle_is_a_permutation(llama, text_source, tmp_path):
     first = next(live.batches(32))
     torch.testing.assert_close(first[HOOKS[0]], a[:32], atol=1e-5, rtol=1e-5)
     assert sum(len(x["tokens"]) for x in live.batches(32, n_tokens=70)) == 96  # whole batches up to n_tokens
+
+
+def test_resumable_batches_resume_inside_a_forward_pass(llama, text_source, tmp_path):
+    size, group = 23, 3  # batches of 23 rows end inside forward passes of 3 contexts (45 rows)
+    store = ActivationStore(llama, HOOKS[:1], text_source, context_length=16, batch_contexts=group)
+    batches = list(store.resumable_batches(size))
+    everything = torch.cat([rows[HOOKS[0]] for rows, _ in batches])
+    assert [len(rows["tokens"]) for rows, _ in batches[:-1]] == [size] * (len(batches) - 1)
+    assert 0 < len(batches[-1][0]["tokens"]) <= size  # the corpus ran out: a last, smaller batch
+    contexts = torch.stack(list(store.contexts()))
+    expected = []
+    for start in range(0, len(contexts), group):  # run_with_cache over the same groups of contexts
+        tokens = contexts[start : start + group]
+        with torch.no_grad():
+            _, cache = llama.run_with_cache(tokens, names_filter=HOOKS[0])
+        expected.append(cache[HOOKS[0]][tokens != llama.tokenizer.eos_token_id])
+    torch.testing.assert_close(everything, torch.cat(expected), rtol=0, atol=0)
+    for i in (0, 1, 2):
+        rest = list(store.resumable_batches(size, batches[i][1]))
+        assert len(rest) == len(batches) - i - 1
+        for (a, _), (b, _) in zip(rest, batches[i + 1 :], strict=True):
+            assert a.keys() == b.keys()
+            assert all(torch.equal(a[k], b[k]) for k in a)
+    kwargs = dict(context_length=16, batch_contexts=group, activations_dir=tmp_path, shard_tokens=50)
+    sharded = ActivationStore(llama, HOOKS[:1], text_source, **kwargs)
+    sharded.harvest(200, progress=False)  # shards of two passes: batches resume inside a shard too
+    from_disk = list(sharded.resumable_batches(size))
+    from_disk_rows = torch.cat([rows[HOOKS[0]] for rows, _ in from_disk])
+    torch.testing.assert_close(from_disk_rows, everything[: sharded.stored_tokens()])
+    for i in (0, 3):
+        rest = list(sharded.resumable_batches(size, from_disk[i][1]))
+        assert len(rest) == len(from_disk) - i - 1
+        assert all(torch.equal(a[k], b[k]) for (a, _), (b, _) in zip(rest, from_disk[i + 1 :], strict=True) for k in a)
