@@ -1,45 +1,37 @@
 """SAE latent co-occurrence: exact counts, Jaccard, thresholded graphs and their subgraphs."""
 
 from mechscope.cooccurrence.config import AnalysisConfig, ConfigError, CoocConfig, GenerationConfig, PCAConfig
-from mechscope.cooccurrence.counting import (
-    CooccurrenceCounts,
-    count_cooccurrences,
-    file_name,
-    jaccard,
-    load_counts,
-    load_matrix,
-    save_counts,
-    save_matrix,
-)
+from mechscope.cooccurrence.counting import CooccurrenceCounts, count_cooccurrences, jaccard
 from mechscope.cooccurrence.graph import (
     EdgeThreshold,
+    GraphResults,
     Subgraph,
     components,
     edge_threshold,
     graph_metrics,
+    graph_results,
     largest_component_size,
+    neuronpedia_link,
     node_table,
-    save_graphs,
     subgraphs,
     summary,
-    write_node_table,
 )
-from mechscope.cooccurrence.html import (
-    embed_json,
-    index_page,
-    neuronpedia_link,
-    size_histogram,
-    subgraph_data,
-    subgraph_page,
-    write_subgraph_pages,
-)
-from mechscope.cooccurrence.pca_results import (
-    SubgraphPCAResult,
-    context_strings,
+from mechscope.cooccurrence.html import embed_json, index_page, subgraph_data, subgraph_page, subgraph_pages
+from mechscope.cooccurrence.outputs import (
+    file_name,
+    load_counts,
+    load_matrix,
     load_pca_results,
     pca_results_path,
+    save_counts,
+    save_graphs,
+    save_matrix,
     save_pca_results,
+    size_histogram,
+    write_node_table,
+    write_subgraph_pages,
 )
+from mechscope.cooccurrence.pca_results import PCAResults, SubgraphPCAResult, context_strings, subgraph_pca_results
 from mechscope.cooccurrence.pipeline import run_all, run_count, run_graphs, run_pca
 from mechscope.cooccurrence.subspace import SubspacePCA, pca_candidates, subgraph_pca, subgraph_pcas
 from mechscope.sae.tokens import LatentTokens, latent_tokens
@@ -51,8 +43,10 @@ __all__ = [
     "CooccurrenceCounts",
     "EdgeThreshold",
     "GenerationConfig",
+    "GraphResults",
     "LatentTokens",
     "PCAConfig",
+    "PCAResults",
     "Subgraph",
     "SubgraphPCAResult",
     "SubspacePCA",
@@ -63,6 +57,7 @@ __all__ = [
     "embed_json",
     "file_name",
     "graph_metrics",
+    "graph_results",
     "index_page",
     "jaccard",
     "largest_component_size",
@@ -85,7 +80,9 @@ __all__ = [
     "size_histogram",
     "subgraph_data",
     "subgraph_page",
+    "subgraph_pages",
     "subgraph_pca",
+    "subgraph_pca_results",
     "subgraph_pcas",
     "subgraphs",
     "summary",

@@ -1,4 +1,5 @@
-"""Exact co-occurrence counts of SAE latents, Jaccard normalisation, and the reference's npz files.
+"""Exact co-occurrence counts of SAE latents and their Jaccard normalisation (written by
+:mod:`mechscope.cooccurrence.outputs`).
 
 A latent is active on a token when its activation exceeds the activity threshold ``t`` (plus its own JumpReLU
 threshold when the SAE has one). For each threshold, ``C[i, j]`` counts the tokens on which latents ``i`` and ``j``
@@ -9,10 +10,8 @@ its number of active latents, never with ``d_sae ** 2``.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import scipy.sparse as sp
@@ -20,11 +19,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from mechscope.files import atomic_write
-
 Batch = Tensor | tuple[Tensor, Tensor]
-KINDS = ("total", "jaccard", "activations")
-TOKENS_FILE = "feature_acts_cooc_n_tokens.json"
 
 
 @dataclass
@@ -150,81 +145,3 @@ def jaccard(counts: CooccurrenceCounts | sp.sparray | np.ndarray) -> sp.csr_arra
     j = sp.csr_array((values.astype(np.float32), c.indices.copy(), c.indptr.copy()), shape=c.shape)
     j.eliminate_zeros()
     return (j + sp.eye_array(n, dtype=np.float32, format="csr")).tocsr()
-
-
-def threshold_tag(threshold: float) -> str:
-    """A threshold as file names spell it: ``1.5`` -> ``"1_5"``, ``0`` -> ``"0_0"``."""
-    return str(float(threshold)).replace(".", "_")
-
-
-def file_name(kind: str, threshold: float) -> str:
-    """The reference's file name, e.g. ``feature_acts_cooc_total_threshold_1_5.npz`` for ``("total", 1.5)``."""
-    if kind not in KINDS:
-        raise ValueError(f"kind must be one of {KINDS}, not {kind!r}")
-    return f"feature_acts_cooc_{kind}_threshold_{threshold_tag(threshold)}.npz"
-
-
-def save_matrix(path: str | Path, matrix: sp.sparray | np.ndarray) -> str:
-    """Write ``matrix`` to ``path`` as a dense npz (key ``arr_0``) or a scipy sparse npz, whichever is smaller.
-
-    The size compared is the uncompressed payload: ``n * m * itemsize`` dense, ``nnz * (itemsize + index) +
-    indptr`` sparse. Returns ``"dense"`` or ``"sparse"``.
-    """
-    if isinstance(matrix, np.ndarray) and matrix.ndim == 1:
-        np.savez_compressed(path, matrix)
-        return "dense"
-    m = sp.csr_array(matrix)
-    itemsize = m.data.dtype.itemsize
-    sparse_bytes = m.nnz * (itemsize + m.indices.dtype.itemsize) + m.indptr.nbytes
-    dense_bytes = m.shape[0] * m.shape[1] * itemsize
-    if dense_bytes <= sparse_bytes:
-        np.savez_compressed(path, m.toarray())
-        return "dense"
-    sp.save_npz(path, m, compressed=True)
-    return "sparse"
-
-
-def load_matrix(path: str | Path) -> np.ndarray | sp.csr_array:
-    """Read a file :func:`save_matrix` (or the reference) wrote: an ndarray when dense, a CSR array when sparse."""
-    with np.load(path, allow_pickle=False) as data:
-        if "format" in data.files:
-            fmt = data["format"].item()
-            fmt = fmt.decode() if isinstance(fmt, bytes) else fmt
-            shape = tuple(int(s) for s in data["shape"])
-            if fmt == "csr":
-                return sp.csr_array((data["data"], data["indices"], data["indptr"]), shape=shape)
-            if fmt == "coo":
-                return sp.csr_array(sp.coo_array((data["data"], (data["row"], data["col"])), shape=shape))
-            raise ValueError(f"{path}: unsupported sparse format {fmt!r}; save it as csr or coo")
-        return data[data.files[0]]
-
-
-def save_counts(results_dir: str | Path, counts: dict[float, CooccurrenceCounts]) -> list[Path]:
-    """Write the total, Jaccard and activations npz files per threshold, and the token counts, to ``results_dir``.
-
-    Returns the paths written. ``feature_acts_cooc_n_tokens.json`` maps each threshold to the tokens counted.
-    """
-    out = Path(results_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    tokens_path = out / TOKENS_FILE
-    tokens_path.unlink(missing_ok=True)  # written last: while it is missing, the files are not a finished set
-    written = []
-    for t, c in tqdm(counts.items(), desc="saving co-occurrence", leave=False):
-        for kind, matrix in (("total", c.counts), ("jaccard", jaccard(c)), ("activations", c.activations)):
-            path = out / file_name(kind, t)
-            atomic_write(path, lambda tmp, m=matrix: save_matrix(tmp, m))
-            written.append(path)
-    text = json.dumps({str(t): c.n_tokens for t, c in counts.items()}, indent=2) + "\n"
-    atomic_write(tokens_path, lambda tmp: tmp.write_text(text))
-    return [*written, tokens_path]
-
-
-def load_counts(results_dir: str | Path, threshold: float) -> CooccurrenceCounts:
-    """Read back the counts :func:`save_counts` wrote for ``threshold``."""
-    out = Path(results_dir)
-    tokens = json.loads((out / TOKENS_FILE).read_text())
-    key = str(float(threshold))
-    if key not in tokens:
-        raise KeyError(f"no counts for threshold {threshold} in {out / TOKENS_FILE}; found {sorted(tokens)}")
-    matrix = load_matrix(out / file_name("total", threshold))
-    return CooccurrenceCounts(float(threshold), sp.csr_array(matrix, dtype=np.int64), int(tokens[key]))

@@ -1,4 +1,5 @@
-"""Thresholded Jaccard graphs of SAE latents: the edge threshold, subgraphs, node table, summary and their files.
+"""Thresholded Jaccard graphs of SAE latents: the edge threshold, subgraphs, node table and summary (computed here,
+written by :mod:`mechscope.cooccurrence.outputs`).
 
 The graph has one node per latent and an edge ``i - j`` (``i != j``) of weight ``J_ij`` when ``J_ij >= threshold``
 and ``J_ij > 0``. Subgraphs are its connected components.
@@ -6,26 +7,26 @@ and ``J_ij > 0``. Subgraphs are its connected components.
 
 from __future__ import annotations
 
-import csv
 import itertools
-import json
 import math
 import warnings
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import networkx as nx
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import scipy.sparse as sp
 from scipy.sparse.csgraph import connected_components
 from tqdm.auto import tqdm
 
-from mechscope.cooccurrence.counting import threshold_tag
-from mechscope.cooccurrence.html import neuronpedia_link, size_histogram, write_subgraph_pages
 from mechscope.sae.tokens import LatentTokens
+
+NEURONPEDIA = "https://www.neuronpedia.org"
+
+
+def neuronpedia_link(neuronpedia_id: str, latent: int) -> str:
+    """The Neuronpedia page of ``latent`` of the SAE ``neuronpedia_id`` (e.g. ``"gpt2-small/0-res-jb"``)."""
+    return f"{NEURONPEDIA}/{neuronpedia_id}/{latent}"
 
 
 @dataclass(frozen=True)
@@ -288,19 +289,6 @@ def node_table(
     return rows
 
 
-def write_node_table(rows: list[dict[str, Any]], csv_path: str | Path, parquet_path: str | Path) -> None:
-    """Write ``node_table`` rows as CSV and as Parquet (pyarrow). List columns (the token lists) are Parquet
-    ``list<string>`` columns, and JSON arrays in the CSV (``[" the", " a"]``: ``json.loads`` reads them back)."""
-    pq.write_table(pa.Table.from_pylist(rows), parquet_path)
-    with open(csv_path, "w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        for row in rows:
-            writer.writerow(
-                {k: json.dumps(v, ensure_ascii=False) if isinstance(v, list) else v for k, v in row.items()}
-            )
-
-
 def summary(subs: list[Subgraph], n_tokens: int, feature_activations: np.ndarray) -> dict[str, float | int]:
     """Share of latents in subgraphs of more than one latent, the largest subgraph, the number and mean size of
     subgraphs of more than one latent, and the mean number of active latents per token."""
@@ -316,8 +304,26 @@ def summary(subs: list[Subgraph], n_tokens: int, feature_activations: np.ndarray
     }
 
 
-def save_graphs(
-    results_dir: str | Path,
+@dataclass
+class GraphResults:
+    """The graph stage at one activity threshold, as :func:`~mechscope.cooccurrence.outputs.save_graphs` writes it.
+
+    ``subgraphs``: every subgraph (singletons included); ``feature_activations [d_sae]``: tokens on which each
+    latent is active; ``node_table``: the :func:`node_table` rows; ``summary``: ``activity_threshold``,
+    ``edge_threshold``, ``reaches_min_size``, ``n_tokens`` and the :func:`summary` figures; ``tokens`` and
+    ``neuronpedia_id``: what the pages show of each latent (None: nothing).
+    """
+
+    activity_threshold: float
+    subgraphs: list[Subgraph]
+    feature_activations: np.ndarray
+    node_table: list[dict[str, Any]]
+    summary: dict[str, Any]
+    tokens: LatentTokens | None = None
+    neuronpedia_id: str | None = None
+
+
+def graph_results(
     subs: list[Subgraph],
     activity_threshold: float,
     edge: EdgeThreshold,
@@ -327,63 +333,19 @@ def save_graphs(
     include_metrics: bool = False,
     tokens: LatentTokens | None = None,
     neuronpedia_id: str | None = None,
-    min_subgraph_size_to_plot: int = 4,
-    skip_subgraph_plots: bool = False,
-    skip_subgraph_files: bool = False,
-) -> dict[str, Any]:
-    """Write the graph stage's outputs for one activity threshold and return the summary (also written as JSON).
+) -> GraphResults:
+    """The node table and summary of the subgraphs ``subs`` found at ``edge``, for one activity threshold.
 
-    Layout under ``results_dir`` (``t`` is the threshold with ``.`` as ``_``):
-
-    - ``subgraph_objects/activation_{t}/subgraph_{id}.json``: ``{"id", "nodes", "edges", "weights"}`` of every
-      subgraph of more than one latent (not with ``skip_subgraph_files``);
-    - ``dataframes/node_info_df_{t}.csv`` and ``.parquet``: the ``node_table`` (see ``write_node_table``);
-    - ``subgraph_plots/activation_{t}/subgraph_{id}.html`` for every subgraph of at least
-      ``min_subgraph_size_to_plot`` (and 2) latents, and ``index.html`` listing them (not with
-      ``skip_subgraph_plots``);
-    - ``subgraph_sizes_{t}.png``: the histogram of subgraph sizes;
-    - ``graph_summary_{t}.json``: ``summary`` plus ``activity_threshold``, ``edge_threshold``, ``reaches_min_size``,
-      ``html_index`` (the index page's path, or None) and ``histogram`` (the image's path).
-
-    ``feature_activations`` is ``[d_sae]``; ``tokens`` (from ``latent_tokens``) and ``neuronpedia_id`` add the
-    token and link columns to the node table and to the pages.
+    ``feature_activations`` is ``[d_sae]``; ``tokens`` (from ``latent_tokens``) and ``neuronpedia_id`` add the token
+    and link columns to the node table (and to the pages); ``include_metrics`` adds the graph metrics.
     """
-    out, tag = Path(results_dir), threshold_tag(activity_threshold)
-    if not skip_subgraph_files:
-        sub_dir = out / "subgraph_objects" / f"activation_{tag}"
-        sub_dir.mkdir(parents=True, exist_ok=True)
-        for stale in sub_dir.glob("subgraph_*.json"):  # from an earlier run, whose subgraphs may differ
-            stale.unlink()
-        for sub in subs:
-            if len(sub.nodes) > 1:
-                record = {"id": sub.id, "nodes": sub.nodes, "edges": sub.edges, "weights": sub.weights}
-                (sub_dir / f"subgraph_{sub.id}.json").write_text(json.dumps(record) + "\n")
-    rows = node_table(subs, float(activity_threshold), feature_activations, include_metrics, tokens, neuronpedia_id)
-    (out / "dataframes").mkdir(parents=True, exist_ok=True)
-    write_node_table(
-        rows, out / "dataframes" / f"node_info_df_{tag}.csv", out / "dataframes" / f"node_info_df_{tag}.parquet"
-    )
-    histogram = size_histogram([len(s.nodes) for s in subs], out / f"subgraph_sizes_{tag}.png", activity_threshold)
-    index = None
-    if not skip_subgraph_plots:
-        index = write_subgraph_pages(
-            out / "subgraph_plots" / f"activation_{tag}",
-            subs,
-            feature_activations,
-            activity_threshold,
-            tokens,
-            neuronpedia_id,
-            min_subgraph_size_to_plot,
-            histogram,
-        )
-    result = {
-        "activity_threshold": float(activity_threshold),
+    t = float(activity_threshold)
+    rows = node_table(subs, t, feature_activations, include_metrics, tokens, neuronpedia_id)
+    figures = {
+        "activity_threshold": t,
         "edge_threshold": edge.threshold,
         "reaches_min_size": edge.reaches_min_size,
         "n_tokens": int(n_tokens),
         **summary(subs, n_tokens, feature_activations),
-        "html_index": None if index is None else str(index),
-        "histogram": str(histogram),
     }
-    (out / f"graph_summary_{tag}.json").write_text(json.dumps(result, indent=2) + "\n")
-    return result
+    return GraphResults(t, subs, feature_activations, rows, figures, tokens, neuronpedia_id)

@@ -1,4 +1,5 @@
-"""Offline HTML views of latent subgraphs, their index page, and the histogram of subgraph sizes.
+"""Offline HTML views of latent subgraphs and their index page, rendered to strings (written by
+:func:`mechscope.cooccurrence.outputs.write_subgraph_pages`).
 
 Every page is one self-contained file (no network, no third-party script): the graph is embedded as JSON in a
 ``<script type="application/json">`` element, with ``<``, ``>`` and ``&`` written as JSON ``\\u`` escapes so that no
@@ -11,29 +12,18 @@ from __future__ import annotations
 
 import html
 import json
-import os
-from collections.abc import Sequence
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import networkx as nx
 import numpy as np
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 from tqdm.auto import tqdm
 
+from mechscope.cooccurrence.graph import Subgraph, neuronpedia_link
 from mechscope.sae.tokens import LatentTokens
 
-if TYPE_CHECKING:
-    from mechscope.cooccurrence.graph import Subgraph
+__all__ = ["embed_json", "index_page", "layout", "neuronpedia_link", "subgraph_data", "subgraph_page", "subgraph_pages"]
 
-NEURONPEDIA = "https://www.neuronpedia.org"
 KAMADA_KAWAI_MAX_NODES = 60
-
-
-def neuronpedia_link(neuronpedia_id: str, latent: int) -> str:
-    """The Neuronpedia page of ``latent`` of the SAE ``neuronpedia_id`` (e.g. ``"gpt2-small/0-res-jb"``)."""
-    return f"{NEURONPEDIA}/{neuronpedia_id}/{latent}"
 
 
 def layout(sub: Subgraph, seed: int = 0) -> dict[int, tuple[float, float]]:
@@ -113,29 +103,23 @@ def index_page(entries: list[dict[str, Any]], activity_threshold: float, histogr
     return _page(f"Latent subgraphs at activity threshold {activity_threshold}", data, _INDEX_BODY, _INDEX_SCRIPT)
 
 
-def write_subgraph_pages(
-    directory: str | Path,
+def subgraph_pages(
     subs: list[Subgraph],
     feature_activations: np.ndarray,
     activity_threshold: float,
     tokens: LatentTokens | None = None,
     neuronpedia_id: str | None = None,
     min_size: int = 4,
-    histogram: str | Path | None = None,
-) -> Path:
-    """Write ``subgraph_{id}.html`` for every subgraph of at least ``max(min_size, 2)`` latents and ``index.html``
-    listing them (with the image at ``histogram`` on top, if given) into ``directory``; return the index's path."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    for stale in directory.glob("subgraph_*.html"):  # from an earlier run, whose subgraphs may differ
-        stale.unlink()
-    entries = []
+    histogram: str | None = None,
+) -> dict[str, str]:
+    """``{file name: page}``: ``subgraph_{id}.html`` for every subgraph of at least ``max(min_size, 2)`` latents,
+    then ``index.html`` listing them, with the image at the relative path ``histogram`` on top (if given)."""
+    pages, entries = {}, []
     for sub in tqdm(subs, desc="subgraph pages", leave=False):
         if len(sub.nodes) < max(min_size, 2):
             continue
-        data = subgraph_data(sub, feature_activations, activity_threshold, tokens, neuronpedia_id)
         file = f"subgraph_{sub.id}.html"
-        (directory / file).write_text(subgraph_page(data), encoding="utf-8")
+        pages[file] = subgraph_page(subgraph_data(sub, feature_activations, activity_threshold, tokens, neuronpedia_id))
         strongest = max(sub.nodes, key=lambda n: (int(feature_activations[n]), -n))
         entries.append(
             {
@@ -148,30 +132,8 @@ def write_subgraph_pages(
                 "file": file,
             }
         )
-    relative = None if histogram is None else Path(os.path.relpath(histogram, directory)).as_posix()
-    index = directory / "index.html"
-    index.write_text(index_page(entries, activity_threshold, relative), encoding="utf-8")
-    return index
-
-
-def size_histogram(sizes: Sequence[int], path: str | Path, activity_threshold: float) -> Path:
-    """Save a PNG histogram (one bar per size, log count axis) of the sizes of the subgraphs of more than one latent
-    (``sizes``: one entry per subgraph, singletons included); return ``path``. Uses matplotlib's Agg canvas directly,
-    so pyplot's global backend is left alone."""
-    big = np.array([s for s in sizes if s > 1], dtype=np.int64)
-    fig = Figure(figsize=(7, 4), dpi=100, layout="constrained")
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    if len(big):
-        ax.hist(big, bins=np.arange(1.5, big.max() + 1.5), log=True, color="#4c72b0")
-        ax.set_ylim(bottom=0.7)
-    else:
-        ax.text(0.5, 0.5, "no subgraph of more than one latent", transform=ax.transAxes, ha="center")
-    ax.set_xlabel("subgraph size (latents)")
-    ax.set_ylabel("subgraphs")
-    ax.set_title(f"Subgraph sizes at activity threshold {activity_threshold}: {len(big)} of more than one latent")
-    fig.savefig(path, format="png")
-    return Path(path)
+    pages["index.html"] = index_page(entries, activity_threshold, histogram)
+    return pages
 
 
 _PAGE = """<!DOCTYPE html>

@@ -1,9 +1,10 @@
-"""The subspace-PCA results files: one HDF5 file per subgraph size, one group per subgraph, as in the reference's
-``graph_analysis_results_size_{n}.h5``.
+"""The subspace-PCA results of candidate subgraphs: per subgraph its PCA and, per point, the token, a context string
+and where it is in the corpus (written as the reference's ``graph_analysis_results_size_{n}.h5`` files by
+:func:`mechscope.cooccurrence.outputs.save_pca_results`).
 
 Every point (a token where the subgraph fires) keeps its PCA coordinates, its token, a context string, the
 subgraph latents' activations and the strongest latent of the whole SAE; every subgraph keeps its three most
-frequent tokens and an example context. Strings are variable-length UTF-8 HDF5 strings; nothing is pickled.
+frequent tokens and an example context.
 """
 
 from __future__ import annotations
@@ -12,21 +13,17 @@ import warnings
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
-import h5py
 import numpy as np
 from torch import Tensor
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from mechscope.cooccurrence.counting import Batch, threshold_tag
+from mechscope.cooccurrence.counting import Batch
 from mechscope.cooccurrence.graph import Subgraph
 from mechscope.cooccurrence.subspace import SubspacePCA, subgraph_pcas
 
 MARK = "|"  # put around the point's token in its context string, as the reference does
-STR = h5py.string_dtype("utf-8")
-NUL = "\u2400"  # written for "\0"
 
 
 @dataclass
@@ -50,12 +47,6 @@ class SubgraphPCAResult:
     top_tokens: list[str]
     top_token_counts: list[int]
     example_context: str
-
-
-def pca_results_path(results_dir: str | Path, size: int, activity_threshold: float) -> Path:
-    """``results_dir/pca/graph_analysis_results_size_{size}_activation_{t}.h5`` (``t`` with ``.`` as ``_``)."""
-    tag = threshold_tag(activity_threshold)
-    return Path(results_dir) / "pca" / f"graph_analysis_results_size_{size}_activation_{tag}.h5"
 
 
 def _windows(context: np.ndarray, position: np.ndarray, rows: np.ndarray, window: int) -> tuple[np.ndarray, np.ndarray]:
@@ -139,41 +130,20 @@ def _describe(
     )
 
 
-def _write_strings(g: h5py.Group, name: str, data: str | list[str]) -> None:
-    """A variable-length UTF-8 string dataset (scalar for one string); NUL, which HDF5 strings cannot hold, is
-    written as U+2400 (the visible symbol for it)."""
-    clean = data.replace("\0", NUL) if isinstance(data, str) else [x.replace("\0", NUL) for x in data]
-    g.create_dataset(name, data=clean, dtype=STR)
+@dataclass
+class PCAResults:
+    """The subspace PCAs of one activity threshold's candidate subgraphs: ``by_size`` maps each candidate size (in
+    ascending order) to the results of its subgraphs, and the settings they were computed with are kept for the
+    files (:func:`~mechscope.cooccurrence.outputs.save_pca_results` writes one per size)."""
+
+    activity_threshold: float
+    by_size: dict[int, list[SubgraphPCAResult]]
+    max_examples: int
+    n_components: int
+    context_window: int
 
 
-def _write_group(f: h5py.File, result: SubgraphPCAResult) -> None:
-    pca = result.pca
-    g = f.create_group(f"subgraph_{result.subgraph_id}")
-    g.attrs["subgraph_id"] = result.subgraph_id
-    g.create_dataset("nodes", data=np.asarray(pca.nodes, dtype=np.int64))
-    table = g.create_group("pca_df")
-    for k in range(pca.coords.shape[1]):
-        table.create_dataset(f"PC{k + 1}", data=pca.coords[:, k])
-    _write_strings(table, "tokens", result.tokens)
-    _write_strings(table, "context", result.contexts)
-    table.create_dataset("point_id", data=pca.token_index)
-    where = g.create_group("all_token_dfs")
-    where.create_dataset("batch", data=result.context_id)
-    where.create_dataset("pos", data=result.position)
-    where.create_dataset("token_id", data=result.token_id)
-    g.create_dataset("all_graph_feature_acts", data=pca.activations)
-    info = np.stack([pca.top_value, pca.top_index, pca.top_in_subgraph], axis=1).astype(np.float64)
-    g.create_dataset("all_max_feature_info", data=info)
-    g.create_dataset("all_examples_found", data=len(pca.token_index))
-    g.create_dataset("components", data=pca.components)
-    g.create_dataset("explained_variance_ratio", data=pca.explained_variance_ratio)
-    _write_strings(g, "top_3_tokens", result.top_tokens)
-    g.create_dataset("top_3_token_counts", data=np.asarray(result.top_token_counts, dtype=np.int64))
-    _write_strings(g, "example_context", result.example_context)
-
-
-def save_pca_results(
-    results_dir: str | Path,
+def subgraph_pca_results(
     candidates: dict[int, list[Subgraph]],
     latents: Sequence[Batch],
     tokens: Tensor,
@@ -186,80 +156,34 @@ def save_pca_results(
     max_examples: int = 5000,
     n_components: int = 3,
     context_window: int = 10,
-) -> list[Path]:
-    """Run the subspace PCA of every candidate subgraph and write one HDF5 file per size; return their paths.
+) -> PCAResults:
+    """The subspace PCA of every candidate subgraph, with its points' tokens and context strings.
 
     ``candidates``: size -> subgraphs (see :func:`~mechscope.cooccurrence.pca_candidates`); ``latents``: latent
     activations of consecutive token rows, dense ``[rows, d_sae]`` or ``(indices, values)`` ``[rows, k]`` pairs;
     ``tokens``, ``context`` (corpus sequence id) and ``position`` (within it): ``[n_rows]`` for the rows of all
     batches concatenated, a context's rows consecutive and in increasing position; ``W_dec [d_sae, d_in]``;
     ``tokenizer`` decodes tokens and contexts. A point is a token where any subgraph latent is ``> 0`` (the first
-    ``max_examples``); ``activity_threshold`` names the file and is recorded, it does not select points. A subgraph
-    that fires on at most ``n_components`` tokens is left out with a warning; every size gets a file, maybe with no
-    subgraph in it. Files go to :func:`pca_results_path`; the layout is in ``docs/cooccurrence.md``.
+    ``max_examples``); ``activity_threshold`` is recorded, it does not select points. A subgraph that fires on at
+    most ``n_components`` tokens is left out with a warning; every size gets an entry, maybe an empty one.
     """
-    flat = [np.asarray(x.detach().cpu().reshape(-1), dtype=np.int64) for x in (tokens, context, position)]
+    token_ids, context_ids, positions = (
+        np.asarray(x.detach().cpu().reshape(-1), np.int64) for x in (tokens, context, position)
+    )
     n_rows = sum(int(b.shape[0]) if isinstance(b, Tensor) else int(b[0].shape[0]) for b in latents)
-    if any(len(x) != n_rows for x in flat):
-        lengths = [len(x) for x in flat]
+    if any(len(x) != n_rows for x in (token_ids, context_ids, positions)):
+        lengths = [len(x) for x in (token_ids, context_ids, positions)]
         raise ValueError(f"tokens, context and position need one entry per latent row ({n_rows}), not {lengths}")
     subs = [s for size in sorted(candidates) for s in candidates[size]]
     found = subgraph_pcas(latents, [s.nodes for s in subs], W_dec, max_examples, n_components)
     pcas = {s.id: pca for s, pca in zip(subs, found, strict=True)}
-    paths = []
+    by_size: dict[int, list[SubgraphPCAResult]] = {}
     for size in sorted(candidates):
-        path = pca_results_path(results_dir, size, activity_threshold)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with h5py.File(path, "w") as f:
-            f.attrs.update(
-                subgraph_size=size,
-                activity_threshold=float(activity_threshold),
-                max_examples=max_examples,
-                n_components=n_components,
-                context_window=context_window,
-                context_mark=MARK,
-            )
-            for sub in tqdm(candidates[size], desc=f"PCA results, size {size}", leave=False):
-                if pcas[sub.id] is None:
-                    warnings.warn(f"subgraph {sub.id} fires on too few tokens for a PCA; left out", stacklevel=2)
-                    continue
-                _write_group(f, _describe(sub.id, pcas[sub.id], *flat, tokenizer, context_window))
-        paths.append(path)
-    return paths
-
-
-def load_pca_results(path: str | Path) -> dict[int, SubgraphPCAResult]:
-    """Read a file written by :func:`save_pca_results`: subgraph id -> its :class:`SubgraphPCAResult`."""
-    out = {}
-    with h5py.File(path, "r") as f:
-        for g in f.values():
-            table, where = g["pca_df"], g["all_token_dfs"]
-            n_pcs = sum(1 for key in table if key.startswith("PC"))
-            info = g["all_max_feature_info"][()]
-            nodes = g["nodes"][()]
-            top_index = info[:, 1].astype(np.int64)
-            pca = SubspacePCA(
-                nodes=nodes.tolist(),
-                token_index=table["point_id"][()],
-                activations=g["all_graph_feature_acts"][()],
-                coords=np.stack([table[f"PC{k + 1}"][()] for k in range(n_pcs)], axis=1),
-                components=g["components"][()],
-                explained_variance_ratio=g["explained_variance_ratio"][()],
-                top_value=info[:, 0].astype(np.float32),
-                top_index=top_index,
-                top_in_subgraph=info[:, 2].astype(bool),
-            )
-            subgraph_id = int(g.attrs["subgraph_id"])
-            out[subgraph_id] = SubgraphPCAResult(
-                subgraph_id=subgraph_id,
-                pca=pca,
-                token_id=where["token_id"][()],
-                context_id=where["batch"][()],
-                position=where["pos"][()],
-                tokens=list(table["tokens"].asstr()[()]),
-                contexts=list(table["context"].asstr()[()]),
-                top_tokens=list(g["top_3_tokens"].asstr()[()]),
-                top_token_counts=g["top_3_token_counts"][()].tolist(),
-                example_context=g["example_context"].asstr()[()],
-            )
-    return out
+        by_size[size] = []
+        for sub in tqdm(candidates[size], desc=f"PCA results, size {size}", leave=False):
+            pca = pcas[sub.id]
+            if pca is None:
+                warnings.warn(f"subgraph {sub.id} fires on too few tokens for a PCA; left out", stacklevel=2)
+                continue
+            by_size[size].append(_describe(sub.id, pca, token_ids, context_ids, positions, tokenizer, context_window))
+    return PCAResults(float(activity_threshold), by_size, max_examples, n_components, context_window)

@@ -25,37 +25,39 @@ from itertools import islice
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import scipy.sparse as sp
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from mechscope.apps.tables import format_table
 from mechscope.cooccurrence.config import CoocConfig
-from mechscope.cooccurrence.counting import (
+from mechscope.cooccurrence.counting import CooccurrenceCounts, count_cooccurrences, jaccard
+from mechscope.cooccurrence.graph import Subgraph, edge_threshold, graph_results, subgraphs
+from mechscope.cooccurrence.outputs import (
+    CHECKPOINT,
     TOKENS_FILE,
-    CooccurrenceCounts,
-    count_cooccurrences,
+    Counts,
     file_name,
-    jaccard,
+    graph_summary_path,
+    load_checkpoint,
     load_counts,
+    load_graph_summary,
     load_matrix,
+    read_checkpoint_state,
+    save_checkpoint,
     save_counts,
-    threshold_tag,
+    save_graphs,
+    save_pca_results,
+    save_summaries,
 )
-from mechscope.cooccurrence.graph import Subgraph, edge_threshold, save_graphs, subgraphs
-from mechscope.cooccurrence.pca_results import save_pca_results
+from mechscope.cooccurrence.pca_results import subgraph_pca_results
 from mechscope.cooccurrence.subspace import pca_candidates
 from mechscope.data.store import ActivationStore, Rows
-from mechscope.files import atomic_write
+from mechscope.files import check_settings
 from mechscope.models.hooked import HookedModel
 from mechscope.sae.model import SparseAutoencoder
 from mechscope.sae.tokens import latent_tokens
 
-CHECKPOINT = "count_checkpoint.npz"
-SUMMARY = "summary.json"
-Counts = dict[str, dict[float, CooccurrenceCounts]]  # sae_id -> threshold -> counts
 SAEs = SparseAutoencoder | dict[str, SparseAutoencoder] | None
 _DESCRIPTIVE_SAE_FIELDS = {"model_name", "hook_name", "neuronpedia_id", "device"}  # no effect on the latents
 
@@ -171,39 +173,6 @@ def _fingerprint(sae: SparseAutoencoder) -> str:
     return digest.hexdigest()
 
 
-def _settings_hash(settings: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
-
-
-def save_checkpoint(path: Path, state: dict[str, Any], counts: Counts) -> None:
-    """Write ``state`` (JSON) and every count matrix (int64 CSR arrays) to ``path`` as one npz, atomically."""
-    arrays: dict[str, np.ndarray] = {"state": np.array(json.dumps(state))}
-    for s, sae_id in enumerate(state["sae_ids"]):
-        for i, t in enumerate(state["thresholds"]):
-            m = sp.csr_array(counts[sae_id][t].counts)
-            arrays.update({f"{s}_{i}_data": m.data, f"{s}_{i}_indices": m.indices, f"{s}_{i}_indptr": m.indptr})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, lambda tmp: np.savez(tmp, **arrays))
-
-
-def load_checkpoint(path: Path, d_sae: dict[str, int]) -> tuple[dict[str, Any], Counts]:
-    """``(state, counts)`` of a checkpoint :func:`save_checkpoint` wrote; ``d_sae`` sizes each sae_id's matrices."""
-    with np.load(path, allow_pickle=False) as data:
-        state = json.loads(data["state"].item())
-        counts: Counts = {}
-        for s, sae_id in enumerate(state["sae_ids"]):
-            n = d_sae[sae_id]
-            counts[sae_id] = {
-                float(t): CooccurrenceCounts(
-                    float(t),
-                    sp.csr_array((data[f"{s}_{i}_data"], data[f"{s}_{i}_indices"], data[f"{s}_{i}_indptr"]), (n, n)),
-                    state["n_tokens"],
-                )
-                for i, t in enumerate(state["thresholds"])
-            }
-    return state, counts
-
-
 def run_count(
     config: CoocConfig, model: HookedModel | None = None, sae: SAEs = None, *, stop_after: int | None = None
 ) -> Counts:
@@ -221,7 +190,6 @@ def run_count(
     thresholds = gen.activation_thresholds
     state = {
         "settings": settings,
-        "settings_hash": _settings_hash(settings),
         "sae_ids": list(saes),
         "thresholds": thresholds,
         "batches_done": 0,
@@ -281,15 +249,16 @@ def run_count(
 
 def _resume(path: Path, fresh: dict[str, Any], d_sae: dict[str, int], n_batches: int) -> tuple[dict, Counts]:
     """The checkpoint's state and counts, after checking it was written under ``fresh``'s settings."""
-    with np.load(path, allow_pickle=False) as data:
-        stored = json.loads(data["state"].item())
-    if stored["settings_hash"] != fresh["settings_hash"]:
-        now = fresh["settings"]
-        diff = {k: (v, now.get(k)) for k, v in stored["settings"].items() if now.get(k) != v}
-        raise ValueError(
-            f"{path} was counted with other settings {diff} (checkpoint, now): restore those settings to resume, "
-            "or use another results_dir (or delete the checkpoint) to count from scratch"
-        )
+    stored = read_checkpoint_state(path)
+    check_settings(
+        stored["settings"],
+        fresh["settings"],
+        where=path,
+        what="was counted",
+        fix="restore those settings to resume, or use another results_dir (or delete the checkpoint) to count "
+        "from scratch",
+        labels="checkpoint, now",
+    )
     if stored["batches_done"] > n_batches:
         raise ValueError(
             f"{path} already holds {stored['batches_done']} batches, more than n_batches={n_batches}: raise "
@@ -350,8 +319,7 @@ def run_graphs(
         c = _counts_for(config, sae_id, counts)[t]
         j = jaccard(c)
         edge = edge_threshold(j, an.min_subgraph_size, an.max_subgraph_size)
-        out.setdefault(sae_id, {})[t] = save_graphs(
-            Path(config.results_dir) / sae_id,
+        graphs = graph_results(
             subgraphs(j, edge.threshold),
             t,
             edge,
@@ -360,13 +328,15 @@ def run_graphs(
             include_metrics=an.include_metrics,
             tokens=tokens[sae_id],
             neuronpedia_id=s.cfg.neuronpedia_id,
+        )
+        out.setdefault(sae_id, {})[t] = save_graphs(
+            Path(config.results_dir) / sae_id,
+            graphs,
             min_subgraph_size_to_plot=an.min_subgraph_size_to_plot,
             skip_subgraph_plots=an.skip_subgraph_plots,
             skip_subgraph_files=an.skip_subgraph_files,
         )
-    path = Path(config.results_dir) / SUMMARY
-    text = json.dumps({k: {str(t): v for t, v in by_t.items()} for k, by_t in out.items()}, indent=2, default=str)
-    atomic_write(path, lambda tmp: tmp.write_text(text))
+    save_summaries(config.results_dir, out)
     print(format_summary(out))
     return out
 
@@ -397,16 +367,12 @@ def format_summary(summaries: dict[str, dict[float, dict]]) -> str:
 def load_subgraphs(config: CoocConfig, sae_id: str, threshold: float) -> list[Subgraph]:
     """The subgraphs the graphs stage found: the saved Jaccard matrix cut at its summary's edge threshold."""
     directory = Path(config.results_dir) / sae_id
-    tag = threshold_tag(threshold)
-    summary_path = directory / f"graph_summary_{tag}.json"
-    if not summary_path.exists():
-        raise FileNotFoundError(f"{summary_path} is missing: run the graphs stage first")
-    graphs = json.loads(summary_path.read_text())
+    graphs = load_graph_summary(directory, threshold)
     counted = _counts_for(config, sae_id, None)[float(threshold)].n_tokens
     if graphs.get("n_tokens") != counted:
         raise ValueError(
-            f"{summary_path} was built from {graphs.get('n_tokens')} counted tokens, but the counts now hold "
-            f"{counted}: run the graphs stage again"
+            f"{graph_summary_path(directory, threshold)} was built from {graphs.get('n_tokens')} counted tokens, "
+            f"but the counts now hold {counted}: run the graphs stage again"
         )
     return subgraphs(load_matrix(directory / file_name("jaccard", threshold)), graphs["edge_threshold"])
 
@@ -436,8 +402,7 @@ def run_pca(config: CoocConfig, model: HookedModel | None = None, sae: SAEs = No
             empty = [size for size in pca.candidate_sizes if not candidates.get(size)]
             if empty:
                 warnings.warn(f"{sae_id} @ {t:g}: no subgraph of size {empty} for the PCA", stacklevel=2)
-            out.setdefault(sae_id, {})[t] = save_pca_results(
-                Path(config.results_dir) / sae_id,
+            results = subgraph_pca_results(
                 candidates,
                 latents,
                 meta["tokens"],
@@ -448,6 +413,7 @@ def run_pca(config: CoocConfig, model: HookedModel | None = None, sae: SAEs = No
                 t,
                 max_examples=pca.max_examples,
             )
+            out.setdefault(sae_id, {})[t] = save_pca_results(Path(config.results_dir) / sae_id, results)
     return out
 
 

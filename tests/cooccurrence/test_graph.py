@@ -17,6 +17,7 @@ from mechscope.cooccurrence import (
     count_cooccurrences,
     edge_threshold,
     graph_metrics,
+    graph_results,
     jaccard,
     largest_component_size,
     load_counts,
@@ -167,7 +168,7 @@ def test_metrics_node_table_and_summary(tmp_path):
         "mean_active_per_token": pytest.approx(33 / 4),
     }
     edge = edge_threshold(star, min_size=2, max_size=4)
-    result = save_graphs(tmp_path, subs, 1.5, edge, acts, n_tokens=4, include_metrics=True)
+    result = save_graphs(tmp_path, graph_results(subs, 1.5, edge, acts, n_tokens=4, include_metrics=True))
     assert result["edge_threshold"] == pytest.approx(0.5) and result["largest_subgraph"] == 4
     record = json.loads((tmp_path / "subgraph_objects" / "activation_1_5" / "subgraph_1.json").read_text())
     assert record == {"id": 1, "nodes": [4, 5], "edges": [[4, 5]], "weights": [pytest.approx(0.9)]}
@@ -207,7 +208,9 @@ def test_counts_to_graphs_end_to_end(tmp_path):
     edge = edge_threshold(jaccard(c), min_size=2, max_size=4)
     subs = [s for s in subgraphs(jaccard(c), edge.threshold) if len(s.nodes) > 1]
     assert [s.nodes for s in subs] == sorted(groups)
-    result = save_graphs(tmp_path, subgraphs(jaccard(c), edge.threshold), 0.75, edge, c.activations, c.n_tokens)
+    result = save_graphs(
+        tmp_path, graph_results(subgraphs(jaccard(c), edge.threshold), 0.75, edge, c.activations, c.n_tokens)
+    )
     assert result["n_subgraphs"] == 3 and result["largest_subgraph"] == 4 and result["reaches_min_size"]
     assert result["mean_active_per_token"] == pytest.approx((acts > 0.75).sum() / 500)
     table = pq.read_table(tmp_path / "dataframes" / "node_info_df_0_75.parquet").to_pylist()

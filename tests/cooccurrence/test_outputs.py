@@ -20,6 +20,7 @@ from matplotlib.image import imread
 from mechscope.cooccurrence import (
     EdgeThreshold,
     LatentTokens,
+    graph_results,
     latent_tokens,
     node_table,
     save_graphs,
@@ -112,9 +113,10 @@ def embedded(page: str) -> dict:
 def test_node_table_parquet_and_csv_with_tokens_and_links(tmp_path):
     subs = subgraphs(STAR, 0.2)
     tokens = hostile_tokens(6)
-    result = save_graphs(
-        tmp_path, subs, 2.0, EdgeThreshold(0.25, 4, True), ACTS, 8, tokens=tokens, neuronpedia_id="gpt2-small/0-res-jb"
+    graphs = graph_results(
+        subs, 2.0, EdgeThreshold(0.25, 4, True), ACTS, 8, tokens=tokens, neuronpedia_id="gpt2-small/0-res-jb"
     )
+    result = save_graphs(tmp_path, graphs)
     expected = [
         {
             "node_id": node,
@@ -148,7 +150,7 @@ def test_node_table_parquet_and_csv_with_tokens_and_links(tmp_path):
 
 def test_metric_columns_reach_the_parquet_table(tmp_path):
     subs = subgraphs(STAR, 0.2)
-    save_graphs(tmp_path, subs, 1.5, EdgeThreshold(0.25, 4, True), ACTS, 8, include_metrics=True)
+    save_graphs(tmp_path, graph_results(subs, 1.5, EdgeThreshold(0.25, 4, True), ACTS, 8, include_metrics=True))
     table = pq.read_table(tmp_path / "dataframes" / "node_info_df_1_5.parquet").to_pylist()
     # subgraph 0: the star 0-1, 0-2, 0-3 plus 2-3: 4 of 6 edges, degrees (3, 1, 2, 2), clustering (1/3, 0, 1, 1)
     assert table[0]["density"] == pytest.approx(4 / 6)
@@ -165,9 +167,8 @@ def test_metric_columns_reach_the_parquet_table(tmp_path):
 def test_html_pages_embed_the_subgraphs(tmp_path):
     subs = subgraphs(STAR, 0.2)
     tokens = hostile_tokens(6)
-    result = save_graphs(
-        tmp_path, subs, 1.5, EdgeThreshold(0.25, 4, True), ACTS, 8, tokens=tokens, neuronpedia_id="np/1"
-    )
+    graphs = graph_results(subs, 1.5, EdgeThreshold(0.25, 4, True), ACTS, 8, tokens=tokens, neuronpedia_id="np/1")
+    result = save_graphs(tmp_path, graphs)
     pages = tmp_path / "subgraph_plots" / "activation_1_5"
     assert sorted(p.name for p in pages.iterdir()) == ["index.html", "subgraph_0.html"]  # size 2 < 4: no page
     data = embedded((pages / "subgraph_0.html").read_text(encoding="utf-8"))
@@ -197,7 +198,8 @@ def test_html_pages_embed_the_subgraphs(tmp_path):
         }
     ]
     assert result["html_index"] == str(pages / "index.html")
-    again = save_graphs(tmp_path / "all", subs, 1.5, EdgeThreshold(0.25, 4, True), ACTS, 8, min_subgraph_size_to_plot=2)
+    plain = graph_results(subs, 1.5, EdgeThreshold(0.25, 4, True), ACTS, 8)
+    again = save_graphs(tmp_path / "all", plain, min_subgraph_size_to_plot=2)
     pages = Path(again["html_index"]).parent
     assert sorted(p.name for p in pages.iterdir()) == ["index.html", "subgraph_0.html", "subgraph_1.html"]
     pair = embedded((pages / "subgraph_1.html").read_text(encoding="utf-8"))
@@ -222,9 +224,8 @@ def test_hostile_tokens_stay_inside_the_json():
 
 def test_histogram_and_skip_flags(tmp_path):
     subs = subgraphs(STAR, 0.2)
-    result = save_graphs(
-        tmp_path, subs, 0.0, EdgeThreshold(0.25, 4, True), ACTS, 8, skip_subgraph_plots=True, skip_subgraph_files=True
-    )
+    graphs = graph_results(subs, 0.0, EdgeThreshold(0.25, 4, True), ACTS, 8)
+    result = save_graphs(tmp_path, graphs, skip_subgraph_plots=True, skip_subgraph_files=True)
     assert result["html_index"] is None
     assert not (tmp_path / "subgraph_plots").exists() and not (tmp_path / "subgraph_objects").exists()
     image = imread(tmp_path / "subgraph_sizes_0_0.png")

@@ -8,7 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from mechscope.cooccurrence import Subgraph, context_strings, load_pca_results, save_pca_results
+from mechscope.cooccurrence import (
+    Subgraph,
+    context_strings,
+    load_pca_results,
+    save_pca_results,
+    subgraph_pca_results,
+)
 from mechscope.models.tokenizer import byte_tokenizer
 from tests.cooccurrence.test_subspace import reference_pca
 
@@ -51,10 +57,11 @@ def test_results_file_holds_pca_tokens_contexts_and_top_tokens(tmp_path):
     candidates = {3: [subs[4], subs[7], subs[9]], 2: [subs[11]], 5: []}
     tensors = [torch.tensor(x) for x in (ids, ctx, pos)]
     with pytest.warns(UserWarning, match="subgraph 7 fires on too few tokens"):
-        paths = save_pca_results(
-            tmp_path, candidates, batches, *tensors, w_dec, byte_tokenizer(), 1.5,
+        results = subgraph_pca_results(
+            candidates, batches, *tensors, w_dec, byte_tokenizer(), 1.5,
             max_examples=MAX_EXAMPLES, context_window=WINDOW,
         )  # fmt: skip
+    paths = save_pca_results(tmp_path, results)
     names = [f"graph_analysis_results_size_{n}_activation_1_5.h5" for n in (2, 3, 5)]
     assert paths == [tmp_path / "pca" / name for name in names]
 

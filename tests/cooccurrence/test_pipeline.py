@@ -237,7 +237,7 @@ def test_saes_load_from_paths_by_sae_id(llama, saes, corpus, tmp_path) -> None:
 
 def test_run_all_runs_the_stages_in_order_and_prints_where_the_results_are(llama, saes, corpus, tmp_path, capsys):
     from mechscope.cooccurrence import edge_threshold, jaccard, subgraphs, summary
-    from mechscope.cooccurrence.pca_results import load_pca_results, pca_results_path
+    from mechscope.cooccurrence.outputs import load_pca_results, pca_results_path
 
     config = _config(tmp_path, corpus)
     config.analysis = AnalysisConfig(min_subgraph_size=3, max_subgraph_size=6, min_subgraph_size_to_plot=2)

@@ -1,0 +1,420 @@
+"""Every file the co-occurrence pipeline reads or writes: its layout under ``results_dir``, the formats, and the
+readers. The compute modules return values; only this module touches disk, and only through
+:mod:`mechscope.files` (atomic writes), so an interruption never leaves a partial file under its final name.
+
+Layout (``t`` is the activity threshold with ``.`` as ``_``, one folder per hook name inside ``results_dir``)::
+
+    count_checkpoint.npz                              partial counts of every (hook, threshold), state, settings
+    summary.json                                      {hook: {threshold: graph summary}}
+    <hook>/feature_acts_cooc_{kind}_threshold_{t}.npz total, jaccard and activations matrices (the reference's)
+    <hook>/feature_acts_cooc_n_tokens.json            {threshold: tokens counted}, written last
+    <hook>/graph_summary_{t}.json                     the graph summary of one threshold
+    <hook>/dataframes/node_info_df_{t}.csv, .parquet  the node table
+    <hook>/subgraph_objects/activation_{t}/subgraph_{id}.json
+    <hook>/subgraph_plots/activation_{t}/subgraph_{id}.html, index.html
+    <hook>/subgraph_sizes_{t}.png                     the histogram of subgraph sizes
+    <hook>/pca/graph_analysis_results_size_{n}_activation_{t}.h5
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+from collections.abc import Sequence
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import scipy.sparse as sp
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from tqdm.auto import tqdm
+
+from mechscope.cooccurrence.counting import CooccurrenceCounts, jaccard
+from mechscope.cooccurrence.graph import GraphResults, Subgraph
+from mechscope.cooccurrence.html import subgraph_pages
+from mechscope.cooccurrence.pca_results import MARK, PCAResults, SubgraphPCAResult
+from mechscope.cooccurrence.subspace import SubspacePCA
+from mechscope.files import atomic_write, atomic_write_text
+from mechscope.sae.tokens import LatentTokens
+
+KINDS = ("total", "jaccard", "activations")
+TOKENS_FILE = "feature_acts_cooc_n_tokens.json"
+CHECKPOINT = "count_checkpoint.npz"
+SUMMARY = "summary.json"
+STR = h5py.string_dtype("utf-8")
+NUL = "\u2400"  # written for "\0", which HDF5 strings cannot hold
+Counts = dict[str, dict[float, CooccurrenceCounts]]  # hook name -> threshold -> counts
+
+
+# ---- names ------------------------------------------------------------------------------------------------------
+
+
+def threshold_tag(threshold: float) -> str:
+    """A threshold as file names spell it: ``1.5`` -> ``"1_5"``, ``0`` -> ``"0_0"``."""
+    return str(float(threshold)).replace(".", "_")
+
+
+def file_name(kind: str, threshold: float) -> str:
+    """The reference's file name, e.g. ``feature_acts_cooc_total_threshold_1_5.npz`` for ``("total", 1.5)``."""
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, not {kind!r}")
+    return f"feature_acts_cooc_{kind}_threshold_{threshold_tag(threshold)}.npz"
+
+
+def graph_summary_path(results_dir: str | Path, activity_threshold: float) -> Path:
+    """``results_dir/graph_summary_{t}.json``."""
+    return Path(results_dir) / f"graph_summary_{threshold_tag(activity_threshold)}.json"
+
+
+def pca_results_path(results_dir: str | Path, size: int, activity_threshold: float) -> Path:
+    """``results_dir/pca/graph_analysis_results_size_{size}_activation_{t}.h5`` (``t`` with ``.`` as ``_``)."""
+    tag = threshold_tag(activity_threshold)
+    return Path(results_dir) / "pca" / f"graph_analysis_results_size_{size}_activation_{tag}.h5"
+
+
+# ---- count matrices ---------------------------------------------------------------------------------------------
+
+
+def save_matrix(path: str | Path, matrix: sp.sparray | np.ndarray) -> str:
+    """Write ``matrix`` to ``path`` as a dense npz (key ``arr_0``) or a scipy sparse npz, whichever is smaller.
+
+    The size compared is the uncompressed payload: ``n * m * itemsize`` dense, ``nnz * (itemsize + index) +
+    indptr`` sparse. Returns ``"dense"`` or ``"sparse"``. (:func:`save_counts` calls it on a temporary file that it
+    then renames.)
+    """
+    if isinstance(matrix, np.ndarray) and matrix.ndim == 1:
+        np.savez_compressed(path, matrix)
+        return "dense"
+    m = sp.csr_array(matrix)
+    itemsize = m.data.dtype.itemsize
+    sparse_bytes = m.nnz * (itemsize + m.indices.dtype.itemsize) + m.indptr.nbytes
+    dense_bytes = m.shape[0] * m.shape[1] * itemsize
+    if dense_bytes <= sparse_bytes:
+        np.savez_compressed(path, m.toarray())
+        return "dense"
+    sp.save_npz(path, m, compressed=True)
+    return "sparse"
+
+
+def load_matrix(path: str | Path) -> np.ndarray | sp.csr_array:
+    """Read a file :func:`save_matrix` (or the reference) wrote: an ndarray when dense, a CSR array when sparse."""
+    with np.load(path, allow_pickle=False) as data:
+        if "format" in data.files:
+            fmt = data["format"].item()
+            fmt = fmt.decode() if isinstance(fmt, bytes) else fmt
+            shape = tuple(int(s) for s in data["shape"])
+            if fmt == "csr":
+                return sp.csr_array((data["data"], data["indices"], data["indptr"]), shape=shape)
+            if fmt == "coo":
+                return sp.csr_array(sp.coo_array((data["data"], (data["row"], data["col"])), shape=shape))
+            raise ValueError(f"{path}: unsupported sparse format {fmt!r}; save it as csr or coo")
+        return data[data.files[0]]
+
+
+def save_counts(results_dir: str | Path, counts: dict[float, CooccurrenceCounts]) -> list[Path]:
+    """Write the total, Jaccard and activations npz files per threshold, and the token counts, to ``results_dir``.
+
+    Returns the paths written. ``feature_acts_cooc_n_tokens.json`` maps each threshold to the tokens counted.
+    """
+    out = Path(results_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tokens_path = out / TOKENS_FILE
+    tokens_path.unlink(missing_ok=True)  # written last: while it is missing, the files are not a finished set
+    written = []
+    for t, c in tqdm(counts.items(), desc="saving co-occurrence", leave=False):
+        for kind, matrix in (("total", c.counts), ("jaccard", jaccard(c)), ("activations", c.activations)):
+            path = out / file_name(kind, t)
+            atomic_write(path, partial(save_matrix, matrix=matrix))
+            written.append(path)
+    atomic_write_text(tokens_path, json.dumps({str(t): c.n_tokens for t, c in counts.items()}, indent=2) + "\n")
+    return [*written, tokens_path]
+
+
+def load_counts(results_dir: str | Path, threshold: float) -> CooccurrenceCounts:
+    """Read back the counts :func:`save_counts` wrote for ``threshold``."""
+    out = Path(results_dir)
+    tokens = json.loads((out / TOKENS_FILE).read_text())
+    key = str(float(threshold))
+    if key not in tokens:
+        raise KeyError(f"no counts for threshold {threshold} in {out / TOKENS_FILE}; found {sorted(tokens)}")
+    matrix = load_matrix(out / file_name("total", threshold))
+    return CooccurrenceCounts(float(threshold), sp.csr_array(matrix, dtype=np.int64), int(tokens[key]))
+
+
+# ---- the count checkpoint ---------------------------------------------------------------------------------------
+
+
+def save_checkpoint(path: str | Path, state: dict[str, Any], counts: Counts) -> None:
+    """Write ``state`` (JSON: settings, ``sae_ids`` (the hook names), ``thresholds``, counters, where the next batch
+    starts) and every count matrix (int64 CSR arrays ``{s}_{i}_data/indices/indptr`` for hook ``s`` and threshold
+    ``i``) to ``path`` as one npz, atomically."""
+    arrays: dict[str, Any] = {"state": np.array(json.dumps(state))}
+    for s, hook in enumerate(state["sae_ids"]):
+        for i, t in enumerate(state["thresholds"]):
+            m = sp.csr_array(counts[hook][t].counts)
+            arrays.update({f"{s}_{i}_data": m.data, f"{s}_{i}_indices": m.indices, f"{s}_{i}_indptr": m.indptr})
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda tmp: np.savez(tmp, **arrays))
+
+
+def read_checkpoint_state(path: str | Path) -> dict[str, Any]:
+    """The ``state`` of a checkpoint :func:`save_checkpoint` wrote, without its matrices."""
+    with np.load(path, allow_pickle=False) as data:
+        state: dict[str, Any] = json.loads(data["state"].item())
+    return state
+
+
+def load_checkpoint(path: str | Path, d_sae: dict[str, int]) -> tuple[dict[str, Any], Counts]:
+    """``(state, counts)`` of a checkpoint :func:`save_checkpoint` wrote; ``d_sae`` sizes each hook's matrices."""
+    with np.load(path, allow_pickle=False) as data:
+        state = json.loads(data["state"].item())
+        counts: Counts = {}
+        for s, hook in enumerate(state["sae_ids"]):
+            n = d_sae[hook]
+            counts[hook] = {
+                float(t): CooccurrenceCounts(
+                    float(t),
+                    sp.csr_array((data[f"{s}_{i}_data"], data[f"{s}_{i}_indices"], data[f"{s}_{i}_indptr"]), (n, n)),
+                    state["n_tokens"],
+                )
+                for i, t in enumerate(state["thresholds"])
+            }
+    return state, counts
+
+
+# ---- graphs -----------------------------------------------------------------------------------------------------
+
+
+def write_node_table(rows: list[dict[str, Any]], csv_path: str | Path, parquet_path: str | Path) -> None:
+    """Write ``node_table`` rows as CSV and as Parquet (pyarrow). List columns (the token lists) are Parquet
+    ``list<string>`` columns, and JSON arrays in the CSV (``[" the", " a"]``: ``json.loads`` reads them back)."""
+    table = pa.Table.from_pylist(rows)
+    atomic_write(parquet_path, lambda tmp: pq.write_table(table, tmp))
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=list(rows[0]))
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: json.dumps(v, ensure_ascii=False) if isinstance(v, list) else v for k, v in row.items()})
+    atomic_write(csv_path, lambda tmp: tmp.write_bytes(text.getvalue().encode("utf-8")))
+
+
+def size_histogram(sizes: Sequence[int], path: str | Path, activity_threshold: float) -> Path:
+    """Save a PNG histogram (one bar per size, log count axis) of the sizes of the subgraphs of more than one latent
+    (``sizes``: one entry per subgraph, singletons included); return ``path``. Uses matplotlib's Agg canvas directly,
+    so pyplot's global backend is left alone."""
+    big = np.array([s for s in sizes if s > 1], dtype=np.int64)
+    fig = Figure(figsize=(7, 4), dpi=100, layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    if len(big):
+        ax.hist(big, bins=np.arange(1.5, big.max() + 1.5).tolist(), log=True, color="#4c72b0")
+        ax.set_ylim(bottom=0.7)
+    else:
+        ax.text(0.5, 0.5, "no subgraph of more than one latent", transform=ax.transAxes, ha="center")
+    ax.set_xlabel("subgraph size (latents)")
+    ax.set_ylabel("subgraphs")
+    ax.set_title(f"Subgraph sizes at activity threshold {activity_threshold}: {len(big)} of more than one latent")
+    return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
+
+
+def write_subgraph_pages(
+    directory: str | Path,
+    subs: list[Subgraph],
+    feature_activations: np.ndarray,
+    activity_threshold: float,
+    tokens: LatentTokens | None = None,
+    neuronpedia_id: str | None = None,
+    min_size: int = 4,
+    histogram: str | Path | None = None,
+) -> Path:
+    """Write ``subgraph_{id}.html`` for every subgraph of at least ``max(min_size, 2)`` latents and ``index.html``
+    listing them (with the image at ``histogram`` on top, if given) into ``directory``; return the index's path.
+    Pages of an earlier run there are removed first (its subgraphs may differ)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    for stale in directory.glob("subgraph_*.html"):
+        stale.unlink()
+    relative = None if histogram is None else Path(os.path.relpath(histogram, directory)).as_posix()
+    pages = subgraph_pages(subs, feature_activations, activity_threshold, tokens, neuronpedia_id, min_size, relative)
+    for file, page in pages.items():
+        atomic_write_text(directory / file, page)
+    return directory / "index.html"
+
+
+def save_graphs(
+    results_dir: str | Path,
+    graphs: GraphResults,
+    *,
+    min_subgraph_size_to_plot: int = 4,
+    skip_subgraph_plots: bool = False,
+    skip_subgraph_files: bool = False,
+) -> dict[str, Any]:
+    """Write the graph stage's outputs for one activity threshold (:func:`~mechscope.cooccurrence.graph_results`)
+    and return its summary, also written as JSON.
+
+    Under ``results_dir`` (``t`` is the threshold with ``.`` as ``_``):
+
+    - ``subgraph_objects/activation_{t}/subgraph_{id}.json``: ``{"id", "nodes", "edges", "weights"}`` of every
+      subgraph of more than one latent (not with ``skip_subgraph_files``);
+    - ``dataframes/node_info_df_{t}.csv`` and ``.parquet``: the node table (see :func:`write_node_table`);
+    - ``subgraph_plots/activation_{t}/subgraph_{id}.html`` for every subgraph of at least
+      ``min_subgraph_size_to_plot`` (and 2) latents, and ``index.html`` listing them (not with
+      ``skip_subgraph_plots``);
+    - ``subgraph_sizes_{t}.png``: the histogram of subgraph sizes;
+    - ``graph_summary_{t}.json``: ``graphs.summary`` plus ``html_index`` (the index page's path, or None) and
+      ``histogram`` (the image's path).
+    """
+    out, t = Path(results_dir), graphs.activity_threshold
+    tag = threshold_tag(t)
+    subs = graphs.subgraphs
+    if not skip_subgraph_files:
+        sub_dir = out / "subgraph_objects" / f"activation_{tag}"
+        sub_dir.mkdir(parents=True, exist_ok=True)
+        for stale in sub_dir.glob("subgraph_*.json"):  # from an earlier run, whose subgraphs may differ
+            stale.unlink()
+        for sub in subs:
+            if len(sub.nodes) > 1:
+                record = {"id": sub.id, "nodes": sub.nodes, "edges": sub.edges, "weights": sub.weights}
+                atomic_write_text(sub_dir / f"subgraph_{sub.id}.json", json.dumps(record) + "\n")
+    (out / "dataframes").mkdir(parents=True, exist_ok=True)
+    tables = out / "dataframes" / f"node_info_df_{tag}"
+    write_node_table(graphs.node_table, tables.with_suffix(".csv"), tables.with_suffix(".parquet"))
+    histogram = size_histogram([len(s.nodes) for s in subs], out / f"subgraph_sizes_{tag}.png", t)
+    index = None
+    if not skip_subgraph_plots:
+        index = write_subgraph_pages(
+            out / "subgraph_plots" / f"activation_{tag}",
+            subs,
+            graphs.feature_activations,
+            t,
+            graphs.tokens,
+            graphs.neuronpedia_id,
+            min_subgraph_size_to_plot,
+            histogram,
+        )
+    result = {**graphs.summary, "html_index": None if index is None else str(index), "histogram": str(histogram)}
+    atomic_write_text(graph_summary_path(out, t), json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def load_graph_summary(results_dir: str | Path, activity_threshold: float) -> dict[str, Any]:
+    """The summary :func:`save_graphs` wrote in ``results_dir`` for ``activity_threshold``."""
+    path = graph_summary_path(results_dir, activity_threshold)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing: run the graphs stage first")
+    summary: dict[str, Any] = json.loads(path.read_text())
+    return summary
+
+
+def save_summaries(results_dir: str | Path, summaries: dict[str, dict[float, dict[str, Any]]]) -> Path:
+    """Write ``{hook: {threshold: graph summary}}`` to ``results_dir/summary.json``; return its path."""
+    by_name = {k: {str(t): v for t, v in by_t.items()} for k, by_t in summaries.items()}
+    return atomic_write_text(Path(results_dir) / SUMMARY, json.dumps(by_name, indent=2, default=str))
+
+
+# ---- PCA results ------------------------------------------------------------------------------------------------
+
+
+def _write_strings(g: h5py.Group, name: str, data: str | list[str]) -> None:
+    """A variable-length UTF-8 string dataset (scalar for one string); NUL, which HDF5 strings cannot hold, is
+    written as U+2400 (the visible symbol for it)."""
+    clean = data.replace("\0", NUL) if isinstance(data, str) else [x.replace("\0", NUL) for x in data]
+    g.create_dataset(name, data=clean, dtype=STR)
+
+
+def _write_group(f: h5py.File, result: SubgraphPCAResult) -> None:
+    pca = result.pca
+    g = f.create_group(f"subgraph_{result.subgraph_id}")
+    g.attrs["subgraph_id"] = result.subgraph_id
+    g.create_dataset("nodes", data=np.asarray(pca.nodes, dtype=np.int64))
+    table = g.create_group("pca_df")
+    for k in range(pca.coords.shape[1]):
+        table.create_dataset(f"PC{k + 1}", data=pca.coords[:, k])
+    _write_strings(table, "tokens", result.tokens)
+    _write_strings(table, "context", result.contexts)
+    table.create_dataset("point_id", data=pca.token_index)
+    where = g.create_group("all_token_dfs")
+    where.create_dataset("batch", data=result.context_id)
+    where.create_dataset("pos", data=result.position)
+    where.create_dataset("token_id", data=result.token_id)
+    g.create_dataset("all_graph_feature_acts", data=pca.activations)
+    info = np.stack([pca.top_value, pca.top_index, pca.top_in_subgraph], axis=1).astype(np.float64)
+    g.create_dataset("all_max_feature_info", data=info)
+    g.create_dataset("all_examples_found", data=len(pca.token_index))
+    g.create_dataset("components", data=pca.components)
+    g.create_dataset("explained_variance_ratio", data=pca.explained_variance_ratio)
+    _write_strings(g, "top_3_tokens", result.top_tokens)
+    g.create_dataset("top_3_token_counts", data=np.asarray(result.top_token_counts, dtype=np.int64))
+    _write_strings(g, "example_context", result.example_context)
+
+
+def save_pca_results(results_dir: str | Path, results: PCAResults) -> list[Path]:
+    """Write one HDF5 file per candidate size of ``results`` (:func:`~mechscope.cooccurrence.subgraph_pca_results`)
+    to :func:`pca_results_path`, one group per subgraph, and return their paths (in size order).
+
+    Strings are variable-length UTF-8 HDF5 strings; nothing is pickled. The layout is in ``docs/cooccurrence.md``.
+    """
+    paths = []
+    for size, found in results.by_size.items():
+        path = pca_results_path(results_dir, size, results.activity_threshold)
+        path.parent.mkdir(parents=True, exist_ok=True)
+
+        def write(tmp: Path, size: int = size, found: list[SubgraphPCAResult] = found) -> None:
+            with h5py.File(tmp, "w") as f:
+                f.attrs.update(
+                    subgraph_size=size,
+                    activity_threshold=results.activity_threshold,
+                    max_examples=results.max_examples,
+                    n_components=results.n_components,
+                    context_window=results.context_window,
+                    context_mark=MARK,
+                )
+                for result in found:
+                    _write_group(f, result)
+
+        paths.append(atomic_write(path, write))
+    return paths
+
+
+def load_pca_results(path: str | Path) -> dict[int, SubgraphPCAResult]:
+    """Read a file written by :func:`save_pca_results`: subgraph id -> its :class:`SubgraphPCAResult`."""
+    out = {}
+    with h5py.File(path, "r") as f:
+        for g in f.values():
+            table, where = g["pca_df"], g["all_token_dfs"]
+            n_pcs = sum(1 for key in table if key.startswith("PC"))
+            info = g["all_max_feature_info"][()]
+            nodes = g["nodes"][()]
+            top_index = info[:, 1].astype(np.int64)
+            pca = SubspacePCA(
+                nodes=nodes.tolist(),
+                token_index=table["point_id"][()],
+                activations=g["all_graph_feature_acts"][()],
+                coords=np.stack([table[f"PC{k + 1}"][()] for k in range(n_pcs)], axis=1),
+                components=g["components"][()],
+                explained_variance_ratio=g["explained_variance_ratio"][()],
+                top_value=info[:, 0].astype(np.float32),
+                top_index=top_index,
+                top_in_subgraph=info[:, 2].astype(bool),
+            )
+            subgraph_id = int(g.attrs["subgraph_id"])
+            out[subgraph_id] = SubgraphPCAResult(
+                subgraph_id=subgraph_id,
+                pca=pca,
+                token_id=where["token_id"][()],
+                context_id=where["batch"][()],
+                position=where["pos"][()],
+                tokens=list(table["tokens"].asstr()[()]),
+                contexts=list(table["context"].asstr()[()]),
+                top_tokens=list(g["top_3_tokens"].asstr()[()]),
+                top_token_counts=g["top_3_token_counts"][()].tolist(),
+                example_context=g["example_context"].asstr()[()],
+            )
+    return out
