@@ -7,6 +7,7 @@ import csv
 import json
 import math
 import re
+from importlib import resources
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +21,9 @@ from matplotlib.image import imread
 from mechscope.cooccurrence import (
     EdgeThreshold,
     LatentTokens,
+    embed_json,
     graph_results,
+    index_page,
     latent_tokens,
     node_table,
     save_graphs,
@@ -220,6 +223,31 @@ def test_hostile_tokens_stay_inside_the_json():
     assert "innerHTML" not in page and "document.write" not in page
     urls = re.findall(r"https?://\S*", page)  # offline: the only URLs are the data's Neuronpedia links
     assert len(urls) == 4 and all(u.startswith("https://www.neuronpedia.org/") for u in urls)
+
+
+def template(name: str) -> str:
+    return (resources.files("mechscope.cooccurrence") / "templates" / name).read_text(encoding="utf-8")
+
+
+def test_pages_are_the_template_files_with_the_title_and_the_json_filled_in():
+    """A plain reference: the files joined by hand, the escaped title and ``embed_json`` of the data put in."""
+    sub = subgraphs(STAR, 0.2)[0]
+    data = subgraph_data(sub, ACTS, 1.5, hostile_tokens(6), neuronpedia_id="np/1")
+    for page, kind, title, shown in (
+        (subgraph_page(data), "subgraph", "Subgraph 0: 4 latents (activity threshold 1.5)", data),
+        (index_page([], 0.5, None), "index", "Latent subgraphs at activity threshold 0.5", None),
+    ):
+        shown = shown or {"activity_threshold": 0.5, "histogram": None, "subgraphs": []}
+        head, tail = template("page.html").split("__BODY__")
+        expected = (
+            head.replace("__TITLE__", title).replace("__STYLE__\n", template("page.css"))
+            + template(f"{kind}_body.html").removesuffix("\n")
+            + tail.replace("__DATA__", embed_json(shown))
+            .replace("__COMMON__\n", template("common.js"))
+            .replace("__SCRIPT__\n", template(f"{kind}.js"))
+        )
+        assert page == expected
+        assert "__" not in page  # every placeholder filled
 
 
 def test_histogram_and_skip_flags(tmp_path):
