@@ -304,24 +304,37 @@ def _dotted(values: Mapping[str, Any], prefix: str = "") -> Iterator[str]:
 
 
 def _renamed(cls: type, values: dict[str, Any], where: str) -> dict[str, Any]:
-    """``values`` (TOML-shaped) with every setting given under an old name moved to its new one, with a warning."""
+    """``values`` (TOML-shaped) with every setting given under an old name moved to its new one, with a warning.
+    Messages name a key as it was given: ``[generation].model_name`` when the table was renamed too."""
     values = _copy_tables(values)
+    given: dict[Path_, Path_] = {}  # tables moved so far: new path -> the path they were given under
+
+    def as_given(path: Path_) -> Path_:
+        for moved, before in given.items():
+            if path[: len(moved)] == moved:
+                return (*before, *path[len(moved) :])
+        return path
+
     for old, new in _schema(cls).renames:
         parent = _find(values, old[:-1])
         if parent is None or old[-1] not in parent:
             continue
         value = parent.pop(old[-1])
+        if isinstance(value, dict):
+            given[new] = as_given(old)
         target = values
         for table in new[:-1]:
             target = target.setdefault(table, {})
             if not isinstance(target, dict):
                 raise ConfigError(f"{_table(new[:-1])} must be a table, got {target!r}", field=".".join(new[:-1]))
+        name = _table if isinstance(value, dict) else _key  # a table is named [generation], a key [counting].model
+        shown, wanted = name(as_given(old)), name(new)
         if new[-1] in target:
             raise ConfigError(
-                f"both {_key(old)} and {_key(new)} are given: {_key(old)} is the old name, keep {_key(new)} only",
+                f"both {shown} and {wanted} are given: {shown} is the old name, keep {wanted} only",
                 field=".".join(new),
             )
-        warnings.warn(f"{where}{_key(old)} is deprecated: use {_key(new)}", DeprecatedSetting, stacklevel=3)
+        warnings.warn(f"{where}{shown} is deprecated: use {wanted}", DeprecatedSetting, stacklevel=3)
         target[new[-1]] = value
     return values
 

@@ -162,7 +162,7 @@ def test_written_toml_reads_back_equal(tmp_path: Path) -> None:
     path = config.to_toml(tmp_path / "out.toml")
     assert load(Outer, path) == config
     assert "note" not in path.read_text(encoding="utf-8")  # None: left out, it is the default
-    job = load(MainJobConfig, overrides={"top_k": 3, "train.k": 16, "cooc.generation.n_batches": 8})
+    job = load(MainJobConfig, overrides={"top_k": 3, "train.k": 16, "cooc.counting.n_batches": 8})
     assert load(MainJobConfig, job.to_toml(tmp_path / "job.toml")) == job
 
 

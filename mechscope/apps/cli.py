@@ -1,6 +1,6 @@
 """The ``mechscope`` command line: ``mechscope demo [--config job.toml] [--top-k 3 --train.k 16 ...]`` (the main
 job), ``mechscope sae train [--config run.toml] [--FIELD VALUE ...]`` and ``mechscope cooc run|count|graphs|pca
-CONFIG [--generation.n-batches 8 ...]``.
+CONFIG [--counting.n-batches 8 ...]``.
 
 Every command reads its config the same way (:func:`mechscope.settings.load`): the config's defaults, then the TOML
 file, then the flags, one per setting, with the setting's help as its ``--help`` text.
@@ -13,6 +13,7 @@ import sys
 from collections.abc import Sequence
 
 from mechscope.apps.main_job import MainJobConfig, run_main_job
+from mechscope.apps.tables import format_graph_summary
 from mechscope.cooccurrence import pipeline
 from mechscope.cooccurrence.config import CoocConfig
 from mechscope.sae.train import TrainConfig, train_sae
@@ -30,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
         "a greedy continuation for one prompt; a TopK SAE trained (or reused) on a middle layer's residual stream and "
         "evaluated; then the SAE latent co-occurrence pipeline (counts, graphs, subspace PCA). "
         "Use --stages look to run only the first look. Settings come from MainJobConfig's defaults, then the TOML "
-        "file given by --config (tables [train], [cooc.generation], ... for the nested configs), then the flags.",
+        "file given by --config (tables [train], [cooc.counting], ... for the nested configs), then the flags.",
     )
     demo.add_argument("--config", metavar="FILE", help="a TOML file of MainJobConfig settings")
     add_flags(demo, MainJobConfig)
@@ -94,9 +95,13 @@ def _run_train(args: argparse.Namespace) -> None:
 
 
 def _run_cooc(args: argparse.Namespace) -> None:
-    """``cooc STAGE CONFIG``: read and check the config, then run the stage (which prints its results)."""
-    run, _ = COOC_STAGES[args.cooc_command]
-    run(load(CoocConfig, args.config, flag_values(args, CoocConfig)))
+    """``cooc STAGE CONFIG``: read and check the config, run the stage, and print the graph summaries of the
+    stages that build graphs (``graphs``, ``run``)."""
+    stage = args.cooc_command
+    run, _ = COOC_STAGES[stage]
+    result = run(load(CoocConfig, args.config, flag_values(args, CoocConfig)))
+    if stage in ("graphs", "run"):
+        print(format_graph_summary(result if stage == "graphs" else result["graphs"]))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -29,8 +29,8 @@ from typing import Any
 import torch
 
 from mechscope.apps.first_look import DEFAULT_MODEL, DEFAULT_PROMPT, load_and_report, run_first_look
-from mechscope.apps.tables import format_table
-from mechscope.cooccurrence.config import CoocConfig, GenerationConfig, PCAConfig
+from mechscope.apps.tables import format_graph_summary, format_table
+from mechscope.cooccurrence.config import CoocConfig, CountingConfig, PCAConfig
 from mechscope.cooccurrence.pipeline import run_all
 from mechscope.data.store import ActivationStore
 from mechscope.files import check_settings
@@ -66,7 +66,7 @@ def _job_cooccurrence() -> CoocConfig:
     """The job's co-occurrence pipeline: the first 32 x 4096 harvested rows at thresholds 0 and 10, PCA of two
     subgraphs per size (model, SAE, hook, context length and paths are set by the job)."""
     return CoocConfig(
-        GenerationConfig(model_name=DEFAULT_MODEL, n_batches=32, batch_size_tokens=4096, activation_thresholds=[0, 10]),
+        CountingConfig(model=DEFAULT_MODEL, n_batches=32, batch_size_tokens=4096, activation_thresholds=[0, 10]),
         pca=PCAConfig(candidates_per_size=2),
     )
 
@@ -78,8 +78,8 @@ class MainJobConfig(Config):
     It nests the SAE training run (``train``, a :class:`TrainConfig`) and the co-occurrence pipeline (``cooc``, a
     :class:`CoocConfig`) and sets what they share from its own fields (:meth:`derived`): the model, the hook, the
     context length and the paths under ``out_dir``. ``mechscope demo`` has one flag per setting (``--top-k 3``,
-    ``--train.n-tokens 65536``, ``--cooc.generation.n-batches 8`` ...) and reads a TOML file of them
-    (``--config job.toml``, with tables ``[train]`` and ``[cooc.generation]`` ...).
+    ``--train.n-tokens 65536``, ``--cooc.counting.n-batches 8`` ...) and reads a TOML file of them
+    (``--config job.toml``, with tables ``[train]`` and ``[cooc.counting]`` ...).
     """
 
     model: str = field(default=DEFAULT_MODEL, metadata=meta("model: short name, hub id, local dir or .gguf"))
@@ -106,9 +106,9 @@ class MainJobConfig(Config):
             "cooc: the pipeline over the harvested activations (model, SAE, hook, corpus, context length and paths "
             "are the job's)",
             moved={
-                "activation_thresholds": "generation.activation_thresholds",
-                "cooc_batches": "generation.n_batches",
-                "cooc_batch_tokens": "generation.batch_size_tokens",
+                "activation_thresholds": "counting.activation_thresholds",
+                "cooc_batches": "counting.n_batches",
+                "cooc_batch_tokens": "counting.batch_size_tokens",
                 "min_subgraph_size": "analysis.min_subgraph_size",
                 "max_subgraph_size": "analysis.max_subgraph_size",
                 "candidate_sizes": "pca.candidate_sizes",
@@ -124,12 +124,12 @@ class MainJobConfig(Config):
         check_fields(self)
         at_least(self, 1, "top_k", "max_new_tokens", "context_length", "eval_contexts")
         derive(self)  # the nested configs check themselves again, now rather than after the training
-        counted = self.cooc.generation.n_batches * self.cooc.generation.batch_size_tokens
+        counted = self.cooc.counting.n_batches * self.cooc.counting.batch_size_tokens
         if counted > self.train.n_tokens:
             raise ConfigError(
-                f"cooc.generation.n_batches * cooc.generation.batch_size_tokens = {counted} exceeds the "
+                f"cooc.counting.n_batches * cooc.counting.batch_size_tokens = {counted} exceeds the "
                 f"{self.train.n_tokens} harvested tokens (train.n_tokens): lower one or raise train.n_tokens",
-                field="cooc.generation.n_batches",
+                field="cooc.counting.n_batches",
             )
 
     def derived(self) -> dict[str, Any]:
@@ -145,12 +145,12 @@ class MainJobConfig(Config):
             "train.shard_dir": str(shards),
             "train.out_dir": str(training),
             "train.resume": False,  # train_or_reuse_sae resumes when a checkpoint is there
-            "cooc.generation.model_name": self.model,
-            "cooc.generation.sae": str((training / SAE_DIR).resolve()),
-            "cooc.generation.sae_ids": [self.hook_name],
-            "cooc.generation.corpus": self.train.source,
-            "cooc.generation.context_length": self.context_length,
-            "cooc.generation.activations_dir": str(shards.resolve()),
+            "cooc.counting.model": self.model,
+            "cooc.counting.sae": str((training / SAE_DIR).resolve()),
+            "cooc.counting.hook_names": [self.hook_name],
+            "cooc.counting.corpus": self.train.source,
+            "cooc.counting.context_length": self.context_length,
+            "cooc.counting.activations_dir": str(shards.resolve()),
             "cooc.results_dir": str((out / "cooc").resolve()),
         }
 
@@ -253,5 +253,6 @@ def run_main_job(job: MainJobConfig | None = None, model: HookedModel | None = N
         config_path = job.cooc.to_toml(out / "cooc.toml")
         print(f"Pipeline config: {config_path} (rerun it with: mechscope cooc run {config_path})")
         result["cooc"] = run_all(job.cooc, model=model)
+        print(format_graph_summary(result["cooc"]["graphs"]))
     print(f"\nMain job done in {time.perf_counter() - start:.0f} s; everything is in {out.resolve()}")
     return result

@@ -1,5 +1,9 @@
-"""The co-occurrence pipeline's configuration: ``CoocConfig`` and its ``[generation]``, ``[analysis]`` and ``[pca]``
+"""The co-occurrence pipeline's configuration: ``CoocConfig`` and its ``[counting]``, ``[analysis]`` and ``[pca]``
 tables, built in Python or read from a TOML file with :meth:`CoocConfig.from_toml`.
+
+``[counting]`` (:class:`CountingConfig`) was ``[generation]`` (``GenerationConfig``), and two of its keys were
+renamed (``model_name`` -> ``model``, ``sae_ids`` -> ``hook_names``); files and flags that use the old names are
+still read, with a :class:`~mechscope.settings.DeprecatedSetting` warning naming the new ones.
 
 The fields follow the ``sae_cooccurrence`` reference's config, plus what mechscope needs to stream activations
 (``context_length``, ``batch_contexts``, ``device``, ``activations_dir``, ``text_field``, ``checkpoint_every``) and
@@ -14,26 +18,28 @@ from typing import ClassVar
 
 from mechscope.settings import Config, ConfigError, at_least, check_fields, fail, label, meta
 
-__all__ = ["AnalysisConfig", "ConfigError", "CoocConfig", "GenerationConfig", "PCAConfig"]
+__all__ = ["AnalysisConfig", "ConfigError", "CoocConfig", "CountingConfig", "GenerationConfig", "PCAConfig"]
 
 
 @dataclass
-class GenerationConfig(Config):
-    """``[generation]``: what to count and over which tokens.
+class CountingConfig(Config):
+    """``[counting]``: what to count and over which tokens.
 
-    ``sae`` is the path of an SAE (any format ``SparseAutoencoder.load`` reads), or a table ``{sae_id: path}`` when
-    there are several; ``sae_ids`` are hook names (default: the table's keys, or the SAE's own ``cfg.hook_name``).
-    Counting reads ``n_batches`` batches of ``batch_size_tokens`` token rows (the kept positions of packed contexts).
+    ``sae`` is the path of an SAE (any format :func:`~mechscope.sae.load_sae` reads), or a table
+    ``{hook name: path}`` when there are several; ``hook_names`` are the hooks to count at (default: the table's
+    keys, or the SAE's own ``cfg.hook_name``). Counting reads ``n_batches`` batches of ``batch_size_tokens`` token
+    rows (the kept positions of packed contexts).
     """
 
-    LABEL: ClassVar[str] = "[generation]."
+    LABEL: ClassVar[str] = "[counting]."
 
-    model_name: str = field(metadata=meta("the model: short name, hub id, local dir or .gguf"))
+    model: str = field(metadata=meta("the model: short name, hub id, local dir or .gguf", old="model_name"))
     sae: str | dict[str, str] | None = field(
-        default=None, metadata=meta("an SAE path, or a table {sae_id = path} (required in a file)", required=True)
+        default=None, metadata=meta("an SAE path, or a table {hook name = path} (required in a file)", required=True)
     )
-    sae_ids: list[str] | None = field(
-        default=None, metadata=meta("hook names to count at; default: the table's keys, or the SAE's hook")
+    hook_names: list[str] | None = field(
+        default=None,
+        metadata=meta("hook names to count at; default: the table's keys, or the SAE's hook", old="sae_ids"),
     )
     corpus: str | None = field(
         default=None, metadata=meta("a .txt/.md file, a folder, a .jsonl file or hf:<id>; default: embedded")
@@ -59,8 +65,8 @@ class GenerationConfig(Config):
         self.activation_thresholds = [float(t) for t in self.activation_thresholds]
         at_least(self, 1, "n_batches", "batch_size_tokens", "batch_contexts", "checkpoint_every")
         at_least(self, 2, "context_length")
-        if not self.model_name:
-            raise fail(self, "model_name", "is empty: give a short name, hub id, local dir or .gguf")
+        if not self.model:
+            raise fail(self, "model", "is empty: give a short name, hub id, local dir or .gguf")
         thresholds = self.activation_thresholds
         if not thresholds:
             raise fail(self, "activation_thresholds", "is empty: give at least one, e.g. [0.0]")
@@ -69,27 +75,30 @@ class GenerationConfig(Config):
             raise fail(self, "activation_thresholds", f"must be finite and >= 0, got {bad}")
         if len(set(thresholds)) != len(thresholds):
             raise fail(self, "activation_thresholds", f"has duplicates: {thresholds}")
-        if self.sae_ids is not None:
-            if not self.sae_ids or len(set(self.sae_ids)) != len(self.sae_ids):
-                raise fail(self, "sae_ids", f"must be distinct hook names, got {self.sae_ids}")
+        if self.hook_names is not None:
+            if not self.hook_names or len(set(self.hook_names)) != len(self.hook_names):
+                raise fail(self, "hook_names", f"must be distinct hook names, got {self.hook_names}")
             if isinstance(self.sae, dict):
-                missing = [s for s in self.sae_ids if s not in self.sae]
+                missing = [s for s in self.hook_names if s not in self.sae]
                 if missing:
                     raise fail(
                         self,
-                        "sae_ids",
-                        f"{missing} have no path in [generation.sae] (it has {list(self.sae)}): "
-                        "add them to the table or drop them from sae_ids",
+                        "hook_names",
+                        f"{missing} have no path in [counting.sae] (it has {list(self.sae)}): "
+                        "add them to the table or drop them from hook_names",
                     )
-            elif self.sae is not None and len(self.sae_ids) > 1:
+            elif self.sae is not None and len(self.hook_names) > 1:
                 raise fail(
                     self,
                     "sae",
-                    f"is one path but sae_ids lists {len(self.sae_ids)} hooks: make sae a table "
-                    "mapping each sae_id to its SAE path ([generation.sae])",
+                    f"is one path but hook_names lists {len(self.hook_names)} hooks: make sae a table "
+                    "mapping each hook name to its SAE path ([counting.sae])",
                 )
         if isinstance(self.sae, dict) and not self.sae:
-            raise fail(self, "sae", "is an empty table: map each sae_id (hook name) to an SAE path")
+            raise fail(self, "sae", "is an empty table: map each hook name to an SAE path")
+
+
+GenerationConfig = CountingConfig  # its name before: [generation] meant "what to count"
 
 
 @dataclass
@@ -147,19 +156,19 @@ class PCAConfig(Config):
 
 @dataclass
 class CoocConfig(Config):
-    """The whole pipeline: ``generation``, ``analysis`` and ``pca`` tables, and ``results_dir`` (top level).
+    """The whole pipeline: ``counting``, ``analysis`` and ``pca`` tables, and ``results_dir`` (top level).
 
     Read from a file with ``CoocConfig.from_toml(path)`` (or :func:`mechscope.settings.load`), written with
-    ``to_toml(path)``; a file needs ``[generation]`` with ``model_name`` and ``sae``.
+    ``to_toml(path)``; a file needs ``[counting]`` with ``model`` and ``sae``.
     """
 
-    generation: GenerationConfig = field(metadata=meta("what to count and over which tokens"))
+    counting: CountingConfig = field(metadata=meta("what to count and over which tokens", old="generation"))
     analysis: AnalysisConfig = field(
         default_factory=AnalysisConfig, metadata=meta("the graphs: edge threshold, what to write")
     )
     pca: PCAConfig = field(default_factory=PCAConfig, metadata=meta("the subspace PCA of candidate subgraphs"))
     results_dir: str = field(
-        default="cooc_results", metadata=meta("where everything is written (a folder per sae_id inside)")
+        default="cooc_results", metadata=meta("where everything is written (a folder per hook name inside)")
     )
 
     def __post_init__(self) -> None:

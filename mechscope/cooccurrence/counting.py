@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-Batch = Tensor | tuple[Tensor, Tensor]
+from mechscope.sae.latents import LatentsLike, SparseLatents, as_sparse, dense_width
 
 
 @dataclass
@@ -40,28 +40,24 @@ class CooccurrenceCounts:
         return self.counts.diagonal().astype(np.int64)
 
 
-def _active(batch: Batch, threshold: Tensor, keep: Tensor | None) -> tuple[np.ndarray, np.ndarray, int]:
+def _active(latents: SparseLatents, threshold: Tensor, keep: Tensor | None) -> tuple[np.ndarray, np.ndarray, int]:
     """``(rows, cols, n_tokens)`` of the active entries of one batch, rows ascending.
 
-    ``batch`` is dense ``[..., d_sae]`` or sparse ``(indices, values)``, each ``[..., k]``; ``threshold [d_sae]``
-    is the full per-latent threshold; ``keep [...]`` (bool) selects the tokens to count.
+    ``latents`` has ``[..., k]`` indices and values; ``threshold [d_sae]`` is the full per-latent threshold (>= 0,
+    so the latents a token does not list, which are 0, are never active); ``keep [...]`` (bool) selects the tokens
+    to count.
     """
-    if isinstance(batch, Tensor):
-        acts = batch.reshape(-1, batch.shape[-1])
-        if keep is not None:
-            acts = acts[keep.reshape(-1)]
-        rows, cols = (acts > threshold).nonzero(as_tuple=True)
-    else:
-        indices, values = batch
-        if (threshold < 0).any():
-            raise ValueError("sparse (indices, values) batches need thresholds >= 0: absent latents are 0")
-        indices, values = indices.reshape(-1, indices.shape[-1]), values.reshape(-1, values.shape[-1])
-        if keep is not None:
-            indices, values = indices[keep.reshape(-1)], values[keep.reshape(-1)]
-        acts = values
-        rows, pos = (values > threshold[indices]).nonzero(as_tuple=True)
-        cols = indices[rows, pos]
-    return rows.numpy(), cols.numpy(), acts.shape[0]
+    if (threshold < 0).any():
+        raise ValueError(
+            "counting needs thresholds >= 0 (activity threshold plus the SAE's own): the latents a token does not "
+            "list are 0"
+        )
+    k = latents.k
+    indices, values = latents.indices.reshape(-1, k), latents.values.reshape(-1, k)
+    if keep is not None:
+        indices, values = indices[keep.reshape(-1)], values[keep.reshape(-1)]
+    rows, pos = (values > threshold[indices]).nonzero(as_tuple=True)
+    return rows.numpy(), indices[rows, pos].numpy(), values.shape[0]
 
 
 def _batch_cooccurrence(rows: np.ndarray, cols: np.ndarray, n_tokens: int, d_sae: int) -> sp.csr_array:
@@ -74,7 +70,7 @@ def _batch_cooccurrence(rows: np.ndarray, cols: np.ndarray, n_tokens: int, d_sae
 
 
 def count_cooccurrences(
-    batches: Iterable[Batch],
+    batches: Iterable[LatentsLike],
     thresholds: Sequence[float],
     sae_threshold: Tensor | None = None,
     exclude: Iterable[Tensor] | None = None,
@@ -84,10 +80,12 @@ def count_cooccurrences(
     """Exact co-occurrence counts per activity threshold over all ``batches``.
 
     Args:
-        batches: latent activations, each dense ``[..., d_sae]`` or a sparse pair ``(indices, values)`` of
-            ``[..., k]`` tensors as ``SparseAutoencoder.encode_sparse`` returns (padding entries with value 0 are
-            never active). Leading dimensions are flattened into tokens.
-        thresholds: activity thresholds ``t``; latent ``i`` is active when its activation ``> t + sae_threshold[i]``.
+        batches: latent activations, each dense ``[..., d_sae]`` or sparse (:class:`~mechscope.sae.SparseLatents`
+            or an ``(indices, values)`` pair of ``[..., k]`` tensors, as ``SparseAutoencoder.encode_sparse``
+            returns; padding entries with value 0 are never active); all become ``SparseLatents``
+            (:func:`~mechscope.sae.latents.as_sparse`). Leading dimensions are flattened into tokens.
+        thresholds: activity thresholds ``t``; latent ``i`` is active when its activation ``> t + sae_threshold[i]``
+            (which must be >= 0).
         sae_threshold: ``[d_sae]``, the SAE's own JumpReLU threshold, or None for 0.
         exclude: one bool tensor ``[...]`` per batch (the batch's leading shape), True for tokens not to count
             (e.g. BOS/EOS/PAD positions).
@@ -104,11 +102,12 @@ def count_cooccurrences(
     n_tokens = 0
     masks = iter(exclude) if exclude is not None else None
     for batch in tqdm(batches, desc="co-occurrence", unit="batch", leave=False, disable=not progress):
-        leading = (batch if isinstance(batch, Tensor) else batch[1]).shape[:-1]
         if d_sae is None:
-            if not isinstance(batch, Tensor):
+            d_sae = dense_width(batch)
+            if d_sae is None:
                 raise ValueError("sparse batches need d_sae= (or sae_threshold=) to know the number of latents")
-            d_sae = batch.shape[-1]
+        latents = as_sparse(batch)
+        leading = latents.values.shape[:-1]
         keep = None
         if masks is not None:
             mask = next(masks, None)
@@ -118,10 +117,10 @@ def count_cooccurrences(
                 raise ValueError(f"exclude mask shape {tuple(mask.shape)} != batch shape {tuple(leading)}")
             keep = ~mask.bool()
         base = sae_threshold.detach().float().cpu() if sae_threshold is not None else torch.zeros(d_sae)
-        batch = batch.detach().cpu() if isinstance(batch, Tensor) else (batch[0].cpu(), batch[1].detach().cpu())
+        latents = SparseLatents(latents.indices.cpu(), latents.values.detach().cpu())
         tokens = 0
         for t in thresholds:
-            rows, cols, tokens = _active(batch, base + t, keep)
+            rows, cols, tokens = _active(latents, base + t, keep)
             c = _batch_cooccurrence(rows, cols, tokens, d_sae)
             totals[t] = totals[t] + c if t in totals else c
         n_tokens += tokens

@@ -19,9 +19,9 @@ from torch import Tensor
 from tqdm.auto import tqdm
 from transformers import PreTrainedTokenizerBase
 
-from mechscope.cooccurrence.counting import Batch
 from mechscope.cooccurrence.graph import Subgraph
 from mechscope.cooccurrence.subspace import SubspacePCA, subgraph_pcas
+from mechscope.sae.latents import LatentsLike, as_sparse
 
 MARK = "|"  # put around the point's token in its context string, as the reference does
 
@@ -145,7 +145,7 @@ class PCAResults:
 
 def subgraph_pca_results(
     candidates: dict[int, list[Subgraph]],
-    latents: Sequence[Batch],
+    latents: Sequence[LatentsLike],
     tokens: Tensor,
     context: Tensor,
     position: Tensor,
@@ -160,7 +160,8 @@ def subgraph_pca_results(
     """The subspace PCA of every candidate subgraph, with its points' tokens and context strings.
 
     ``candidates``: size -> subgraphs (see :func:`~mechscope.cooccurrence.pca_candidates`); ``latents``: latent
-    activations of consecutive token rows, dense ``[rows, d_sae]`` or ``(indices, values)`` ``[rows, k]`` pairs;
+    activations of consecutive token rows, dense ``[rows, d_sae]`` or sparse ``[rows, k]`` (``SparseLatents`` or
+    ``(indices, values)`` pairs);
     ``tokens``, ``context`` (corpus sequence id) and ``position`` (within it): ``[n_rows]`` for the rows of all
     batches concatenated, a context's rows consecutive and in increasing position; ``W_dec [d_sae, d_in]``;
     ``tokenizer`` decodes tokens and contexts. A point is a token where any subgraph latent is ``> 0`` (the first
@@ -170,12 +171,13 @@ def subgraph_pca_results(
     token_ids, context_ids, positions = (
         np.asarray(x.detach().cpu().reshape(-1), np.int64) for x in (tokens, context, position)
     )
-    n_rows = sum(int(b.shape[0]) if isinstance(b, Tensor) else int(b[0].shape[0]) for b in latents)
+    sparse = [as_sparse(b) for b in latents]
+    n_rows = sum(int(b.values.shape[:-1].numel()) for b in sparse)
     if any(len(x) != n_rows for x in (token_ids, context_ids, positions)):
         lengths = [len(x) for x in (token_ids, context_ids, positions)]
         raise ValueError(f"tokens, context and position need one entry per latent row ({n_rows}), not {lengths}")
     subs = [s for size in sorted(candidates) for s in candidates[size]]
-    found = subgraph_pcas(latents, [s.nodes for s in subs], W_dec, max_examples, n_components)
+    found = subgraph_pcas(sparse, [s.nodes for s in subs], W_dec, max_examples, n_components)
     pcas = {s.id: pca for s, pca in zip(subs, found, strict=True)}
     by_size: dict[int, list[SubgraphPCAResult]] = {}
     for size in sorted(candidates):

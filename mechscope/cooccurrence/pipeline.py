@@ -1,15 +1,20 @@
 """The co-occurrence pipeline: ``run_count``, ``run_graphs``, ``run_pca`` and ``run_all`` over a :class:`CoocConfig`.
 
-Stages and what they leave in ``results_dir`` (one folder per ``sae_id``, a hook name)::
+It only orchestrates: the model and SAEs come from their public loaders, the rows from an
+:class:`~mechscope.data.ActivationStore`, the values from the compute modules (``counting``, ``graph``,
+``subspace``, ``pca_results``), and every file goes through :mod:`mechscope.cooccurrence.outputs`. The stages
+return what they computed (the graph summaries included; the command line prints them as a table).
 
-    count_checkpoint.npz          partial counts of every (sae_id, threshold), batches done, tokens, settings
-    <sae_id>/feature_acts_cooc_*  counts, Jaccard and activations per threshold, and the tokens counted (count)
-    <sae_id>/graph_summary_*      subgraphs, node tables, HTML graphs and their summary per threshold (graphs)
-    <sae_id>/...                  PCA results of candidate subgraphs per threshold (pca)
-    summary.json                  {sae_id: {threshold: graph summary}}
+Stages and what they leave in ``results_dir`` (one folder per hook name; the layout is in ``outputs``)::
 
-Counting reads the model's activations at every ``sae_id`` hook in one pass per batch of contexts (streamed live,
-or from ``activations_dir`` shards), cut into batches of ``batch_size_tokens`` rows. After every
+    count_checkpoint.npz          partial counts of every (hook, threshold), batches done, tokens, settings
+    <hook>/feature_acts_cooc_*    counts, Jaccard and activations per threshold, and the tokens counted (count)
+    <hook>/graph_summary_*        subgraphs, node tables, HTML graphs and their summary per threshold (graphs)
+    <hook>/...                    PCA results of candidate subgraphs per threshold (pca)
+    summary.json                  {hook: {threshold: graph summary}}
+
+Counting reads the model's activations at every hook in one pass per batch of contexts (streamed live, or from
+``activations_dir`` shards), cut into batches of ``batch_size_tokens`` rows. After every
 ``checkpoint_every`` batches the exact int64 counts, the batches done, the tokens counted and where the next batch
 starts are written atomically to ``count_checkpoint.npz``; a rerun with the same settings continues from there
 (recounting nothing and losing nothing), and a finished count is skipped. Raising ``n_batches`` later extends it.
@@ -21,6 +26,7 @@ import dataclasses
 import hashlib
 import json
 import warnings
+from collections.abc import Callable
 from itertools import islice
 from pathlib import Path
 from typing import Any
@@ -29,7 +35,6 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from mechscope.apps.tables import format_table
 from mechscope.cooccurrence.config import CoocConfig
 from mechscope.cooccurrence.counting import CooccurrenceCounts, count_cooccurrences, jaccard
 from mechscope.cooccurrence.graph import Subgraph, edge_threshold, graph_results, subgraphs
@@ -55,7 +60,7 @@ from mechscope.cooccurrence.subspace import pca_candidates
 from mechscope.data.store import ActivationStore, Rows
 from mechscope.files import check_settings
 from mechscope.models.hooked import HookedModel
-from mechscope.sae.model import SparseAutoencoder
+from mechscope.sae import SparseAutoencoder, SparseLatents, load_sae
 from mechscope.sae.tokens import latent_tokens
 
 SAEs = SparseAutoencoder | dict[str, SparseAutoencoder] | None
@@ -66,75 +71,73 @@ _DESCRIPTIVE_SAE_FIELDS = {"model_name", "hook_name", "neuronpedia_id", "device"
 
 
 def load_model(config: CoocConfig, model: HookedModel | None = None) -> HookedModel:
-    """``model``, or ``config.generation.model_name`` loaded on ``config.generation.device``."""
-    gen = config.generation
-    return model if model is not None else HookedModel.from_pretrained(gen.model_name, device=gen.device)
+    """``model``, or ``config.counting.model`` loaded on ``config.counting.device``."""
+    counting = config.counting
+    return model if model is not None else HookedModel.from_pretrained(counting.model, device=counting.device)
 
 
 def load_saes(config: CoocConfig, model: HookedModel, sae: SAEs = None) -> dict[str, SparseAutoencoder]:
-    """``{sae_id: SAE}`` from ``sae`` (one SAE or a dict by sae_id) or from ``[generation].sae`` paths.
+    """``{hook name: SAE}`` from ``sae`` (one SAE or a dict by hook name) or from ``[counting].sae`` paths
+    (:func:`~mechscope.sae.load_sae`).
 
-    ``sae_ids`` default to the dict's keys, or to the one SAE's ``cfg.hook_name``. Each SAE's ``d_in`` must be the
+    ``hook_names`` default to the dict's keys, or to the one SAE's ``cfg.hook_name``. Each SAE's ``d_in`` must be the
     width of its hook in ``model``.
     """
-    gen = config.generation
+    counting = config.counting
     if sae is None:
-        if gen.sae is None:
-            raise ValueError("no SAE: set [generation].sae to an SAE path (or a table sae_id -> path)")
-        paths = gen.sae if isinstance(gen.sae, dict) else {None: gen.sae}
-        sae = {k: SparseAutoencoder.load(p, device=gen.device) for k, p in paths.items()}
-        if None in sae:
-            sae = sae[None]
+        if counting.sae is None:
+            raise ValueError("no SAE: set [counting].sae to an SAE path (or a table hook name -> path)")
+        if isinstance(counting.sae, dict):
+            sae = {hook: load_sae(path, device=counting.device) for hook, path in counting.sae.items()}
+        else:
+            sae = load_sae(counting.sae, device=counting.device)
     if isinstance(sae, SparseAutoencoder):
-        ids = gen.sae_ids or [sae.cfg.hook_name]
-        if ids == [None]:
-            raise ValueError("the SAE's config names no hook: set [generation].sae_ids to the hook it reads")
+        own = [sae.cfg.hook_name] if sae.cfg.hook_name is not None else None
+        ids = counting.hook_names or own
+        if ids is None:
+            raise ValueError("the SAE's config names no hook: set [counting].hook_names to the hook it reads")
         if len(ids) > 1:
-            raise ValueError(f"one SAE for {len(ids)} sae_ids {ids}: give one SAE per sae_id (a table)")
+            raise ValueError(f"one SAE for {len(ids)} hook_names {ids}: give one SAE per hook name (a table)")
         saes = {ids[0]: sae}
     else:
-        ids = gen.sae_ids or list(sae)
+        ids = counting.hook_names or list(sae)
         missing = [i for i in ids if i not in sae]
         if missing:
-            raise ValueError(f"sae_ids {missing} have no SAE (given: {list(sae)})")
+            raise ValueError(f"hook_names {missing} have no SAE (given: {list(sae)})")
         saes = {i: sae[i] for i in ids}
-    for sae_id, s in saes.items():
-        width = model.hook_width(sae_id)  # an unknown hook name fails here, with the closest valid names
+    for hook, s in saes.items():
+        width = model.hook_width(hook)  # an unknown hook name fails here, with the closest valid names
         if s.cfg.d_in != width:
             raise ValueError(
-                f"the SAE for {sae_id!r} has d_in={s.cfg.d_in} but that hook of {gen.model_name!r} is {width} wide: "
-                "use the SAE trained on this hook, or the sae_id (hook name) it was trained on"
+                f"the SAE for {hook!r} has d_in={s.cfg.d_in} but that hook of {counting.model!r} is {width} wide: "
+                "use the SAE trained on this hook, or the hook name it was trained on"
             )
     return saes
 
 
-def _store(config: CoocConfig, model: HookedModel, sae_ids: list[str], n_rows: int) -> ActivationStore:
-    """The activations at ``sae_ids``: live, or from ``activations_dir``, whose harvest is first extended to
+def _store(config: CoocConfig, model: HookedModel, hook_names: list[str], n_rows: int) -> ActivationStore:
+    """The activations at ``hook_names``: live, or from ``activations_dir``, whose harvest is first extended to
     ``n_rows`` rows (resuming one that is there)."""
-    gen = config.generation
+    counting = config.counting
     store = ActivationStore(
         model,
-        sae_ids,
-        gen.corpus,
-        context_length=gen.context_length,
-        batch_contexts=gen.batch_contexts,
-        exclude_special=gen.remove_special_tokens,
-        text_field=gen.text_field,
-        activations_dir=gen.activations_dir,
+        hook_names,
+        counting.corpus,
+        context_length=counting.context_length,
+        batch_contexts=counting.batch_contexts,
+        exclude_special=counting.remove_special_tokens,
+        text_field=counting.text_field,
+        activations_dir=counting.activations_dir,
     )
     if store.activations_dir is not None:
         store.harvest(n_rows)
     return store
 
 
-def encode(sae: SparseAutoencoder, x: Tensor) -> Tensor | tuple[Tensor, Tensor]:
-    """Latents of ``x [batch, d_in]``: ``(indices, values)``, each ``[batch, k]``, for topk SAEs, else dense
-    ``[batch, d_sae]``."""
+def encode(sae: SparseAutoencoder, x: Tensor) -> SparseLatents:
+    """The active latents of ``x [batch, d_in]``: ``SparseLatents`` of ``[batch, k]`` each."""
     with torch.no_grad():
-        x = x.to(sae.W_enc.device)
-        if sae.cfg.architecture == "topk":
-            return tuple(sae.encode_sparse(x))
-        return sae.encode(x)
+        return sae.encode_sparse(x.to(sae.W_enc.device))
 
 
 def _sae_threshold(sae: SparseAutoencoder) -> Tensor | None:
@@ -146,19 +149,20 @@ def _sae_threshold(sae: SparseAutoencoder) -> Tensor | None:
 
 
 def count_settings(config: CoocConfig, saes: dict[str, SparseAutoencoder]) -> dict[str, Any]:
-    """What determines the counted rows and counts; a checkpoint is resumed only under identical settings."""
-    gen = config.generation
+    """What determines the counted rows and counts; a checkpoint is resumed only under identical settings (named as
+    checkpoints have always named them, so older ones still resume)."""
+    counting = config.counting
     return {
-        "model_name": gen.model_name,
-        "corpus": gen.corpus or "default",
-        "text_field": gen.text_field,
-        "context_length": gen.context_length,
-        "batch_contexts": gen.batch_contexts,
-        "remove_special_tokens": gen.remove_special_tokens,
-        "batch_size_tokens": gen.batch_size_tokens,
-        "activation_thresholds": gen.activation_thresholds,
-        "activations": gen.activations_dir or "live",
-        "sae_sha256": {sae_id: _fingerprint(sae) for sae_id, sae in saes.items()},
+        "model_name": counting.model,
+        "corpus": counting.corpus or "default",
+        "text_field": counting.text_field,
+        "context_length": counting.context_length,
+        "batch_contexts": counting.batch_contexts,
+        "remove_special_tokens": counting.remove_special_tokens,
+        "batch_size_tokens": counting.batch_size_tokens,
+        "activation_thresholds": counting.activation_thresholds,
+        "activations": counting.activations_dir or "live",
+        "sae_sha256": {hook: _fingerprint(sae) for hook, sae in saes.items()},
     }
 
 
@@ -174,23 +178,30 @@ def _fingerprint(sae: SparseAutoencoder) -> str:
 
 
 def run_count(
-    config: CoocConfig, model: HookedModel | None = None, sae: SAEs = None, *, stop_after: int | None = None
+    config: CoocConfig,
+    model: HookedModel | None = None,
+    sae: SAEs = None,
+    *,
+    stop_after: int | None = None,
+    on_batch: Callable[[int, Rows], object] | None = None,
 ) -> Counts:
-    """Count co-occurrences of every sae_id's latents over ``n_batches`` batches; resume a checkpoint if present.
+    """Count co-occurrences of every hook's latents over ``n_batches`` batches; resume a checkpoint if present.
 
-    Returns ``{sae_id: {threshold: CooccurrenceCounts}}`` and writes them with ``save_counts`` to
-    ``results_dir/<sae_id>``. ``stop_after`` stops (with a checkpoint) once that many batches are done in all, as
-    an interruption would.
+    Returns ``{hook: {threshold: CooccurrenceCounts}}`` and writes them with ``save_counts`` to
+    ``results_dir/<hook>``. ``stop_after`` stops (with a checkpoint) once that many batches are done in all, as
+    an interruption would. ``on_batch(batches_done, rows)`` is called after each batch is counted, before it is
+    checkpointed; an exception it raises ends the run as a kill would (batches since the last checkpoint are lost
+    and counted again by the next run), so a test can check that a resumed count equals an uninterrupted one.
     """
-    gen = config.generation
+    counting = config.counting
     model = load_model(config, model)
     saes = load_saes(config, model, sae)
     results = Path(config.results_dir)
     settings = count_settings(config, saes)
-    thresholds = gen.activation_thresholds
-    state = {
+    thresholds = counting.activation_thresholds
+    state: dict[str, Any] = {
         "settings": settings,
-        "sae_ids": list(saes),
+        "sae_ids": list(saes),  # the hook names (the checkpoint's name for them)
         "thresholds": thresholds,
         "batches_done": 0,
         "n_tokens": 0,
@@ -201,15 +212,15 @@ def run_count(
     counts: Counts = {}
     checkpoint = results / CHECKPOINT
     if checkpoint.exists():
-        state, counts = _resume(checkpoint, state, {i: s.cfg.d_sae for i, s in saes.items()}, gen.n_batches)
-    target = gen.n_batches if stop_after is None else min(stop_after, gen.n_batches)
-    if state["saved_n_batches"] == gen.n_batches and all((results / i / TOKENS_FILE).exists() for i in counts):
+        state, counts = _resume(checkpoint, state, {i: s.cfg.d_sae for i, s in saes.items()}, counting.n_batches)
+    target = counting.n_batches if stop_after is None else min(stop_after, counting.n_batches)
+    if state["saved_n_batches"] == counting.n_batches and all((results / i / TOKENS_FILE).exists() for i in counts):
         print(f"count: already done ({state['batches_done']} batches, {state['n_tokens']} tokens) in {results}")
         return counts
-    store = _store(config, model, list(saes), gen.n_batches * gen.batch_size_tokens)
+    store = _store(config, model, list(saes), counting.n_batches * counting.batch_size_tokens)
     key, skip = state["next"]
-    batches = store.resumable_batches(gen.batch_size_tokens, (key, skip))
-    bar = tqdm(total=gen.n_batches, initial=state["batches_done"], unit="batch", desc="count")
+    batches = store.resumable_batches(counting.batch_size_tokens, (key, skip))
+    bar = tqdm(total=counting.n_batches, initial=state["batches_done"], unit="batch", desc="count")
     try:
         while state["batches_done"] < target and not state["exhausted"]:
             item = next(batches, None)
@@ -224,26 +235,28 @@ def run_count(
                 for c in by_t.values():
                     c.n_tokens = state["n_tokens"]
             bar.update(1)
-            if state["batches_done"] % gen.checkpoint_every == 0:
+            if on_batch is not None:
+                on_batch(state["batches_done"], rows)
+            if state["batches_done"] % counting.checkpoint_every == 0:
                 save_checkpoint(checkpoint, state, counts)
     finally:
         bar.close()
     if not counts:
-        raise ValueError(f"the corpus {gen.corpus or 'default'!r} gave no tokens to count: use a larger corpus")
-    if state["batches_done"] < gen.n_batches and not state["exhausted"]:
+        raise ValueError(f"the corpus {counting.corpus or 'default'!r} gave no tokens to count: use a larger corpus")
+    if state["batches_done"] < counting.n_batches and not state["exhausted"]:
         save_checkpoint(checkpoint, state, counts)
         return counts  # stopped early (stop_after): the next run resumes
-    if state["exhausted"] and state["batches_done"] < gen.n_batches:
+    if state["exhausted"] and state["batches_done"] < counting.n_batches:
         warnings.warn(
-            f"the corpus ran out after {state['batches_done']} of {gen.n_batches} batches ({state['n_tokens']} "
+            f"the corpus ran out after {state['batches_done']} of {counting.n_batches} batches ({state['n_tokens']} "
             "tokens): lower n_batches, or use a larger corpus",
             stacklevel=2,
         )
-    for sae_id, by_t in counts.items():
-        save_counts(results / sae_id, by_t)
-    state["saved_n_batches"] = gen.n_batches
+    for hook, by_t in counts.items():
+        save_counts(results / hook, by_t)
+    state["saved_n_batches"] = counting.n_batches
     save_checkpoint(checkpoint, state, counts)
-    print(f"count: {state['n_tokens']} tokens in {state['batches_done']} batches; counts in {results}/<sae_id>/")
+    print(f"count: {state['n_tokens']} tokens in {state['batches_done']} batches; counts in {results}/<hook>/")
     return counts
 
 
@@ -271,30 +284,30 @@ def _resume(path: Path, fresh: dict[str, Any], d_sae: dict[str, int], n_batches:
 
 
 def _count_batch(rows: Rows, saes: dict[str, SparseAutoencoder], thresholds: list[float], counts: Counts) -> None:
-    """Add one batch's co-occurrences to ``counts`` (in place) for every sae_id and threshold."""
-    for sae_id, sae in saes.items():
+    """Add one batch's co-occurrences to ``counts`` (in place) for every hook and threshold."""
+    for hook, sae in saes.items():
         batch = count_cooccurrences(
-            [encode(sae, rows[sae_id])],
+            [encode(sae, rows[hook])],
             thresholds,
             sae_threshold=_sae_threshold(sae),
             d_sae=sae.cfg.d_sae,
             progress=False,
         )
-        if sae_id not in counts:
-            counts[sae_id] = batch
+        if hook not in counts:
+            counts[hook] = batch
             continue
         for t, c in batch.items():
-            counts[sae_id][t].counts = (counts[sae_id][t].counts + c.counts).tocsr()
+            counts[hook][t].counts = (counts[hook][t].counts + c.counts).tocsr()
 
 
-def _counts_for(config: CoocConfig, sae_id: str, counts: Counts | None) -> dict[float, CooccurrenceCounts]:
-    if counts is not None and sae_id in counts:
-        return counts[sae_id]
-    directory = Path(config.results_dir) / sae_id
+def _counts_for(config: CoocConfig, hook: str, counts: Counts | None) -> dict[float, CooccurrenceCounts]:
+    if counts is not None and hook in counts:
+        return counts[hook]
+    directory = Path(config.results_dir) / hook
     try:
-        return {t: load_counts(directory, t) for t in config.generation.activation_thresholds}
+        return {t: load_counts(directory, t) for t in config.counting.activation_thresholds}
     except (FileNotFoundError, KeyError) as e:
-        raise FileNotFoundError(f"no counts for {sae_id!r} in {directory} ({e}): run the count stage first") from None
+        raise FileNotFoundError(f"no counts for {hook!r} in {directory} ({e}): run the count stage first") from None
 
 
 # ---- graphs ----------------------------------------------------------------------------------------------------
@@ -303,20 +316,21 @@ def _counts_for(config: CoocConfig, sae_id: str, counts: Counts | None) -> dict[
 def run_graphs(
     config: CoocConfig, model: HookedModel | None = None, sae: SAEs = None, *, counts: Counts | None = None
 ) -> dict[str, dict[float, dict]]:
-    """Per sae_id and threshold: Jaccard, edge threshold, subgraphs, and ``save_graphs`` (node tables, HTML graphs,
-    summary). ``counts`` default to what the count stage wrote. Prints a summary table and the HTML paths, writes
-    ``results_dir/summary.json``, and returns ``{sae_id: {threshold: summary}}``."""
+    """Per hook and threshold: Jaccard, edge threshold, subgraphs, their node table and summary
+    (``graph_results``), written by ``save_graphs`` (node tables, HTML graphs, summary). ``counts`` default to what
+    the count stage wrote. Writes ``results_dir/summary.json`` and returns ``{hook: {threshold: summary}}``
+    (:func:`mechscope.apps.tables.format_graph_summary` shows them as a table)."""
     an = config.analysis
     model = load_model(config, model)
     saes = load_saes(config, model, sae)
     out: dict[str, dict[float, dict]] = {}
-    jobs = [(sae_id, t) for sae_id in saes for t in config.generation.activation_thresholds]
+    jobs = [(hook, t) for hook in saes for t in config.counting.activation_thresholds]
     tokens = {}
-    for sae_id, t in tqdm(jobs, desc="graphs", unit="threshold"):
-        s = saes[sae_id]
-        if sae_id not in tokens:
-            tokens[sae_id] = latent_tokens(s.W_dec, model.W_E, model.W_U, model.tokenizer, k=10)
-        c = _counts_for(config, sae_id, counts)[t]
+    for hook, t in tqdm(jobs, desc="graphs", unit="threshold"):
+        s = saes[hook]
+        if hook not in tokens:
+            tokens[hook] = latent_tokens(s.W_dec, model.W_E, model.W_U, model.tokenizer, k=10)
+        c = _counts_for(config, hook, counts)[t]
         j = jaccard(c)
         edge = edge_threshold(j, an.min_subgraph_size, an.max_subgraph_size)
         graphs = graph_results(
@@ -326,49 +340,25 @@ def run_graphs(
             c.activations,
             c.n_tokens,
             include_metrics=an.include_metrics,
-            tokens=tokens[sae_id],
+            tokens=tokens[hook],
             neuronpedia_id=s.cfg.neuronpedia_id,
         )
-        out.setdefault(sae_id, {})[t] = save_graphs(
-            Path(config.results_dir) / sae_id,
+        out.setdefault(hook, {})[t] = save_graphs(
+            Path(config.results_dir) / hook,
             graphs,
             min_subgraph_size_to_plot=an.min_subgraph_size_to_plot,
             skip_subgraph_plots=an.skip_subgraph_plots,
             skip_subgraph_files=an.skip_subgraph_files,
         )
     save_summaries(config.results_dir, out)
-    print(format_summary(out))
     return out
 
 
-def format_summary(summaries: dict[str, dict[float, dict]]) -> str:
-    """The graph summaries as a table (one row per sae_id and threshold), followed by the HTML index and histogram
-    paths each summary names."""
-    headers = ["sae_id", "threshold", "edge", "in subgraphs", "largest", "subgraphs", "mean size", "active/token"]
-    rows, paths = [], []
-    for sae_id, by_t in summaries.items():
-        for t, s in by_t.items():
-            rows.append(
-                [
-                    sae_id,
-                    f"{t:g}",
-                    f"{s['edge_threshold']:.4f}",
-                    f"{s['share_in_subgraphs']:.1%}",
-                    str(s["largest_subgraph"]),
-                    str(s["n_subgraphs"]),
-                    f"{s['mean_subgraph_size']:.2f}",
-                    f"{s['mean_active_per_token']:.2f}",
-                ]
-            )
-            paths += [f"  {sae_id} @ {t:g} {key}: {s[key]}" for key in ("html_index", "histogram") if s.get(key)]
-    return "\n".join(["Co-occurrence graphs", format_table(headers, rows, right=list(range(1, 8))), *paths])
-
-
-def load_subgraphs(config: CoocConfig, sae_id: str, threshold: float) -> list[Subgraph]:
+def load_subgraphs(config: CoocConfig, hook: str, threshold: float) -> list[Subgraph]:
     """The subgraphs the graphs stage found: the saved Jaccard matrix cut at its summary's edge threshold."""
-    directory = Path(config.results_dir) / sae_id
+    directory = Path(config.results_dir) / hook
     graphs = load_graph_summary(directory, threshold)
-    counted = _counts_for(config, sae_id, None)[float(threshold)].n_tokens
+    counted = _counts_for(config, hook, None)[float(threshold)].n_tokens
     if graphs.get("n_tokens") != counted:
         raise ValueError(
             f"{graph_summary_path(directory, threshold)} was built from {graphs.get('n_tokens')} counted tokens, "
@@ -381,27 +371,27 @@ def load_subgraphs(config: CoocConfig, sae_id: str, threshold: float) -> list[Su
 
 
 def run_pca(config: CoocConfig, model: HookedModel | None = None, sae: SAEs = None) -> dict[str, dict[float, list]]:
-    """Per sae_id and threshold: choose candidate subgraphs by size, collect ``n_batches_reconstruction`` batches of
+    """Per hook and threshold: choose candidate subgraphs by size, collect ``n_batches_reconstruction`` batches of
     latents with their tokens, contexts and positions, and ``save_pca_results``. Returns the paths written,
-    ``{sae_id: {threshold: [Path]}}``."""
-    gen, pca = config.generation, config.pca
+    ``{hook: {threshold: [Path]}}``."""
+    counting, pca = config.counting, config.pca
     model = load_model(config, model)
     saes = load_saes(config, model, sae)
-    store = _store(config, model, list(saes), pca.n_batches_reconstruction * gen.batch_size_tokens)
-    batches = store.resumable_batches(gen.batch_size_tokens)
+    store = _store(config, model, list(saes), pca.n_batches_reconstruction * counting.batch_size_tokens)
+    batches = store.resumable_batches(counting.batch_size_tokens)
     collected = [rows for rows, _ in islice(batches, pca.n_batches_reconstruction)]
     if not collected:
-        raise ValueError(f"the corpus {gen.corpus or 'default'!r} gave no tokens for the PCA: use a larger corpus")
+        raise ValueError(f"the corpus {counting.corpus or 'default'!r} gave no tokens for the PCA: use a larger corpus")
     meta = {key: torch.cat([rows[key] for rows in collected]) for key in ("tokens", "context", "position")}
     out: dict[str, dict[float, list]] = {}
-    for sae_id, s in saes.items():
-        latents = [encode(s, rows[sae_id]) for rows in collected]
-        for t in tqdm(gen.activation_thresholds, desc=f"pca {sae_id}", unit="threshold"):
-            subs = load_subgraphs(config, sae_id, t)
+    for hook, s in saes.items():
+        latents = [encode(s, rows[hook]) for rows in collected]
+        for t in tqdm(counting.activation_thresholds, desc=f"pca {hook}", unit="threshold"):
+            subs = load_subgraphs(config, hook, t)
             candidates = pca_candidates(subs, pca.candidate_sizes, pca.candidates_per_size, config.analysis.random_seed)
             empty = [size for size in pca.candidate_sizes if not candidates.get(size)]
             if empty:
-                warnings.warn(f"{sae_id} @ {t:g}: no subgraph of size {empty} for the PCA", stacklevel=2)
+                warnings.warn(f"{hook} @ {t:g}: no subgraph of size {empty} for the PCA", stacklevel=2)
             results = subgraph_pca_results(
                 candidates,
                 latents,
@@ -413,7 +403,7 @@ def run_pca(config: CoocConfig, model: HookedModel | None = None, sae: SAEs = No
                 t,
                 max_examples=pca.max_examples,
             )
-            out.setdefault(sae_id, {})[t] = save_pca_results(Path(config.results_dir) / sae_id, results)
+            out.setdefault(hook, {})[t] = save_pca_results(Path(config.results_dir) / hook, results)
     return out
 
 

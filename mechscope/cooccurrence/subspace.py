@@ -16,8 +16,8 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from mechscope.cooccurrence.counting import Batch
 from mechscope.cooccurrence.graph import Subgraph
+from mechscope.sae.latents import LatentsLike, as_sparse
 
 
 @dataclass
@@ -58,28 +58,25 @@ def pca_candidates(subs: list[Subgraph], sizes: Sequence[int], per_size: int, se
     return out
 
 
-def _batch_rows(batch: Batch, d_sae: int) -> tuple[sp.csr_array, Tensor, Tensor]:
-    """One dense or sparse batch as ``(acts, top_value, top_index)``.
+def _batch_rows(batch: LatentsLike, d_sae: int) -> tuple[sp.csr_array, Tensor, Tensor]:
+    """One batch of latents (dense or sparse, made :class:`~mechscope.sae.SparseLatents`) as ``(acts, top_value,
+    top_index)``.
 
-    ``acts`` is a float32 CSR ``[tokens, d_sae]`` of its nonzero activations (a latent listed twice in a sparse pair
-    is summed, padding zeros are dropped); ``top_value [tokens]`` and ``top_index [tokens]`` are each token's
-    strongest latent: the maximum over all ``d_sae`` latents of a dense batch, over the ``k`` entries of a pair.
+    ``acts`` is a float32 CSR ``[tokens, d_sae]`` of its nonzero activations (a latent listed twice is summed,
+    padding zeros are dropped); ``top_value [tokens]`` and ``top_index [tokens]`` are each token's strongest listed
+    latent (the lowest index among equals). A dense batch lists its nonzero latents, so wherever a latent is
+    positive this is the strongest of all ``d_sae``.
     """
-    if isinstance(batch, Tensor):
-        acts = batch.detach().reshape(-1, batch.shape[-1]).float().cpu()
-        top_value, top_index = acts.max(dim=-1)
-        rows, cols = acts.nonzero(as_tuple=True)
-        values = acts[rows, cols]
-    else:
-        indices, values = batch
-        indices = indices.reshape(-1, indices.shape[-1]).cpu()
-        values = values.detach().reshape(-1, values.shape[-1]).float().cpu()
-        top_value, top_pos = values.max(dim=-1)
-        top_index = indices.gather(-1, top_pos[:, None])[:, 0]
-        rows = torch.arange(indices.shape[0])[:, None].expand_as(indices).reshape(-1)
-        cols, values = indices.reshape(-1), values.reshape(-1)
+    latents = as_sparse(batch)
+    indices = latents.indices.reshape(-1, latents.k).cpu()
+    values = latents.values.detach().reshape(-1, latents.k).float().cpu()
+    top_value = values.max(dim=-1).values
+    top_index = torch.where(values == top_value[:, None], indices, torch.iinfo(indices.dtype).max).min(dim=-1).values
+    rows = torch.arange(indices.shape[0])[:, None].expand_as(indices).reshape(-1)
     n_tokens = top_value.shape[0]
-    acts = sp.csr_array((values.numpy(), (rows.numpy(), cols.numpy())), shape=(n_tokens, d_sae))
+    acts = sp.csr_array(
+        (values.reshape(-1).numpy(), (rows.numpy(), indices.reshape(-1).numpy())), shape=(n_tokens, d_sae)
+    )
     acts.sum_duplicates()
     acts.eliminate_zeros()
     return acts, top_value, top_index
@@ -136,7 +133,7 @@ def _fit(
 
 
 def subgraph_pca(
-    batches: Iterable[Batch],
+    batches: Iterable[LatentsLike],
     nodes: Sequence[int],
     W_dec: Tensor,  # noqa: N803 (the SAE's name for it)
     max_examples: int = 5000,
@@ -144,9 +141,10 @@ def subgraph_pca(
 ) -> SubspacePCA:
     """PCA of the subgraph ``nodes``' reconstructions ``activations @ W_dec[nodes]`` over the tokens where it fires.
 
-    ``batches`` are latent activations, dense ``[..., d_sae]`` or ``(indices, values)`` pairs ``[..., k]`` (as for
-    :func:`~mechscope.cooccurrence.count_cooccurrences`); ``W_dec [d_sae, d_in]``. A token counts when any subgraph
-    latent is ``> 0`` on it; the first ``max_examples`` such tokens are used, and batches after them are not read.
+    ``batches`` are latent activations, dense ``[..., d_sae]`` or sparse (``SparseLatents`` or ``(indices, values)``
+    pairs ``[..., k]``, as for :func:`~mechscope.cooccurrence.count_cooccurrences`); ``W_dec [d_sae, d_in]``. A token
+    counts when any subgraph latent is ``> 0`` on it; the first ``max_examples`` such tokens are used, and batches
+    after them are not read.
     For many subgraphs over batches held in memory, :func:`subgraph_pcas` reads the batches once.
     """
     node_a = np.asarray(nodes, dtype=np.int64)
@@ -168,7 +166,7 @@ def subgraph_pca(
 
 
 def subgraph_pcas(
-    batches: Sequence[Batch],
+    batches: Sequence[LatentsLike],
     node_lists: Sequence[Sequence[int]],
     W_dec: Tensor,  # noqa: N803
     max_examples: int = 5000,

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import ast
 import json
-import os
 import sys
 import sysconfig
 from collections.abc import Iterator
@@ -23,6 +22,9 @@ from pathlib import Path
 
 import torch
 from transformers import PreTrainedTokenizerBase
+
+from mechscope.files import atomic_write_text
+from mechscope.models.loading import cache_dir
 
 TEXT_SUFFIXES = (".txt", ".md", ".rst")
 
@@ -33,22 +35,16 @@ def default_texts() -> Iterator[str]:
     Parsing the standard library takes several seconds, so the first complete pass is saved as JSONL in
     mechscope's cache directory and later passes read that file.
     """
-    from mechscope.models.loading import cache_dir
-
     saved = cache_dir() / "corpus" / f"default-py{sys.version_info.major}.{sys.version_info.minor}.jsonl"
     if saved.exists():
         yield from _jsonl_texts(saved, "text")
         return
+    lines = []
+    for text in _build_default_texts():
+        lines.append(json.dumps({"text": text}) + "\n")
+        yield text
     saved.parent.mkdir(parents=True, exist_ok=True)
-    tmp = saved.with_name(f".{saved.name}.tmp{os.getpid()}")
-    try:
-        with tmp.open("w", encoding="utf-8") as out:
-            for text in _build_default_texts():
-                out.write(json.dumps({"text": text}) + "\n")
-                yield text
-        os.replace(tmp, saved)
-    finally:
-        tmp.unlink(missing_ok=True)  # a pass stopped early leaves no partial file
+    atomic_write_text(saved, "".join(lines))  # only a complete pass is saved
 
 
 def _build_default_texts() -> Iterator[str]:

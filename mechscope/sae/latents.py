@@ -22,10 +22,17 @@ class SparseLatents(NamedTuple):
 
     @classmethod
     def from_dense(cls, latents: Tensor) -> SparseLatents:
-        """The nonzero entries of ``latents [..., d_sae]``; ``k`` is the largest count of a token (at least 1)."""
-        width = int((latents != 0).sum(dim=-1).max()) if latents.numel() else 0
-        indices = latents.abs().topk(max(width, 1), dim=-1, sorted=False).indices
-        return cls(indices, latents.gather(-1, indices))
+        """The nonzero entries of ``latents [..., d_sae]`` (ascending latent order); ``k`` is the largest count of a
+        token (at least 1). One ``nonzero`` pass over the dense tensor, then work in the number of entries."""
+        flat = latents.reshape(-1, latents.shape[-1])
+        rows, cols = flat.nonzero(as_tuple=True)
+        counts = torch.bincount(rows, minlength=flat.shape[0])
+        k = max(int(counts.max()) if counts.numel() else 0, 1)
+        slots = torch.arange(len(rows), device=rows.device) - (counts.cumsum(0) - counts)[rows]
+        shape, lead = (flat.shape[0], k), latents.shape[:-1]
+        indices = torch.zeros(shape, dtype=torch.int64, device=flat.device).index_put((rows, slots), cols)
+        values = flat.new_zeros(shape).index_put((rows, slots), flat[rows, cols])
+        return cls(indices.view(*lead, k), values.view(*lead, k))
 
     def to_dense(self, d_sae: int) -> Tensor:
         """``[..., d_sae]``: the values scattered to their indices (an index listed twice adds up)."""
@@ -45,3 +52,11 @@ def as_sparse(latents: Tensor | SparseLatents | tuple[Tensor, Tensor]) -> Sparse
         return SparseLatents.from_dense(latents)
     indices, values = latents
     return SparseLatents(torch.as_tensor(indices), values)
+
+
+LatentsLike = Tensor | SparseLatents | tuple[Tensor, Tensor]  # what consumers accept and pass to as_sparse
+
+
+def dense_width(latents: LatentsLike) -> int | None:
+    """``d_sae`` of dense latents ``[..., d_sae]``; None for sparse ones, whose ``k`` slots do not tell it."""
+    return latents.shape[-1] if isinstance(latents, Tensor) else None

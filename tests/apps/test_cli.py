@@ -126,11 +126,11 @@ def test_parser_defaults_and_flags() -> None:
     with pytest.warns(DeprecatedSetting) as caught:  # flags of today's MainJobConfig, now in its nested configs
         job = load(MainJobConfig, overrides=flag_values(parser.parse_args(argv), MainJobConfig))
     assert [str(w.message) for w in caught] == [
-        "--activation-thresholds is deprecated: use --cooc.generation.activation-thresholds",
+        "--activation-thresholds is deprecated: use --cooc.counting.activation-thresholds",
         "--lr is deprecated: use --train.lr",
     ]
     assert (job.model, job.prompt, job.out_dir, job.top_k, job.max_new_tokens) == ("m.gguf", "Hi", "o", 2, 3)
-    assert (job.stages, job.cooc.generation.activation_thresholds, job.train.lr) == (["look", "sae"], [0.0, 2.5], 0.01)
+    assert (job.stages, job.cooc.counting.activation_thresholds, job.train.lr) == (["look", "sae"], [0.0, 2.5], 0.01)
     for bad in (["demo", "--max-new-tokens", "x"], ["demo", "--stages"], []):
         with pytest.raises(SystemExit):
             parser.parse_args(bad)
@@ -138,17 +138,17 @@ def test_parser_defaults_and_flags() -> None:
 
 def test_demo_reads_a_toml_file_of_nested_tables_under_its_flags(tmp_path: Path, capsys) -> None:
     example = load(MainJobConfig, Path(__file__).resolve().parents[2] / "examples" / "demo_quick.toml")
-    assert (example.train.n_tokens, example.cooc.generation.n_batches, example.out_dir) == (32768, 8, "demo_quick")
+    assert (example.train.n_tokens, example.cooc.counting.n_batches, example.out_dir) == (32768, 8, "demo_quick")
     path = tmp_path / "job.toml"
-    path.write_text("top_k = 2\n[train]\nk = 8\nlr = 0.01\n[cooc.generation]\nn_batches = 4\n")
+    path.write_text("top_k = 2\n[train]\nk = 8\nlr = 0.01\n[cooc.counting]\nn_batches = 4\n")
     argv = ["demo", "--config", str(path), "--train.k", "16", "--cooc.pca.candidate-sizes", "2", "--train.no-progress"]
     args = build_parser().parse_args(argv)
     job = load(MainJobConfig, args.config, flag_values(args, MainJobConfig))
     assert (job.top_k, job.train.k, job.train.lr, job.train.progress) == (2, 16, 0.01, False)
-    assert (job.cooc.generation.n_batches, job.cooc.pca.candidate_sizes) == (4, [2])
-    assert job.train.model == job.cooc.generation.model_name == job.model  # set once, from the job
+    assert (job.cooc.counting.n_batches, job.cooc.pca.candidate_sizes) == (4, [2])
+    assert job.train.model == job.cooc.counting.model == job.model  # set once, from the job
     assert job.train.shard_dir == str(Path(job.out_dir) / "activations")
-    assert job.cooc.generation.activations_dir == str((Path(job.out_dir) / "activations").resolve())
+    assert job.cooc.counting.activations_dir == str((Path(job.out_dir) / "activations").resolve())
     path.write_text('[train]\nout_dir = "elsewhere"\n')
     assert main(["demo", "--config", str(path)]) == 1
     assert capsys.readouterr().err.startswith(f"mechscope demo: error: {path}: [train].out_dir is set by MainJobConfig")
@@ -215,7 +215,7 @@ def test_cli_cooc_stages_on_a_local_model_and_sae(tmp_path: Path, capsys) -> Non
     (tmp_path / "corpus.txt").write_text("Latents that fire together on the same tokens form small groups. " * 8)
     toml = tmp_path / "cooc.toml"
     toml.write_text(
-        f'results_dir = "{tmp_path / "results"}"\n[generation]\nmodel_name = "{tmp_path / "model"}"\n'
+        f'results_dir = "{tmp_path / "results"}"\n[counting]\nmodel = "{tmp_path / "model"}"\n'
         f'sae = "{tmp_path / "sae"}"\ncorpus = "{tmp_path / "corpus.txt"}"\ncontext_length = 16\n'
         "n_batches = 3\nbatch_size_tokens = 20\nactivation_thresholds = [0.0, 0.1]\n"
         "[analysis]\nmin_subgraph_size = 2\nmax_subgraph_size = 4\n[pca]\ncandidate_sizes = [2]\n"
@@ -247,6 +247,6 @@ def test_cli_cooc_stages_on_a_local_model_and_sae(tmp_path: Path, capsys) -> Non
     assert main(["cooc", "run", str(toml)]) == 1
     err = capsys.readouterr().err
     assert err == (
-        f"mechscope cooc run: error: {toml}: unknown key [generation].n_batchs in [generation]; "
-        "did you mean [generation].n_batches?\n"
+        f"mechscope cooc run: error: {toml}: unknown key [counting].n_batchs in [counting]; "
+        "did you mean [counting].n_batches?\n"
     )

@@ -36,9 +36,9 @@ def _job(out_dir: Path, **overrides) -> MainJobConfig:
         "train.batch_size": 256,
         "train.shuffle_buffer": 4096,
         "train.dead_tokens_threshold": 2048,
-        "cooc.generation.activation_thresholds": [0.0, 0.5],
-        "cooc.generation.n_batches": 4,
-        "cooc.generation.batch_size_tokens": 512,
+        "cooc.counting.activation_thresholds": [0.0, 0.5],
+        "cooc.counting.n_batches": 4,
+        "cooc.counting.batch_size_tokens": 512,
         "cooc.analysis.min_subgraph_size": 3,
         "cooc.analysis.max_subgraph_size": 8,
         "cooc.pca.candidate_sizes": [2, 3],
@@ -76,17 +76,17 @@ def test_counts_are_over_the_first_harvested_rows(first_run) -> None:
     sae = SparseAutoencoder.load(out / "sae_training" / "sae")
     manifest = json.loads((out / "activations" / "manifest.json").read_text())
     rows = torch.cat([load_file(str(out / "activations" / s["file"]))[HOOK] for s in manifest["shards"]])
-    n = job.cooc.generation.n_batches * job.cooc.generation.batch_size_tokens
+    n = job.cooc.counting.n_batches * job.cooc.counting.batch_size_tokens
     with torch.no_grad():
         latents = sae.encode(rows[:n]).numpy()
-    for t in job.cooc.generation.activation_thresholds:
+    for t in job.cooc.counting.activation_thresholds:
         active = (latents > t).astype(np.int64)
         counts = load_counts(out / "cooc" / HOOK, t)
         assert counts.n_tokens == n
         np.testing.assert_array_equal(counts.counts.toarray(), active.T @ active)
     written = CoocConfig.from_toml(out / "cooc.toml")
     assert written == job.cooc
-    assert written.generation.activations_dir == str(out / "activations")
+    assert written.counting.activations_dir == str(out / "activations")
     assert (out / "cooc" / HOOK / "pca").is_dir()
 
 
@@ -99,7 +99,7 @@ def test_a_second_run_reuses_the_sae_its_evaluation_and_the_counts(llama, first_
     assert "Reused the SAE" in printed and "count: already done" in printed
     assert (out / "sae_training" / "sae" / "sae_weights.safetensors").read_bytes() == weights
     assert again["sae"] == result["sae"]
-    for t in job.cooc.generation.activation_thresholds:
+    for t in job.cooc.counting.activation_thresholds:
         assert again["cooc"]["graphs"][HOOK][t] == result["cooc"]["graphs"][HOOK][t]
 
 
@@ -118,6 +118,6 @@ def test_bad_pipeline_settings_fail_before_any_work(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"min_subgraph_size=9 is larger than \[analysis\].max_subgraph_size=8"):
         _job(tmp_path, **{"cooc.analysis.min_subgraph_size": 9})
     with pytest.raises(ValueError, match="activation_thresholds must be finite and >= 0"):
-        _job(tmp_path, **{"cooc.generation.activation_thresholds": [-1.0]})
+        _job(tmp_path, **{"cooc.counting.activation_thresholds": [-1.0]})
     with pytest.raises(ValueError, match=r"candidate_sizes must be list\[int\], got \[2.5\]"):
         _job(tmp_path, **{"cooc.pca.candidate_sizes": [2.5]})

@@ -2,21 +2,30 @@
 
 from __future__ import annotations
 
+import argparse
 import re
 from pathlib import Path
 
 import pytest
 
-from mechscope.cooccurrence.config import AnalysisConfig, ConfigError, CoocConfig, GenerationConfig, PCAConfig
+from mechscope.cooccurrence.config import (
+    AnalysisConfig,
+    ConfigError,
+    CoocConfig,
+    CountingConfig,
+    GenerationConfig,
+    PCAConfig,
+)
+from mechscope.settings import DeprecatedSetting, add_flags, flag_values, load
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "cooc.toml"
 
 FULL = """
 results_dir = "out/cooc"
 
-[generation]
-model_name = "smollm2-135m"
-sae_ids = ["blocks.3.hook_resid_post"]
+[counting]
+model = "smollm2-135m"
+hook_names = ["blocks.3.hook_resid_post"]
 corpus = "texts/"
 n_batches = 7
 batch_size_tokens = 512
@@ -29,7 +38,7 @@ activations_dir = "shards"
 text_field = "body"
 checkpoint_every = 2
 
-[generation.sae]
+[counting.sae]
 "blocks.3.hook_resid_post" = "saes/l3"
 "blocks.5.hook_resid_post" = "saes/l5"
 
@@ -59,10 +68,10 @@ def _write(tmp_path: Path, text: str) -> Path:
 def test_every_field_is_read_from_toml(tmp_path: Path) -> None:
     config = CoocConfig.from_toml(_write(tmp_path, FULL))
     assert config == CoocConfig(
-        GenerationConfig(
-            model_name="smollm2-135m",
+        CountingConfig(
+            model="smollm2-135m",
             sae={"blocks.3.hook_resid_post": "saes/l3", "blocks.5.hook_resid_post": "saes/l5"},
-            sae_ids=["blocks.3.hook_resid_post"],
+            hook_names=["blocks.3.hook_resid_post"],
             corpus="texts/",
             text_field="body",
             n_batches=7,
@@ -79,13 +88,13 @@ def test_every_field_is_read_from_toml(tmp_path: Path) -> None:
         PCAConfig([3, 4], 2, 1, 100),
         results_dir="out/cooc",
     )
-    assert all(isinstance(t, float) for t in config.generation.activation_thresholds)
+    assert all(isinstance(t, float) for t in config.counting.activation_thresholds)
 
 
 def test_defaults(tmp_path: Path) -> None:
-    config = CoocConfig.from_toml(_write(tmp_path, '[generation]\nmodel_name = "m"\nsae = "my_sae"\n'))
-    gen, an, pca = config.generation, config.analysis, config.pca
-    assert (gen.sae, gen.sae_ids, gen.corpus, gen.activations_dir) == ("my_sae", None, None, None)
+    config = CoocConfig.from_toml(_write(tmp_path, '[counting]\nmodel = "m"\nsae = "my_sae"\n'))
+    gen, an, pca = config.counting, config.analysis, config.pca
+    assert (gen.sae, gen.hook_names, gen.corpus, gen.activations_dir) == ("my_sae", None, None, None)
     assert (gen.n_batches, gen.batch_size_tokens, gen.activation_thresholds) == (100, 4096, [0.0])
     assert (gen.remove_special_tokens, gen.context_length, gen.batch_contexts, gen.checkpoint_every) == (
         True,
@@ -111,31 +120,34 @@ def test_defaults(tmp_path: Path) -> None:
 
 def test_the_example_config_is_valid() -> None:
     config = CoocConfig.from_toml(EXAMPLE)
-    assert config.generation.model_name == "smollm2-135m"
-    assert config.generation.sae_ids == ["blocks.15.hook_resid_post"]
+    assert config.counting.model == "smollm2-135m"
+    assert config.counting.hook_names == ["blocks.15.hook_resid_post"]
 
 
 @pytest.mark.parametrize(
     ("edit", "message"),
     [
-        (("n_batches = 7", "n_batches = 0"), "[generation].n_batches must be at least 1, got 0"),
-        (("n_batches = 7", 'n_batches = "7"'), "[generation].n_batches must be int, got '7'"),
-        (("n_batches = 7", "n_batches = 7.0"), "[generation].n_batches must be int, got 7.0"),
-        (("n_batches = 7", "n_batchs = 7"), "unknown key [generation].n_batchs in [generation]; did you mean "),
+        (("n_batches = 7", "n_batches = 0"), "[counting].n_batches must be at least 1, got 0"),
+        (("n_batches = 7", 'n_batches = "7"'), "[counting].n_batches must be int, got '7'"),
+        (("n_batches = 7", "n_batches = 7.0"), "[counting].n_batches must be int, got 7.0"),
+        (("n_batches = 7", "n_batchs = 7"), "unknown key [counting].n_batchs in [counting]; did you mean "),
         (("[pca]", "[pcaa]"), "unknown key pcaa in top level; did you mean pca?"),
         (("include_metrics = true", "include_metrics = 1"), "[analysis].include_metrics must be bool, got 1"),
-        (("[0, 1.5]", "[0, -1.5]"), "[generation].activation_thresholds must be finite and >= 0, got [-1.5]"),
-        (("[0, 1.5]", "[]"), "[generation].activation_thresholds is empty"),
-        (("[0, 1.5]", "[1.5, 1.5]"), "[generation].activation_thresholds has duplicates"),
-        (("[0, 1.5]", "1.5"), "[generation].activation_thresholds must be list[float], got 1.5"),
+        (("[0, 1.5]", "[0, -1.5]"), "[counting].activation_thresholds must be finite and >= 0, got [-1.5]"),
+        (("[0, 1.5]", "[]"), "[counting].activation_thresholds is empty"),
+        (("[0, 1.5]", "[1.5, 1.5]"), "[counting].activation_thresholds has duplicates"),
+        (("[0, 1.5]", "1.5"), "[counting].activation_thresholds must be list[float], got 1.5"),
         (("max_subgraph_size = 20", "max_subgraph_size = 5"), "[analysis].min_subgraph_size=10 is larger than"),
         (("candidate_sizes = [3, 4]", "candidate_sizes = [1, 4]"), "[pca].candidate_sizes must all be at least 2"),
         (("max_examples = 100", "max_examples = -1"), "[pca].max_examples must be at least 1, got -1"),
-        (('"blocks.5.hook_resid_post" = "saes/l5"', '"blocks.5.hook_resid_post" = 5'), "[generation].sae must be"),
-        (('sae_ids = ["blocks.3.hook_resid_post"]', 'sae_ids = ["blocks.4"]'), "[generation].sae_ids ['blocks.4']"),
-        (("context_length = 64", "context_length = 1"), "[generation].context_length must be at least 2"),
+        (('"blocks.5.hook_resid_post" = "saes/l5"', '"blocks.5.hook_resid_post" = 5'), "[counting].sae must be"),
+        (
+            ('hook_names = ["blocks.3.hook_resid_post"]', 'hook_names = ["blocks.4"]'),
+            "[counting].hook_names ['blocks.4']",
+        ),
+        (("context_length = 64", "context_length = 1"), "[counting].context_length must be at least 2"),
         (('results_dir = "out/cooc"', "results_dir = 3"), "results_dir must be a non-empty string, got 3"),
-        (('model_name = "smollm2-135m"', ""), "missing [generation].model_name"),
+        (('model = "smollm2-135m"', ""), "missing [counting].model"),
     ],
 )
 def test_errors_name_the_file_and_the_field(tmp_path: Path, edit: tuple[str, str], message: str) -> None:
@@ -148,15 +160,15 @@ def test_errors_name_the_file_and_the_field(tmp_path: Path, edit: tuple[str, str
 
 def test_file_level_errors(tmp_path: Path) -> None:
     path = _write(tmp_path, "[analysis]\nrandom_seed = 1\n")
-    with pytest.raises(ConfigError, match=re.escape(f"{path}: missing table [generation]")):
+    with pytest.raises(ConfigError, match=re.escape(f"{path}: missing table [counting]")):
         CoocConfig.from_toml(path)
-    path = _write(tmp_path, '[generation]\nmodel_name = "m"\n')
-    with pytest.raises(ConfigError, match=re.escape(f"{path}: missing [generation].sae")):
+    path = _write(tmp_path, '[counting]\nmodel = "m"\n')
+    with pytest.raises(ConfigError, match=re.escape(f"{path}: missing [counting].sae")):
         CoocConfig.from_toml(path)
-    path = _write(tmp_path, 'analysis = 3\n[generation]\nmodel_name = "m"\nsae = "s"\n')
+    path = _write(tmp_path, 'analysis = 3\n[counting]\nmodel = "m"\nsae = "s"\n')
     with pytest.raises(ConfigError, match=re.escape(f"{path}: [analysis] must be a table, got 3")):
         CoocConfig.from_toml(path)
-    path = _write(tmp_path, "[generation\n")
+    path = _write(tmp_path, "[counting\n")
     with pytest.raises(ConfigError, match=re.escape(f"{path} is not valid TOML")):
         CoocConfig.from_toml(path)
     with pytest.raises(FileNotFoundError):
@@ -164,14 +176,14 @@ def test_file_level_errors(tmp_path: Path) -> None:
 
 
 def test_python_construction_validates_too() -> None:
-    gen = GenerationConfig("m", activation_thresholds=(0, 2), sae_ids=("blocks.0.hook_resid_post",))
-    assert gen.activation_thresholds == [0.0, 2.0] and gen.sae_ids == ["blocks.0.hook_resid_post"]
+    gen = CountingConfig("m", activation_thresholds=(0, 2), hook_names=("blocks.0.hook_resid_post",))
+    assert gen.activation_thresholds == [0.0, 2.0] and gen.hook_names == ["blocks.0.hook_resid_post"]
     assert gen.sae is None  # in Python the SAE may be passed to the stages instead
-    with pytest.raises(ConfigError, match=re.escape("[generation].sae is one path but sae_ids lists 2 hooks")):
-        GenerationConfig("m", sae="s", sae_ids=["a", "b"])
-    assert GenerationConfig("m", sae_ids=["a", "b"]).sae_ids == ["a", "b"]  # the SAEs come to the stages in Python
-    with pytest.raises(ConfigError, match=re.escape("[generation].sae is an empty table")):
-        GenerationConfig("m", sae={})
+    with pytest.raises(ConfigError, match=re.escape("[counting].sae is one path but hook_names lists 2 hooks")):
+        CountingConfig("m", sae="s", hook_names=["a", "b"])
+    assert CountingConfig("m", hook_names=["a", "b"]).hook_names == ["a", "b"]  # the SAEs come to the stages in Python
+    with pytest.raises(ConfigError, match=re.escape("[counting].sae is an empty table")):
+        CountingConfig("m", sae={})
     with pytest.raises(ConfigError, match=re.escape("[analysis].random_seed must be int, got True")):
         AnalysisConfig(random_seed=True)
     with pytest.raises(ConfigError, match=re.escape("[pca] must be a PCAConfig, got dict")):
@@ -182,7 +194,7 @@ def test_python_construction_validates_too() -> None:
 def test_to_toml_round_trips(tmp_path: Path) -> None:
     odd = 'dir "quoted" \\ back\tslash é 😀 \x7f'
     config = CoocConfig(
-        GenerationConfig(
+        CountingConfig(
             "smollm2-135m",
             sae={"blocks.1.hook_resid_post": f"{odd}/a", "blocks.2.hook_resid_post": "b"},
             corpus=odd,
@@ -195,4 +207,31 @@ def test_to_toml_round_trips(tmp_path: Path) -> None:
     )
     path = config.to_toml(tmp_path / "c.toml")
     assert CoocConfig.from_toml(path) == config
-    assert "[generation.sae]" in path.read_text(encoding="utf-8")
+    assert "[counting.sae]" in path.read_text(encoding="utf-8")
+
+
+def test_the_old_names_are_still_read_with_a_warning_naming_the_new_ones(tmp_path: Path) -> None:
+    """``[generation]`` was ``[counting]``, ``model_name`` was ``model``, ``sae_ids`` were ``hook_names``."""
+    old = '[generation]\nmodel_name = "m"\nsae = "s"\nsae_ids = ["blocks.0.hook_resid_post"]\nn_batches = 3\n'
+    path = _write(tmp_path, old)
+    with pytest.warns(DeprecatedSetting) as caught:
+        config = CoocConfig.from_toml(path)
+    assert [str(w.message) for w in caught] == [
+        f"{path}: [generation] is deprecated: use [counting]",
+        f"{path}: [generation].model_name is deprecated: use [counting].model",
+        f"{path}: [generation].sae_ids is deprecated: use [counting].hook_names",
+    ]
+    assert config == CoocConfig(CountingConfig("m", sae="s", hook_names=["blocks.0.hook_resid_post"], n_batches=3))
+    assert GenerationConfig is CountingConfig  # the old name of the class still imports
+    with pytest.warns(DeprecatedSetting) as caught:
+        flagged = load(CoocConfig, path, {"generation.n_batches": 5})  # an override by its old name too
+    assert "[generation] is deprecated: use [counting]" in [str(w.message) for w in caught]
+    assert flagged.counting.n_batches == 5
+    both = _write(tmp_path, old + '[counting]\nmodel = "m"\nsae = "s"\n')
+    with pytest.raises(ConfigError, match=re.escape("both [generation] and [counting] are given: [generation] is the")):
+        CoocConfig.from_toml(both)
+    parser = argparse.ArgumentParser()
+    add_flags(parser, CoocConfig)
+    with pytest.warns(DeprecatedSetting, match="--generation.n-batches is deprecated: use --counting.n-batches"):
+        args = parser.parse_args(["--generation.n-batches", "7"])
+    assert flag_values(args, CoocConfig) == {"counting.n_batches": 7}

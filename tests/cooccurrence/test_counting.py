@@ -17,6 +17,7 @@ from mechscope.cooccurrence import (
     save_matrix,
 )
 from mechscope.sae import SAE, SAEConfig
+from mechscope.sae.latents import as_sparse
 
 D_SAE = 40
 THRESHOLDS = [0.0, 0.5, 1.25]
@@ -79,6 +80,21 @@ def test_sae_encode_sparse_and_encode_give_the_same_counts():
         assert expected.trace() > 0
         np.testing.assert_array_equal(from_sparse[t].counts.toarray(), expected)
         np.testing.assert_array_equal(from_dense[t].counts.toarray(), expected)
+
+
+def test_dense_latents_become_sparse_latents_of_their_nonzero_entries():
+    acts = random_batches(seed=6, n=1)[0]
+    acts[0, 3] = 0  # a token with no active latent
+    acts[1, 4, :5] = -0.5  # negative entries are listed too, and never count at a threshold >= 0
+    sparse = as_sparse(acts)
+    assert sparse.k == int((acts != 0).sum(dim=-1).max())
+    assert torch.equal(sparse.to_dense(D_SAE), acts)
+    assert sparse.indices.dtype == torch.int64 and sparse.values.shape == (*acts.shape[:-1], sparse.k)
+    for t in THRESHOLDS:
+        np.testing.assert_array_equal(
+            count_cooccurrences([sparse], [t], d_sae=D_SAE)[t].counts.toarray(), dense_reference([acts], t)
+        )
+    assert as_sparse(torch.zeros(0, D_SAE)).k == 1
 
 
 def test_exclude_drops_tokens():

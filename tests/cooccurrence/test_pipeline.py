@@ -13,8 +13,9 @@ import torch
 
 import mechscope.cooccurrence.pipeline as pipeline
 from mechscope import HookedModel
+from mechscope.apps.tables import format_graph_summary
 from mechscope.cooccurrence import load_counts
-from mechscope.cooccurrence.config import AnalysisConfig, CoocConfig, GenerationConfig, PCAConfig
+from mechscope.cooccurrence.config import AnalysisConfig, CoocConfig, CountingConfig, PCAConfig
 from mechscope.cooccurrence.pipeline import CHECKPOINT, run_all, run_count
 from mechscope.data import ActivationStore, iter_texts, pack_contexts
 from mechscope.sae import SAEConfig, SparseAutoencoder
@@ -53,18 +54,18 @@ def corpus(tmp_path: Path) -> str:
     return str(path)
 
 
-def _config(tmp_path: Path, corpus: str, name: str = "results", **generation) -> CoocConfig:
+def _config(tmp_path: Path, corpus: str, name: str = "results", **counting) -> CoocConfig:
     settings = {
-        "model_name": "random-llama",
+        "model": "random-llama",
         "corpus": corpus,
         "context_length": CONTEXT,
         "batch_contexts": BATCH_CONTEXTS,
         "batch_size_tokens": BATCH_ROWS,
         "n_batches": N_BATCHES,
         "activation_thresholds": THRESHOLDS,
-        **generation,
+        **counting,
     }
-    return CoocConfig(GenerationConfig(**settings), results_dir=str(tmp_path / name))
+    return CoocConfig(CountingConfig(**settings), results_dir=str(tmp_path / name))
 
 
 def _reference_rows(model: HookedModel, corpus: str, hook: str, n_rows: int) -> torch.Tensor:
@@ -111,19 +112,17 @@ def test_counts_equal_a_dense_reference_of_the_models_activations(llama, saes, c
     assert not np.array_equal(kept[HOOKS[0]][0.0].counts.toarray(), counts[HOOKS[0]][0.0].counts.toarray())
 
 
-def _counted_batches(monkeypatch, fail_on: list[int | None]) -> list[int]:
-    """Record the row count of every batch counted; raise on batch ``fail_on[0]`` (1-based) as a crash would."""
-    calls: list[int] = []
-    original = pipeline._count_batch
+class CountedBatches:
+    """An ``on_batch`` hook: records the row count of every batch counted and raises on batch ``fail_on`` (1-based),
+    as a kill would (before that batch is checkpointed)."""
 
-    def counting(rows, *args):
-        if fail_on[0] is not None and len(calls) + 1 == fail_on[0]:
+    def __init__(self, fail_on: int | None = None) -> None:
+        self.fail_on, self.calls = fail_on, []
+
+    def __call__(self, batches_done: int, rows: dict) -> None:
+        if batches_done == self.fail_on:
             raise KeyboardInterrupt
-        calls.append(len(rows["tokens"]))
-        original(rows, *args)
-
-    monkeypatch.setattr(pipeline, "_count_batch", counting)
-    return calls
+        self.calls.append(len(rows["tokens"]))
 
 
 def _assert_same(a: dict, b: dict) -> None:
@@ -140,49 +139,45 @@ def _saved(results: Path) -> dict:
 
 
 @pytest.mark.parametrize("checkpoint_every", [1, 2])
-def test_an_interrupted_count_resumes_to_the_uninterrupted_counts(
-    llama, saes, corpus, tmp_path, monkeypatch, checkpoint_every
-) -> None:
+def test_an_interrupted_count_resumes_to_the_uninterrupted_counts(llama, saes, corpus, tmp_path, checkpoint_every):
     full = run_count(_config(tmp_path, corpus, "full"), llama, saes)
     config = _config(tmp_path, corpus, "resumed", checkpoint_every=checkpoint_every)
-    fail_on: list[int | None] = [4]
-    calls = _counted_batches(monkeypatch, fail_on)
+    counted = CountedBatches(fail_on=4)
     with pytest.raises(KeyboardInterrupt):
-        run_count(config, llama, saes)
-    assert len(calls) == 3
+        run_count(config, llama, saes, on_batch=counted)
+    assert len(counted.calls) == 3
     saved = 3 - 3 % checkpoint_every  # batches in the last checkpoint; later ones are counted again
     with np.load(tmp_path / "resumed" / CHECKPOINT) as data:
         state = json.loads(data["state"].item())
     assert (state["batches_done"], state["n_tokens"]) == (saved, saved * BATCH_ROWS)
     assert not (tmp_path / "resumed" / HOOKS[0]).exists()  # nothing final is written before the count ends
 
-    calls.clear()
-    fail_on[0] = None
-    resumed = run_count(config, llama, saes)
-    assert calls == [BATCH_ROWS] * (N_BATCHES - saved)  # each batch counted once
+    counted = CountedBatches()
+    resumed = run_count(config, llama, saes, on_batch=counted)
+    assert counted.calls == [BATCH_ROWS] * (N_BATCHES - saved)  # each batch counted once
     _assert_same(resumed, full)
     _assert_same(_saved(tmp_path / "resumed"), full)
 
-    calls.clear()
-    again = run_count(config, llama, saes)  # a finished count is skipped
-    assert calls == []
+    counted = CountedBatches()
+    again = run_count(config, llama, saes, on_batch=counted)  # a finished count is skipped
+    assert counted.calls == []
     _assert_same(again, full)
 
     (tmp_path / "resumed" / HOOKS[1] / "feature_acts_cooc_n_tokens.json").unlink()  # files lost: written again
-    _assert_same(run_count(config, llama, saes), full)
-    assert calls == []
+    _assert_same(run_count(config, llama, saes, on_batch=counted), full)
+    assert counted.calls == []
     _assert_same(_saved(tmp_path / "resumed"), full)
 
 
-def test_stop_after_then_more_batches_extends_the_count(llama, saes, corpus, tmp_path, monkeypatch) -> None:
-    calls = _counted_batches(monkeypatch, [None])
-    run_count(_config(tmp_path, corpus, "ext"), llama, saes, stop_after=2)
-    assert calls == [BATCH_ROWS] * 2
+def test_stop_after_then_more_batches_extends_the_count(llama, saes, corpus, tmp_path) -> None:
+    counted = CountedBatches()
+    run_count(_config(tmp_path, corpus, "ext"), llama, saes, stop_after=2, on_batch=counted)
+    assert counted.calls == [BATCH_ROWS] * 2
     assert not (tmp_path / "ext" / HOOKS[0]).exists()
-    run_count(_config(tmp_path, corpus, "ext", n_batches=3), llama, saes)
+    run_count(_config(tmp_path, corpus, "ext", n_batches=3), llama, saes, on_batch=counted)
     assert _saved(tmp_path / "ext")[HOOKS[0]][0.0].n_tokens == 3 * BATCH_ROWS
-    run_count(_config(tmp_path, corpus, "ext"), llama, saes)
-    assert calls == [BATCH_ROWS] * N_BATCHES
+    run_count(_config(tmp_path, corpus, "ext"), llama, saes, on_batch=counted)
+    assert counted.calls == [BATCH_ROWS] * N_BATCHES
     _assert_same(_saved(tmp_path / "ext"), run_count(_config(tmp_path, corpus, "full"), llama, saes))
 
 
@@ -218,18 +213,18 @@ def test_errors_name_the_fix(llama, saes, corpus, tmp_path) -> None:
     wide = SparseAutoencoder(SAEConfig(d_in=32, d_sae=8, hook_name=HOOKS[0]))
     with pytest.raises(ValueError, match="d_in=32 but that hook of 'random-llama' is 64 wide"):
         run_count(_config(tmp_path, corpus, "wide"), llama, wide)
-    with pytest.raises(ValueError, match=r"no SAE: set \[generation\]\.sae"):
+    with pytest.raises(ValueError, match=r"no SAE: set \[counting\]\.sae"):
         run_count(_config(tmp_path, corpus, "none"), llama)
     with pytest.raises(ValueError, match="layer 9 is out of range"):
-        run_count(_config(tmp_path, corpus, "bad", sae_ids=["blocks.9.hook_resid_post"]), llama, saes[HOOKS[0]])
+        run_count(_config(tmp_path, corpus, "bad", hook_names=["blocks.9.hook_resid_post"]), llama, saes[HOOKS[0]])
     assert not (tmp_path / "wide").exists() and not (tmp_path / "none").exists() and not (tmp_path / "bad").exists()
 
 
 def test_saes_load_from_paths_by_sae_id(llama, saes, corpus, tmp_path) -> None:
     paths = {hook: str(sae.save(tmp_path / f"sae{i}")) for i, (hook, sae) in enumerate(saes.items())}
-    loaded = run_count(_config(tmp_path, corpus, "paths", sae=paths, sae_ids=[HOOKS[1]]), llama)
+    loaded = run_count(_config(tmp_path, corpus, "paths", sae=paths, hook_names=[HOOKS[1]]), llama)
     assert list(loaded) == [HOOKS[1]]
-    one = run_count(_config(tmp_path, corpus, "one", sae=paths[HOOKS[0]]), llama)  # sae_id: the SAE's hook_name
+    one = run_count(_config(tmp_path, corpus, "one", sae=paths[HOOKS[0]]), llama)  # hook: the SAE's hook_name
     direct = run_count(_config(tmp_path, corpus, "direct"), llama, saes)
     _assert_same(loaded, {HOOKS[1]: direct[HOOKS[1]]})
     _assert_same(one, {HOOKS[0]: direct[HOOKS[0]]})
@@ -249,6 +244,7 @@ def test_run_all_runs_the_stages_in_order_and_prints_where_the_results_are(llama
     printed = capsys.readouterr().out
     results = tmp_path / "results"
     assert f"Results in {results.resolve()}" in printed
+    printed += format_graph_summary(out["graphs"])  # the table the command line prints after the stages
     written = json.loads((results / "summary.json").read_text())
     n_found = 0
     for hook in HOOKS:
