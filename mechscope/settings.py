@@ -46,7 +46,7 @@ from mechscope.files import atomic_write_text
 class ConfigError(ValueError):
     """A config that cannot be used: the message names the file (when read from one), the field and the fix.
 
-    ``field`` is the dotted path of the offending setting in the config being built (``"generation.n_batches"``),
+    ``field`` is the dotted path of the offending setting in the config being built (``"counting.n_batches"``),
     when known.
     """
 
@@ -66,7 +66,7 @@ Path_ = tuple[str, ...]
 class Config:
     """Base of mechscope's dataclass configs: :meth:`from_toml`, :meth:`to_toml` and :meth:`derived`.
 
-    ``LABEL`` prefixes a field's name in messages: ``"[generation]."`` for a TOML table, ``"TrainConfig."`` for a
+    ``LABEL`` prefixes a field's name in messages: ``"[counting]."`` for a TOML table, ``"TrainConfig."`` for a
     config named by its class, ``""`` for the top level of a file.
     """
 
@@ -108,7 +108,7 @@ def meta(
 
 
 def label(config: Any, name: str) -> str:
-    """How messages name the field ``name`` of ``config`` (a config or its class): ``[generation].n_batches``."""
+    """How messages name the field ``name`` of ``config`` (a config or its class): ``[counting].n_batches``."""
     return f"{config.LABEL}{name}"
 
 
@@ -249,7 +249,7 @@ def _make_schema(cls: type) -> _Schema:
 
 
 def _key(path: Path_) -> str:
-    """A setting's place in a file: ``results_dir``, ``[generation].n_batches``."""
+    """A setting's place in a file: ``results_dir``, ``[counting].n_batches``."""
     return path[-1] if len(path) == 1 else f"[{'.'.join(path[:-1])}].{path[-1]}"
 
 
@@ -410,7 +410,7 @@ def _required(cls: type) -> list[str]:
 
 
 def _unknown(cls: Any, path: Path_, key: str, known: list[str]) -> str:
-    """``unknown key [generation].n_batchs in [generation]; did you mean [generation].n_batches?``"""
+    """``unknown key [counting].n_batchs in [counting]; did you mean [counting].n_batches?``"""
     close = difflib.get_close_matches(key, known, n=1)
     if path or not cls.LABEL.endswith("."):
         shown, where, prefix = _key((*path, key)), _table(path), _key((*path, ""))

@@ -1,6 +1,13 @@
 """SAE latent co-occurrence: exact counts, Jaccard, thresholded graphs and their subgraphs."""
 
-from mechscope.cooccurrence.config import AnalysisConfig, ConfigError, CoocConfig, GenerationConfig, PCAConfig
+from mechscope.cooccurrence.config import (
+    AnalysisConfig,
+    ConfigError,
+    CoocConfig,
+    CountingConfig,
+    GenerationConfig,
+    PCAConfig,
+)
 from mechscope.cooccurrence.counting import CooccurrenceCounts, count_cooccurrences, jaccard
 from mechscope.cooccurrence.graph import (
     EdgeThreshold,
@@ -41,6 +48,7 @@ __all__ = [
     "ConfigError",
     "CoocConfig",
     "CooccurrenceCounts",
+    "CountingConfig",
     "EdgeThreshold",
     "GenerationConfig",
     "GraphResults",

@@ -211,7 +211,7 @@ def test_to_toml_round_trips(tmp_path: Path) -> None:
 
 
 def test_the_old_names_are_still_read_with_a_warning_naming_the_new_ones(tmp_path: Path) -> None:
-    """``[generation]`` was ``[counting]``, ``model_name`` was ``model``, ``sae_ids`` were ``hook_names``."""
+    """``[counting]`` was ``[generation]``, ``model`` was ``model_name``, ``hook_names`` were ``sae_ids``."""
     old = '[generation]\nmodel_name = "m"\nsae = "s"\nsae_ids = ["blocks.0.hook_resid_post"]\nn_batches = 3\n'
     path = _write(tmp_path, old)
     with pytest.warns(DeprecatedSetting) as caught:

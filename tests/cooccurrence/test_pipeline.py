@@ -220,7 +220,7 @@ def test_errors_name_the_fix(llama, saes, corpus, tmp_path) -> None:
     assert not (tmp_path / "wide").exists() and not (tmp_path / "none").exists() and not (tmp_path / "bad").exists()
 
 
-def test_saes_load_from_paths_by_sae_id(llama, saes, corpus, tmp_path) -> None:
+def test_saes_load_from_paths_by_hook_name(llama, saes, corpus, tmp_path) -> None:
     paths = {hook: str(sae.save(tmp_path / f"sae{i}")) for i, (hook, sae) in enumerate(saes.items())}
     loaded = run_count(_config(tmp_path, corpus, "paths", sae=paths, hook_names=[HOOKS[1]]), llama)
     assert list(loaded) == [HOOKS[1]]
