@@ -10,7 +10,7 @@ Layout (``t`` is the activity threshold with ``.`` as ``_``, one folder per hook
     <hook>/feature_acts_cooc_n_tokens.json            {threshold: tokens counted}, written last
     <hook>/graph_summary_{t}.json                     the graph summary of one threshold
     <hook>/dataframes/node_info_df_{t}.csv, .parquet  the node table
-    <hook>/subgraph_objects/activation_{t}/subgraph_{id}.json
+    <hook>/subgraph_objects/activation_{t}/subgraph_{id}.json     one subgraph of more than one latent
     <hook>/subgraph_plots/activation_{t}/subgraph_{id}.html, index.html
     <hook>/subgraph_sizes_{t}.png                     the histogram of subgraph sizes
     <hook>/pca/graph_analysis_results_size_{n}_activation_{t}.h5
@@ -71,6 +71,12 @@ def file_name(kind: str, threshold: float) -> str:
 def graph_summary_path(results_dir: str | Path, activity_threshold: float) -> Path:
     """``results_dir/graph_summary_{t}.json``."""
     return Path(results_dir) / f"graph_summary_{threshold_tag(activity_threshold)}.json"
+
+
+def subgraph_object_path(results_dir: str | Path, activity_threshold: float, subgraph_id: int) -> Path:
+    """``results_dir/subgraph_objects/activation_{t}/subgraph_{id}.json``."""
+    tag = threshold_tag(activity_threshold)
+    return Path(results_dir) / "subgraph_objects" / f"activation_{tag}" / f"subgraph_{subgraph_id}.json"
 
 
 def pca_results_path(results_dir: str | Path, size: int, activity_threshold: float) -> Path:
@@ -275,14 +281,14 @@ def save_graphs(
     tag = threshold_tag(t)
     subs = graphs.subgraphs
     if not skip_subgraph_files:
-        sub_dir = out / "subgraph_objects" / f"activation_{tag}"
+        sub_dir = subgraph_object_path(out, t, 0).parent
         sub_dir.mkdir(parents=True, exist_ok=True)
         for stale in sub_dir.glob("subgraph_*.json"):  # from an earlier run, whose subgraphs may differ
             stale.unlink()
         for sub in subs:
             if len(sub.nodes) > 1:
                 record = {"id": sub.id, "nodes": sub.nodes, "edges": sub.edges, "weights": sub.weights}
-                atomic_write_text(sub_dir / f"subgraph_{sub.id}.json", json.dumps(record) + "\n")
+                atomic_write_text(subgraph_object_path(out, t, sub.id), json.dumps(record) + "\n")
     (out / "dataframes").mkdir(parents=True, exist_ok=True)
     tables = out / "dataframes" / f"node_info_df_{tag}"
     write_node_table(graphs.node_table, tables.with_suffix(".csv"), tables.with_suffix(".parquet"))
@@ -311,6 +317,16 @@ def load_graph_summary(results_dir: str | Path, activity_threshold: float) -> di
         raise FileNotFoundError(f"{path} is missing: run the graphs stage first")
     summary: dict[str, Any] = json.loads(path.read_text())
     return summary
+
+
+def load_subgraph(results_dir: str | Path, activity_threshold: float, subgraph_id: int) -> dict[str, Any]:
+    """The record :func:`save_graphs` wrote for one subgraph of more than one latent: ``{"id", "nodes", "edges",
+    "weights"}`` (edges as ``[i, j]`` lists)."""
+    path = subgraph_object_path(results_dir, activity_threshold, subgraph_id)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing: run the graphs stage (without skip_subgraph_files)")
+    record: dict[str, Any] = json.loads(path.read_text())
+    return record
 
 
 def save_summaries(results_dir: str | Path, summaries: dict[str, dict[float, dict[str, Any]]]) -> Path:

@@ -27,6 +27,7 @@ from mechscope.cooccurrence import (
     subgraphs,
     summary,
 )
+from mechscope.cooccurrence.outputs import load_graph_summary, load_subgraph
 
 
 def symmetric(n: int, edges: dict[tuple[int, int], float]) -> sp.csr_array:
@@ -172,6 +173,8 @@ def test_metrics_node_table_and_summary(tmp_path):
     assert result["edge_threshold"] == pytest.approx(0.5) and result["largest_subgraph"] == 4
     record = json.loads((tmp_path / "subgraph_objects" / "activation_1_5" / "subgraph_1.json").read_text())
     assert record == {"id": 1, "nodes": [4, 5], "edges": [[4, 5]], "weights": [pytest.approx(0.9)]}
+    assert load_subgraph(tmp_path, 1.5, 1) == record  # the reader of that file
+    assert load_graph_summary(tmp_path, 1.5) == result
     with open(tmp_path / "dataframes" / "node_info_df_1_5.csv") as f:
         table = list(csv.DictReader(f))
     assert [int(r["subgraph_size"]) for r in table] == [4, 4, 4, 4, 2, 2]
