@@ -2,7 +2,7 @@
 # The one entry point on a fresh machine. It creates .venv (or $MECHSCOPE_VENV), installs what the task
 # needs (CPU torch 2.13.0 pinned), then runs it:
 #   bash run.sh demo    the end-to-end demo on SmolLM2-135M (offline)
-#   bash run.sh test    the whole test suite (pass pytest arguments after it, e.g. -m "not slow")
+#   bash run.sh test    ruff, mypy, then the whole test suite on every core (pytest arguments after it, e.g. -m "not slow")
 #   bash run.sh bench   the benchmarks side by side with TransformerLens and SAELens; rewrites docs/benchmarks.md
 #                       (SAELens pins transformer-lens<4, so it gets its own venv, .venv-saelens)
 set -euo pipefail
@@ -49,7 +49,9 @@ case "$task" in
     test)
         setup dev
         "$venv/bin/ruff" check mechscope tests benchmarks examples
-        exec "$venv/bin/python" -m pytest "$@"
+        "$venv/bin/mypy" mechscope  # settings in pyproject.toml
+        # one worker per core (pytest-xdist); pass -n 0 to run in this process
+        exec "$venv/bin/python" -m pytest -n "${MECHSCOPE_TEST_WORKERS:-$(nproc)}" "$@"
         ;;
     bench)
         setup dev,bench
