@@ -105,6 +105,18 @@ def active_entries(latents: SparseLatents, context: Tensor, position: Tensor) ->
     return latents.indices[active], latents.values[active], context[row], position[row]
 
 
+def activation_bin(latent: Tensor, value: Tensor, max_activation: Tensor, n_bins: int) -> Tensor:
+    """``[m]`` bin of each activation ``value [m]`` of ``latent [m]`` among ``n_bins`` equal bins over
+    ``(0, max_activation[latent]]``: ``b`` for ``value / max`` in ``(b/n, (b+1)/n]``."""
+    frac = value.float() / max_activation[latent].float().clamp_min(torch.finfo(torch.float32).tiny)
+    return (torch.ceil(frac * n_bins).long() - 1).clamp(0, n_bins - 1)
+
+
+def bin_edges(max_activation: Tensor, n_bins: int) -> Tensor:
+    """``[d_sae, n_bins + 1]``: the edges of :func:`activation_bin`'s bins, from 0 to each max activation."""
+    return max_activation.float()[:, None] * torch.linspace(0, 1, n_bins + 1)[None, :]
+
+
 class TopExamples:
     """Per latent, the ``k`` tokens where it is most active: ``self.selection`` (``[d_sae, k]``, best first)."""
 
@@ -150,19 +162,14 @@ class BinSamples:
         self.d_sae, self.n_bins, self.seed = max_activation.numel(), n_bins, seed
         self.selection = Selection.empty(self.d_sae * n_bins, per_bin)
 
-    def bin_of(self, latent: Tensor, value: Tensor) -> Tensor:
-        """``[m]`` bin of each activation ``value`` of ``latent``: ``b`` for ``value / max`` in ``(b/n, (b+1)/n]``."""
-        frac = value.float() / self.max_activation[latent].clamp_min(torch.finfo(torch.float32).tiny)
-        return (torch.ceil(frac * self.n_bins).long() - 1).clamp(0, self.n_bins - 1)
-
     def bin_edges(self) -> Tensor:
         """``[d_sae, n_bins + 1]``: each latent's bin edges, from 0 to its max activation."""
-        return self.max_activation[:, None] * torch.linspace(0, 1, self.n_bins + 1)[None, :]
+        return bin_edges(self.max_activation, self.n_bins)
 
     def update(self, latents: SparseLatents, context: Tensor, position: Tensor) -> None:
         """Take in a batch, as :meth:`TopExamples.update`."""
         latent, value, ctx, pos = active_entries(latents, context, position)
-        group = latent * self.n_bins + self.bin_of(latent, value)
+        group = latent * self.n_bins + activation_bin(latent, value, self.max_activation, self.n_bins)
         scores = priority(ctx, pos, latent, self.seed)
         batch = select(group, scores, value, ctx, pos, self.d_sae * self.n_bins, self.selection.k)
         self.selection = self.selection.merge(batch)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from mechscope.dashboards.density import ActivationHistograms, FiringCounts
 from mechscope.dashboards.logit_effects import logit_effects
 from mechscope.dashboards.selection import EMPTY, BinSamples, TopExamples, priority
 from mechscope.dashboards.windows import NO_TOKEN, Windows
@@ -145,3 +146,26 @@ def test_logit_effects_equal_the_dense_product(norm):
     assert torch.allclose(effects.top_values, full.topk(4, dim=1).values, atol=1e-5)
     assert torch.equal(effects.top_tokens, full.topk(4, dim=1).indices)
     assert torch.equal(effects.bottom_tokens, (-full).topk(4, dim=1).indices)
+
+
+def test_firing_counts_and_histograms_equal_brute_force_and_merge():
+    dense, _, _, _ = corpus(4)
+    maxes = dense.max(dim=0).values
+    n_bins = 6
+    counts, hist = FiringCounts(D_SAE), ActivationHistograms(maxes, n_bins)
+    other_counts, other_hist = FiringCounts(D_SAE), ActivationHistograms(maxes, n_bins)
+    half = len(dense) // 2
+    for s, (c, h) in ((slice(0, half), (counts, hist)), (slice(half, None), (other_counts, other_hist))):
+        c.update(SparseLatents.from_dense(dense[s]))
+        h.update(SparseLatents.from_dense(dense[s]))
+    counts.merge(other_counts)
+    hist.merge(other_hist)
+    assert counts.n_tokens == len(dense)
+    assert torch.equal(counts.density(), (dense > 0).double().mean(dim=0))
+    edges = hist.edges()
+    for latent in range(D_SAE):
+        for b in range(n_bins):
+            lo, hi = float(edges[latent, b]), float(edges[latent, b + 1])
+            column = dense[:, latent]
+            assert int(hist.counts[latent, b]) == int(((column > lo) & (column <= hi) & (column > 0)).sum())
+    assert int(hist.counts.sum()) == int((dense > 0).sum())
