@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
 from torch.testing import assert_close
@@ -25,7 +27,7 @@ def stored_rows(seed: int = 0):
         "position": position,
     }
     bounds = [0, 13, 40, 41, context.numel()]
-    return rows, [{k: v[a:b] for k, v in rows.items()} for a, b in zip(bounds, bounds[1:], strict=False)]
+    return rows, [{k: v[a:b] for k, v in rows.items()} for a, b in itertools.pairwise(bounds)]
 
 
 @pytest.mark.parametrize("architecture", ["relu", "topk"])
