@@ -9,6 +9,7 @@ import torch
 from torch.testing import assert_close
 
 from mechscope.dashboards.build import DashboardSettings, compute_dashboards
+from mechscope.dashboards.outputs import load_dashboards, read_meta, read_tensor, save_dashboards
 from mechscope.sae import SAE, SAEConfig
 from tests.sae_utils import random_weights
 
@@ -68,3 +69,21 @@ def test_dashboards_equal_the_dense_latents(architecture):
             assert torch.equal(dash.bins.activations[group, : len(values), 2], values)
     effects = (sae.W_dec.detach() * norm) @ W_U
     assert torch.equal(dash.logits.top_tokens, effects.topk(5, dim=1).indices)
+
+
+def test_saved_dashboards_read_back_equal(tmp_path):
+    sae = SAE(SAEConfig(D_IN, D_SAE, "topk", k=3))
+    sae.load_state_dict(random_weights(D_IN, D_SAE, 1))
+    _, chunks = stored_rows(1)
+    dash = compute_dashboards(sae, HOOK, lambda: iter(chunks), torch.randn(D_IN, 30), None, progress=False)
+    save_dashboards(tmp_path, dash, {"hook_name": HOOK})
+    back = load_dashboards(tmp_path)
+    assert back.settings == dash.settings and back.n_tokens == dash.n_tokens
+    for name in ("firing", "max_activation", "histogram", "bin_edges", "histogram_edges"):
+        assert torch.equal(getattr(back, name), getattr(dash, name))
+    for group in ("top", "bins"):
+        for field in ("values", "context", "position", "tokens", "activations"):
+            assert torch.equal(getattr(getattr(back, group), field), getattr(getattr(dash, group), field))
+    assert torch.equal(back.logits.bottom_tokens, dash.logits.bottom_tokens)
+    assert torch.equal(read_tensor(tmp_path, "top.context"), dash.top.context)
+    assert read_meta(tmp_path)["source"] == {"hook_name": HOOK}

@@ -1,0 +1,95 @@
+"""Dashboards on disk: ``dashboards.safetensors`` (every tensor of :class:`~mechscope.dashboards.build.Dashboards`)
+and ``dashboards.json`` (the settings, token count and what they were computed from). Both are written atomically;
+safetensors can be read one tensor at a time (:func:`read_tensor`), which is how the explorer reads them."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from mechscope.dashboards.build import Dashboards, DashboardSettings, Examples
+from mechscope.dashboards.logit_effects import LogitEffects
+from mechscope.files import atomic_write, atomic_write_json
+
+TENSORS = "dashboards.safetensors"
+META = "dashboards.json"
+FORMAT_VERSION = 1
+
+
+def _flat(dash: Dashboards) -> dict[str, Tensor]:
+    out: dict[str, Tensor] = {}
+    for group in ("top", "bins"):
+        for f in dataclasses.fields(Examples):
+            out[f"{group}.{f.name}"] = getattr(getattr(dash, group), f.name)
+    for f in dataclasses.fields(LogitEffects):
+        out[f"logits.{f.name}"] = getattr(dash.logits, f.name)
+    for name in ("bin_edges", "firing", "max_activation", "histogram", "histogram_edges"):
+        out[name] = getattr(dash, name)
+    return {k: v.contiguous() for k, v in out.items()}
+
+
+def save_dashboards(directory: str | Path, dash: Dashboards, source: dict[str, Any]) -> Path:
+    """Write ``dash`` into ``directory``; ``source`` (JSON-able: model, hook, SAE, store settings) says what it was
+    computed from, and a resumed run compares it. Returns the directory."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = _flat(dash)
+    atomic_write(directory / TENSORS, lambda tmp: save_file(tensors, str(tmp)))
+    meta = {
+        "version": FORMAT_VERSION,
+        "settings": dataclasses.asdict(dash.settings),
+        "source": source,
+        "n_tokens": dash.n_tokens,
+        "d_sae": dash.d_sae,
+    }
+    atomic_write_json(directory / META, meta)
+    return directory
+
+
+def read_meta(directory: str | Path) -> dict[str, Any] | None:
+    """``dashboards.json`` of ``directory``, or None when there is none (the tensors file is written first, so the
+    metadata's presence means the run finished)."""
+    path = Path(directory) / META
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON ({e}); delete the folder and run the dashboards stage again") from e
+
+
+def read_tensor(directory: str | Path, name: str) -> Tensor:
+    """One tensor of the dashboards file (``"top.values"``, ``"firing"``, ...), without reading the others."""
+    with safe_open(str(Path(directory) / TENSORS), framework="pt") as f:
+        return f.get_tensor(name)
+
+
+def load_dashboards(directory: str | Path) -> Dashboards:
+    """The dashboards :func:`save_dashboards` wrote into ``directory``."""
+    meta = read_meta(directory)
+    if meta is None:
+        raise FileNotFoundError(f"no {META} in {directory}: run the dashboards stage first")
+    t = load_file(str(Path(directory) / TENSORS))
+
+    def examples(group: str) -> Examples:
+        return Examples(**{f.name: t[f"{group}.{f.name}"] for f in dataclasses.fields(Examples)})
+
+    logits = LogitEffects(**{f.name: t[f"logits.{f.name}"] for f in dataclasses.fields(LogitEffects)})
+    return Dashboards(
+        settings=DashboardSettings(**meta["settings"]),
+        top=examples("top"),
+        bins=examples("bins"),
+        bin_edges=t["bin_edges"],
+        firing=t["firing"],
+        n_tokens=meta["n_tokens"],
+        max_activation=t["max_activation"],
+        histogram=t["histogram"],
+        histogram_edges=t["histogram_edges"],
+        logits=logits,
+    )
