@@ -148,7 +148,8 @@ def compute_dashboards(
 
     top_examples = _examples_of(top.selection, 1)
     bin_examples = _examples_of(bins.selection, s.n_bins)
-    windows = Windows(*(torch.cat(parts) for parts in zip(top_examples, bin_examples, strict=True)), window=s.window)
+    context, position, latent = (torch.cat(parts) for parts in zip(top_examples, bin_examples, strict=True))
+    windows = Windows(context, position, latent, window=s.window)
     for latents, rows in _encoded(sae, hook_name, chunks, "dashboards 3/3: windows", progress):
         windows.update(latents, rows["context"], rows["position"], rows["tokens"])
 
