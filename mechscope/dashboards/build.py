@@ -11,7 +11,8 @@ The SAE encodes each chunk of rows once per pass; nothing ``[tokens, d_sae]`` is
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 from torch import Tensor
@@ -23,6 +24,7 @@ from mechscope.dashboards.selection import BinSamples, Selection, TopExamples
 from mechscope.dashboards.windows import Windows
 from mechscope.sae.latents import SparseLatents
 from mechscope.sae.model import SparseAutoencoder
+from mechscope.settings import Config, at_least, check_fields, meta
 
 Chunks = Callable[[], Iterable[Mapping[str, Tensor]]]
 """A fresh iterator over the stored rows at each call: dicts with the hook's ``[n, d_in]`` and ``tokens``,
@@ -30,16 +32,23 @@ Chunks = Callable[[], Iterable[Mapping[str, Tensor]]]
 
 
 @dataclass
-class DashboardSettings:
-    """What a dashboard run picks (the defaults follow SAEDashboard)."""
+class DashboardSettings(Config):
+    """What a dashboard run computes per latent (the defaults follow SAEDashboard)."""
 
-    n_top: int = 20  # top-activating examples per latent
-    window: int = 16  # tokens each side of an example
-    n_bins: int = 5  # activation bins of the sampled examples
-    per_bin: int = 5  # examples sampled per bin
-    histogram_bins: int = 40  # bins of the activation histogram
-    n_logits: int = 10  # promoted / suppressed tokens per latent
-    seed: int = 0  # seeds the bin samples
+    n_top: int = field(default=20, metadata=meta("top-activating examples per latent"))
+    window: int = field(default=16, metadata=meta("tokens each side of an example"))
+    n_bins: int = field(default=5, metadata=meta("activation bins of the sampled examples"))
+    per_bin: int = field(default=5, metadata=meta("examples sampled per bin"))
+    histogram_bins: int = field(default=40, metadata=meta("bins of the activation histogram"))
+    n_logits: int = field(default=10, metadata=meta("promoted and suppressed tokens per latent"))
+    seed: int = field(default=0, metadata=meta("seeds the bin samples"))
+
+    LABEL: ClassVar[str] = "[dashboards]."
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        at_least(self, 1, "n_top", "n_bins", "per_bin", "histogram_bins", "n_logits")
+        at_least(self, 0, "window")
 
 
 @dataclass

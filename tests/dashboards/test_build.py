@@ -11,6 +11,7 @@ from torch.testing import assert_close
 from mechscope.dashboards.build import DashboardSettings, compute_dashboards
 from mechscope.dashboards.outputs import load_dashboards, read_meta, read_tensor, save_dashboards
 from mechscope.sae import SAE, SAEConfig
+from mechscope.settings import ConfigError
 from tests.sae_utils import random_weights
 
 D_IN, D_SAE, N_CONTEXTS, CONTEXT_LENGTH, HOOK = 6, 20, 7, 16, "blocks.0.hook_resid_post"
@@ -87,3 +88,8 @@ def test_saved_dashboards_read_back_equal(tmp_path):
     assert torch.equal(back.logits.bottom_tokens, dash.logits.bottom_tokens)
     assert torch.equal(read_tensor(tmp_path, "top.context"), dash.top.context)
     assert read_meta(tmp_path)["source"] == {"hook_name": HOOK}
+
+
+def test_bad_settings_name_the_field():
+    with pytest.raises(ConfigError, match=r"\[dashboards\]\.n_top"):
+        DashboardSettings(n_top=0)
