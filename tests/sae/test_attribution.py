@@ -36,8 +36,9 @@ def test_direct_effects_add_up_to_the_logit_at_the_last_residual(model):
     rest = x - (att.activations[:, None] * sae.W_dec.detach()[att.latents]).sum(0)  # b_dec + error
     if model.cfg.normalization_type == "LN":
         rest = rest - rest.mean()
-    rest_effect = (rest / cache["ln_final.hook_scale"][0, 4]) * model.ln_final_w @ model.W_U[:, target]
-    bias = model.ln_final_b @ model.W_U[:, target] + model.b_U[target]
+    with torch.no_grad():
+        rest_effect = (rest / cache["ln_final.hook_scale"][0, 4]) * model.ln_final_w @ model.W_U[:, target]
+        bias = model.ln_final_b @ model.W_U[:, target] + model.b_U[target]
     logits = model(tokens).detach()
     assert att.logit == pytest.approx(float(logits[0, 4, target]), abs=1e-5)
     assert float(att.direct_effects.sum() + rest_effect + bias) == pytest.approx(att.logit, abs=1e-4)
