@@ -95,7 +95,7 @@ def attribute_latents(
     if parse_hook(splice.hook_name).point in RESIDUAL_WRITES:
         if model.cfg.normalization_type == "LN":
             writes = writes - writes.mean(-1, keepdim=True)
-        unembed = (model.ln_final_w.detach() * model.W_U.detach()[:, target].T).float()  # [d_model]
+        unembed = (model.ln_final_w.detach() * model.W_U.detach()[:, target]).float()  # [d_model]
         direct = (writes / scale["final"][0, pos].float()) @ unembed
     else:
         direct = torch.full_like(a, float("nan"))
