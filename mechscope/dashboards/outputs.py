@@ -19,6 +19,7 @@ from mechscope.files import atomic_write, atomic_write_json
 
 TENSORS = "dashboards.safetensors"
 META = "dashboards.json"
+VOCAB = "vocab.json"  # the token strings, so nothing that shows dashboards needs the tokenizer
 FORMAT_VERSION = 1
 
 
@@ -34,13 +35,15 @@ def _flat(dash: Dashboards) -> dict[str, Tensor]:
     return {k: v.contiguous() for k, v in out.items()}
 
 
-def save_dashboards(directory: str | Path, dash: Dashboards, source: dict[str, Any]) -> Path:
+def save_dashboards(directory: str | Path, dash: Dashboards, source: dict[str, Any], vocab: list[str]) -> Path:
     """Write ``dash`` into ``directory``; ``source`` (JSON-able: model, hook, SAE, store settings) says what it was
-    computed from, and a resumed run compares it. Returns the directory."""
+    computed from, and a resumed run compares it; ``vocab`` is the string of every token id. Returns the
+    directory."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tensors = _flat(dash)
     atomic_write(directory / TENSORS, lambda tmp: save_file(tensors, str(tmp)))
+    atomic_write_json(directory / VOCAB, vocab, indent=None)
     meta = {
         "version": FORMAT_VERSION,
         "settings": dataclasses.asdict(dash.settings),
@@ -62,6 +65,11 @@ def read_meta(directory: str | Path) -> dict[str, Any] | None:
         return json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise ValueError(f"{path} is not valid JSON ({e}); delete the folder and run the dashboards stage again") from e
+
+
+def read_vocab(directory: str | Path) -> list[str]:
+    """The token strings saved with the dashboards (index: token id)."""
+    return json.loads((Path(directory) / VOCAB).read_text())
 
 
 def read_tensor(directory: str | Path, name: str) -> Tensor:

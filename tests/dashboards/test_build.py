@@ -9,7 +9,7 @@ import torch
 from torch.testing import assert_close
 
 from mechscope.dashboards.build import DashboardSettings, compute_dashboards
-from mechscope.dashboards.outputs import load_dashboards, read_meta, read_tensor, save_dashboards
+from mechscope.dashboards.outputs import load_dashboards, read_meta, read_tensor, read_vocab, save_dashboards
 from mechscope.sae import SAE, SAEConfig
 from mechscope.settings import ConfigError
 from tests.sae_utils import random_weights
@@ -77,7 +77,7 @@ def test_saved_dashboards_read_back_equal(tmp_path):
     sae.load_state_dict(random_weights(D_IN, D_SAE, 1))
     _, chunks = stored_rows(1)
     dash = compute_dashboards(sae, HOOK, lambda: iter(chunks), torch.randn(D_IN, 30), None, progress=False)
-    save_dashboards(tmp_path, dash, {"hook_name": HOOK})
+    save_dashboards(tmp_path, dash, {"hook_name": HOOK}, vocab=[f"<{i}>" for i in range(30)])
     back = load_dashboards(tmp_path)
     assert back.settings == dash.settings and back.n_tokens == dash.n_tokens
     for name in ("firing", "max_activation", "histogram", "bin_edges", "histogram_edges"):
@@ -88,6 +88,7 @@ def test_saved_dashboards_read_back_equal(tmp_path):
     assert torch.equal(back.logits.bottom_tokens, dash.logits.bottom_tokens)
     assert torch.equal(read_tensor(tmp_path, "top.context"), dash.top.context)
     assert read_meta(tmp_path)["source"] == {"hook_name": HOOK}
+    assert read_vocab(tmp_path)[7] == "<7>"
 
 
 def test_bad_settings_name_the_field():
