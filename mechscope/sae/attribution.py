@@ -146,14 +146,22 @@ def ablate(
     if latent_ids:
         if sae is None:
             raise ValueError("ablating latents needs the SAE: pass sae=")
+        if not all(0 <= i < sae.cfg.d_sae for i in latent_ids):
+            raise ValueError(f"latents {latent_ids} must be in 0..{sae.cfg.d_sae - 1}")
         index = torch.tensor(latent_ids, device=sae.W_dec.device)
         splice = splice_sae(
             model, sae, hook_name, include_error=True, latent_hooks=[lambda z, hook: z.index_fill(-1, index, 0.0)]
         )
         hooks.extend(splice)
     by_layer: dict[tuple[str, int], list[int]] = {}
-    for kind, units in (("mlp.hook_post", neurons), ("attn.hook_z", heads)):
+    cfg = model.cfg
+    for kind, units, size in (("mlp.hook_post", neurons, cfg.d_mlp), ("attn.hook_z", heads, cfg.n_heads)):
         for layer, unit in units:
+            if not (0 <= layer < cfg.n_layers and 0 <= unit < size):
+                raise ValueError(
+                    f"{kind} unit ({layer}, {unit}) does not exist: layers are 0..{cfg.n_layers - 1}, "
+                    f"units 0..{size - 1}"
+                )
             by_layer.setdefault((kind, layer), []).append(unit)
     for (kind, layer), units in by_layer.items():
         hooks.append((block_hook(layer, kind), _zero(kind, units)))

@@ -118,3 +118,11 @@ def test_latents_that_do_not_write_the_residual_have_no_direct_effect(gpt2):
     sae.load_state_dict(random_weights(d, 2 * d, 3))
     att = attribute_latents(gpt2, sae.eval(), torch.arange(1, 6)[None], target=2)
     assert att.latents.numel() > 0 and att.direct_effects.isnan().all() and att.grad_x_act.isfinite().all()
+
+
+def test_ablating_units_that_do_not_exist_names_the_ranges(gpt2):
+    sae = make_sae(gpt2, "blocks.0.hook_resid_post")
+    with pytest.raises(ValueError, match="does not exist"):
+        ablate(gpt2, torch.zeros(1, 3, dtype=torch.long), 0, heads=[(0, gpt2.cfg.n_heads)])
+    with pytest.raises(ValueError, match="must be in"):
+        ablate(gpt2, torch.zeros(1, 3, dtype=torch.long), 0, sae=sae, latents=[sae.cfg.d_sae])
