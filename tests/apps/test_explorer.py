@@ -3,6 +3,7 @@ random model: harvested activations, an SAE, its dashboards."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -14,10 +15,11 @@ from mechscope import HookedAutoConfig, HookedModel
 from mechscope.apps.explorer.launch import SCRIPT
 from mechscope.apps.explorer.render import context_html
 from mechscope.apps.explorer.results import RESULTS_ENV
-from mechscope.dashboards.build import DashboardSettings, compute_dashboards
-from mechscope.dashboards.outputs import load_dashboards, save_dashboards
-from mechscope.data.store import ActivationStore
-from mechscope.models.tokenizer import byte_tokenizer, token_strings
+from mechscope.dashboards.build import DashboardSettings
+from mechscope.dashboards.outputs import load_dashboards
+from mechscope.dashboards.pipeline import DashboardsConfig, run_dashboards
+from mechscope.files import SettingsMismatch
+from mechscope.models.tokenizer import byte_tokenizer
 from mechscope.sae import SAE, SAEConfig
 from mechscope.sae.attribution import ablate
 from tests.sae_utils import random_weights
@@ -36,13 +38,18 @@ def results(tmp_path_factory) -> Path:
     sae = SAE(SAEConfig(d, 4 * d, "relu", hook_name=HOOK))
     sae.load_state_dict(random_weights(d, 4 * d, 0))
     sae.save(root / "sae")
-    store = ActivationStore(model, HOOK, context_length=32, batch_contexts=4, shard_dir=root / "activations")
-    store.harvest(512, progress=False)
-    dash = compute_dashboards(
-        sae, HOOK, store.shard_rows, model.W_U, model.ln_final_w, DashboardSettings(n_top=4, window=3), progress=False
+    config = DashboardsConfig(
+        sae=str(root / "sae"),
+        model=str(root / "model"),
+        activations_dir=str(root / "activations"),
+        n_tokens=512,
+        context_length=32,
+        batch_contexts=4,
+        out_dir=str(root / "dashboards"),
+        progress=False,
+        dashboards=DashboardSettings(n_top=4, window=3),
     )
-    source = {"model": str(root / "model"), "sae": "sae", "hook_name": HOOK}
-    save_dashboards(root / "dashboards", dash, source, token_strings(model.tokenizer, model.cfg.d_vocab))
+    run_dashboards(config, model=model)
     return root
 
 
@@ -100,3 +107,22 @@ def test_inspector_ablation_shows_the_numbers_of_ablate(results, monkeypatch):
 def test_hostile_tokens_are_rendered_as_text():
     page = context_html(["<script>alert(1)</script>", '"&'], [1.0, 0.5], 1.0, centre=0)
     assert "<script>" not in page and "&lt;script&gt;" in page and "&quot;&amp;" in page
+
+
+def test_the_stage_reuses_its_results_and_refuses_other_settings(results):
+    config = DashboardsConfig(
+        sae=str(results / "sae"),
+        model=str(results / "model"),
+        activations_dir=str(results / "activations"),
+        context_length=32,
+        batch_contexts=4,
+        out_dir=str(results / "dashboards"),
+        progress=False,
+        dashboards=DashboardSettings(n_top=4, window=3),
+    )
+    before = (results / "dashboards" / "dashboards.safetensors").stat().st_mtime_ns
+    again = run_dashboards(config)
+    assert (results / "dashboards" / "dashboards.safetensors").stat().st_mtime_ns == before
+    assert torch.equal(again.top.context, load_dashboards(results / "dashboards").top.context)
+    with pytest.raises(SettingsMismatch, match="n_top"):
+        run_dashboards(dataclasses.replace(config, dashboards=DashboardSettings(n_top=5, window=3)))

@@ -52,7 +52,7 @@ def sources(root: Path, ds: results.DashboardSet) -> tuple[str, str, str]:
         raise results.MissingResults(
             f"{ds.path}/dashboards.json does not say {missing}; run the dashboards stage again"
         )
-    return source["model"], str(results.inside(root, source["sae"])), source["hook_name"]
+    return source["model"], str(results.inside(root, ds.path / source["sae"])), source["hook_name"]
 
 
 def show(root: Path) -> None:
