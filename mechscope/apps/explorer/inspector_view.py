@@ -146,7 +146,12 @@ def show(root: Path) -> None:
     )
 
     st.subheader("Ablation")
-    picked = st.multiselect("latents to ablate", att.latents.tolist(), key="ablate_latents")
+    active = att.latents.tolist()
+    from_url = [int(t) for t in st.query_params.get("ablate", "").split(",") if t.strip().isdigit()]
+    picked = st.multiselect(
+        "latents to ablate", active, default=[i for i in from_url if i in active], key="ablate_latents"
+    )
+    st.query_params["ablate"] = ",".join(map(str, picked))
     neurons_text = st.text_input("MLP neurons (LAYER:INDEX, ...)", key="ablate_neurons")
     heads_text = st.text_input("attention heads (LAYER:HEAD, ...)", key="ablate_heads")
     try:

@@ -22,6 +22,7 @@ def app_command(host: str = "127.0.0.1", port: int = 8501) -> list[str]:
         "--server.fileWatcherType", "none",
         "--browser.gatherUsageStats", "false",
         "--global.developmentMode", "false",
+        "--client.toolbarMode", "viewer",
     ]  # fmt: skip
 
 
