@@ -12,9 +12,11 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from mechscope.apps.explorer.launch import run_app
 from mechscope.apps.main_job import MainJobConfig, run_main_job
 from mechscope.cooccurrence import pipeline
 from mechscope.cooccurrence.config import CoocConfig
+from mechscope.dashboards.pipeline import DashboardsConfig, run_dashboards
 from mechscope.sae.train import TrainConfig, train_sae
 from mechscope.settings import add_flags, flag_values, load
 
@@ -39,7 +41,42 @@ def build_parser() -> argparse.ArgumentParser:
     sae_commands = sae.add_subparsers(dest="sae_command", required=True, metavar="SAE_COMMAND")
     _add_train_parser(sae_commands)
     _add_cooc_parser(commands)
+    _add_dashboards_parser(commands)
+    _add_app_parser(commands)
     return parser
+
+
+def _add_dashboards_parser(commands: argparse._SubParsersAction) -> None:
+    """``dashboards CONFIG``: every latent's dashboard data (top examples, bins, histogram, logit effects)."""
+    dash = commands.add_parser(
+        "dashboards",
+        help="feature dashboards of every latent of an SAE",
+        description="Every latent's dashboard data, in three streaming passes over harvested activations "
+        "(harvested first when missing). Settings come from DashboardsConfig's defaults, then the TOML file, then "
+        "the flags.",
+    )
+    dash.add_argument("config", metavar="CONFIG", help="a TOML file of DashboardsConfig settings")
+    add_flags(dash, DashboardsConfig)
+    dash.set_defaults(run=_run_dashboards)
+
+
+def _run_dashboards(args: argparse.Namespace) -> None:
+    config = load(DashboardsConfig, args.config, flag_values(args, DashboardsConfig))
+    dash = run_dashboards(config)
+    print(f"Dashboards of {dash.d_sae} latents over {dash.n_tokens} tokens in {config.out_dir}")
+
+
+def _add_app_parser(commands: argparse._SubParsersAction) -> None:
+    """``app [RESULTS_DIR]``: the explorer on localhost."""
+    app = commands.add_parser(
+        "app",
+        help="the explorer web app over a results directory",
+        description="Serve the explorer (latent dashboards, prompt inspector) over a results directory, offline.",
+    )
+    app.add_argument("results_dir", nargs="?", default="demo_output", help="default: demo_output")
+    app.add_argument("--host", default="127.0.0.1", help="address to bind (default localhost only)")
+    app.add_argument("--port", type=int, default=8501, help="port (default 8501)")
+    app.set_defaults(run=lambda args: run_app(args.results_dir, args.host, args.port))
 
 
 COOC_STAGES = {

@@ -12,9 +12,8 @@ from streamlit.testing.v1 import AppTest
 from transformers import AutoModelForCausalLM
 
 from mechscope import HookedAutoConfig, HookedModel
-from mechscope.apps.explorer.launch import SCRIPT
+from mechscope.apps.explorer.launch import RESULTS_ENV, SCRIPT
 from mechscope.apps.explorer.render import context_html
-from mechscope.apps.explorer.results import RESULTS_ENV
 from mechscope.dashboards.build import DashboardSettings
 from mechscope.dashboards.outputs import load_dashboards
 from mechscope.dashboards.pipeline import DashboardsConfig, run_dashboards

@@ -19,8 +19,7 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
 from mechscope import HookedModel
-from mechscope.apps.explorer.launch import app_command
-from mechscope.apps.explorer.results import RESULTS_ENV
+from mechscope.apps.explorer.launch import RESULTS_ENV, app_command
 from mechscope.dashboards.outputs import load_dashboards
 from mechscope.sae import SAE
 from mechscope.sae.attribution import ablate, attribute_latents

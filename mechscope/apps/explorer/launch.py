@@ -7,8 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from mechscope.apps.explorer.results import RESULTS_ENV
-
+RESULTS_ENV = "MECHSCOPE_RESULTS_DIR"  # how the server learns its results directory
 SCRIPT = Path(__file__).with_name("main.py")
 
 

@@ -13,9 +13,8 @@ from typing import Any
 import streamlit as st
 import torch
 
+from mechscope.apps.explorer.launch import RESULTS_ENV
 from mechscope.dashboards.outputs import META, read_meta, read_tensor, read_vocab
-
-RESULTS_ENV = "MECHSCOPE_RESULTS_DIR"  # set by ``mechscope app``
 
 
 class MissingResults(Exception):
