@@ -70,7 +70,8 @@ class Dashboards:
 
     - ``top``: :class:`Examples` ``[d_sae, n_top, ...]``, most active first;
     - ``bins``: :class:`Examples` ``[d_sae, n_bins, per_bin, ...]`` flattened to ``[d_sae * n_bins, per_bin, ...]``
-      (row ``latent * n_bins + bin``), and ``bin_edges [d_sae, n_bins + 1]``;
+      (row ``latent * n_bins + bin``), ``bin_edges [d_sae, n_bins + 1]`` and ``bin_counts [d_sae * n_bins]``, the
+      tokens in each bin;
     - ``firing [d_sae]`` tokens where each fires, of ``n_tokens``; ``max_activation [d_sae]``;
     - ``histogram [d_sae, histogram_bins]`` counts over ``histogram_edges [d_sae, histogram_bins + 1]``;
     - ``logits``: :class:`~mechscope.dashboards.logit_effects.LogitEffects`.
@@ -80,6 +81,7 @@ class Dashboards:
     top: Examples
     bins: Examples
     bin_edges: Tensor
+    bin_counts: Tensor
     firing: Tensor
     n_tokens: int
     max_activation: Tensor
@@ -168,6 +170,7 @@ def compute_dashboards(
         top=_with_windows(top.selection, windows, 0),
         bins=_with_windows(bins.selection, windows, n_top),
         bin_edges=bins.bin_edges(),
+        bin_counts=bins.counts,
         firing=firing.counts,
         n_tokens=firing.n_tokens,
         max_activation=max_activation,

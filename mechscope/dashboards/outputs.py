@@ -30,7 +30,7 @@ def _flat(dash: Dashboards) -> dict[str, Tensor]:
             out[f"{group}.{f.name}"] = getattr(getattr(dash, group), f.name)
     for f in dataclasses.fields(LogitEffects):
         out[f"logits.{f.name}"] = getattr(dash.logits, f.name)
-    for name in ("bin_edges", "firing", "max_activation", "histogram", "histogram_edges"):
+    for name in ("bin_edges", "bin_counts", "firing", "max_activation", "histogram", "histogram_edges"):
         out[name] = getattr(dash, name)
     return {k: v.contiguous() for k, v in out.items()}
 
@@ -94,6 +94,7 @@ def load_dashboards(directory: str | Path) -> Dashboards:
         top=examples("top"),
         bins=examples("bins"),
         bin_edges=t["bin_edges"],
+        bin_counts=t["bin_counts"],
         firing=t["firing"],
         n_tokens=meta["n_tokens"],
         max_activation=t["max_activation"],

@@ -155,12 +155,13 @@ def priority(context: Tensor, position: Tensor, latent: Tensor, seed: int) -> Te
 class BinSamples:
     """Per latent, ``n_bins`` equal-width activation bins over ``(0, max_activation]`` and up to ``per_bin`` tokens
     drawn uniformly from each: ``self.selection`` ``[d_sae * n_bins, per_bin]`` (group ``latent * n_bins + bin``),
-    with each token's activation in ``values``."""
+    with each token's activation in ``values``, and ``self.counts [d_sae * n_bins]``, the tokens in each bin."""
 
     def __init__(self, max_activation: Tensor, n_bins: int = 5, per_bin: int = 5, seed: int = 0):
         self.max_activation = max_activation.float()
         self.d_sae, self.n_bins, self.seed = max_activation.numel(), n_bins, seed
         self.selection = Selection.empty(self.d_sae * n_bins, per_bin)
+        self.counts = torch.zeros(self.d_sae * n_bins, dtype=torch.long)  # tokens in each (latent, bin)
 
     def bin_edges(self) -> Tensor:
         """``[d_sae, n_bins + 1]``: each latent's bin edges, from 0 to its max activation."""
@@ -170,6 +171,7 @@ class BinSamples:
         """Take in a batch, as :meth:`TopExamples.update`."""
         latent, value, ctx, pos = active_entries(latents, context, position)
         group = latent * self.n_bins + activation_bin(latent, value, self.max_activation, self.n_bins)
+        self.counts += torch.bincount(group, minlength=self.counts.numel())
         scores = priority(ctx, pos, latent, self.seed)
         batch = select(group, scores, value, ctx, pos, self.d_sae * self.n_bins, self.selection.k)
         self.selection = self.selection.merge(batch)
@@ -177,3 +179,4 @@ class BinSamples:
     def merge(self, other: BinSamples) -> None:
         """Take in another rank's samples over other tokens (same max activations and seed)."""
         self.selection = self.selection.merge(other.selection)
+        self.counts += other.counts

@@ -48,6 +48,7 @@ def test_dashboards_equal_the_dense_latents(architecture):
     assert torch.equal(dash.firing, (dense > 0).sum(dim=0))
     assert_close(dash.max_activation, dense.max(dim=0).values)
     assert torch.equal(dash.histogram.sum(dim=1), dash.firing)
+    assert torch.equal(dash.bin_counts.view(D_SAE, 3).sum(dim=1), dash.firing)
     assert torch.equal(dash.dead_latents(), (dense.max(dim=0).values == 0).nonzero()[:, 0])
     for latent in range(D_SAE):
         want = dense[:, latent].sort(descending=True).values[:3]
@@ -80,7 +81,7 @@ def test_saved_dashboards_read_back_equal(tmp_path):
     save_dashboards(tmp_path, dash, {"hook_name": HOOK}, vocab=[f"<{i}>" for i in range(30)])
     back = load_dashboards(tmp_path)
     assert back.settings == dash.settings and back.n_tokens == dash.n_tokens
-    for name in ("firing", "max_activation", "histogram", "bin_edges", "histogram_edges"):
+    for name in ("firing", "bin_counts", "max_activation", "histogram", "bin_edges", "histogram_edges"):
         assert torch.equal(getattr(back, name), getattr(dash, name))
     for group in ("top", "bins"):
         for field in ("values", "context", "position", "tokens", "activations"):

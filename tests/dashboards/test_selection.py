@@ -98,6 +98,7 @@ def test_bin_samples_are_the_highest_priorities_in_each_bin_and_cover_their_bins
                 if c != EMPTY
             ]
             assert sorted(got) == sorted((int(context[r]), int(position[r])) for r in want)
+            assert int(samples.counts[group]) == len(members)
             values = samples.selection.values[group][samples.selection.filled()[group]]
             assert ((values > lo) | (b == 0)).all() and (values <= hi).all() and (values > 0).all()
 
