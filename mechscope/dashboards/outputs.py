@@ -15,6 +15,7 @@ from torch import Tensor
 
 from mechscope.dashboards.build import Dashboards, DashboardSettings, Examples
 from mechscope.dashboards.logit_effects import LogitEffects
+from mechscope.dashboards.neuronpedia import MAX_FEATURES, saedashboard_batches, skipped_indexes, upload_batch
 from mechscope.files import atomic_write, atomic_write_json
 
 TENSORS = "dashboards.safetensors"
@@ -102,3 +103,39 @@ def load_dashboards(directory: str | Path) -> Dashboards:
         histogram_edges=t["histogram_edges"],
         logits=logits,
     )
+
+
+def write_neuronpedia_export(
+    out_dir: str | Path,
+    dash: Dashboards,
+    vocab: list[str],
+    W_dec: Tensor,  # noqa: N803 (the SAE's name)
+    *,
+    model_id: str,
+    layer: int,
+    sae_set: str,
+    batch_size: int = MAX_FEATURES,
+) -> list[Path]:
+    """Write ``out_dir/saedashboard/`` (``batch-N.json``, ``skipped_indexes.json``, ``run_settings.json``, as
+    SAEDashboard's Neuronpedia runner does) and ``out_dir/upload/batch-N.json`` (bodies for Neuronpedia's
+    upload-batch route, source ``"{layer}-{sae_set}"``). Returns the files written."""
+    out = Path(out_dir)
+    for sub in ("saedashboard", "upload"):
+        (out / sub).mkdir(parents=True, exist_ok=True)
+    written = []
+    for i, batch in enumerate(
+        saedashboard_batches(dash, vocab, W_dec, model_id=model_id, layer=layer, sae_set=sae_set, batch_size=batch_size)
+    ):
+        written.append(atomic_write_json(out / "saedashboard" / f"batch-{i}.json", batch, indent=None))
+        written.append(
+            atomic_write_json(
+                out / "upload" / f"batch-{i}.json", upload_batch(batch, f"{layer}-{sae_set}"), indent=None
+            )
+        )
+    skipped = skipped_indexes(dash, model_id=model_id, layer=layer, sae_set=sae_set)
+    written.append(atomic_write_json(out / "saedashboard" / "skipped_indexes.json", skipped))
+    settings = {"model_id": model_id, "layer": layer, "sae_set": sae_set, "n_tokens": dash.n_tokens}
+    written.append(
+        atomic_write_json(out / "saedashboard" / "run_settings.json", {**settings, **dataclasses.asdict(dash.settings)})
+    )
+    return written
