@@ -16,7 +16,7 @@ from mechscope.apps.explorer.launch import run_app
 from mechscope.apps.main_job import MainJobConfig, run_main_job
 from mechscope.cooccurrence import pipeline
 from mechscope.cooccurrence.config import CoocConfig
-from mechscope.dashboards.pipeline import DashboardsConfig, run_dashboards
+from mechscope.dashboards.pipeline import DashboardsConfig, export_neuronpedia, run_dashboards
 from mechscope.sae.train import TrainConfig, train_sae
 from mechscope.settings import add_flags, flag_values, load
 
@@ -43,7 +43,30 @@ def build_parser() -> argparse.ArgumentParser:
     _add_cooc_parser(commands)
     _add_dashboards_parser(commands)
     _add_app_parser(commands)
+    _add_export_parser(commands)
     return parser
+
+
+def _add_export_parser(commands: argparse._SubParsersAction) -> None:
+    """``export neuronpedia RESULTS_DIR --out DIR``."""
+    export = commands.add_parser("export", help="results in other tools' formats", description="Export results.")
+    kinds = export.add_subparsers(dest="export_command", required=True, metavar="FORMAT")
+    np_parser = kinds.add_parser(
+        "neuronpedia",
+        help="the dashboards as SAEDashboard batch files and Neuronpedia upload-batch bodies",
+        description="Every dashboards folder under RESULTS_DIR in SAEDashboard's Neuronpedia format (batch-N.json, "
+        "skipped_indexes.json) and as bodies for Neuronpedia's upload-batch route.",
+    )
+    np_parser.add_argument("results_dir", metavar="RESULTS_DIR")
+    np_parser.add_argument("--out", required=True, metavar="DIR", help="where the export goes")
+    np_parser.add_argument("--model-id", help="Neuronpedia model id (default: the model's name)")
+    np_parser.add_argument("--sae-set", default="mechscope", help="Neuronpedia SAE set name (default mechscope)")
+    np_parser.set_defaults(run=_run_export_neuronpedia)
+
+
+def _run_export_neuronpedia(args: argparse.Namespace) -> None:
+    written = export_neuronpedia(args.results_dir, args.out, args.model_id, args.sae_set)
+    print(f"Wrote {len(written)} files to {args.out}")
 
 
 def _add_dashboards_parser(commands: argparse._SubParsersAction) -> None:
@@ -144,7 +167,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     traceback.
     """
     args = build_parser().parse_args(argv)
-    sub = getattr(args, "sae_command", None) or getattr(args, "cooc_command", None)
+    sub = next((getattr(args, a) for a in ("sae_command", "cooc_command", "export_command") if hasattr(args, a)), None)
     command = " ".join(filter(None, (args.command, sub)))
     try:
         args.run(args)

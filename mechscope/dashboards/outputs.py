@@ -56,6 +56,12 @@ def save_dashboards(directory: str | Path, dash: Dashboards, source: dict[str, A
     return directory
 
 
+def find_dashboards(root: str | Path, depth: int = 3) -> list[Path]:
+    """Every folder at most ``depth`` levels under ``root`` that holds finished dashboards, sorted."""
+    root = Path(root)
+    return sorted(p.parent for d in range(depth + 1) for p in root.glob("*/" * d + META))
+
+
 def read_meta(directory: str | Path) -> dict[str, Any] | None:
     """``dashboards.json`` of ``directory``, or None when there is none (the tensors file is written first, so the
     metadata's presence means the run finished)."""

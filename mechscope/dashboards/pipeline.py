@@ -15,10 +15,18 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from mechscope.dashboards.build import Dashboards, DashboardSettings, compute_dashboards
-from mechscope.dashboards.outputs import load_dashboards, read_meta, save_dashboards
+from mechscope.dashboards.outputs import (
+    find_dashboards,
+    load_dashboards,
+    read_meta,
+    read_vocab,
+    save_dashboards,
+    write_neuronpedia_export,
+)
 from mechscope.data.store import ActivationStore
 from mechscope.files import check_settings
 from mechscope.models.hooked import HookedModel
+from mechscope.models.names import parse_hook
 from mechscope.models.tokenizer import token_strings
 from mechscope.sae.model import SparseAutoencoder
 from mechscope.sae.splice import resolve_hook_name
@@ -98,3 +106,32 @@ def run_dashboards(
     )
     save_dashboards(config.out_dir, dash, source, token_strings(model.tokenizer, model.cfg.d_vocab))
     return dash
+
+
+def export_neuronpedia(
+    results_dir: str | Path, out_dir: str | Path, model_id: str | None = None, sae_set: str = "mechscope"
+) -> list[Path]:
+    """Write every dashboards folder under ``results_dir`` in Neuronpedia's formats
+    (:func:`~mechscope.dashboards.outputs.write_neuronpedia_export`), one folder per SAE under ``out_dir``; the
+    model id defaults to the model's name. Returns the files written."""
+    found = find_dashboards(results_dir)
+    if not found:
+        raise FileNotFoundError(f"no dashboards under {results_dir}: run `mechscope dashboards CONFIG` first")
+    written = []
+    for folder in found:
+        meta = read_meta(folder)
+        assert meta is not None  # find_dashboards lists finished runs only
+        source = meta["source"]
+        sae = SparseAutoencoder.load(folder / source["sae"])
+        layer = parse_hook(source["hook_name"]).layer
+        name = model_id or Path(str(source["model"])).name
+        written += write_neuronpedia_export(
+            Path(out_dir) / folder.name,
+            load_dashboards(folder),
+            read_vocab(folder),
+            sae.W_dec,
+            model_id=name,
+            layer=layer if layer is not None else 0,
+            sae_set=sae_set,
+        )
+    return written

@@ -4,6 +4,7 @@ random model: harvested activations, an SAE, its dashboards."""
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ from streamlit.testing.v1 import AppTest
 from transformers import AutoModelForCausalLM
 
 from mechscope import HookedAutoConfig, HookedModel
+from mechscope.apps.cli import main
 from mechscope.apps.explorer.launch import RESULTS_ENV, SCRIPT
 from mechscope.apps.explorer.render import context_html
 from mechscope.dashboards.build import DashboardSettings
@@ -125,3 +127,12 @@ def test_the_stage_reuses_its_results_and_refuses_other_settings(results):
     assert torch.equal(again.top.context, load_dashboards(results / "dashboards").top.context)
     with pytest.raises(SettingsMismatch, match="n_top"):
         run_dashboards(dataclasses.replace(config, dashboards=DashboardSettings(n_top=5, window=3)))
+
+
+def test_export_command_writes_every_dashboards_folder(results, tmp_path):
+    assert main(["export", "neuronpedia", str(results), "--out", str(tmp_path)]) == 0
+    batch = json.loads((tmp_path / "dashboards" / "saedashboard" / "batch-0.json").read_text())
+    dash = load_dashboards(results / "dashboards")
+    assert batch["layer"] == 1 and batch["features"][0]["feature_index"] == int((dash.firing > 0).nonzero()[0, 0])
+    upload = json.loads((tmp_path / "dashboards" / "upload" / "batch-0.json").read_text())
+    assert upload["source"] == "1-mechscope" and upload["modelId"] == "model"

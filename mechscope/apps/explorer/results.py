@@ -14,7 +14,7 @@ import streamlit as st
 import torch
 
 from mechscope.apps.explorer.launch import RESULTS_ENV
-from mechscope.dashboards.outputs import META, read_meta, read_tensor, read_vocab
+from mechscope.dashboards.outputs import META, find_dashboards, read_meta, read_tensor, read_vocab
 
 
 class MissingResults(Exception):
@@ -44,8 +44,7 @@ class DashboardSet:
 
 def dashboard_sets(root: Path) -> list[DashboardSet]:
     """Every dashboards folder under ``root`` (up to three levels down), sorted by name."""
-    found = [p.parent for depth in ("", "*/", "*/*/", "*/*/*/") for p in root.glob(f"{depth}{META}")]
-    return sorted((DashboardSet(str(p.relative_to(root)) or ".", p) for p in found), key=lambda s: s.name)
+    return [DashboardSet(str(p.relative_to(root)), p) for p in find_dashboards(root)]
 
 
 def require_dashboards(root: Path) -> list[DashboardSet]:
