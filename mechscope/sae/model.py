@@ -19,16 +19,15 @@ latent's dictionary direction.
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mechscope.sae.config import SAEConfig, dtype_name
+from mechscope.sae.kernels import SparseDecode
 from mechscope.sae.latents import SparseLatents
 
 LAYER_NORM_EPS = 1e-5  # OpenAI sparse_autoencoder's LN (and SAELens's "layer_norm") divide by std + 1e-5
@@ -43,63 +42,6 @@ class SAEOutput(NamedTuple):
     pre_acts: Tensor
     latents: Tensor
     reconstruction: Tensor
-
-
-class SparseDecode(torch.autograd.Function):
-    """``out[t] = sum_s values[t, s] * W[indices[t, s]]`` for ``indices, values [n, k]`` and ``W [m, d]``: ``[n, d]``.
-
-    The same as ``dense_latents @ W`` with ``dense_latents [n, m]`` zero outside ``indices`` (an index repeated
-    within a row adds up); forward and backward touch only the ``k`` rows of ``W`` each token uses (embedding_bag's
-    own backward is slow on CPU).
-    """
-
-    @staticmethod
-    def forward(ctx: Any, indices: Tensor, values: Tensor, weight: Tensor) -> Tensor:
-        ctx.save_for_backward(indices, values, weight)
-        return F.embedding_bag(indices, weight, per_sample_weights=values, mode="sum")
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[None, Tensor | None, Tensor | None]:
-        indices, values, weight = ctx.saved_tensors
-        grad_values = gathered_dot(grad, weight, indices) if ctx.needs_input_grad[1] else None
-        grad_weight = scatter_outer(indices, values, grad, len(weight)) if ctx.needs_input_grad[2] else None
-        return None, grad_values, grad_weight
-
-
-def gathered_dot(rows: Tensor, table: Tensor, indices: Tensor) -> Tensor:
-    """``out[t, s] = rows[t] · table[indices[t, s]]`` for ``rows [n, d]``, ``table [m, d]`` and ``indices [n, k]``:
-    the entries of ``rows @ table.T`` at ``indices``, computed only there."""
-    n, k = indices.shape
-    dtype = _csr_dtype(rows.dtype)
-    ordered, order = indices.sort(dim=-1)  # a CSR row needs its columns in order
-    crow = torch.arange(0, n * k + 1, k, device=indices.device)
-    pattern = _csr(crow, ordered.flatten(), rows.new_zeros(n * k, dtype=dtype), (n, len(table)))
-    dots = torch.sparse.sampled_addmm(pattern, rows.to(dtype), table.to(dtype).T, beta=0.0).values().view(n, k)
-    return torch.empty_like(dots).scatter_(-1, order, dots).to(rows.dtype)
-
-
-def scatter_outer(indices: Tensor, weights: Tensor, rows: Tensor, m: int) -> Tensor:
-    """``out [m, d]``: ``out[j] = sum of weights[t, s] * rows[t] over the (t, s) with indices[t, s] = j``, for
-    ``indices, weights [n, k]`` and ``rows [n, d]``; that is ``dense_weights.T @ rows``, through a ``[m, n]`` CSR."""
-    n, k = indices.shape
-    dtype = _csr_dtype(rows.dtype)
-    flat, order = indices.flatten().sort(stable=True)
-    crow = torch.zeros(m + 1, dtype=torch.long, device=indices.device)
-    crow[1:] = torch.bincount(flat, minlength=m).cumsum(0)
-    matrix = _csr(crow, order // k, weights.flatten()[order].to(dtype), (m, n))
-    return (matrix @ rows.to(dtype)).to(rows.dtype)
-
-
-def _csr_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float32 for half types (torch's CPU CSR products lack them), else ``dtype``."""
-    return torch.promote_types(dtype, torch.float32)
-
-
-def _csr(crow: Tensor, col: Tensor, values: Tensor, size: tuple[int, int]) -> Tensor:
-    """A CSR matrix, without torch's once-per-process warning that CSR support is "beta" (it works on CPU)."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
-        return torch.sparse_csr_tensor(crow, col, values, size, check_invariants=False)
 
 
 class SparseAutoencoder(nn.Module):

@@ -51,7 +51,9 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from mechscope.sae.config import ARCHITECTURES, DTYPES, SAEConfig
-from mechscope.sae.model import SparseAutoencoder, SparseDecode, SparseLatents, scatter_outer
+from mechscope.sae.kernels import JumpReLU, SelectedPreActs, SparseDecode, Step
+from mechscope.sae.latents import SparseLatents
+from mechscope.sae.model import SparseAutoencoder
 from mechscope.settings import Config, ConfigError, at_least, check_fields, fail, label, meta
 
 CHECKPOINT_DIR = "checkpoint"
@@ -151,75 +153,6 @@ def geometric_median(points: Tensor, max_iter: int = 200, tol: float = 1e-7) -> 
     return median
 
 
-class _JumpReLU(torch.autograd.Function):
-    """``z * H(z - θ)``; d/dz = H(z - θ), d/dθ = -(θ/ε) rect((z - θ)/ε) (Rajamanoharan et al. 2024)."""
-
-    @staticmethod
-    def forward(ctx: Any, pre_acts: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:
-        ctx.save_for_backward(pre_acts, threshold)
-        ctx.bandwidth = bandwidth
-        return pre_acts * (pre_acts > threshold).to(pre_acts.dtype)
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, Tensor, None]:
-        pre_acts, threshold = ctx.saved_tensors
-        eps = ctx.bandwidth
-        grad_pre = grad * (pre_acts > threshold).to(grad.dtype)
-        grad_threshold = -(threshold / eps) * _rectangle((pre_acts - threshold) / eps) * grad
-        return grad_pre, grad_threshold.sum_to_size(threshold.shape), None
-
-
-class _Step(torch.autograd.Function):
-    """``H(z - θ)``; d/dz = 0, d/dθ = -(1/ε) rect((z - θ)/ε) (Rajamanoharan et al. 2024)."""
-
-    @staticmethod
-    def forward(ctx: Any, pre_acts: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:
-        ctx.save_for_backward(pre_acts, threshold)
-        ctx.bandwidth = bandwidth
-        return (pre_acts > threshold).to(pre_acts.dtype)
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, Tensor, None]:
-        pre_acts, threshold = ctx.saved_tensors
-        eps = ctx.bandwidth
-        grad_threshold = -(1.0 / eps) * _rectangle((pre_acts - threshold) / eps) * grad
-        return torch.zeros_like(pre_acts), grad_threshold.sum_to_size(threshold.shape), None
-
-
-class SelectedPreActs(torch.autograd.Function):
-    """``out[t, s] = pre_acts[t, indices[t, s]]`` where ``pre_acts = encoder_input @ W_enc + b_enc`` was computed
-    without a graph; the backward pass sends gradients through these ``[batch, k]`` entries only.
-
-    ``indices [batch, k]`` may repeat a latent within a row (TopK and AuxK both picking it); gradients then add up.
-    """
-
-    @staticmethod
-    def forward(
-        ctx: Any, encoder_input: Tensor, w_enc: Tensor, b_enc: Tensor, indices: Tensor, pre_acts: Tensor
-    ) -> Tensor:
-        ctx.save_for_backward(encoder_input, w_enc, indices)
-        return pre_acts.gather(-1, indices)
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None, None, None]:
-        encoder_input, w_enc, indices = ctx.saved_tensors
-        d_sae = w_enc.shape[1]
-        grad_input = grad_w = grad_b = None
-        if ctx.needs_input_grad[0]:  # each token's selected W_enc columns, weighted by their gradients
-            grad_input = torch.nn.functional.embedding_bag(
-                indices, w_enc.T.contiguous(), per_sample_weights=grad, mode="sum"
-            )
-        if ctx.needs_input_grad[1]:
-            grad_w = scatter_outer(indices, grad, encoder_input, d_sae).T
-        if ctx.needs_input_grad[2]:
-            grad_b = grad.new_zeros(d_sae).index_add_(0, indices.flatten(), grad.flatten())
-        return grad_input, grad_w, grad_b, None, None
-
-
-def _rectangle(u: Tensor) -> Tensor:
-    return ((u > -0.5) & (u < 0.5)).to(u.dtype)
-
-
 def lr_at(config: TrainConfig, step: int) -> float:
     """Learning rate of step ``step`` (0-based): linear warm-up, constant, linear decay to 0 at the end."""
     warmup = min(1.0, (step + 1) / config.warmup_steps) if config.warmup_steps else 1.0
@@ -262,7 +195,7 @@ class Trainer:
             return self._topk_losses(x)
         pre_acts, _ = sae._pre_acts(x)
         if cfg.architecture == "jumprelu":
-            latents = _JumpReLU.apply(pre_acts, sae.threshold, cfg.jumprelu_bandwidth)
+            latents = JumpReLU.apply(pre_acts, sae.threshold, cfg.jumprelu_bandwidth)
         else:
             latents = sae.activation(pre_acts)
         recon = sae.decode(latents, x=x)
@@ -271,7 +204,7 @@ class Trainer:
         if cfg.architecture == "relu":
             terms["l1"] = cfg.l1_coefficient * (latents.abs() * sae.W_dec.norm(dim=-1)).sum(dim=-1).mean()
         elif cfg.architecture == "jumprelu":
-            l0 = _Step.apply(pre_acts, sae.threshold, cfg.jumprelu_bandwidth).sum(dim=-1).mean()
+            l0 = Step.apply(pre_acts, sae.threshold, cfg.jumprelu_bandwidth).sum(dim=-1).mean()
             terms["l0"] = cfg.l0_coefficient * l0
         else:
             dead = self.dead()

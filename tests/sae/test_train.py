@@ -18,7 +18,7 @@ from mechscope.apps.cli import build_parser, main
 from mechscope.data import ActivationStore
 from mechscope.models.tokenizer import byte_tokenizer
 from mechscope.sae import SAE, SAEConfig
-from mechscope.sae.model import SparseDecode
+from mechscope.sae.kernels import SparseDecode
 from mechscope.sae.train import TrainConfig, Trainer, geometric_median, lr_at, train_sae
 
 HOOK = "blocks.0.hook_resid_post"
