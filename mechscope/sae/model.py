@@ -32,8 +32,15 @@ from mechscope.sae.latents import SparseLatents
 
 LAYER_NORM_EPS = 1e-5  # OpenAI sparse_autoencoder's LN (and SAELens's "layer_norm") divide by std + 1e-5
 
-# (shift, scale) of an input normalisation: the reconstruction is mapped back as out * scale + shift.
-_Stats = tuple[Tensor | float, Tensor | float]
+
+class InputStats(NamedTuple):
+    """How an input was normalised: the reconstruction is mapped back as ``out * scale + shift``.
+
+    Each is a float, or ``[..., 1]`` (one value per token) for the per-token normalisations.
+    """
+
+    shift: Tensor | float
+    scale: Tensor | float
 
 
 class SAEOutput(NamedTuple):
@@ -92,13 +99,15 @@ class SparseAutoencoder(nn.Module):
 
     # ---- input normalisation -------------------------------------------------------------------------------
 
-    def _input_stats(self, x: Tensor | None) -> _Stats | None:
+    def _input_stats(self, x: Tensor | None) -> InputStats | None:
         """``(shift, scale)`` of the normalisation of ``x [..., d_in]`` (each ``[..., 1]`` or a float), or None."""
         mode = self._cfg.normalize_activations
         if mode == "none":
             return None
         if mode == "expected_average_only_in":
-            return 0.0, 1.0 / self._cfg.scaling_factor
+            factor = self._cfg.scaling_factor
+            assert factor is not None  # SAEConfig requires one for this normalisation
+            return InputStats(0.0, 1.0 / factor)
         if x is None:
             raise ValueError(
                 f"this SAE normalises each token (normalize_activations={mode!r}), so decoding needs the input that "
@@ -107,10 +116,10 @@ class SparseAutoencoder(nn.Module):
         x = x.to(self.W_enc.dtype)
         if mode == "layer_norm":
             mu = x.mean(dim=-1, keepdim=True)
-            return mu, (x - mu).std(dim=-1, keepdim=True)
-        return 0.0, x.norm(dim=-1, keepdim=True) / self._cfg.d_in**0.5
+            return InputStats(mu, (x - mu).std(dim=-1, keepdim=True))
+        return InputStats(0.0, x.norm(dim=-1, keepdim=True) / self._cfg.d_in**0.5)
 
-    def _normalize(self, x: Tensor, stats: _Stats | None) -> Tensor:
+    def _normalize(self, x: Tensor, stats: InputStats | None) -> Tensor:
         if stats is None:
             return x
         shift, scale = stats
@@ -119,7 +128,9 @@ class SparseAutoencoder(nn.Module):
         return x / scale
 
     @staticmethod
-    def _denormalize(out: Tensor, stats: _Stats | None) -> Tensor:
+    def denormalize(out: Tensor, stats: InputStats | None) -> Tensor:
+        """``out [..., d_in]`` mapped back to the input's scale: ``out * scale + shift`` (``out`` when ``stats`` is
+        None), with ``stats`` from :meth:`encoder_input` / :meth:`pre_acts` of that input."""
         if stats is None:
             return out
         shift, scale = stats
@@ -127,9 +138,10 @@ class SparseAutoencoder(nn.Module):
 
     # ---- encoding --------------------------------------------------------------------------------------------
 
-    def _encoder_input(self, x: Tensor) -> tuple[Tensor, _Stats | None]:
-        """What multiplies ``W_enc``: ``x [..., d_in]`` cast, normalised, minus ``b_dec`` (if so configured); and the
-        input's normalisation stats."""
+    def encoder_input(self, x: Tensor) -> tuple[Tensor, InputStats | None]:
+        """What multiplies ``W_enc``: ``x [..., d_in]`` cast to the SAE's dtype, normalised and minus ``b_dec`` (if
+        ``cfg.apply_b_dec_to_input``), ``[..., d_in]``; and the input's :class:`InputStats` (None without a
+        normalisation), which :meth:`denormalize` takes."""
         x = x.to(self.W_enc.dtype)
         stats = self._input_stats(x)
         x = self._normalize(x, stats)
@@ -137,9 +149,10 @@ class SparseAutoencoder(nn.Module):
             x = x - self.b_dec
         return x, stats
 
-    def _pre_acts(self, x: Tensor) -> tuple[Tensor, _Stats | None]:
-        """Pre-activations ``[..., d_sae]`` of ``x [..., d_in]``, and the input's normalisation stats."""
-        x, stats = self._encoder_input(x)
+    def pre_acts(self, x: Tensor) -> tuple[Tensor, InputStats | None]:
+        """Pre-activations ``encoder_input(x) @ W_enc + b_enc`` ``[..., d_sae]`` of ``x [..., d_in]``, and the
+        input's :class:`InputStats` (see :meth:`encoder_input`)."""
+        x, stats = self.encoder_input(x)
         return x @ self.W_enc + self.b_enc, stats
 
     def activation(self, pre_acts: Tensor) -> Tensor:
@@ -158,7 +171,7 @@ class SparseAutoencoder(nn.Module):
 
     def encode(self, x: Tensor) -> Tensor:
         """Latents ``[..., d_sae]`` of activations ``x [..., d_in]``."""
-        return self.activation(self._pre_acts(x)[0])
+        return self.activation(self.pre_acts(x)[0])
 
     def encode_sparse(self, x: Tensor) -> SparseLatents:
         """The active latents of ``x [..., d_in]`` as ``(indices, values)``, each ``[..., k]``.
@@ -168,16 +181,15 @@ class SparseAutoencoder(nn.Module):
         the number of active latents varies per token: ``k`` is the largest count in ``x`` (at least 1), and
         tokens with fewer fill the rest with value 0 (at an arbitrary index), which decodes to nothing.
         """
-        return self._sparse_latents(self._pre_acts(x)[0])
+        return self.sparse_activation(self.pre_acts(x)[0])
 
-    def _sparse_latents(self, pre_acts: Tensor) -> SparseLatents:
+    def sparse_activation(self, pre_acts: Tensor) -> SparseLatents:
+        """:meth:`activation` as :class:`SparseLatents`: ``indices, values [..., k]`` from ``pre_acts [..., d_sae]``
+        (``k`` as in :meth:`encode_sparse`)."""
         if self._cfg.architecture == "topk":
             values, indices = pre_acts.topk(self._cfg.k, dim=-1, sorted=False)
             return SparseLatents(indices, values.relu())
-        latents = self.activation(pre_acts)
-        width = int((latents != 0).sum(dim=-1).max()) if latents.numel() else 0
-        values, indices = latents.topk(max(width, 1), dim=-1, sorted=False)
-        return SparseLatents(indices, values)
+        return SparseLatents.from_dense(self.activation(pre_acts))
 
     # ---- decoding --------------------------------------------------------------------------------------------
 
@@ -187,11 +199,11 @@ class SparseAutoencoder(nn.Module):
         ``x [..., d_in]``, the encoded input, is needed only by SAEs that normalise each token (``layer_norm``,
         ``constant_norm_rescale``), to scale the reconstruction back.
         """
-        return self._denormalize(latents @ self.W_dec + self.b_dec, self._input_stats(x))
+        return self.denormalize(latents @ self.W_dec + self.b_dec, self._input_stats(x))
 
     def decode_sparse(self, indices: Tensor, values: Tensor, x: Tensor | None = None) -> Tensor:
         """``decode`` of sparse latents ``indices, values [..., k]`` (``encode_sparse``'s output), by embedding_bag."""
-        return self._denormalize(self._sparse_decoder_out(indices, values), self._input_stats(x))
+        return self.denormalize(self._sparse_decoder_out(indices, values), self._input_stats(x))
 
     def _sparse_decoder_out(self, indices: Tensor, values: Tensor) -> Tensor:
         k = indices.shape[-1]
@@ -202,16 +214,16 @@ class SparseAutoencoder(nn.Module):
 
     def forward_with_latents(self, x: Tensor) -> SAEOutput:
         """Pre-activations, latents ``[..., d_sae]`` and reconstruction ``[..., d_in]`` of ``x`` in one pass."""
-        pre_acts, stats = self._pre_acts(x)
+        pre_acts, stats = self.pre_acts(x)
         latents = self.activation(pre_acts)
-        return SAEOutput(pre_acts, latents, self._denormalize(latents @ self.W_dec + self.b_dec, stats))
+        return SAEOutput(pre_acts, latents, self.denormalize(latents @ self.W_dec + self.b_dec, stats))
 
     def forward(self, x: Tensor) -> Tensor:
         """Reconstruction ``[..., d_in]`` of ``x [..., d_in]``; TopK SAEs decode sparsely."""
         if self._cfg.architecture != "topk":
             return self.forward_with_latents(x).reconstruction
-        pre_acts, stats = self._pre_acts(x)
-        return self._denormalize(self._sparse_decoder_out(*self._sparse_latents(pre_acts)), stats)
+        pre_acts, stats = self.pre_acts(x)
+        return self.denormalize(self._sparse_decoder_out(*self.sparse_activation(pre_acts)), stats)
 
     # ---- training helpers ------------------------------------------------------------------------------------
 

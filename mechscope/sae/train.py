@@ -193,7 +193,7 @@ class Trainer:
         cfg, sae = self.config, self.sae
         if cfg.architecture == "topk":
             return self._topk_losses(x)
-        pre_acts, _ = sae._pre_acts(x)
+        pre_acts, _ = sae.pre_acts(x)
         if cfg.architecture == "jumprelu":
             latents = JumpReLU.apply(pre_acts, sae.threshold, cfg.jumprelu_bandwidth)
         else:
@@ -221,7 +221,7 @@ class Trainer:
         ``[batch, d_sae]`` matrices that are almost all zeros.
         """
         cfg, sae = self.config, self.sae
-        encoder_input, stats = sae._encoder_input(x)
+        encoder_input, stats = sae.encoder_input(x)
         with torch.no_grad():
             pre_acts = torch.addmm(sae.b_enc, encoder_input, sae.W_enc)  # [batch, d_sae], no graph
             indices = pre_acts.topk(int(sae.cfg.k), dim=-1, sorted=False).indices
@@ -231,7 +231,7 @@ class Trainer:
         selected = SelectedPreActs.apply(encoder_input, sae.W_enc, sae.b_enc, indices, pre_acts).relu()
         k = int(sae.cfg.k)
         latents = SparseLatents(indices[:, :k], selected[:, :k])
-        recon = sae._denormalize(SparseDecode.apply(*latents, sae.W_dec) + sae.b_dec, stats)
+        recon = sae.denormalize(SparseDecode.apply(*latents, sae.W_dec) + sae.b_dec, stats)
         error = x - recon
         terms = {"mse": error.pow(2).sum(dim=-1).mean()}
         if indices.shape[-1] > k:
