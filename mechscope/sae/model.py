@@ -26,7 +26,9 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
-from mechscope.sae.config import SAEConfig, dtype_name
+from mechscope.files import atomic_write
+from mechscope.sae.config import DTYPES, SAEConfig, dtype_name
+from mechscope.sae.formats import WriteFile, read_sae, write_saelens
 from mechscope.sae.kernels import SparseDecode
 from mechscope.sae.latents import SparseLatents
 
@@ -244,23 +246,39 @@ class SparseAutoencoder(nn.Module):
         along = (grad * self.W_dec).sum(dim=-1, keepdim=True) / self.W_dec.pow(2).sum(dim=-1, keepdim=True)
         grad -= along * self.W_dec
 
-    # ---- files -----------------------------------------------------------------------------------------------
+    # ---- building and files ----------------------------------------------------------------------------------
+
+    @classmethod
+    def from_tensors(cls, cfg: SAEConfig, tensors: dict[str, Tensor]) -> SparseAutoencoder:
+        """The SAE of ``cfg`` holding ``tensors``, as the readers of :mod:`mechscope.sae.formats` return them.
+
+        ``tensors``: ``W_enc [d_in, d_sae]``, ``b_enc [d_sae]``, ``W_dec [d_sae, d_in]``, ``b_dec [d_in]`` and, for
+        ``jumprelu`` and ``batchtopk``, ``threshold [d_sae]``; cast to ``cfg.dtype`` (a tensor already in that dtype
+        and contiguous is used as it is, not copied), on their own device. A missing, extra or misshapen entry
+        raises. The SAE is in training mode, as every new module.
+        """
+        sae = cls(replace(cfg, device="meta"))
+        sae.load_state_dict(
+            {name: value.to(cfg.torch_dtype).contiguous() for name, value in tensors.items()}, assign=True
+        )
+        sae.cfg = cfg
+        return sae
 
     @classmethod
     def load(
         cls, path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype | str | None = None
     ) -> SparseAutoencoder:
-        """Load an SAE in any supported format (``mechscope.sae.formats``), in eval mode; ``dtype`` defaults to the
-        stored one."""
-        from mechscope.sae.formats import load_sae
+        """Load the SAE at ``path`` in any supported format (``mechscope.sae.formats.detect_format``), in eval mode.
 
-        return load_sae(path, device=device, dtype=dtype)
+        ``dtype`` defaults to the stored dtype; ``device`` to the CPU, whatever the stored config says.
+        """
+        sae = cls.from_tensors(*read_sae(path)).to(device).eval()
+        return sae if dtype is None else sae.to(DTYPES[dtype_name(dtype)])
 
-    def save(self, path: str | Path, *, overwrite: bool = False) -> Path:
-        """Write this SAE as a mechscope/SAELens directory (``cfg.json`` + ``sae_weights.safetensors``)."""
-        from mechscope.sae.formats import save_sae
-
-        return save_sae(self, path, overwrite=overwrite)
+    def save(self, path: str | Path, *, overwrite: bool = False, write_file: WriteFile = atomic_write) -> Path:
+        """Write this SAE as a mechscope/SAELens directory (``cfg.json`` + ``sae_weights.safetensors``); returns
+        ``path``. See :func:`mechscope.sae.formats.write_saelens` for the layout, ``overwrite`` and ``write_file``."""
+        return write_saelens(self.cfg, self.state_dict(), path, overwrite=overwrite, write_file=write_file)
 
 
 SAE = SparseAutoencoder

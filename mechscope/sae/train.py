@@ -43,13 +43,15 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
-from typing import Any, ClassVar, Protocol
+from typing import ClassVar, Protocol
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from mechscope.data.store import ActivationStore
+from mechscope.models.hooked import HookedModel
 from mechscope.sae.config import ARCHITECTURES, DTYPES, SAEConfig
 from mechscope.sae.kernels import JumpReLU, SelectedPreActs, SparseDecode, Step
 from mechscope.sae.latents import SparseLatents
@@ -352,10 +354,7 @@ class Trainer:
 # ---- the run -------------------------------------------------------------------------------------------------
 
 
-def _make_store(config: TrainConfig, model: Any) -> BatchSource:
-    from mechscope.data.store import ActivationStore
-    from mechscope.models.hooked import HookedModel
-
+def _make_store(config: TrainConfig, model: HookedModel | None) -> BatchSource:
     if model is None:
         model = HookedModel.from_pretrained(config.model, device=config.device)
     store = ActivationStore(
@@ -386,7 +385,11 @@ def _batches(config: TrainConfig, store: BatchSource) -> Iterator[Tensor]:
 
 
 def train_sae(
-    config: TrainConfig, model: Any = None, store: BatchSource | None = None, *, stop_after: int | None = None
+    config: TrainConfig,
+    model: HookedModel | None = None,
+    store: BatchSource | None = None,
+    *,
+    stop_after: int | None = None,
 ) -> SparseAutoencoder:
     """Train an SAE on ``config.hook_name`` activations; returns it (in eval mode) and writes ``config.out_dir``.
 
