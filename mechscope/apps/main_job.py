@@ -37,11 +37,18 @@ from mechscope.files import check_settings
 from mechscope.models.hooked import HookedModel
 from mechscope.sae.evaluate import evaluate_sae
 from mechscope.sae.model import SparseAutoencoder
-from mechscope.sae.train import CHECKPOINT_DIR, RESUMABLE_CHANGES, TrainConfig, train_sae
+from mechscope.sae.train import (
+    RESUMABLE_CHANGES,
+    SAE_DIR,
+    TRAIN_CONFIG_FILE,
+    TrainConfig,
+    current_names,
+    find_checkpoint,
+    train_sae,
+)
 from mechscope.settings import Config, ConfigError, at_least, check_fields, derive, meta
 
 STAGES = ("look", "sae", "cooc")
-SAE_DIR = "sae"  # train_sae saves the SAE in out_dir/sae
 
 
 def _job_training() -> TrainConfig:
@@ -164,10 +171,10 @@ def train_or_reuse_sae(model: HookedModel, job: MainJobConfig) -> tuple[SparseAu
     """The job's SAE: loaded from ``job.sae_dir`` when a finished run is there, else trained (resuming an
     interrupted run from its checkpoint). Returns ``(sae, reused)``."""
     config = job.train
-    saved = Path(config.out_dir) / "train_config.json"
+    saved = Path(config.out_dir) / TRAIN_CONFIG_FILE
     if saved.exists():
         check_settings(
-            json.loads(saved.read_text()),
+            current_names(json.loads(saved.read_text())),
             dataclasses.asdict(config),
             where=config.out_dir,
             what="holds an SAE trained",
@@ -177,7 +184,7 @@ def train_or_reuse_sae(model: HookedModel, job: MainJobConfig) -> tuple[SparseAu
         )
     if job.sae_dir.exists():
         return SparseAutoencoder.load(job.sae_dir), True
-    resume = (Path(config.out_dir) / CHECKPOINT_DIR).exists()
+    resume = find_checkpoint(config.out_dir) is not None
     return train_sae(dataclasses.replace(config, resume=resume), model=model), False
 
 

@@ -28,22 +28,21 @@ linearly over ``warmup_steps`` and decays linearly to 0 over the last ``decay_fr
 
 ``out_dir`` receives ``sae/`` (the trained SAE, ``SparseAutoencoder.save``), ``metrics.jsonl`` (one line per log step),
 ``train_config.json`` and ``checkpoint/`` (the SAE, plus ``trainer.safetensors`` with the Adam state, the torch RNG
-state and the dead-latent counters, and ``trainer.json`` with the step and Adam's hyper-parameters; no pickle).
-``resume=True`` continues from that checkpoint: with the same data order the result equals an uninterrupted run.
+state and the dead-latent counters, and ``trainer.json`` with the step and Adam's hyper-parameters; no pickle). Every
+file is written atomically and the checkpoint replaced as a whole (``mechscope.files``). ``resume=True`` continues from
+that checkpoint (``find_checkpoint``): with the same data order the result equals an uninterrupted run.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import shutil
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
-from typing import ClassVar, Protocol
+from typing import Any, ClassVar, Protocol
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -51,8 +50,10 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from mechscope.data.store import ActivationStore
+from mechscope.files import atomic_dir, atomic_write, atomic_write_text, check_settings, recover_dir
 from mechscope.models.hooked import HookedModel
 from mechscope.sae.config import ARCHITECTURES, DTYPES, SAEConfig
+from mechscope.sae.formats import WriteFile
 from mechscope.sae.kernels import JumpReLU, SelectedPreActs, SparseDecode, Step
 from mechscope.sae.latents import SparseLatents
 from mechscope.sae.model import SparseAutoencoder
@@ -62,6 +63,8 @@ CHECKPOINT_DIR = "checkpoint"
 TRAINER_TENSORS = "trainer.safetensors"
 TRAINER_JSON = "trainer.json"
 METRICS_FILE = "metrics.jsonl"
+TRAIN_CONFIG_FILE = "train_config.json"
+SAE_DIR = "sae"
 # Fields a resumed run may change: they do not affect the weights it produces.
 RESUMABLE_CHANGES = {"resume", "progress", "log_every", "checkpoint_every", "out_dir"}
 
@@ -301,11 +304,13 @@ class Trainer:
 
     # ---- checkpoints -----------------------------------------------------------------------------------------
 
-    def save_checkpoint(self, directory: Path) -> None:
-        """Write the SAE, Adam's state, the RNG state and the counters to ``directory`` (replaced atomically)."""
-        tmp = directory.with_name(f".{directory.name}.tmp{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        self.sae.save(tmp / "sae")
+    def save_checkpoint(self, directory: Path, write_file: WriteFile = atomic_write) -> Path:
+        """Write the SAE, Adam's state, the RNG state and the counters to ``directory``, which is replaced as a whole
+        (:func:`mechscope.files.atomic_dir`); each file is written by ``write_file`` (see :func:`train_sae`)."""
+        return atomic_dir(directory, lambda tmp: self._write_checkpoint(tmp, write_file))
+
+    def _write_checkpoint(self, directory: Path, write_file: WriteFile) -> None:
+        self.sae.save(directory / SAE_DIR, write_file=write_file)
         state = self.optimizer.state_dict()
         tensors = {
             f"adam.{index}.{key}": value.contiguous()
@@ -313,30 +318,25 @@ class Trainer:
             for key, value in param_state.items()
         }
         tensors.update(torch_rng=torch.get_rng_state(), tokens_since_fired=self.tokens_since_fired.cpu())
-        save_file(tensors, str(tmp / TRAINER_TENSORS))
+        write_file(directory / TRAINER_TENSORS, lambda tmp: save_file(tensors, str(tmp)))
         meta = {"step": self.step, "param_groups": state["param_groups"], "config": dataclasses.asdict(self.config)}
-        (tmp / TRAINER_JSON).write_text(json.dumps(meta, indent=1))
-        old = directory.with_name(f".{directory.name}.old{os.getpid()}")
-        if directory.exists():
-            os.replace(directory, old)
-        os.replace(tmp, directory)
-        shutil.rmtree(old, ignore_errors=True)
+        write_file(directory / TRAINER_JSON, lambda tmp: tmp.write_text(json.dumps(meta, indent=1)))
 
     def load_checkpoint(self, directory: Path) -> None:
-        """Restore what ``save_checkpoint`` wrote (the SAE's weights, Adam, RNG, counters, step)."""
+        """Restore what ``save_checkpoint`` wrote (the SAE's weights, Adam, RNG, counters, step); a checkpoint of a
+        run with other settings (outside ``RESUMABLE_CHANGES``) raises a :class:`~mechscope.files.SettingsMismatch`
+        listing them."""
         meta = json.loads((directory / TRAINER_JSON).read_text())
-        now = dataclasses.asdict(self.config)
-        changed = {
-            name: (value, now[name])
-            for name, value in meta["config"].items()
-            if name not in RESUMABLE_CHANGES and now.get(name) != value
-        }
-        if changed:
-            raise ValueError(
-                f"{directory} was written by a run with other settings {changed} (checkpoint, now): resume with the "
-                "checkpoint's settings, or train from scratch in another out_dir"
-            )
-        saved = SparseAutoencoder.load(directory / "sae", device=self.sae.W_dec.device, dtype=self.sae.W_dec.dtype)
+        check_settings(
+            current_names(meta["config"]),
+            dataclasses.asdict(self.config),
+            where=directory,
+            what="was written by a run",
+            fix="resume with the checkpoint's settings, or train from scratch in another out_dir",
+            labels="checkpoint, now",
+            ignore=RESUMABLE_CHANGES,
+        )
+        saved = SparseAutoencoder.load(directory / SAE_DIR, device=self.sae.W_dec.device, dtype=self.sae.W_dec.dtype)
         self.sae.load_state_dict(saved.state_dict())
         tensors = load_file(str(directory / TRAINER_TENSORS), device=str(self.sae.W_dec.device))
         adam_state: dict[int, dict[str, Tensor]] = {}
@@ -349,6 +349,22 @@ class Trainer:
         torch.set_rng_state(tensors["torch_rng"].cpu())
         self.tokens_since_fired = tensors["tokens_since_fired"].to(self.tokens_since_fired.device)
         self.step = meta["step"]
+
+
+def current_names(settings: Mapping[str, Any]) -> dict[str, Any]:
+    """Recorded ``TrainConfig`` settings (``train_config.json``, a checkpoint's ``trainer.json``) with the fields
+    saved under an old name (``source``, ``shard_dir``, ``batch_size``) under their current one."""
+    renamed = {old: f.name for f in dataclasses.fields(TrainConfig) for old in f.metadata["old"]}
+    return {renamed.get(name, name): value for name, value in settings.items()}
+
+
+def find_checkpoint(out_dir: str | Path) -> Path | None:
+    """The checkpoint a ``resume=True`` run in ``out_dir`` continues from (``out_dir/checkpoint``), or None.
+
+    A checkpoint that a kill left set aside while it was being replaced is put back first
+    (:func:`mechscope.files.recover_dir`).
+    """
+    return recover_dir(Path(out_dir) / CHECKPOINT_DIR)
 
 
 # ---- the run -------------------------------------------------------------------------------------------------
@@ -390,6 +406,7 @@ def train_sae(
     store: BatchSource | None = None,
     *,
     stop_after: int | None = None,
+    write_file: WriteFile = atomic_write,
 ) -> SparseAutoencoder:
     """Train an SAE on ``config.hook_name`` activations; returns it (in eval mode) and writes ``config.out_dir``.
 
@@ -397,16 +414,19 @@ def train_sae(
     ``ActivationStore`` over ``model`` (a ``HookedModel``; loaded from ``config.model`` when None), which first
     harvests to ``config.shard_dir`` when that is set and otherwise streams live from the model. ``stop_after``
     ends the run after that many steps in total (with a checkpoint), keeping the schedule of the full run, so a
-    later ``resume=True`` run continues exactly where it stopped.
+    later ``resume=True`` run continues exactly where it stopped. ``write_file(path, write)`` writes each file of the
+    checkpoints, of the saved SAE and ``train_config.json``: :func:`mechscope.files.atomic_write` (``write(tmp)``,
+    then a rename to ``path``) by default; the tests pass one that fails half-way, as a kill would.
     """
     out_dir = Path(config.out_dir)
     checkpoint = out_dir / CHECKPOINT_DIR
-    if checkpoint.exists() and not config.resume:
+    found = find_checkpoint(out_dir)
+    if found is not None and not config.resume:
         raise FileExistsError(
             f"{out_dir} already holds a training checkpoint: pass resume=True (--resume) to continue it, "
             "or choose another out_dir"
         )
-    if config.resume and not checkpoint.exists():
+    if config.resume and found is None:
         raise FileNotFoundError(f"resume=True but {checkpoint} does not exist: train without --resume first")
     if store is None:
         store = _make_store(config, model)
@@ -438,7 +458,8 @@ def train_sae(
                 sae.threshold.fill_(config.jumprelu_init_threshold)
         batches = _chain_first(first, batches)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "train_config.json").write_text(json.dumps(dataclasses.asdict(config), indent=1))
+    config_json = json.dumps(dataclasses.asdict(config), indent=1)
+    write_file(out_dir / TRAIN_CONFIG_FILE, lambda tmp: tmp.write_text(config_json))
     _truncate_metrics(out_dir / METRICS_FILE, trainer.step)
 
     last = config.n_steps if stop_after is None else min(stop_after, config.n_steps)
@@ -457,7 +478,7 @@ def train_sae(
                         l0=f"{metrics['l0']:.1f}", fvu=f"{metrics['fvu']:.3f}", dead=f"{metrics['dead']:.1%}"
                     )
                 if config.checkpoint_every and trainer.step % config.checkpoint_every == 0:
-                    trainer.save_checkpoint(checkpoint)
+                    trainer.save_checkpoint(checkpoint, write_file)
     finally:
         bar.close()
     if trainer.step < last:
@@ -466,9 +487,9 @@ def train_sae(
             "tokens): lower n_tokens, or use a larger corpus",
             stacklevel=2,
         )
-    trainer.save_checkpoint(checkpoint)
+    trainer.save_checkpoint(checkpoint, write_file)
     if trainer.step >= config.n_steps or stop_after is None:
-        sae.save(out_dir / "sae", overwrite=True)
+        sae.save(out_dir / SAE_DIR, overwrite=True, write_file=write_file)
     return sae.eval()
 
 
@@ -482,4 +503,4 @@ def _truncate_metrics(path: Path, step: int) -> None:
     if not path.exists():
         return
     lines = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-    path.write_text("".join(line + "\n" for line in lines))
+    atomic_write_text(path, "".join(line + "\n" for line in lines))

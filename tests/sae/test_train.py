@@ -16,10 +16,20 @@ from transformers import AutoModelForCausalLM
 from mechscope import HookedAutoConfig, HookedModel
 from mechscope.apps.cli import build_parser, main
 from mechscope.data import ActivationStore
+from mechscope.files import atomic_write
 from mechscope.models.tokenizer import byte_tokenizer
 from mechscope.sae import SAE, SAEConfig
 from mechscope.sae.kernels import SparseDecode
-from mechscope.sae.train import TrainConfig, Trainer, geometric_median, lr_at, train_sae
+from mechscope.sae.train import (
+    TRAINER_JSON,
+    TRAINER_TENSORS,
+    TrainConfig,
+    Trainer,
+    find_checkpoint,
+    geometric_median,
+    lr_at,
+    train_sae,
+)
 
 HOOK = "blocks.0.hook_resid_post"
 
@@ -309,6 +319,39 @@ def test_resume_equals_an_uninterrupted_run(synthetic: SparseDictionaryData, tmp
         assert torch.equal(resumed.state_dict()[name], value), name
     metrics = [(tmp_path / d / "metrics.jsonl").read_text() for d in "ab"]
     assert metrics[0] == metrics[1]
+
+
+def test_a_kill_while_writing_a_checkpoint_keeps_the_last_one_and_resume_is_exact(
+    synthetic: SparseDictionaryData, tmp_path: Path
+) -> None:
+    overrides = {"n_tokens": 256 * 40, "dead_tokens_threshold": 256 * 5, "checkpoint_every": 10}
+    straight = train_sae(_config(tmp_path, out_dir=str(tmp_path / "a"), **overrides), store=synthetic)
+    adam_writes = []
+
+    def killed_in_the_second_checkpoint(path: Path, write) -> Path:
+        """``atomic_write``, except that the process 'dies' half-way through the second checkpoint's Adam state."""
+        if path.name == TRAINER_TENSORS:
+            adam_writes.append(path)
+            if len(adam_writes) == 2:
+
+                def half_then_killed(tmp: Path) -> None:
+                    tmp.write_bytes(b"half a safetensors file")
+                    raise KeyboardInterrupt
+
+                return atomic_write(path, half_then_killed)
+        return atomic_write(path, write)
+
+    config = _config(tmp_path, out_dir=str(tmp_path / "b"), **overrides)
+    with pytest.raises(KeyboardInterrupt):
+        train_sae(config, store=synthetic, write_file=killed_in_the_second_checkpoint)
+    checkpoint = find_checkpoint(tmp_path / "b")
+    assert checkpoint == tmp_path / "b" / "checkpoint"
+    assert json.loads((checkpoint / TRAINER_JSON).read_text())["step"] == 10  # the first checkpoint, whole
+    assert sorted(p.name for p in (tmp_path / "b").iterdir()) == ["checkpoint", "metrics.jsonl", "train_config.json"]
+    resumed = train_sae(dataclasses.replace(config, resume=True), store=synthetic)
+    for name, value in straight.state_dict().items():
+        assert torch.equal(resumed.state_dict()[name], value), name
+    assert find_checkpoint(tmp_path / "nothing") is None
 
 
 # ---- on a model ------------------------------------------------------------------------------------------------
