@@ -76,12 +76,16 @@ class TrainConfig(Config):
 
     model: str = field(default="smollm2-135m", metadata=meta("model: short name, hub id, local dir or .gguf"))
     hook_name: str = field(default="blocks.15.hook_resid_post", metadata=meta("hook point to train on"))
-    source: str | None = field(default=None, metadata=meta("corpus (mechscope.data.iter_texts); default: embedded"))
-    shard_dir: str | None = field(default=None, metadata=meta("harvest activations to disk shards here first"))
+    corpus: str | None = field(
+        default=None, metadata=meta("corpus (mechscope.data.iter_texts); default: embedded", old="source")
+    )
+    activations_dir: str | None = field(
+        default=None, metadata=meta("harvest activations to disk shards here first", old="shard_dir")
+    )
     context_length: int = field(default=128, metadata=meta("tokens per context"))
     batch_contexts: int = field(default=8, metadata=meta("contexts per forward pass of the model"))
-    n_tokens: int = field(default=2_000_000, metadata=meta("training tokens; steps = n_tokens // batch_size"))
-    batch_size: int = field(default=4096, metadata=meta("tokens per step"))
+    n_tokens: int = field(default=2_000_000, metadata=meta("training tokens; steps = n_tokens // batch_size_tokens"))
+    batch_size_tokens: int = field(default=4096, metadata=meta("tokens per step", old="batch_size"))
     architecture: str = field(default="topk", metadata=meta(f"one of {', '.join(ARCHITECTURES)}"))
     d_sae: int | None = field(default=None, metadata=meta("latents; default: expansion_factor * d_in"))
     expansion_factor: int = field(default=8, metadata=meta("d_sae / d_in when d_sae is not given"))
@@ -119,10 +123,11 @@ class TrainConfig(Config):
             raise fail(self, "k", f"must be a whole number for a topk SAE, got {self.k!r}")
         if self.architecture in ("relu", "jumprelu"):
             self.k = None  # only topk/batchtopk use k, and SAEConfig refuses it elsewhere
-        at_least(self, 1, "n_tokens", "batch_size", "context_length", "batch_contexts", "expansion_factor", "log_every")
-        if self.n_tokens < self.batch_size:
+        at_least(self, 1, "n_tokens", "batch_size_tokens", "context_length", "batch_contexts")
+        at_least(self, 1, "expansion_factor", "log_every")
+        if self.n_tokens < self.batch_size_tokens:
             raise ConfigError(
-                f"{label(self, 'n_tokens')}={self.n_tokens} is less than one batch ({self.batch_size})",
+                f"{label(self, 'n_tokens')}={self.n_tokens} is less than one batch ({self.batch_size_tokens})",
                 field="n_tokens",
             )
         if not 0 <= self.decay_fraction <= 1:
@@ -132,7 +137,7 @@ class TrainConfig(Config):
 
     @property
     def n_steps(self) -> int:
-        return self.n_tokens // self.batch_size
+        return self.n_tokens // self.batch_size_tokens
 
 
 # ---- pieces --------------------------------------------------------------------------------------------------
@@ -294,7 +299,7 @@ class Trainer:
         ``active [batch, ...]`` marks each token's firing latents (of all ``d_sae``, or of its ``k`` selected ones).
         """
         fvu = (x - recon).pow(2).sum() / (x - x.mean(dim=0)).pow(2).sum()
-        out = {"step": self.step, "tokens": self.step * self.config.batch_size, "loss": float(loss.detach())}
+        out = {"step": self.step, "tokens": self.step * self.config.batch_size_tokens, "loss": float(loss.detach())}
         out.update({name: float(value.detach()) for name, value in terms.items()})
         out.update(l0=float(active.sum(dim=-1).float().mean()), fvu=float(fvu), dead=float(self.dead().float().mean()))
         if self.config.architecture in ("jumprelu", "batchtopk"):
@@ -376,27 +381,27 @@ def _make_store(config: TrainConfig, model: HookedModel | None) -> BatchSource:
     store = ActivationStore(
         model,
         [config.hook_name],
-        config.source,
+        config.corpus,
         context_length=config.context_length,
         batch_contexts=config.batch_contexts,
-        shard_dir=config.shard_dir,
+        shard_dir=config.activations_dir,
     )
-    if config.shard_dir is not None:
+    if config.activations_dir is not None:
         store.harvest(config.n_tokens, progress=config.progress)
     return store
 
 
 def _batches(config: TrainConfig, store: BatchSource) -> Iterator[Tensor]:
-    """Full ``[batch_size, d_in]`` batches of the hook's activations, on the SAE's device and dtype."""
+    """Full ``[batch_size_tokens, d_in]`` batches of the hook's activations, on the SAE's device and dtype."""
     dtype = DTYPES[config.dtype]
-    for batch in store.batches(config.batch_size, config.n_tokens, config.shuffle_buffer, config.seed):
+    for batch in store.batches(config.batch_size_tokens, config.n_tokens, config.shuffle_buffer, config.seed):
         if config.hook_name not in batch:
             raise KeyError(
                 f"the activation store has no {config.hook_name!r} (it has {[k for k in batch if k != 'tokens']}): "
                 "build it with this hook_name or set TrainConfig.hook_name to one of those"
             )
         x = batch[config.hook_name]
-        if len(x) == config.batch_size:
+        if len(x) == config.batch_size_tokens:
             yield x.to(config.device, dtype)
 
 
@@ -412,7 +417,7 @@ def train_sae(
 
     Data: ``store`` (an ``ActivationStore`` or any object with its ``batches`` method) when given; otherwise an
     ``ActivationStore`` over ``model`` (a ``HookedModel``; loaded from ``config.model`` when None), which first
-    harvests to ``config.shard_dir`` when that is set and otherwise streams live from the model. ``stop_after``
+    harvests to ``config.activations_dir`` when that is set and otherwise streams live from the model. ``stop_after``
     ends the run after that many steps in total (with a checkpoint), keeping the schedule of the full run, so a
     later ``resume=True`` run continues exactly where it stopped. ``write_file(path, write)`` writes each file of the
     checkpoints, of the saved SAE and ``train_config.json``: :func:`mechscope.files.atomic_write` (``write(tmp)``,
@@ -433,7 +438,9 @@ def train_sae(
     batches = _batches(config, store)
     first = next(batches, None)
     if first is None:
-        raise ValueError(f"the activation store yielded no full batch of {config.batch_size} rows: lower batch_size")
+        raise ValueError(
+            f"the activation store yielded no full batch of {config.batch_size_tokens} rows: lower batch_size_tokens"
+        )
     torch.manual_seed(config.seed)
     d_in = first.shape[-1]
     sae_cfg = SAEConfig(
@@ -483,7 +490,7 @@ def train_sae(
         bar.close()
     if trainer.step < last:
         warnings.warn(
-            f"the activations ran out after {trainer.step} of {last} steps ({trainer.step * config.batch_size} "
+            f"the activations ran out after {trainer.step} of {last} steps ({trainer.step * config.batch_size_tokens} "
             "tokens): lower n_tokens, or use a larger corpus",
             stacklevel=2,
         )
