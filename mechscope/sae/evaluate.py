@@ -233,6 +233,7 @@ def evaluate_sae(
             real = batch_mask.bool() if batch_mask is not None else torch.ones_like(batch, dtype=torch.bool)
             keep = real & ~torch.isin(batch, special)  # the positions the SAE is judged on and spliced into
             clean, cache = model.run_with_cache(batch, names_filter=name, attention_mask=batch_mask)
+            assert clean is not None  # the logits (run_with_cache returns None only with stop_at_layer)
             activation = cache[name]
             x = token_vectors(activation, name)  # [batch, pos, d_in]
             check_width(sae, x, name)
@@ -257,6 +258,11 @@ def evaluate_sae(
 
 
 def _summarise(t: _Totals, hook_name: str, dense_threshold: float, bins: int) -> SAEEvaluation:
+    if t.mean is None:
+        raise ValueError(
+            "evaluate_sae found no token to judge the SAE on: every position is padding or a special token "
+            "(pass longer texts, or exclude_special=False)"
+        )
     n, d_in = t.n, t.mean.numel()
     ce = {k: v / t.n_pred for k, v in t.ce.items()}
     gap = ce["zero"] - ce["clean"]

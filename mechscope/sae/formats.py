@@ -366,6 +366,7 @@ def _saelens_layout(cfg: SAEConfig, tensors: dict[str, Tensor]) -> tuple[dict[st
     normalize = cfg.normalize_activations
     if normalize == "expected_average_only_in":  # fold x * s in, out / s: (x*s - b) @ W = (x - b/s) @ (s W)
         s = cfg.scaling_factor
+        assert s is not None  # SAEConfig requires it for this normalisation
         tensors.update(W_enc=tensors["W_enc"] * s, W_dec=tensors["W_dec"] / s, b_dec=tensors["b_dec"] / s)
         normalize = "none"
     architecture = {"relu": "standard", "batchtopk": "jumprelu"}.get(cfg.architecture, cfg.architecture)

@@ -66,18 +66,18 @@ class SparseAutoencoder(nn.Module):
     def __init__(self, cfg: SAEConfig) -> None:
         super().__init__()
         self._cfg = cfg
-        factory = {"dtype": cfg.torch_dtype, "device": cfg.device}
-        w_dec = torch.empty(cfg.d_sae, cfg.d_in, **factory)
+        dtype, device = cfg.torch_dtype, cfg.device
+        w_dec = torch.empty(cfg.d_sae, cfg.d_in, dtype=dtype, device=device)
         nn.init.kaiming_uniform_(w_dec)
         w_dec /= w_dec.norm(dim=-1, keepdim=True)
         self.W_dec = nn.Parameter(w_dec)
         self.W_enc = nn.Parameter(w_dec.T.clone(memory_format=torch.contiguous_format))
-        self.b_enc = nn.Parameter(torch.zeros(cfg.d_sae, **factory))
-        self.b_dec = nn.Parameter(torch.zeros(cfg.d_in, **factory))
+        self.b_enc = nn.Parameter(torch.zeros(cfg.d_sae, dtype=dtype, device=device))
+        self.b_dec = nn.Parameter(torch.zeros(cfg.d_in, dtype=dtype, device=device))
         if cfg.architecture == "jumprelu":
-            self.threshold = nn.Parameter(torch.zeros(cfg.d_sae, **factory))
+            self.threshold = nn.Parameter(torch.zeros(cfg.d_sae, dtype=dtype, device=device))
         elif cfg.architecture == "batchtopk":
-            self.register_buffer("threshold", torch.zeros(cfg.d_sae, **factory))
+            self.register_buffer("threshold", torch.zeros(cfg.d_sae, dtype=dtype, device=device))
 
     @property
     def cfg(self) -> SAEConfig:
@@ -93,6 +93,13 @@ class SparseAutoencoder(nn.Module):
                 f"(got {cfg.d_in}, {cfg.d_sae}, {cfg.architecture!r}): build a new SparseAutoencoder instead"
             )
         self._cfg = cfg
+
+    @property
+    def _topk(self) -> int:
+        """``cfg.k`` of a topk SAE (SAEConfig makes it an int in [1, d_sae])."""
+        k = self._cfg.k
+        assert isinstance(k, int), "only topk SAEs have an int k"
+        return k
 
     def extra_repr(self) -> str:
         cfg = self._cfg
@@ -163,9 +170,10 @@ class SparseAutoencoder(nn.Module):
         if cfg.architecture == "relu":
             return pre_acts.relu()
         if cfg.architecture == "topk":
-            values, indices = pre_acts.topk(cfg.k, dim=-1, sorted=False)
+            values, indices = pre_acts.topk(self._topk, dim=-1, sorted=False)
             return torch.zeros_like(pre_acts).scatter_(-1, indices, values.relu())
         if cfg.architecture == "batchtopk" and self.training:
+            assert cfg.k is not None  # SAEConfig requires it for batchtopk
             flat = pre_acts.relu().flatten()
             values, indices = flat.topk(int(cfg.k * pre_acts.shape[:-1].numel()), sorted=False)
             return torch.zeros_like(flat).scatter_(0, indices, values).view_as(pre_acts)
@@ -189,7 +197,7 @@ class SparseAutoencoder(nn.Module):
         """:meth:`activation` as :class:`SparseLatents`: ``indices, values [..., k]`` from ``pre_acts [..., d_sae]``
         (``k`` as in :meth:`encode_sparse`)."""
         if self._cfg.architecture == "topk":
-            values, indices = pre_acts.topk(self._cfg.k, dim=-1, sorted=False)
+            values, indices = pre_acts.topk(self._topk, dim=-1, sorted=False)
             return SparseLatents(indices, values.relu())
         return SparseLatents.from_dense(self.activation(pre_acts))
 
@@ -232,7 +240,7 @@ class SparseAutoencoder(nn.Module):
     @torch.no_grad()
     def normalize_decoder_(self) -> None:
         """Scale every row of ``W_dec`` (every dictionary direction) to unit norm, in place."""
-        self.W_dec /= self.W_dec.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(self.W_dec.dtype).tiny)
+        self.W_dec.div_(self.W_dec.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(self.W_dec.dtype).tiny))
 
     @torch.no_grad()
     def remove_parallel_decoder_grad_(self) -> None:

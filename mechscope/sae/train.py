@@ -42,7 +42,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar, Protocol, cast
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -231,15 +231,16 @@ class Trainer:
         ``[batch, d_sae]`` matrices that are almost all zeros.
         """
         cfg, sae = self.config, self.sae
+        k = sae.cfg.k
+        assert isinstance(k, int), "a topk SAE's k is an int"
         encoder_input, stats = sae.encoder_input(x)
         with torch.no_grad():
             pre_acts = torch.addmm(sae.b_enc, encoder_input, sae.W_enc)  # [batch, d_sae], no graph
-            indices = pre_acts.topk(int(sae.cfg.k), dim=-1, sorted=False).indices
+            indices = pre_acts.topk(k, dim=-1, sorted=False).indices
             dead = self.dead()
             if dead.any():
                 indices = torch.cat([indices, self.aux_indices(pre_acts, dead)], dim=-1)
         selected = SelectedPreActs.apply(encoder_input, sae.W_enc, sae.b_enc, indices, pre_acts).relu()
-        k = int(sae.cfg.k)
         latents = SparseLatents(indices[:, :k], selected[:, :k])
         recon = sae.denormalize(SparseDecode.apply(*latents, sae.W_dec) + sae.b_dec, stats)
         error = x - recon
@@ -267,23 +268,25 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         terms, latents, recon = self.losses(x)
-        loss = sum(terms.values())
+        loss = cast(Tensor, sum(terms.values()))  # terms always holds "mse"
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         sae.remove_parallel_decoder_grad_()
         self.optimizer.step()
         sae.normalize_decoder_()
         with torch.no_grad():
-            if isinstance(latents, SparseLatents):
-                active = latents.values.detach() > 0  # [batch, k]
+            if isinstance(latents, SparseLatents):  # topk
+                values = latents.values.detach()  # [batch, k]
+                active = values > 0
                 fired: Tensor = latents.indices[active]
-            else:
-                active = latents.detach() > 0  # [batch, d_sae]
+            else:  # the other architectures keep dense latents in training: faster than gathering them
+                values = latents.detach()  # [batch, d_sae]
+                active = values > 0
                 fired = active.any(dim=0)
             if cfg.architecture == "jumprelu":
                 sae.threshold.clamp_min_(0.0)
             elif cfg.architecture == "batchtopk" and active.any():
-                smallest = latents.detach()[active].min()
+                smallest = values[active].min()
                 rate = cfg.batchtopk_threshold_lr if self.step > 0 else 1.0
                 sae.threshold.lerp_(smallest.expand_as(sae.threshold), rate)
             self.tokens_since_fired += len(x)
@@ -443,11 +446,15 @@ def train_sae(
         )
     torch.manual_seed(config.seed)
     d_in = first.shape[-1]
+    k = config.k
+    if config.architecture == "topk":
+        assert k is not None  # TrainConfig checks that it is a whole number
+        k = int(k)
     sae_cfg = SAEConfig(
         d_in=d_in,
         d_sae=config.d_sae or config.expansion_factor * d_in,
         architecture=config.architecture,
-        k=int(config.k) if config.architecture == "topk" else config.k,
+        k=k,
         model_name=config.model,
         hook_name=config.hook_name,
         dtype=config.dtype,
