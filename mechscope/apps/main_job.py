@@ -37,11 +37,18 @@ from mechscope.files import check_settings
 from mechscope.models.hooked import HookedModel
 from mechscope.sae.evaluate import evaluate_sae
 from mechscope.sae.model import SparseAutoencoder
-from mechscope.sae.train import CHECKPOINT_DIR, RESUMABLE_CHANGES, TrainConfig, train_sae
+from mechscope.sae.train import (
+    RESUMABLE_CHANGES,
+    SAE_DIR,
+    TRAIN_CONFIG_FILE,
+    TrainConfig,
+    current_names,
+    find_checkpoint,
+    train_sae,
+)
 from mechscope.settings import Config, ConfigError, at_least, check_fields, derive, meta
 
 STAGES = ("look", "sae", "cooc")
-SAE_DIR = "sae"  # train_sae saves the SAE in out_dir/sae
 
 
 def _job_training() -> TrainConfig:
@@ -49,7 +56,7 @@ def _job_training() -> TrainConfig:
     set by the job)."""
     return TrainConfig(
         n_tokens=131072,
-        batch_size=1024,
+        batch_size_tokens=1024,
         architecture="topk",
         expansion_factor=8,
         k=32,
@@ -96,8 +103,13 @@ class MainJobConfig(Config):
     train: TrainConfig = field(
         default_factory=_job_training,
         metadata=meta(
-            "sae: the training run (model, hook_name, context_length, shard_dir, out_dir and resume are the job's)",
-            moved={"sae_tokens": "n_tokens", **{name: name for name in ("expansion_factor", "k", "batch_size", "lr")}},
+            "sae: the training run (model, hook_name, context_length, activations_dir, out_dir and resume are the "
+            "job's)",
+            moved={
+                "sae_tokens": "n_tokens",
+                "batch_size": "batch_size_tokens",
+                **{name: name for name in ("expansion_factor", "k", "lr")},
+            },
         ),
     )
     cooc: CoocConfig = field(
@@ -142,13 +154,13 @@ class MainJobConfig(Config):
             "train.model": self.model,
             "train.hook_name": self.hook_name,
             "train.context_length": self.context_length,
-            "train.shard_dir": str(shards),
+            "train.activations_dir": str(shards),
             "train.out_dir": str(training),
             "train.resume": False,  # train_or_reuse_sae resumes when a checkpoint is there
             "cooc.generation.model_name": self.model,
             "cooc.generation.sae": str((training / SAE_DIR).resolve()),
             "cooc.generation.sae_ids": [self.hook_name],
-            "cooc.generation.corpus": self.train.source,
+            "cooc.generation.corpus": self.train.corpus,
             "cooc.generation.context_length": self.context_length,
             "cooc.generation.activations_dir": str(shards.resolve()),
             "cooc.results_dir": str((out / "cooc").resolve()),
@@ -164,10 +176,10 @@ def train_or_reuse_sae(model: HookedModel, job: MainJobConfig) -> tuple[SparseAu
     """The job's SAE: loaded from ``job.sae_dir`` when a finished run is there, else trained (resuming an
     interrupted run from its checkpoint). Returns ``(sae, reused)``."""
     config = job.train
-    saved = Path(config.out_dir) / "train_config.json"
+    saved = Path(config.out_dir) / TRAIN_CONFIG_FILE
     if saved.exists():
         check_settings(
-            json.loads(saved.read_text()),
+            current_names(json.loads(saved.read_text())),
             dataclasses.asdict(config),
             where=config.out_dir,
             what="holds an SAE trained",
@@ -177,14 +189,14 @@ def train_or_reuse_sae(model: HookedModel, job: MainJobConfig) -> tuple[SparseAu
         )
     if job.sae_dir.exists():
         return SparseAutoencoder.load(job.sae_dir), True
-    resume = (Path(config.out_dir) / CHECKPOINT_DIR).exists()
+    resume = find_checkpoint(config.out_dir) is not None
     return train_sae(dataclasses.replace(config, resume=resume), model=model), False
 
 
 def held_out_tokens(model: HookedModel, job: MainJobConfig) -> torch.Tensor:
     """``[eval_contexts, context_length]``: the corpus contexts right after the harvested ones (never trained on)."""
-    store = ActivationStore(model, job.hook_name, job.train.source, context_length=job.context_length)
-    manifest = json.loads((Path(str(job.train.shard_dir)) / MANIFEST).read_text())
+    store = ActivationStore(model, job.hook_name, job.train.corpus, context_length=job.context_length)
+    manifest = json.loads((Path(str(job.train.activations_dir)) / MANIFEST).read_text())
     last = manifest["shards"][-1]
     contexts = list(islice(store.contexts(skip=last["first_context"] + last["n_contexts"]), job.eval_contexts))
     if not contexts:

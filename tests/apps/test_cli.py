@@ -147,7 +147,7 @@ def test_demo_reads_a_toml_file_of_nested_tables_under_its_flags(tmp_path: Path,
     assert (job.top_k, job.train.k, job.train.lr, job.train.progress) == (2, 16, 0.01, False)
     assert (job.cooc.generation.n_batches, job.cooc.pca.candidate_sizes) == (4, [2])
     assert job.train.model == job.cooc.generation.model_name == job.model  # set once, from the job
-    assert job.train.shard_dir == str(Path(job.out_dir) / "activations")
+    assert job.train.activations_dir == str(Path(job.out_dir) / "activations")
     assert job.cooc.generation.activations_dir == str((Path(job.out_dir) / "activations").resolve())
     path.write_text('[train]\nout_dir = "elsewhere"\n')
     assert main(["demo", "--config", str(path)]) == 1

@@ -33,7 +33,7 @@ def _job(out_dir: Path, **overrides) -> MainJobConfig:
         "train.n_tokens": 4096,
         "train.expansion_factor": 2,
         "train.k": 4,
-        "train.batch_size": 256,
+        "train.batch_size_tokens": 256,
         "train.shuffle_buffer": 4096,
         "train.dead_tokens_threshold": 2048,
         "cooc.generation.activation_thresholds": [0.0, 0.5],
