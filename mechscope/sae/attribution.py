@@ -18,8 +18,9 @@ and without.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -141,7 +142,7 @@ def ablate(
     ``heads`` ``(layer, head)`` at every position, and compare the next-token distribution at ``position``."""
     tokens = _tokens(model, prompt)
     pos = position % tokens.shape[1]
-    hooks = []
+    hooks: list[tuple[str, Callable[[Tensor, Any], Tensor | None]]] = []
     latent_ids = list(latents)
     if latent_ids:
         if sae is None:
@@ -163,8 +164,8 @@ def ablate(
                     f"units 0..{size - 1}"
                 )
             by_layer.setdefault((kind, layer), []).append(unit)
-    for (kind, layer), units in by_layer.items():
-        hooks.append((block_hook(layer, kind), _zero(kind, units)))
+    for (kind, layer), indices in by_layer.items():
+        hooks.append((block_hook(layer, kind), _zero(kind, indices)))
     with torch.no_grad():
         clean = model(tokens)[0, pos].float()
         ablated = model.run_with_hooks(tokens, fwd_hooks=hooks)[0, pos].float()
@@ -180,7 +181,7 @@ def ablate(
     )
 
 
-def _zero(kind: str, units: list[int]):
+def _zero(kind: str, units: list[int]) -> Callable[[Tensor, Any], Tensor]:
     index = torch.tensor(units)
 
     def hook(t: Tensor, hook) -> Tensor:  # mlp.hook_post [batch, pos, d_mlp]; attn.hook_z [batch, pos, head, d_head]
