@@ -32,6 +32,7 @@ from mechscope.apps.first_look import DEFAULT_MODEL, DEFAULT_PROMPT, load_and_re
 from mechscope.apps.tables import format_table
 from mechscope.cooccurrence.config import CoocConfig, GenerationConfig, PCAConfig
 from mechscope.cooccurrence.pipeline import run_all
+from mechscope.dashboards.pipeline import DashboardsConfig, run_dashboards
 from mechscope.data.store import MANIFEST, ActivationStore
 from mechscope.files import check_settings
 from mechscope.models.hooked import HookedModel
@@ -48,7 +49,7 @@ from mechscope.sae.train import (
 )
 from mechscope.settings import Config, ConfigError, at_least, check_fields, derive, meta
 
-STAGES = ("look", "sae", "cooc")
+STAGES = ("look", "sae", "dashboards", "cooc")
 
 
 def _job_training() -> TrainConfig:
@@ -93,7 +94,7 @@ class MainJobConfig(Config):
     prompt: str = field(default=DEFAULT_PROMPT, metadata=meta("the prompt of the first look"))
     out_dir: str = field(default="demo_output", metadata=meta("where everything goes"))
     stages: list[str] = field(
-        default_factory=lambda: list(STAGES), metadata=meta("stages to run: any of look, sae, cooc")
+        default_factory=lambda: list(STAGES), metadata=meta("stages to run: any of look, sae, dashboards, cooc")
     )
     top_k: int = field(default=5, metadata=meta("look: how many next tokens to list"))
     max_new_tokens: int = field(default=10, metadata=meta("look: length of the greedy continuation"))
@@ -110,6 +111,12 @@ class MainJobConfig(Config):
                 "batch_size": "batch_size_tokens",
                 **{name: name for name in ("expansion_factor", "k", "lr")},
             },
+        ),
+    )
+    dashboards: DashboardsConfig = field(
+        default_factory=DashboardsConfig,
+        metadata=meta(
+            "dashboards: every latent's dashboard over the harvested activations (model, SAE, paths are the job's)"
         ),
     )
     cooc: CoocConfig = field(
@@ -164,6 +171,13 @@ class MainJobConfig(Config):
             "cooc.generation.context_length": self.context_length,
             "cooc.generation.activations_dir": str(shards.resolve()),
             "cooc.results_dir": str((out / "cooc").resolve()),
+            "dashboards.model": self.model,
+            "dashboards.sae": str((training / SAE_DIR).resolve()),
+            "dashboards.hook_name": self.hook_name,
+            "dashboards.activations_dir": str(shards.resolve()),
+            "dashboards.corpus": self.train.corpus,
+            "dashboards.context_length": self.context_length,
+            "dashboards.out_dir": str((out / "dashboards").resolve()),
         }
 
     @property
@@ -252,12 +266,23 @@ def run_main_job(job: MainJobConfig | None = None, model: HookedModel | None = N
         sae, reused = train_or_reuse_sae(model, job)
         print(f"{'Reused' if reused else 'Trained'} the SAE in {sae_path} (d_sae {sae.cfg.d_sae}, k {sae.cfg.k})")
         result["sae"] = evaluate_job_sae(model, sae, job, reused)
+    if "dashboards" in job.stages:
+        print("\n== 3. Latent dashboards: top examples, activation bins, histograms, logit effects ==")
+        if not sae_path.exists():
+            raise FileNotFoundError(f"no trained SAE in {sae_path}: run the 'sae' stage first")
+        dash = run_dashboards(job.dashboards, model=model)
+        dead = int(dash.dead_latents().numel())
+        print(
+            f"Dashboards of {dash.d_sae} latents over {dash.n_tokens:,} tokens ({dead} dead): {job.dashboards.out_dir}"
+        )
+        result["dashboards"] = {"d_sae": dash.d_sae, "n_tokens": dash.n_tokens, "dead": dead}
     if "cooc" in job.stages:
-        print("\n== 3. Latent co-occurrence: counts, graphs, subspace PCA ==")
+        print("\n== 4. Latent co-occurrence: counts, graphs, subspace PCA ==")
         if not sae_path.exists():
             raise FileNotFoundError(f"no trained SAE in {sae_path}: run the 'sae' stage first")
         config_path = job.cooc.to_toml(out / "cooc.toml")
         print(f"Pipeline config: {config_path} (rerun it with: mechscope cooc run {config_path})")
         result["cooc"] = run_all(job.cooc, model=model)
     print(f"\nMain job done in {time.perf_counter() - start:.0f} s; everything is in {out.resolve()}")
+    print(f"Open the explorer on it: mechscope app {out}   (or: bash run.sh app {out})")
     return result

@@ -30,14 +30,14 @@ from mechscope.models.names import parse_hook
 from mechscope.models.tokenizer import token_strings
 from mechscope.sae.model import SparseAutoencoder
 from mechscope.sae.splice import resolve_hook_name
-from mechscope.settings import Config, at_least, check_fields, meta
+from mechscope.settings import Config, ConfigError, at_least, check_fields, meta
 
 
 @dataclass
 class DashboardsConfig(Config):
     """Where the dashboards come from and go; ``[dashboards]`` says what they hold."""
 
-    sae: str = field(metadata=meta("the SAE: a directory in any supported format", required=True))
+    sae: str | None = field(default=None, metadata=meta("the SAE: a directory in any supported format", required=True))
     model: str = field(default="smollm2-135m", metadata=meta("model: short name, hub id, local dir or .gguf"))
     hook_name: str | None = field(default=None, metadata=meta("hook point of the SAE; default: the SAE's own"))
     activations_dir: str | None = field(
@@ -64,7 +64,7 @@ def _source(config: DashboardsConfig, hook_name: str, store: ActivationStore, sa
     return {
         "model": config.model,
         "hook_name": hook_name,
-        "sae": os.path.relpath(Path(config.sae).resolve(), Path(config.out_dir).resolve()),
+        "sae": os.path.relpath(Path(str(config.sae)).resolve(), Path(config.out_dir).resolve()),
         "neuronpedia_id": sae.cfg.neuronpedia_id,
         "activations": store.settings(),
     }
@@ -74,8 +74,10 @@ def run_dashboards(
     config: DashboardsConfig, model: HookedModel | None = None, sae: SparseAutoencoder | None = None
 ) -> Dashboards:
     """Compute (or reuse) the dashboards ``config`` asks for; ``model`` / ``sae`` skip loading them."""
+    if config.sae is None and sae is None:
+        raise ConfigError('sae is required: the SAE\'s directory (sae = "path" in the file, or --sae)', field="sae")
     model = model if model is not None else HookedModel.from_pretrained(config.model, device=config.device)
-    sae = sae if sae is not None else SparseAutoencoder.load(config.sae, device=config.device)
+    sae = sae if sae is not None else SparseAutoencoder.load(str(config.sae), device=config.device)
     hook_name = resolve_hook_name(sae, config.hook_name)
     activations = Path(config.activations_dir or Path(config.out_dir) / "activations")
     store = ActivationStore(

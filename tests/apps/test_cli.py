@@ -119,7 +119,7 @@ def test_parser_defaults_and_flags() -> None:
     assert (MainJobConfig().model, MainJobConfig().prompt, MainJobConfig().stages) == (
         "smollm2-135m",
         PROMPT,
-        ["look", "sae", "cooc"],
+        ["look", "sae", "dashboards", "cooc"],
     )
     argv = ["demo", "--model", "m.gguf", "--prompt", "Hi", "--out-dir", "o", "--top-k", "2", "--max-new-tokens", "3"]
     argv += ["--stages", "look", "sae", "--activation-thresholds", "0", "2.5", "--lr", "0.01"]
