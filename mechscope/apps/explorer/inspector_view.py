@@ -84,9 +84,10 @@ def show(root: Path) -> None:
     best = probs.topk(10)
     left, right = st.columns(2)
     with left:
-        st.markdown("**SAE latents per token** (each token's top 5)")
+        st.markdown("**SAE latents per token** (each token's top 5; activation / the latent's max over the corpus)")
         if chosen:
-            z = latents[:, chosen].T.tolist()
+            scale = results.tensor(sets[0], "max_activation")[chosen].clamp_min(1e-6)
+            z = (latents[:, chosen] / scale).clamp(0, 1).T.tolist()
             st.plotly_chart(figures.heatmap(z, labels, [f"latent {i}" for i in chosen], ""), key="latent_heatmap")
         else:
             st.caption("no latent is active on this prompt")

@@ -90,7 +90,7 @@ def show(root: Path) -> None:
     st.subheader(f"Latent {latent} of {d_sae} · {source.get('hook_name', '')}")
     cols = st.columns(4)
     cols[0].metric("density", f"{firing / max(meta['n_tokens'], 1):.3%}")
-    cols[1].metric("fires on", f"{firing:,} of {meta['n_tokens']:,} tokens")
+    cols[1].metric("fires on", f"{firing:,} tokens", help=f"of {meta['n_tokens']:,}")
     cols[2].metric("max activation", f"{max_act:.3f}")
     if source.get("neuronpedia_id"):
         cols[3].link_button("Neuronpedia", f"{NEURONPEDIA}/{source['neuronpedia_id']}/{latent}")
