@@ -2,7 +2,8 @@
 # The one entry point on a fresh machine. It creates .venv (or $MECHSCOPE_VENV), installs what the task
 # needs (CPU torch 2.13.0 pinned), then runs it:
 #   bash run.sh demo    the end-to-end demo on SmolLM2-135M (offline)
-#   bash run.sh test    the whole test suite (pass pytest arguments after it, e.g. -m "not slow")
+#   bash run.sh test    ruff, mypy, then the whole test suite on every core (pytest arguments after it, e.g. -m "not slow")
+#   bash run.sh app     the explorer web app over demo_output (or the results directory given after it)
 #   bash run.sh bench   the benchmarks side by side with TransformerLens and SAELens; rewrites docs/benchmarks.md
 #                       (SAELens pins transformer-lens<4, so it gets its own venv, .venv-saelens)
 set -euo pipefail
@@ -49,7 +50,13 @@ case "$task" in
     test)
         setup dev
         "$venv/bin/ruff" check mechscope tests benchmarks examples
-        exec "$venv/bin/python" -m pytest "$@"
+        "$venv/bin/mypy" mechscope  # settings in pyproject.toml
+        # one worker per core (pytest-xdist); pass -n 0 to run in this process
+        exec "$venv/bin/python" -m pytest -n "${MECHSCOPE_TEST_WORKERS:-$(nproc)}" "$@"
+        ;;
+    app)  # the explorer over a results directory (default demo_output)
+        setup dev
+        exec "$venv/bin/mechscope" app "$@"
         ;;
     bench)
         setup dev,bench
@@ -57,7 +64,7 @@ case "$task" in
         exec "$venv/bin/python" benchmarks/run.py "$@"
         ;;
     *)
-        echo "usage: bash run.sh demo|test|bench [args...]" >&2
+        echo "usage: bash run.sh demo|test|app|bench [args...]" >&2
         exit 2
         ;;
 esac

@@ -106,7 +106,7 @@ def _mechscope(init: SAE, x: torch.Tensor, aux: bool) -> tuple[Callable[[], obje
         model="synthetic",
         hook_name="x",
         n_tokens=10**12,
-        batch_size=BATCH,
+        batch_size_tokens=BATCH,
         architecture="topk",
         d_sae=D_SAE,
         k=K,

@@ -1,5 +1,6 @@
 """mechscope: mechanistic interpretability of transformer language models."""
 
+from mechscope._version import __version__
 from mechscope.models import Generation, HookedAutoConfig, HookedAutoModel, HookedConfig, HookedModel, HookPoint
 from mechscope.models.cache import ActivationCache
 from mechscope.models.factored import FactoredMatrix
@@ -7,8 +8,6 @@ from mechscope.models.names import get_act_name
 from mechscope.sae import SAE, SparseAutoencoder
 from mechscope.tools.experiments import BaseInterpretabilityBench, Experiment
 from mechscope.tools.svd import SVDInterpreter
-
-__version__ = "0.1.0"
 
 __all__ = [
     "SAE",
@@ -24,5 +23,6 @@ __all__ = [
     "HookedModel",
     "SVDInterpreter",
     "SparseAutoencoder",
+    "__version__",
     "get_act_name",
 ]

@@ -14,6 +14,9 @@ from transformers import AutoModelForCausalLM
 
 from mechscope import HookedAutoConfig, HookedModel
 
+if os.environ.get("PYTEST_XDIST_WORKER"):  # pytest -n N: N processes share the cores, one thread each
+    torch.set_num_threads(1)
+
 FAMILIES = ["gpt2", "gpt_neox", "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3"]
 
 # Smaller than the HookedAutoConfig defaults where it speeds the suite up; vocab stays >= 50257.

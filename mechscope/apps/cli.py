@@ -12,10 +12,12 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from mechscope.apps.explorer.launch import run_app
 from mechscope.apps.main_job import MainJobConfig, run_main_job
 from mechscope.apps.tables import format_graph_summary
 from mechscope.cooccurrence import pipeline
 from mechscope.cooccurrence.config import CoocConfig
+from mechscope.dashboards.pipeline import DashboardsConfig, export_neuronpedia, run_dashboards
 from mechscope.sae.train import TrainConfig, train_sae
 from mechscope.settings import add_flags, flag_values, load
 
@@ -40,7 +42,65 @@ def build_parser() -> argparse.ArgumentParser:
     sae_commands = sae.add_subparsers(dest="sae_command", required=True, metavar="SAE_COMMAND")
     _add_train_parser(sae_commands)
     _add_cooc_parser(commands)
+    _add_dashboards_parser(commands)
+    _add_app_parser(commands)
+    _add_export_parser(commands)
     return parser
+
+
+def _add_export_parser(commands: argparse._SubParsersAction) -> None:
+    """``export neuronpedia RESULTS_DIR --out DIR``."""
+    export = commands.add_parser("export", help="results in other tools' formats", description="Export results.")
+    kinds = export.add_subparsers(dest="export_command", required=True, metavar="FORMAT")
+    np_parser = kinds.add_parser(
+        "neuronpedia",
+        help="the dashboards as SAEDashboard batch files and Neuronpedia upload-batch bodies",
+        description="Every dashboards folder under RESULTS_DIR in SAEDashboard's Neuronpedia format (batch-N.json, "
+        "skipped_indexes.json) and as bodies for Neuronpedia's upload-batch route.",
+    )
+    np_parser.add_argument("results_dir", metavar="RESULTS_DIR")
+    np_parser.add_argument("--out", required=True, metavar="DIR", help="where the export goes")
+    np_parser.add_argument("--model-id", help="Neuronpedia model id (default: the model's name)")
+    np_parser.add_argument("--sae-set", default="mechscope", help="Neuronpedia SAE set name (default mechscope)")
+    np_parser.set_defaults(run=_run_export_neuronpedia)
+
+
+def _run_export_neuronpedia(args: argparse.Namespace) -> None:
+    written = export_neuronpedia(args.results_dir, args.out, args.model_id, args.sae_set)
+    print(f"Wrote {len(written)} files to {args.out}")
+
+
+def _add_dashboards_parser(commands: argparse._SubParsersAction) -> None:
+    """``dashboards CONFIG``: every latent's dashboard data (top examples, bins, histogram, logit effects)."""
+    dash = commands.add_parser(
+        "dashboards",
+        help="feature dashboards of every latent of an SAE",
+        description="Every latent's dashboard data, in three streaming passes over harvested activations "
+        "(harvested first when missing). Settings come from DashboardsConfig's defaults, then the TOML file, then "
+        "the flags.",
+    )
+    dash.add_argument("config", metavar="CONFIG", help="a TOML file of DashboardsConfig settings")
+    add_flags(dash, DashboardsConfig)
+    dash.set_defaults(run=_run_dashboards)
+
+
+def _run_dashboards(args: argparse.Namespace) -> None:
+    config = load(DashboardsConfig, args.config, flag_values(args, DashboardsConfig))
+    dash = run_dashboards(config)
+    print(f"Dashboards of {dash.d_sae} latents over {dash.n_tokens} tokens in {config.out_dir}")
+
+
+def _add_app_parser(commands: argparse._SubParsersAction) -> None:
+    """``app [RESULTS_DIR]``: the explorer on localhost."""
+    app = commands.add_parser(
+        "app",
+        help="the explorer web app over a results directory",
+        description="Serve the explorer (latent dashboards, prompt inspector) over a results directory, offline.",
+    )
+    app.add_argument("results_dir", nargs="?", default="demo_output", help="default: demo_output")
+    app.add_argument("--host", default="127.0.0.1", help="address to bind (default localhost only)")
+    app.add_argument("--port", type=int, default=8501, help="port (default 8501)")
+    app.set_defaults(run=lambda args: run_app(args.results_dir, args.host, args.port))
 
 
 COOC_STAGES = {
@@ -112,7 +172,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     traceback.
     """
     args = build_parser().parse_args(argv)
-    sub = getattr(args, "sae_command", None) or getattr(args, "cooc_command", None)
+    sub = next((getattr(args, a) for a in ("sae_command", "cooc_command", "export_command") if hasattr(args, a)), None)
     command = " ".join(filter(None, (args.command, sub)))
     try:
         args.run(args)

@@ -78,6 +78,7 @@ def run_first_look(
     start = time.perf_counter()
     with torch.no_grad():
         logits, cache = model.run_with_cache(prompt)
+    assert logits is not None  # run_with_cache returns logits unless stop_at_layer is given
     print(f"Forward pass with cache: {time.perf_counter() - start:.2f} s, {len(cache)} activations")
 
     probs = logits[0, -1].float().softmax(-1)

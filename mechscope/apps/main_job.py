@@ -32,16 +32,24 @@ from mechscope.apps.first_look import DEFAULT_MODEL, DEFAULT_PROMPT, load_and_re
 from mechscope.apps.tables import format_graph_summary, format_table
 from mechscope.cooccurrence.config import CoocConfig, CountingConfig, PCAConfig
 from mechscope.cooccurrence.pipeline import run_all
+from mechscope.dashboards.pipeline import DashboardsConfig, run_dashboards
 from mechscope.data.store import ActivationStore
 from mechscope.files import check_settings
 from mechscope.models.hooked import HookedModel
 from mechscope.sae.evaluate import evaluate_sae
 from mechscope.sae.model import SparseAutoencoder
-from mechscope.sae.train import CHECKPOINT_DIR, RESUMABLE_CHANGES, TrainConfig, train_sae
+from mechscope.sae.train import (
+    RESUMABLE_CHANGES,
+    SAE_DIR,
+    TRAIN_CONFIG_FILE,
+    TrainConfig,
+    current_names,
+    find_checkpoint,
+    train_sae,
+)
 from mechscope.settings import Config, ConfigError, at_least, check_fields, derive, meta
 
-STAGES = ("look", "sae", "cooc")
-SAE_DIR = "sae"  # train_sae saves the SAE in out_dir/sae
+STAGES = ("look", "sae", "dashboards", "cooc")
 
 
 def _job_training() -> TrainConfig:
@@ -49,7 +57,7 @@ def _job_training() -> TrainConfig:
     set by the job)."""
     return TrainConfig(
         n_tokens=131072,
-        batch_size=1024,
+        batch_size_tokens=1024,
         architecture="topk",
         expansion_factor=8,
         k=32,
@@ -86,7 +94,7 @@ class MainJobConfig(Config):
     prompt: str = field(default=DEFAULT_PROMPT, metadata=meta("the prompt of the first look"))
     out_dir: str = field(default="demo_output", metadata=meta("where everything goes"))
     stages: list[str] = field(
-        default_factory=lambda: list(STAGES), metadata=meta("stages to run: any of look, sae, cooc")
+        default_factory=lambda: list(STAGES), metadata=meta("stages to run: any of look, sae, dashboards, cooc")
     )
     top_k: int = field(default=5, metadata=meta("look: how many next tokens to list"))
     max_new_tokens: int = field(default=10, metadata=meta("look: length of the greedy continuation"))
@@ -96,8 +104,19 @@ class MainJobConfig(Config):
     train: TrainConfig = field(
         default_factory=_job_training,
         metadata=meta(
-            "sae: the training run (model, hook_name, context_length, shard_dir, out_dir and resume are the job's)",
-            moved={"sae_tokens": "n_tokens", **{name: name for name in ("expansion_factor", "k", "batch_size", "lr")}},
+            "sae: the training run (model, hook_name, context_length, activations_dir, out_dir and resume are the "
+            "job's)",
+            moved={
+                "sae_tokens": "n_tokens",
+                "batch_size": "batch_size_tokens",
+                **{name: name for name in ("expansion_factor", "k", "lr")},
+            },
+        ),
+    )
+    dashboards: DashboardsConfig = field(
+        default_factory=DashboardsConfig,
+        metadata=meta(
+            "dashboards: every latent's dashboard over the harvested activations (model, SAE, paths are the job's)"
         ),
     )
     cooc: CoocConfig = field(
@@ -142,16 +161,23 @@ class MainJobConfig(Config):
             "train.model": self.model,
             "train.hook_name": self.hook_name,
             "train.context_length": self.context_length,
-            "train.shard_dir": str(shards),
+            "train.activations_dir": str(shards),
             "train.out_dir": str(training),
             "train.resume": False,  # train_or_reuse_sae resumes when a checkpoint is there
             "cooc.counting.model": self.model,
             "cooc.counting.sae": str((training / SAE_DIR).resolve()),
             "cooc.counting.hook_names": [self.hook_name],
-            "cooc.counting.corpus": self.train.source,
+            "cooc.counting.corpus": self.train.corpus,
             "cooc.counting.context_length": self.context_length,
             "cooc.counting.activations_dir": str(shards.resolve()),
             "cooc.results_dir": str((out / "cooc").resolve()),
+            "dashboards.model": self.model,
+            "dashboards.sae": str((training / SAE_DIR).resolve()),
+            "dashboards.hook_name": self.hook_name,
+            "dashboards.activations_dir": str(shards.resolve()),
+            "dashboards.corpus": self.train.corpus,
+            "dashboards.context_length": self.context_length,
+            "dashboards.out_dir": str((out / "dashboards").resolve()),
         }
 
     @property
@@ -164,10 +190,10 @@ def train_or_reuse_sae(model: HookedModel, job: MainJobConfig) -> tuple[SparseAu
     """The job's SAE: loaded from ``job.sae_dir`` when a finished run is there, else trained (resuming an
     interrupted run from its checkpoint). Returns ``(sae, reused)``."""
     config = job.train
-    saved = Path(config.out_dir) / "train_config.json"
+    saved = Path(config.out_dir) / TRAIN_CONFIG_FILE
     if saved.exists():
         check_settings(
-            json.loads(saved.read_text()),
+            current_names(json.loads(saved.read_text())),
             dataclasses.asdict(config),
             where=config.out_dir,
             what="holds an SAE trained",
@@ -177,7 +203,7 @@ def train_or_reuse_sae(model: HookedModel, job: MainJobConfig) -> tuple[SparseAu
         )
     if job.sae_dir.exists():
         return SparseAutoencoder.load(job.sae_dir), True
-    resume = (Path(config.out_dir) / CHECKPOINT_DIR).exists()
+    resume = find_checkpoint(config.out_dir) is not None
     return train_sae(dataclasses.replace(config, resume=resume), model=model), False
 
 
@@ -187,10 +213,10 @@ def held_out_tokens(model: HookedModel, job: MainJobConfig) -> torch.Tensor:
     store = ActivationStore(
         model,
         job.hook_name,
-        train.source,
+        train.corpus,
         context_length=job.context_length,
         batch_contexts=train.batch_contexts,
-        activations_dir=train.shard_dir,
+        activations_dir=train.activations_dir,
     )
     contexts = list(islice(store.contexts(skip=store.harvested_contexts()), job.eval_contexts))
     if not contexts:
@@ -246,8 +272,18 @@ def run_main_job(job: MainJobConfig | None = None, model: HookedModel | None = N
         sae, reused = train_or_reuse_sae(model, job)
         print(f"{'Reused' if reused else 'Trained'} the SAE in {sae_path} (d_sae {sae.cfg.d_sae}, k {sae.cfg.k})")
         result["sae"] = evaluate_job_sae(model, sae, job, reused)
+    if "dashboards" in job.stages:
+        print("\n== 3. Latent dashboards: top examples, activation bins, histograms, logit effects ==")
+        if not sae_path.exists():
+            raise FileNotFoundError(f"no trained SAE in {sae_path}: run the 'sae' stage first")
+        dash = run_dashboards(job.dashboards, model=model)
+        dead = int(dash.dead_latents().numel())
+        print(
+            f"Dashboards of {dash.d_sae} latents over {dash.n_tokens:,} tokens ({dead} dead): {job.dashboards.out_dir}"
+        )
+        result["dashboards"] = {"d_sae": dash.d_sae, "n_tokens": dash.n_tokens, "dead": dead}
     if "cooc" in job.stages:
-        print("\n== 3. Latent co-occurrence: counts, graphs, subspace PCA ==")
+        print("\n== 4. Latent co-occurrence: counts, graphs, subspace PCA ==")
         if not sae_path.exists():
             raise FileNotFoundError(f"no trained SAE in {sae_path}: run the 'sae' stage first")
         config_path = job.cooc.to_toml(out / "cooc.toml")
@@ -255,4 +291,5 @@ def run_main_job(job: MainJobConfig | None = None, model: HookedModel | None = N
         result["cooc"] = run_all(job.cooc, model=model)
         print(format_graph_summary(result["cooc"]["graphs"]))
     print(f"\nMain job done in {time.perf_counter() - start:.0f} s; everything is in {out.resolve()}")
+    print(f"Open the explorer on it: mechscope app {out}   (or: bash run.sh app {out})")
     return result

@@ -6,6 +6,7 @@ a cache asks for them, plus one attention function (see :mod:`mechscope.models.a
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -78,6 +79,10 @@ class HookedModel(WeightViews, nn.Module):
         model.set_attn_implementation(register_attention(model.config._attn_implementation))
         self.model = model
         self.cfg = hooked_config(model.config, self.adapter)
+        # transformers 5.24 renamed forward's past_key_values to cache (the old name warns); earlier releases
+        # know only past_key_values
+        forward_args = inspect.signature(model.forward).parameters
+        self._kv_cache_argument = "cache" if "cache" in forward_args else "past_key_values"
         self.tokenizer = tokenizer if tokenizer is not None else byte_tokenizer()
         self.name = name or getattr(model.config, "name_or_path", "") or f"random-{self.cfg.family}"
         self.registry = HookRegistry()
@@ -241,6 +246,26 @@ class HookedModel(WeightViews, nn.Module):
             logits, _ = self.registry("hook_logits", logits)
         return logits
 
+    def new_kv_cache(self) -> DynamicCache:
+        """An empty key/value cache for :meth:`step`."""
+        return DynamicCache(config=self.model.config)
+
+    def step(
+        self,
+        tokens: torch.Tensor,
+        kv_cache: DynamicCache,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """One incremental forward pass: logits ``[batch, pos, d_vocab]`` of ``tokens`` ``[batch, pos]``
+        following those already in ``kv_cache`` (which it extends), with the active hooks applied.
+
+        ``attention_mask`` ``[batch, cached + pos]`` covers the cached and the new tokens; ``position_ids``
+        ``[batch, pos]`` are the new tokens' positions.
+        """
+        cache_kwarg = {self._kv_cache_argument: kv_cache}
+        return self._logits(tokens, attention_mask, position_ids=position_ids, use_cache=True, **cache_kwarg)
+
     def forward(
         self,
         input: Input,
@@ -360,19 +385,13 @@ class HookedModel(WeightViews, nn.Module):
         batch = tokens.shape[0]
         full_mask = mask.to(self.device) if mask is not None else torch.ones_like(tokens)
         positions = (full_mask.cumsum(-1) - 1).clamp(min=0)
-        kv = DynamicCache(config=self.model.config)
+        kv = self.new_kv_cache()
         finished = torch.zeros(batch, dtype=torch.bool, device=self.device)
         new = []
         step_input = tokens
         with self.hooks(fwd_hooks):
             for _ in range(max_new_tokens):
-                logits = self._logits(
-                    step_input,
-                    full_mask if mask is not None else None,
-                    position_ids=positions,
-                    past_key_values=kv,
-                    use_cache=True,
-                )
+                logits = self.step(step_input, kv, full_mask if mask is not None else None, positions)
                 nxt = sample_next(logits[:, -1], do_sample, temperature, top_k, top_p, generator)
                 if eos is not None:
                     nxt = torch.where(finished, torch.full_like(nxt, eos), nxt)

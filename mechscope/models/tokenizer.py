@@ -72,3 +72,10 @@ def tokenize(
         tokens[i, sl] = torch.tensor(s, dtype=torch.long)
         mask[i, sl] = 1
     return tokens, mask
+
+
+def token_strings(tokenizer: PreTrainedTokenizerBase, d_vocab: int) -> list[str]:
+    """The string of every token id ``0..d_vocab-1`` (ids past the tokenizer's vocabulary, as padded
+    embeddings have them, read ``"<id N>"``)."""
+    known = min(len(tokenizer), d_vocab)
+    return [*tokenizer.batch_decode([[i] for i in range(known)]), *(f"<id {i}>" for i in range(known, d_vocab))]

@@ -3,8 +3,10 @@ training, evaluation and splicing into a model."""
 
 from mechscope.sae.config import SAEConfig
 from mechscope.sae.evaluate import LatentDensity, SAEEvaluation, evaluate_sae, plot_latent_density
-from mechscope.sae.formats import SAEFormatError, detect_format, load_sae, save_sae
-from mechscope.sae.model import SAE, SAEOutput, SparseAutoencoder, SparseLatents
+from mechscope.sae.formats import SAEFormatError, detect_format
+from mechscope.sae.io import load_sae, save_sae
+from mechscope.sae.latents import SparseLatents
+from mechscope.sae.model import SAE, SAEOutput, SparseAutoencoder
 from mechscope.sae.splice import SAESplice, splice_sae, spliced
 from mechscope.sae.train import TrainConfig, train_sae
 

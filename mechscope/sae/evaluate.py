@@ -21,11 +21,12 @@ from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, overload
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from matplotlib.figure import Figure
 from torch import Tensor
 from tqdm.auto import tqdm
 
@@ -79,18 +80,12 @@ class SAEEvaluation:
         return {k: v for k, v in asdict(self).items() if k not in ("firing_counts", "density")}
 
     def plot_density(self, path: str | Path, title: str | None = None) -> Path:
-        """Save the latent density histogram as a PNG at ``path`` (needs matplotlib); returns the path."""
+        """Save the latent density histogram as a PNG at ``path``; returns the path."""
         return plot_latent_density(self.density, path, title=title or f"latent density at {self.hook_name}")
 
 
 def plot_latent_density(density: LatentDensity, path: str | Path, title: str = "latent density") -> Path:
     """Draw ``density`` (a bar per bin, dead latents in the title) and save it as a PNG at ``path``."""
-    try:
-        from matplotlib.figure import Figure
-    except ImportError as err:
-        raise ImportError(
-            "plotting the latent density needs matplotlib, which is optional: pip install matplotlib"
-        ) from err
     path = Path(path)
     fig = Figure(figsize=(6, 3.5))
     ax = fig.add_subplot()
@@ -154,12 +149,45 @@ def _put(where: Tensor, value: Tensor | float) -> Callable[[Tensor, HookPoint], 
     return lambda activation, hook: torch.where(where, value, activation)
 
 
+Tokens = Tensor | Sequence[str]  # [batch, pos] token ids, or texts the model tokenises
+
+
+@overload
+def evaluate_sae(
+    model: HookedModel,
+    sae: SparseAutoencoder,
+    hook_name: str | None,
+    tokens: Tokens,
+    *,
+    batch_size: int = 8,
+    dense_threshold: float = 0.1,
+    bins: int = 50,
+    exclude_special: bool = True,
+    progress: bool = True,
+) -> SAEEvaluation: ...
+
+
+@overload
+def evaluate_sae(
+    model: HookedModel,
+    sae: SparseAutoencoder,
+    *,
+    tokens: Tokens,
+    hook_name: str | None = None,
+    batch_size: int = 8,
+    dense_threshold: float = 0.1,
+    bins: int = 50,
+    exclude_special: bool = True,
+    progress: bool = True,
+) -> SAEEvaluation: ...
+
+
 @torch.no_grad()
 def evaluate_sae(
     model: HookedModel,
     sae: SparseAutoencoder,
     hook_name: str | None = None,
-    tokens: Tensor | Sequence[str] | None = None,
+    tokens: Tokens | None = None,
     *,
     batch_size: int = 8,
     dense_threshold: float = 0.1,
@@ -167,10 +195,12 @@ def evaluate_sae(
     exclude_special: bool = True,
     progress: bool = True,
 ) -> SAEEvaluation:
-    """Evaluate ``sae`` at ``hook_name`` (default ``sae.cfg.hook_name``) of ``model`` on ``tokens``.
+    """Evaluate ``sae`` at ``hook_name`` (default ``sae.cfg.hook_name``) of ``model`` on ``tokens``:
+    ``evaluate_sae(model, sae, hook_name, tokens)`` or ``evaluate_sae(model, sae, tokens=tokens)``.
 
-    ``tokens`` (required) is ``[batch, pos]`` token ids or a list of texts (tokenised by the model; padding is
-    masked out of every metric). Sequences are run ``batch_size`` at a time, three forward passes each: clean, with
+    ``tokens`` (required: the overloads say so to a type checker, and a call without them raises a TypeError) is
+    ``[batch, pos]`` token ids or a list of texts (tokenised by the model; padding is masked out of every metric).
+    Sequences are run ``batch_size`` at a time, three forward passes each: clean, with
     the SAE's reconstruction spliced in, and with the activation zero-ablated. With ``exclude_special`` (the default,
     as SAE training leaves them out too) the BOS/EOS/PAD positions keep their clean activation in the spliced and
     ablated passes and are left out of the activation metrics (l0, fvu, mse, cosine, densities): the residual
@@ -203,6 +233,7 @@ def evaluate_sae(
             real = batch_mask.bool() if batch_mask is not None else torch.ones_like(batch, dtype=torch.bool)
             keep = real & ~torch.isin(batch, special)  # the positions the SAE is judged on and spliced into
             clean, cache = model.run_with_cache(batch, names_filter=name, attention_mask=batch_mask)
+            assert clean is not None  # the logits (run_with_cache returns None only with stop_at_layer)
             activation = cache[name]
             x = token_vectors(activation, name)  # [batch, pos, d_in]
             check_width(sae, x, name)
@@ -227,6 +258,11 @@ def evaluate_sae(
 
 
 def _summarise(t: _Totals, hook_name: str, dense_threshold: float, bins: int) -> SAEEvaluation:
+    if t.mean is None:
+        raise ValueError(
+            "evaluate_sae found no token to judge the SAE on: every position is padding or a special token "
+            "(pass longer texts, or exclude_special=False)"
+        )
     n, d_in = t.n, t.mean.numel()
     ce = {k: v / t.n_pred for k, v in t.ce.items()}
     gap = ce["zero"] - ce["clean"]

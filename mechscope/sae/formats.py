@@ -1,11 +1,16 @@
-"""SAE files: load the formats people publish, save mechscope's own (a directory SAELens also loads).
+"""SAE files: read the formats people publish, write mechscope's own (a directory SAELens also loads).
 
-- mechscope / SAELens (``load_saelens``): ``cfg.json`` + ``sae_weights.safetensors`` (W_enc, b_enc, W_dec, b_dec,
-  and threshold for JumpReLU).
-- EleutherAI sparsify (``load_sparsify``): ``cfg.json`` + ``sae.safetensors`` (encoder.weight, encoder.bias, W_dec,
+Every reader returns ``(SAEConfig, tensors)``, the tensors keyed as :class:`~mechscope.sae.model.SparseAutoencoder`'s
+parameters (``W_enc``, ``b_enc``, ``W_dec``, ``b_dec`` and ``threshold`` for JumpReLU and BatchTopK), and the writer
+takes the same pair; this module never builds an SAE (``SparseAutoencoder.from_tensors`` does, and
+:mod:`mechscope.sae.io` has the loaders that return one).
+
+- mechscope / SAELens (``read_saelens``, ``write_saelens``): ``cfg.json`` + ``sae_weights.safetensors`` (W_enc,
+  b_enc, W_dec, b_dec, and threshold for JumpReLU).
+- EleutherAI sparsify (``read_sparsify``): ``cfg.json`` + ``sae.safetensors`` (encoder.weight, encoder.bias, W_dec,
   b_dec).
-- Gemma Scope (``load_gemma_scope``): ``params.npz`` (W_enc, W_dec, b_enc, b_dec, threshold).
-- OpenAI sparse_autoencoder / Transformer Debugger (``load_openai``): a ``torch.save``d state dict (.pt).
+- Gemma Scope (``read_gemma_scope``): ``params.npz`` (W_enc, W_dec, b_enc, b_dec, threshold).
+- OpenAI sparse_autoencoder / Transformer Debugger (``read_openai``): a ``torch.save``d state dict (.pt).
 
 ``docs/sae.md`` has the full table of keys and shapes.
 
@@ -16,26 +21,25 @@ Every problem raises ``SAEFormatError`` naming the file and what is wrong with i
 from __future__ import annotations
 
 import contextlib
-import filecmp
 import json
-import os
 import pickle
 import re
 import warnings
 import zipfile
-from dataclasses import replace
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from mechscope._version import __version__
+from mechscope.files import atomic_write
 from mechscope.models.names import block_hook, module_hook
-from mechscope.sae.config import DTYPES, NORMALIZATIONS, SAEConfig, dtype_name
-from mechscope.sae.model import SparseAutoencoder
+from mechscope.sae.config import NORMALIZATIONS, SAEConfig, dtype_name
 
 CFG_FILE = "cfg.json"
 SAELENS_WEIGHTS = "sae_weights.safetensors"
@@ -45,12 +49,20 @@ GEMMA_SCOPE_PARAMS = "params.npz"
 # SAELens reads cfg.json's metadata.sae_lens_version to pick its parser; 6.0.0 is the layout mechscope writes.
 SAELENS_LAYOUT_VERSION = "6.0.0"
 _SAELENS_ARCHITECTURES = {"standard": "relu", "topk": "topk", "jumprelu": "jumprelu"}
+_WEIGHTS_METADATA = {"format": "pt"}
 _OPENAI_STATS = ("stats_last_nonzero", "latents_activation_frequency", "latents_mean_square")
 _KNOWN_FORMATS = (
     f"a directory with {CFG_FILE} + {SAELENS_WEIGHTS} (mechscope / SAELens), {CFG_FILE} + {SPARSIFY_WEIGHTS} "
     f"(EleutherAI sparsify) or {GEMMA_SCOPE_PARAMS} (Gemma Scope); or a file: {GEMMA_SCOPE_PARAMS} or a torch "
     "state dict (.pt, OpenAI sparse_autoencoder / Transformer Debugger)"
 )
+
+
+# What a format reader returns and the writer takes: the config and the tensors named as the SAE's parameters.
+SAETensors = tuple[SAEConfig, dict[str, Tensor]]
+
+# How a file is written: ``write_file(path, write)`` has ``write(tmp)`` write it, and puts it in place at ``path``.
+WriteFile = Callable[[Path, Callable[[Path], object]], object]
 
 
 class SAEFormatError(ValueError):
@@ -98,24 +110,21 @@ def detect_format(path: str | Path) -> str:
     raise SAEFormatError(f"{path} is not an SAE file (it starts with {head!r}); expected {_KNOWN_FORMATS}")
 
 
-def load_sae(
-    path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype | str | None = None
-) -> SparseAutoencoder:
-    """Load the SAE at ``path`` in whichever format it is (``detect_format``), in eval mode.
+def read_sae(path: str | Path) -> SAETensors:
+    """``(config, tensors)`` of the SAE at ``path``, in whichever format it is (``detect_format``).
 
-    ``dtype`` defaults to the stored dtype; ``device`` to the CPU, whatever the stored config says.
+    ``path`` is an SAE directory, a file in one, a ``params.npz`` or a torch state dict file.
     """
     fmt = detect_format(path)
     path = Path(path)
     location = path.parent if path.is_file() and path.name in (CFG_FILE, SAELENS_WEIGHTS, SPARSIFY_WEIGHTS) else path
-    loader = {
-        "saelens": load_saelens,
-        "sparsify": load_sparsify,
-        "gemma_scope": load_gemma_scope,
-        "openai": load_openai,
+    readers: dict[str, Callable[[Path], SAETensors]] = {
+        "saelens": read_saelens,
+        "sparsify": read_sparsify,
+        "gemma_scope": read_gemma_scope,
+        "openai": read_openai,
     }
-    sae = loader[fmt](location).to(device).eval()
-    return sae if dtype is None else sae.to(DTYPES[dtype_name(dtype)])
+    return readers[fmt](location)
 
 
 # ---- shared readers and checks --------------------------------------------------------------------------------
@@ -185,15 +194,6 @@ def _check_tensors(
             raise SAEFormatError(f"{source}: {name} has shape {list(value.shape)}, expected {list(shape)} ({why})")
 
 
-def _assemble(cfg: SAEConfig, tensors: dict[str, Tensor]) -> SparseAutoencoder:
-    """An SAE of ``cfg`` holding ``tensors`` (keys W_enc, b_enc, W_dec, b_dec[, threshold]), cast to ``cfg.dtype``."""
-    sae = SparseAutoencoder(replace(cfg, device="meta"))
-    state = {name: value.to(cfg.torch_dtype).contiguous() for name, value in tensors.items()}
-    sae.load_state_dict(state, assign=True)
-    sae.cfg = cfg
-    return sae
-
-
 def _sae_shapes(d_in: int, d_sae: int, architecture: str) -> dict[str, tuple[int, ...]]:
     shapes = {"W_enc": (d_in, d_sae), "b_enc": (d_sae,), "W_dec": (d_sae, d_in), "b_dec": (d_in,)}
     if architecture in ("jumprelu", "batchtopk"):
@@ -204,14 +204,14 @@ def _sae_shapes(d_in: int, d_sae: int, architecture: str) -> dict[str, tuple[int
 # ---- mechscope / SAELens --------------------------------------------------------------------------------------
 
 
-def load_saelens(path: str | Path) -> SparseAutoencoder:
-    """Load a mechscope / SAELens directory: ``cfg.json`` + ``sae_weights.safetensors``.
+def read_saelens(path: str | Path) -> SAETensors:
+    """Read a mechscope / SAELens directory: ``cfg.json`` + ``sae_weights.safetensors``.
 
     Reads SAELens 6 configs (``model_name`` / ``hook_name`` / ``neuronpedia_id`` under ``metadata``) and older flat ones
     (``hook_point``, ``activation_fn_str="topk"``). Architectures ``standard`` (-> relu), ``topk`` and ``jumprelu``;
     a ``jumprelu`` whose ``metadata.training_architecture`` is ``batchtopk`` (as SAELens and mechscope save
     BatchTopK SAEs) comes back as ``batchtopk``. A TopK SAE with
-    ``rescale_acts_by_decoder_norm`` is loaded with its decoder norms folded into the encoder (same outputs).
+    ``rescale_acts_by_decoder_norm`` is read with its decoder norms folded into the encoder (same outputs).
     """
     path = Path(path)
     cfg_file, weights_file = path / CFG_FILE, path / SAELENS_WEIGHTS
@@ -227,7 +227,7 @@ def load_saelens(path: str | Path) -> SparseAutoencoder:
         tensors.update(
             W_enc=tensors["W_enc"] * norms, b_enc=tensors["b_enc"] * norms, W_dec=tensors["W_dec"] / norms[:, None]
         )
-    return _assemble(cfg, tensors)
+    return cfg, tensors
 
 
 def _saelens_config(raw: dict[str, Any], source: Path) -> tuple[SAEConfig, bool]:
@@ -281,54 +281,75 @@ def _saelens_config(raw: dict[str, Any], source: Path) -> tuple[SAEConfig, bool]
     return cfg, ours == "topk" and bool(raw.get("rescale_acts_by_decoder_norm", False))
 
 
-def save_sae(sae: SparseAutoencoder, path: str | Path, *, overwrite: bool = False) -> Path:
-    """Write ``sae`` to the directory ``path`` as ``cfg.json`` + ``sae_weights.safetensors``; returns ``path``.
+def write_saelens(
+    cfg: SAEConfig,
+    tensors: dict[str, Tensor],
+    path: str | Path,
+    *,
+    overwrite: bool = False,
+    write_file: WriteFile = atomic_write,
+) -> Path:
+    """Write the SAE ``(cfg, tensors)`` to the directory ``path`` as ``cfg.json`` + ``sae_weights.safetensors``;
+    returns ``path``.
 
     The layout is SAELens 6's, so ``sae_lens.SAE.load_from_disk(path)`` loads it: relu is saved as ``standard``,
     batchtopk as ``jumprelu`` (its inference form) with ``metadata.training_architecture="batchtopk"`` and
     ``training_architecture_details={"k": k}``, as SAELens does, and a fixed ``scaling_factor`` is folded into the
     weights (``normalize_activations`` becomes ``"none"``; outputs are unchanged). Saving over a directory holding
-    a different SAE needs ``overwrite=True``; saving the same SAE again is a no-op. Each file is written beside its
-    target and moved into place, so no half-written file is ever left.
+    a different SAE needs ``overwrite=True``; saving the same SAE again is a no-op. Each file is written by
+    ``write_file(target, write)`` (:func:`mechscope.files.atomic_write`: a temporary file beside the target, then
+    renamed), the config once the weights are written in full and the weights right after it, so a failure leaves
+    no half-written file and no new config beside old weights. A test passes another ``write_file`` to make a write
+    fail.
     """
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise FileExistsError(f"{path} is a file; an SAE is saved as a directory: choose another path")
-    cfg_dict, tensors = _saelens_layout(sae)
+    cfg_dict, tensors = _saelens_layout(cfg, tensors)
+    cfg_text = json.dumps(cfg_dict, indent=2) + "\n"
+    cfg_file, weights_file = path / CFG_FILE, path / SAELENS_WEIGHTS
+    if _holds(cfg_file, weights_file, cfg_text, tensors):
+        return path
+    if (cfg_file.exists() or weights_file.exists()) and not overwrite:
+        raise FileExistsError(
+            f"{path} already holds a different SAE ({_describe(cfg_file)}): "
+            "pass overwrite=True to replace it, or save elsewhere"
+        )
     created = not path.exists()
     path.mkdir(parents=True, exist_ok=True)
-    targets = (path / SAELENS_WEIGHTS, path / CFG_FILE)
-    temps = tuple(target.with_name(f".{target.name}.{os.getpid()}.tmp") for target in targets)
+
+    def write_weights(tmp: Path) -> None:
+        save_file(tensors, tmp, metadata=_WEIGHTS_METADATA)
+        write_file(cfg_file, lambda cfg_tmp: cfg_tmp.write_text(cfg_text, encoding="utf-8"))
+
     try:
-        save_file(tensors, temps[0], metadata={"format": "pt"})
-        temps[1].write_text(json.dumps(cfg_dict, indent=2) + "\n", encoding="utf-8")
-        for temp in temps:
-            with open(temp, "rb") as f:
-                os.fsync(f.fileno())
-        existing = [target for target in targets if target.exists()]
-        filecmp.clear_cache()  # its cache keys on (size, mtime), which a new temp file can share with an old one
-        if len(existing) == 2 and all(
-            filecmp.cmp(t, target, shallow=False) for t, target in zip(temps, targets, strict=True)
-        ):
-            return path
-        if existing and not overwrite:
-            raise FileExistsError(
-                f"{path} already holds a different SAE ({_describe(path / CFG_FILE)}): "
-                "pass overwrite=True to replace it, or save elsewhere"
-            )
-        for temp, target in zip(temps, targets, strict=True):
-            os.replace(temp, target)
+        write_file(weights_file, write_weights)
     except BaseException:
         if created:
-            for temp in temps:
-                temp.unlink(missing_ok=True)
             with contextlib.suppress(OSError):  # only if nothing else was put there meanwhile
                 path.rmdir()
         raise
-    finally:
-        for temp in temps:
-            temp.unlink(missing_ok=True)
     return path
+
+
+def _holds(cfg_file: Path, weights_file: Path, cfg_text: str, tensors: dict[str, Tensor]) -> bool:
+    """Whether ``cfg_file`` holds ``cfg_text`` and ``weights_file`` exactly ``tensors`` (names, dtypes, shapes and
+    bytes; read one tensor at a time)."""
+    try:
+        if cfg_file.read_text(encoding="utf-8") != cfg_text:
+            return False
+        with safe_open(weights_file, framework="pt") as stored:
+            if stored.metadata() != _WEIGHTS_METADATA or set(stored.keys()) != set(tensors):
+                return False
+            return all(_same_bytes(stored.get_tensor(name), value) for name, value in tensors.items())
+    except (OSError, ValueError, SafetensorError):
+        return False
+
+
+def _same_bytes(a: Tensor, b: Tensor) -> bool:
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    return torch.equal(a.reshape(-1).view(torch.uint8), b.detach().cpu().reshape(-1).view(torch.uint8))
 
 
 def _describe(cfg_file: Path) -> str:
@@ -339,13 +360,13 @@ def _describe(cfg_file: Path) -> str:
         return f"its {cfg_file.name} is unreadable"
 
 
-def _saelens_layout(sae: SparseAutoencoder) -> tuple[dict[str, Any], dict[str, Tensor]]:
-    """``(cfg.json dict, tensors)`` of ``sae`` in SAELens 6's layout."""
-    cfg = sae.cfg
-    tensors = {name: value.detach().contiguous() for name, value in sae.state_dict().items()}
+def _saelens_layout(cfg: SAEConfig, tensors: dict[str, Tensor]) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    """``(cfg.json dict, tensors)`` of the SAE ``(cfg, tensors)`` in SAELens 6's layout."""
+    tensors = {name: value.detach().contiguous() for name, value in tensors.items()}
     normalize = cfg.normalize_activations
     if normalize == "expected_average_only_in":  # fold x * s in, out / s: (x*s - b) @ W = (x - b/s) @ (s W)
         s = cfg.scaling_factor
+        assert s is not None  # SAEConfig requires it for this normalisation
         tensors.update(W_enc=tensors["W_enc"] * s, W_dec=tensors["W_dec"] / s, b_dec=tensors["b_dec"] / s)
         normalize = "none"
     architecture = {"relu": "standard", "batchtopk": "jumprelu"}.get(cfg.architecture, cfg.architecture)
@@ -353,7 +374,7 @@ def _saelens_layout(sae: SparseAutoencoder) -> tuple[dict[str, Any], dict[str, T
         "sae_lens_version": SAELENS_LAYOUT_VERSION,
         "model_name": cfg.model_name,
         "hook_name": cfg.hook_name,
-        "mechscope_version": _mechscope_version(),
+        "mechscope_version": __version__,
     }
     if cfg.neuronpedia_id is not None:
         metadata["neuronpedia_id"] = cfg.neuronpedia_id
@@ -375,17 +396,11 @@ def _saelens_layout(sae: SparseAutoencoder) -> tuple[dict[str, Any], dict[str, T
     return cfg_dict, tensors
 
 
-def _mechscope_version() -> str:
-    from mechscope import __version__
-
-    return __version__
-
-
 # ---- EleutherAI sparsify --------------------------------------------------------------------------------------
 
 
-def load_sparsify(path: str | Path) -> SparseAutoencoder:
-    """Load an EleutherAI sparsify SAE directory: ``cfg.json`` + ``sae.safetensors`` (a TopK SAE).
+def read_sparsify(path: str | Path) -> SAETensors:
+    """Read an EleutherAI sparsify SAE directory: ``cfg.json`` + ``sae.safetensors`` (a TopK SAE).
 
     Keys ``encoder.weight [d_sae, d_in]``, ``encoder.bias``, ``W_dec [d_sae, d_in]``, ``b_dec``; latents are the
     top ``k`` of ``relu(encoder(x - b_dec))``. The directory's name is sparsify's hookpoint (a module path such as
@@ -419,15 +434,12 @@ def load_sparsify(path: str | Path) -> SparseAutoencoder:
         else None,
         dtype=dtype_name(tensors["W_dec"].dtype),
     )
-    return _assemble(
-        cfg,
-        {
-            "W_enc": tensors["encoder.weight"].T,
-            "b_enc": tensors["encoder.bias"],
-            "W_dec": tensors["W_dec"],
-            "b_dec": tensors["b_dec"],
-        },
-    )
+    return cfg, {
+        "W_enc": tensors["encoder.weight"].T,
+        "b_enc": tensors["encoder.bias"],
+        "W_dec": tensors["W_dec"],
+        "b_dec": tensors["b_dec"],
+    }
 
 
 def _sparsify_model_name(run_config: Path) -> str | None:
@@ -441,10 +453,8 @@ def _sparsify_model_name(run_config: Path) -> str | None:
 # ---- Gemma Scope ----------------------------------------------------------------------------------------------
 
 
-def load_gemma_scope(
-    path: str | Path, *, model_name: str | None = None, hook_name: str | None = None
-) -> SparseAutoencoder:
-    """Load a Gemma Scope ``params.npz`` (or its directory): a JumpReLU SAE that does not subtract ``b_dec``.
+def read_gemma_scope(path: str | Path, *, model_name: str | None = None, hook_name: str | None = None) -> SAETensors:
+    """Read a Gemma Scope ``params.npz`` (or its directory): a JumpReLU SAE that does not subtract ``b_dec``.
 
     Arrays ``W_enc [d_in, d_sae]``, ``W_dec [d_sae, d_in]``, ``b_enc``, ``b_dec``, ``threshold``; latents are
     ``relu(pre) * (pre > threshold)`` with ``pre = x @ W_enc + b_enc``. Without ``model_name`` / ``hook_name`` they
@@ -474,7 +484,7 @@ def load_gemma_scope(
         apply_b_dec_to_input=False,
         dtype=dtype_name(w_enc.dtype),
     )
-    return _assemble(cfg, arrays)
+    return cfg, arrays
 
 
 def _gemma_scope_site(path: str) -> tuple[str | None, str | None]:
@@ -492,10 +502,10 @@ def _gemma_scope_site(path: str) -> tuple[str | None, str | None]:
 # ---- OpenAI sparse_autoencoder / Transformer Debugger ---------------------------------------------------------
 
 
-def load_openai(path: str | Path, *, layer_norm: bool | None = None) -> SparseAutoencoder:
-    """Load an OpenAI sparse_autoencoder / Transformer Debugger state dict file with ``torch.load(weights_only=True)``.
+def read_openai(path: str | Path, *, layer_norm: bool | None = None) -> SAETensors:
+    """Read an OpenAI sparse_autoencoder / Transformer Debugger state dict file with ``torch.load(weights_only=True)``.
 
-    See ``openai_state_dict_to_sae`` for the layout and ``layer_norm``.
+    See ``read_openai_state_dict`` for the layout and ``layer_norm``.
     """
     path = Path(path)
     try:
@@ -507,13 +517,13 @@ def load_openai(path: str | Path, *, layer_norm: bool | None = None) -> SparseAu
         ) from e
     except (RuntimeError, EOFError, OSError, ValueError) as e:
         raise SAEFormatError(f"{path} is truncated or not a torch state dict ({str(e).splitlines()[0]})") from e
-    return openai_state_dict_to_sae(state, source=path, layer_norm=layer_norm)
+    return read_openai_state_dict(state, source=path, layer_norm=layer_norm)
 
 
-def openai_state_dict_to_sae(
+def read_openai_state_dict(
     state: dict[str, Any], source: str | Path = "state dict", layer_norm: bool | None = None
-) -> SparseAutoencoder:
-    """The SAE of an OpenAI ``Autoencoder.state_dict()``.
+) -> SAETensors:
+    """``(config, tensors)`` of an OpenAI ``Autoencoder.state_dict()``.
 
     Layout: ``encoder.weight [d_sae, d_in]``, ``decoder.weight [d_in, d_sae]`` (``decoder.linear.weight``, the
     encoder's, when tied), ``pre_bias [d_in]``, ``latent_bias [d_sae]``, ``activation`` (``"ReLU"`` or ``"TopK"``),
@@ -566,4 +576,4 @@ def openai_state_dict_to_sae(
         "W_dec": state["decoder.weight"].T,
         "b_dec": state["pre_bias"],
     }
-    return _assemble(cfg, tensors)
+    return cfg, tensors

@@ -19,22 +19,30 @@ latent's dictionary direction.
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mechscope.sae.config import SAEConfig, dtype_name
+from mechscope.files import atomic_write
+from mechscope.sae.config import DTYPES, SAEConfig, dtype_name
+from mechscope.sae.formats import WriteFile, read_sae, write_saelens
+from mechscope.sae.kernels import SparseDecode
 from mechscope.sae.latents import SparseLatents
 
 LAYER_NORM_EPS = 1e-5  # OpenAI sparse_autoencoder's LN (and SAELens's "layer_norm") divide by std + 1e-5
 
-# (shift, scale) of an input normalisation: the reconstruction is mapped back as out * scale + shift.
-_Stats = tuple[Tensor | float, Tensor | float]
+
+class InputStats(NamedTuple):
+    """How an input was normalised: the reconstruction is mapped back as ``out * scale + shift``.
+
+    Each is a float, or ``[..., 1]`` (one value per token) for the per-token normalisations.
+    """
+
+    shift: Tensor | float
+    scale: Tensor | float
 
 
 class SAEOutput(NamedTuple):
@@ -43,63 +51,6 @@ class SAEOutput(NamedTuple):
     pre_acts: Tensor
     latents: Tensor
     reconstruction: Tensor
-
-
-class SparseDecode(torch.autograd.Function):
-    """``out[t] = sum_s values[t, s] * W[indices[t, s]]`` for ``indices, values [n, k]`` and ``W [m, d]``: ``[n, d]``.
-
-    The same as ``dense_latents @ W`` with ``dense_latents [n, m]`` zero outside ``indices`` (an index repeated
-    within a row adds up); forward and backward touch only the ``k`` rows of ``W`` each token uses (embedding_bag's
-    own backward is slow on CPU).
-    """
-
-    @staticmethod
-    def forward(ctx: Any, indices: Tensor, values: Tensor, weight: Tensor) -> Tensor:
-        ctx.save_for_backward(indices, values, weight)
-        return F.embedding_bag(indices, weight, per_sample_weights=values, mode="sum")
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[None, Tensor | None, Tensor | None]:
-        indices, values, weight = ctx.saved_tensors
-        grad_values = gathered_dot(grad, weight, indices) if ctx.needs_input_grad[1] else None
-        grad_weight = scatter_outer(indices, values, grad, len(weight)) if ctx.needs_input_grad[2] else None
-        return None, grad_values, grad_weight
-
-
-def gathered_dot(rows: Tensor, table: Tensor, indices: Tensor) -> Tensor:
-    """``out[t, s] = rows[t] · table[indices[t, s]]`` for ``rows [n, d]``, ``table [m, d]`` and ``indices [n, k]``:
-    the entries of ``rows @ table.T`` at ``indices``, computed only there."""
-    n, k = indices.shape
-    dtype = _csr_dtype(rows.dtype)
-    ordered, order = indices.sort(dim=-1)  # a CSR row needs its columns in order
-    crow = torch.arange(0, n * k + 1, k, device=indices.device)
-    pattern = _csr(crow, ordered.flatten(), rows.new_zeros(n * k, dtype=dtype), (n, len(table)))
-    dots = torch.sparse.sampled_addmm(pattern, rows.to(dtype), table.to(dtype).T, beta=0.0).values().view(n, k)
-    return torch.empty_like(dots).scatter_(-1, order, dots).to(rows.dtype)
-
-
-def scatter_outer(indices: Tensor, weights: Tensor, rows: Tensor, m: int) -> Tensor:
-    """``out [m, d]``: ``out[j] = sum of weights[t, s] * rows[t] over the (t, s) with indices[t, s] = j``, for
-    ``indices, weights [n, k]`` and ``rows [n, d]``; that is ``dense_weights.T @ rows``, through a ``[m, n]`` CSR."""
-    n, k = indices.shape
-    dtype = _csr_dtype(rows.dtype)
-    flat, order = indices.flatten().sort(stable=True)
-    crow = torch.zeros(m + 1, dtype=torch.long, device=indices.device)
-    crow[1:] = torch.bincount(flat, minlength=m).cumsum(0)
-    matrix = _csr(crow, order // k, weights.flatten()[order].to(dtype), (m, n))
-    return (matrix @ rows.to(dtype)).to(rows.dtype)
-
-
-def _csr_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float32 for half types (torch's CPU CSR products lack them), else ``dtype``."""
-    return torch.promote_types(dtype, torch.float32)
-
-
-def _csr(crow: Tensor, col: Tensor, values: Tensor, size: tuple[int, int]) -> Tensor:
-    """A CSR matrix, without torch's once-per-process warning that CSR support is "beta" (it works on CPU)."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta state")
-        return torch.sparse_csr_tensor(crow, col, values, size, check_invariants=False)
 
 
 class SparseAutoencoder(nn.Module):
@@ -115,18 +66,18 @@ class SparseAutoencoder(nn.Module):
     def __init__(self, cfg: SAEConfig) -> None:
         super().__init__()
         self._cfg = cfg
-        factory = {"dtype": cfg.torch_dtype, "device": cfg.device}
-        w_dec = torch.empty(cfg.d_sae, cfg.d_in, **factory)
+        dtype, device = cfg.torch_dtype, cfg.device
+        w_dec = torch.empty(cfg.d_sae, cfg.d_in, dtype=dtype, device=device)
         nn.init.kaiming_uniform_(w_dec)
         w_dec /= w_dec.norm(dim=-1, keepdim=True)
         self.W_dec = nn.Parameter(w_dec)
         self.W_enc = nn.Parameter(w_dec.T.clone(memory_format=torch.contiguous_format))
-        self.b_enc = nn.Parameter(torch.zeros(cfg.d_sae, **factory))
-        self.b_dec = nn.Parameter(torch.zeros(cfg.d_in, **factory))
+        self.b_enc = nn.Parameter(torch.zeros(cfg.d_sae, dtype=dtype, device=device))
+        self.b_dec = nn.Parameter(torch.zeros(cfg.d_in, dtype=dtype, device=device))
         if cfg.architecture == "jumprelu":
-            self.threshold = nn.Parameter(torch.zeros(cfg.d_sae, **factory))
+            self.threshold = nn.Parameter(torch.zeros(cfg.d_sae, dtype=dtype, device=device))
         elif cfg.architecture == "batchtopk":
-            self.register_buffer("threshold", torch.zeros(cfg.d_sae, **factory))
+            self.register_buffer("threshold", torch.zeros(cfg.d_sae, dtype=dtype, device=device))
 
     @property
     def cfg(self) -> SAEConfig:
@@ -143,6 +94,13 @@ class SparseAutoencoder(nn.Module):
             )
         self._cfg = cfg
 
+    @property
+    def _topk(self) -> int:
+        """``cfg.k`` of a topk SAE (SAEConfig makes it an int in [1, d_sae])."""
+        k = self._cfg.k
+        assert isinstance(k, int), "only topk SAEs have an int k"
+        return k
+
     def extra_repr(self) -> str:
         cfg = self._cfg
         k = f", k={cfg.k}" if cfg.k is not None else ""
@@ -150,13 +108,15 @@ class SparseAutoencoder(nn.Module):
 
     # ---- input normalisation -------------------------------------------------------------------------------
 
-    def _input_stats(self, x: Tensor | None) -> _Stats | None:
+    def _input_stats(self, x: Tensor | None) -> InputStats | None:
         """``(shift, scale)`` of the normalisation of ``x [..., d_in]`` (each ``[..., 1]`` or a float), or None."""
         mode = self._cfg.normalize_activations
         if mode == "none":
             return None
         if mode == "expected_average_only_in":
-            return 0.0, 1.0 / self._cfg.scaling_factor
+            factor = self._cfg.scaling_factor
+            assert factor is not None  # SAEConfig requires one for this normalisation
+            return InputStats(0.0, 1.0 / factor)
         if x is None:
             raise ValueError(
                 f"this SAE normalises each token (normalize_activations={mode!r}), so decoding needs the input that "
@@ -165,10 +125,10 @@ class SparseAutoencoder(nn.Module):
         x = x.to(self.W_enc.dtype)
         if mode == "layer_norm":
             mu = x.mean(dim=-1, keepdim=True)
-            return mu, (x - mu).std(dim=-1, keepdim=True)
-        return 0.0, x.norm(dim=-1, keepdim=True) / self._cfg.d_in**0.5
+            return InputStats(mu, (x - mu).std(dim=-1, keepdim=True))
+        return InputStats(0.0, x.norm(dim=-1, keepdim=True) / self._cfg.d_in**0.5)
 
-    def _normalize(self, x: Tensor, stats: _Stats | None) -> Tensor:
+    def _normalize(self, x: Tensor, stats: InputStats | None) -> Tensor:
         if stats is None:
             return x
         shift, scale = stats
@@ -177,7 +137,9 @@ class SparseAutoencoder(nn.Module):
         return x / scale
 
     @staticmethod
-    def _denormalize(out: Tensor, stats: _Stats | None) -> Tensor:
+    def denormalize(out: Tensor, stats: InputStats | None) -> Tensor:
+        """``out [..., d_in]`` mapped back to the input's scale: ``out * scale + shift`` (``out`` when ``stats`` is
+        None), with ``stats`` from :meth:`encoder_input` / :meth:`pre_acts` of that input."""
         if stats is None:
             return out
         shift, scale = stats
@@ -185,9 +147,10 @@ class SparseAutoencoder(nn.Module):
 
     # ---- encoding --------------------------------------------------------------------------------------------
 
-    def _encoder_input(self, x: Tensor) -> tuple[Tensor, _Stats | None]:
-        """What multiplies ``W_enc``: ``x [..., d_in]`` cast, normalised, minus ``b_dec`` (if so configured); and the
-        input's normalisation stats."""
+    def encoder_input(self, x: Tensor) -> tuple[Tensor, InputStats | None]:
+        """What multiplies ``W_enc``: ``x [..., d_in]`` cast to the SAE's dtype, normalised and minus ``b_dec`` (if
+        ``cfg.apply_b_dec_to_input``), ``[..., d_in]``; and the input's :class:`InputStats` (None without a
+        normalisation), which :meth:`denormalize` takes."""
         x = x.to(self.W_enc.dtype)
         stats = self._input_stats(x)
         x = self._normalize(x, stats)
@@ -195,9 +158,10 @@ class SparseAutoencoder(nn.Module):
             x = x - self.b_dec
         return x, stats
 
-    def _pre_acts(self, x: Tensor) -> tuple[Tensor, _Stats | None]:
-        """Pre-activations ``[..., d_sae]`` of ``x [..., d_in]``, and the input's normalisation stats."""
-        x, stats = self._encoder_input(x)
+    def pre_acts(self, x: Tensor) -> tuple[Tensor, InputStats | None]:
+        """Pre-activations ``encoder_input(x) @ W_enc + b_enc`` ``[..., d_sae]`` of ``x [..., d_in]``, and the
+        input's :class:`InputStats` (see :meth:`encoder_input`)."""
+        x, stats = self.encoder_input(x)
         return x @ self.W_enc + self.b_enc, stats
 
     def activation(self, pre_acts: Tensor) -> Tensor:
@@ -206,9 +170,10 @@ class SparseAutoencoder(nn.Module):
         if cfg.architecture == "relu":
             return pre_acts.relu()
         if cfg.architecture == "topk":
-            values, indices = pre_acts.topk(cfg.k, dim=-1, sorted=False)
+            values, indices = pre_acts.topk(self._topk, dim=-1, sorted=False)
             return torch.zeros_like(pre_acts).scatter_(-1, indices, values.relu())
         if cfg.architecture == "batchtopk" and self.training:
+            assert cfg.k is not None  # SAEConfig requires it for batchtopk
             flat = pre_acts.relu().flatten()
             values, indices = flat.topk(int(cfg.k * pre_acts.shape[:-1].numel()), sorted=False)
             return torch.zeros_like(flat).scatter_(0, indices, values).view_as(pre_acts)
@@ -216,7 +181,7 @@ class SparseAutoencoder(nn.Module):
 
     def encode(self, x: Tensor) -> Tensor:
         """Latents ``[..., d_sae]`` of activations ``x [..., d_in]``."""
-        return self.activation(self._pre_acts(x)[0])
+        return self.activation(self.pre_acts(x)[0])
 
     def encode_sparse(self, x: Tensor) -> SparseLatents:
         """The active latents of ``x [..., d_in]`` as ``(indices, values)``, each ``[..., k]``.
@@ -226,16 +191,15 @@ class SparseAutoencoder(nn.Module):
         the number of active latents varies per token: ``k`` is the largest count in ``x`` (at least 1), and
         tokens with fewer fill the rest with value 0 (at an arbitrary index), which decodes to nothing.
         """
-        return self._sparse_latents(self._pre_acts(x)[0])
+        return self.sparse_activation(self.pre_acts(x)[0])
 
-    def _sparse_latents(self, pre_acts: Tensor) -> SparseLatents:
+    def sparse_activation(self, pre_acts: Tensor) -> SparseLatents:
+        """:meth:`activation` as :class:`SparseLatents`: ``indices, values [..., k]`` from ``pre_acts [..., d_sae]``
+        (``k`` as in :meth:`encode_sparse`)."""
         if self._cfg.architecture == "topk":
-            values, indices = pre_acts.topk(self._cfg.k, dim=-1, sorted=False)
+            values, indices = pre_acts.topk(self._topk, dim=-1, sorted=False)
             return SparseLatents(indices, values.relu())
-        latents = self.activation(pre_acts)
-        width = int((latents != 0).sum(dim=-1).max()) if latents.numel() else 0
-        values, indices = latents.topk(max(width, 1), dim=-1, sorted=False)
-        return SparseLatents(indices, values)
+        return SparseLatents.from_dense(self.activation(pre_acts))
 
     # ---- decoding --------------------------------------------------------------------------------------------
 
@@ -245,11 +209,11 @@ class SparseAutoencoder(nn.Module):
         ``x [..., d_in]``, the encoded input, is needed only by SAEs that normalise each token (``layer_norm``,
         ``constant_norm_rescale``), to scale the reconstruction back.
         """
-        return self._denormalize(latents @ self.W_dec + self.b_dec, self._input_stats(x))
+        return self.denormalize(latents @ self.W_dec + self.b_dec, self._input_stats(x))
 
     def decode_sparse(self, indices: Tensor, values: Tensor, x: Tensor | None = None) -> Tensor:
         """``decode`` of sparse latents ``indices, values [..., k]`` (``encode_sparse``'s output), by embedding_bag."""
-        return self._denormalize(self._sparse_decoder_out(indices, values), self._input_stats(x))
+        return self.denormalize(self._sparse_decoder_out(indices, values), self._input_stats(x))
 
     def _sparse_decoder_out(self, indices: Tensor, values: Tensor) -> Tensor:
         k = indices.shape[-1]
@@ -260,23 +224,23 @@ class SparseAutoencoder(nn.Module):
 
     def forward_with_latents(self, x: Tensor) -> SAEOutput:
         """Pre-activations, latents ``[..., d_sae]`` and reconstruction ``[..., d_in]`` of ``x`` in one pass."""
-        pre_acts, stats = self._pre_acts(x)
+        pre_acts, stats = self.pre_acts(x)
         latents = self.activation(pre_acts)
-        return SAEOutput(pre_acts, latents, self._denormalize(latents @ self.W_dec + self.b_dec, stats))
+        return SAEOutput(pre_acts, latents, self.denormalize(latents @ self.W_dec + self.b_dec, stats))
 
     def forward(self, x: Tensor) -> Tensor:
         """Reconstruction ``[..., d_in]`` of ``x [..., d_in]``; TopK SAEs decode sparsely."""
         if self._cfg.architecture != "topk":
             return self.forward_with_latents(x).reconstruction
-        pre_acts, stats = self._pre_acts(x)
-        return self._denormalize(self._sparse_decoder_out(*self._sparse_latents(pre_acts)), stats)
+        pre_acts, stats = self.pre_acts(x)
+        return self.denormalize(self._sparse_decoder_out(*self.sparse_activation(pre_acts)), stats)
 
     # ---- training helpers ------------------------------------------------------------------------------------
 
     @torch.no_grad()
     def normalize_decoder_(self) -> None:
         """Scale every row of ``W_dec`` (every dictionary direction) to unit norm, in place."""
-        self.W_dec /= self.W_dec.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(self.W_dec.dtype).tiny)
+        self.W_dec.div_(self.W_dec.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(self.W_dec.dtype).tiny))
 
     @torch.no_grad()
     def remove_parallel_decoder_grad_(self) -> None:
@@ -290,23 +254,39 @@ class SparseAutoencoder(nn.Module):
         along = (grad * self.W_dec).sum(dim=-1, keepdim=True) / self.W_dec.pow(2).sum(dim=-1, keepdim=True)
         grad -= along * self.W_dec
 
-    # ---- files -----------------------------------------------------------------------------------------------
+    # ---- building and files ----------------------------------------------------------------------------------
+
+    @classmethod
+    def from_tensors(cls, cfg: SAEConfig, tensors: dict[str, Tensor]) -> SparseAutoencoder:
+        """The SAE of ``cfg`` holding ``tensors``, as the readers of :mod:`mechscope.sae.formats` return them.
+
+        ``tensors``: ``W_enc [d_in, d_sae]``, ``b_enc [d_sae]``, ``W_dec [d_sae, d_in]``, ``b_dec [d_in]`` and, for
+        ``jumprelu`` and ``batchtopk``, ``threshold [d_sae]``; cast to ``cfg.dtype`` (a tensor already in that dtype
+        and contiguous is used as it is, not copied), on their own device. A missing, extra or misshapen entry
+        raises. The SAE is in training mode, as every new module.
+        """
+        sae = cls(replace(cfg, device="meta"))
+        sae.load_state_dict(
+            {name: value.to(cfg.torch_dtype).contiguous() for name, value in tensors.items()}, assign=True
+        )
+        sae.cfg = cfg
+        return sae
 
     @classmethod
     def load(
         cls, path: str | Path, *, device: str | torch.device = "cpu", dtype: torch.dtype | str | None = None
     ) -> SparseAutoencoder:
-        """Load an SAE in any supported format (``mechscope.sae.formats``), in eval mode; ``dtype`` defaults to the
-        stored one."""
-        from mechscope.sae.formats import load_sae
+        """Load the SAE at ``path`` in any supported format (``mechscope.sae.formats.detect_format``), in eval mode.
 
-        return load_sae(path, device=device, dtype=dtype)
+        ``dtype`` defaults to the stored dtype; ``device`` to the CPU, whatever the stored config says.
+        """
+        sae = cls.from_tensors(*read_sae(path)).to(device).eval()
+        return sae if dtype is None else sae.to(DTYPES[dtype_name(dtype)])
 
-    def save(self, path: str | Path, *, overwrite: bool = False) -> Path:
-        """Write this SAE as a mechscope/SAELens directory (``cfg.json`` + ``sae_weights.safetensors``)."""
-        from mechscope.sae.formats import save_sae
-
-        return save_sae(self, path, overwrite=overwrite)
+    def save(self, path: str | Path, *, overwrite: bool = False, write_file: WriteFile = atomic_write) -> Path:
+        """Write this SAE as a mechscope/SAELens directory (``cfg.json`` + ``sae_weights.safetensors``); returns
+        ``path``. See :func:`mechscope.sae.formats.write_saelens` for the layout, ``overwrite`` and ``write_file``."""
+        return write_saelens(self.cfg, self.state_dict(), path, overwrite=overwrite, write_file=write_file)
 
 
 SAE = SparseAutoencoder

@@ -28,36 +28,43 @@ linearly over ``warmup_steps`` and decays linearly to 0 over the last ``decay_fr
 
 ``out_dir`` receives ``sae/`` (the trained SAE, ``SparseAutoencoder.save``), ``metrics.jsonl`` (one line per log step),
 ``train_config.json`` and ``checkpoint/`` (the SAE, plus ``trainer.safetensors`` with the Adam state, the torch RNG
-state and the dead-latent counters, and ``trainer.json`` with the step and Adam's hyper-parameters; no pickle).
-``resume=True`` continues from that checkpoint: with the same data order the result equals an uninterrupted run.
+state and the dead-latent counters, and ``trainer.json`` with the step and Adam's hyper-parameters; no pickle). Every
+file is written atomically and the checkpoint replaced as a whole (``mechscope.files``). ``resume=True`` continues from
+that checkpoint (``find_checkpoint``): with the same data order the result equals an uninterrupted run.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import shutil
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar, Protocol, cast
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from mechscope.data.store import ActivationStore
+from mechscope.files import atomic_dir, atomic_write, atomic_write_text, check_settings, recover_dir
+from mechscope.models.hooked import HookedModel
 from mechscope.sae.config import ARCHITECTURES, DTYPES, SAEConfig
-from mechscope.sae.model import SparseAutoencoder, SparseDecode, SparseLatents, scatter_outer
+from mechscope.sae.formats import WriteFile
+from mechscope.sae.kernels import JumpReLU, SelectedPreActs, SparseDecode, Step
+from mechscope.sae.latents import SparseLatents
+from mechscope.sae.model import SparseAutoencoder
 from mechscope.settings import Config, ConfigError, at_least, check_fields, fail, label, meta
 
 CHECKPOINT_DIR = "checkpoint"
 TRAINER_TENSORS = "trainer.safetensors"
 TRAINER_JSON = "trainer.json"
 METRICS_FILE = "metrics.jsonl"
+TRAIN_CONFIG_FILE = "train_config.json"
+SAE_DIR = "sae"
 # Fields a resumed run may change: they do not affect the weights it produces.
 RESUMABLE_CHANGES = {"resume", "progress", "log_every", "checkpoint_every", "out_dir"}
 
@@ -69,12 +76,16 @@ class TrainConfig(Config):
 
     model: str = field(default="smollm2-135m", metadata=meta("model: short name, hub id, local dir or .gguf"))
     hook_name: str = field(default="blocks.15.hook_resid_post", metadata=meta("hook point to train on"))
-    source: str | None = field(default=None, metadata=meta("corpus (mechscope.data.iter_texts); default: embedded"))
-    shard_dir: str | None = field(default=None, metadata=meta("harvest activations to disk shards here first"))
+    corpus: str | None = field(
+        default=None, metadata=meta("corpus (mechscope.data.iter_texts); default: embedded", old="source")
+    )
+    activations_dir: str | None = field(
+        default=None, metadata=meta("harvest activations to disk shards here first", old="shard_dir")
+    )
     context_length: int = field(default=128, metadata=meta("tokens per context"))
     batch_contexts: int = field(default=8, metadata=meta("contexts per forward pass of the model"))
-    n_tokens: int = field(default=2_000_000, metadata=meta("training tokens; steps = n_tokens // batch_size"))
-    batch_size: int = field(default=4096, metadata=meta("tokens per step"))
+    n_tokens: int = field(default=2_000_000, metadata=meta("training tokens; steps = n_tokens // batch_size_tokens"))
+    batch_size_tokens: int = field(default=4096, metadata=meta("tokens per step", old="batch_size"))
     architecture: str = field(default="topk", metadata=meta(f"one of {', '.join(ARCHITECTURES)}"))
     d_sae: int | None = field(default=None, metadata=meta("latents; default: expansion_factor * d_in"))
     expansion_factor: int = field(default=8, metadata=meta("d_sae / d_in when d_sae is not given"))
@@ -112,10 +123,11 @@ class TrainConfig(Config):
             raise fail(self, "k", f"must be a whole number for a topk SAE, got {self.k!r}")
         if self.architecture in ("relu", "jumprelu"):
             self.k = None  # only topk/batchtopk use k, and SAEConfig refuses it elsewhere
-        at_least(self, 1, "n_tokens", "batch_size", "context_length", "batch_contexts", "expansion_factor", "log_every")
-        if self.n_tokens < self.batch_size:
+        at_least(self, 1, "n_tokens", "batch_size_tokens", "context_length", "batch_contexts")
+        at_least(self, 1, "expansion_factor", "log_every")
+        if self.n_tokens < self.batch_size_tokens:
             raise ConfigError(
-                f"{label(self, 'n_tokens')}={self.n_tokens} is less than one batch ({self.batch_size})",
+                f"{label(self, 'n_tokens')}={self.n_tokens} is less than one batch ({self.batch_size_tokens})",
                 field="n_tokens",
             )
         if not 0 <= self.decay_fraction <= 1:
@@ -125,7 +137,7 @@ class TrainConfig(Config):
 
     @property
     def n_steps(self) -> int:
-        return self.n_tokens // self.batch_size
+        return self.n_tokens // self.batch_size_tokens
 
 
 # ---- pieces --------------------------------------------------------------------------------------------------
@@ -149,75 +161,6 @@ def geometric_median(points: Tensor, max_iter: int = 200, tol: float = 1e-7) -> 
         if moved < tol * scale:
             break
     return median
-
-
-class _JumpReLU(torch.autograd.Function):
-    """``z * H(z - θ)``; d/dz = H(z - θ), d/dθ = -(θ/ε) rect((z - θ)/ε) (Rajamanoharan et al. 2024)."""
-
-    @staticmethod
-    def forward(ctx: Any, pre_acts: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:
-        ctx.save_for_backward(pre_acts, threshold)
-        ctx.bandwidth = bandwidth
-        return pre_acts * (pre_acts > threshold).to(pre_acts.dtype)
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, Tensor, None]:
-        pre_acts, threshold = ctx.saved_tensors
-        eps = ctx.bandwidth
-        grad_pre = grad * (pre_acts > threshold).to(grad.dtype)
-        grad_threshold = -(threshold / eps) * _rectangle((pre_acts - threshold) / eps) * grad
-        return grad_pre, grad_threshold.sum_to_size(threshold.shape), None
-
-
-class _Step(torch.autograd.Function):
-    """``H(z - θ)``; d/dz = 0, d/dθ = -(1/ε) rect((z - θ)/ε) (Rajamanoharan et al. 2024)."""
-
-    @staticmethod
-    def forward(ctx: Any, pre_acts: Tensor, threshold: Tensor, bandwidth: float) -> Tensor:
-        ctx.save_for_backward(pre_acts, threshold)
-        ctx.bandwidth = bandwidth
-        return (pre_acts > threshold).to(pre_acts.dtype)
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, Tensor, None]:
-        pre_acts, threshold = ctx.saved_tensors
-        eps = ctx.bandwidth
-        grad_threshold = -(1.0 / eps) * _rectangle((pre_acts - threshold) / eps) * grad
-        return torch.zeros_like(pre_acts), grad_threshold.sum_to_size(threshold.shape), None
-
-
-class SelectedPreActs(torch.autograd.Function):
-    """``out[t, s] = pre_acts[t, indices[t, s]]`` where ``pre_acts = encoder_input @ W_enc + b_enc`` was computed
-    without a graph; the backward pass sends gradients through these ``[batch, k]`` entries only.
-
-    ``indices [batch, k]`` may repeat a latent within a row (TopK and AuxK both picking it); gradients then add up.
-    """
-
-    @staticmethod
-    def forward(
-        ctx: Any, encoder_input: Tensor, w_enc: Tensor, b_enc: Tensor, indices: Tensor, pre_acts: Tensor
-    ) -> Tensor:
-        ctx.save_for_backward(encoder_input, w_enc, indices)
-        return pre_acts.gather(-1, indices)
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None, None, None]:
-        encoder_input, w_enc, indices = ctx.saved_tensors
-        d_sae = w_enc.shape[1]
-        grad_input = grad_w = grad_b = None
-        if ctx.needs_input_grad[0]:  # each token's selected W_enc columns, weighted by their gradients
-            grad_input = torch.nn.functional.embedding_bag(
-                indices, w_enc.T.contiguous(), per_sample_weights=grad, mode="sum"
-            )
-        if ctx.needs_input_grad[1]:
-            grad_w = scatter_outer(indices, grad, encoder_input, d_sae).T
-        if ctx.needs_input_grad[2]:
-            grad_b = grad.new_zeros(d_sae).index_add_(0, indices.flatten(), grad.flatten())
-        return grad_input, grad_w, grad_b, None, None
-
-
-def _rectangle(u: Tensor) -> Tensor:
-    return ((u > -0.5) & (u < 0.5)).to(u.dtype)
 
 
 def lr_at(config: TrainConfig, step: int) -> float:
@@ -260,9 +203,9 @@ class Trainer:
         cfg, sae = self.config, self.sae
         if cfg.architecture == "topk":
             return self._topk_losses(x)
-        pre_acts, _ = sae._pre_acts(x)
+        pre_acts, _ = sae.pre_acts(x)
         if cfg.architecture == "jumprelu":
-            latents = _JumpReLU.apply(pre_acts, sae.threshold, cfg.jumprelu_bandwidth)
+            latents = JumpReLU.apply(pre_acts, sae.threshold, cfg.jumprelu_bandwidth)
         else:
             latents = sae.activation(pre_acts)
         recon = sae.decode(latents, x=x)
@@ -271,7 +214,7 @@ class Trainer:
         if cfg.architecture == "relu":
             terms["l1"] = cfg.l1_coefficient * (latents.abs() * sae.W_dec.norm(dim=-1)).sum(dim=-1).mean()
         elif cfg.architecture == "jumprelu":
-            l0 = _Step.apply(pre_acts, sae.threshold, cfg.jumprelu_bandwidth).sum(dim=-1).mean()
+            l0 = Step.apply(pre_acts, sae.threshold, cfg.jumprelu_bandwidth).sum(dim=-1).mean()
             terms["l0"] = cfg.l0_coefficient * l0
         else:
             dead = self.dead()
@@ -288,17 +231,18 @@ class Trainer:
         ``[batch, d_sae]`` matrices that are almost all zeros.
         """
         cfg, sae = self.config, self.sae
-        encoder_input, stats = sae._encoder_input(x)
+        k = sae.cfg.k
+        assert isinstance(k, int), "a topk SAE's k is an int"
+        encoder_input, stats = sae.encoder_input(x)
         with torch.no_grad():
             pre_acts = torch.addmm(sae.b_enc, encoder_input, sae.W_enc)  # [batch, d_sae], no graph
-            indices = pre_acts.topk(int(sae.cfg.k), dim=-1, sorted=False).indices
+            indices = pre_acts.topk(k, dim=-1, sorted=False).indices
             dead = self.dead()
             if dead.any():
                 indices = torch.cat([indices, self.aux_indices(pre_acts, dead)], dim=-1)
         selected = SelectedPreActs.apply(encoder_input, sae.W_enc, sae.b_enc, indices, pre_acts).relu()
-        k = int(sae.cfg.k)
         latents = SparseLatents(indices[:, :k], selected[:, :k])
-        recon = sae._denormalize(SparseDecode.apply(*latents, sae.W_dec) + sae.b_dec, stats)
+        recon = sae.denormalize(SparseDecode.apply(*latents, sae.W_dec) + sae.b_dec, stats)
         error = x - recon
         terms = {"mse": error.pow(2).sum(dim=-1).mean()}
         if indices.shape[-1] > k:
@@ -324,23 +268,25 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         terms, latents, recon = self.losses(x)
-        loss = sum(terms.values())
+        loss = cast(Tensor, sum(terms.values()))  # terms always holds "mse"
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         sae.remove_parallel_decoder_grad_()
         self.optimizer.step()
         sae.normalize_decoder_()
         with torch.no_grad():
-            if isinstance(latents, SparseLatents):
-                active = latents.values.detach() > 0  # [batch, k]
+            if isinstance(latents, SparseLatents):  # topk
+                values = latents.values.detach()  # [batch, k]
+                active = values > 0
                 fired: Tensor = latents.indices[active]
-            else:
-                active = latents.detach() > 0  # [batch, d_sae]
+            else:  # the other architectures keep dense latents in training: faster than gathering them
+                values = latents.detach()  # [batch, d_sae]
+                active = values > 0
                 fired = active.any(dim=0)
             if cfg.architecture == "jumprelu":
                 sae.threshold.clamp_min_(0.0)
             elif cfg.architecture == "batchtopk" and active.any():
-                smallest = latents.detach()[active].min()
+                smallest = values[active].min()
                 rate = cfg.batchtopk_threshold_lr if self.step > 0 else 1.0
                 sae.threshold.lerp_(smallest.expand_as(sae.threshold), rate)
             self.tokens_since_fired += len(x)
@@ -356,7 +302,7 @@ class Trainer:
         ``active [batch, ...]`` marks each token's firing latents (of all ``d_sae``, or of its ``k`` selected ones).
         """
         fvu = (x - recon).pow(2).sum() / (x - x.mean(dim=0)).pow(2).sum()
-        out = {"step": self.step, "tokens": self.step * self.config.batch_size, "loss": float(loss.detach())}
+        out = {"step": self.step, "tokens": self.step * self.config.batch_size_tokens, "loss": float(loss.detach())}
         out.update({name: float(value.detach()) for name, value in terms.items()})
         out.update(l0=float(active.sum(dim=-1).float().mean()), fvu=float(fvu), dead=float(self.dead().float().mean()))
         if self.config.architecture in ("jumprelu", "batchtopk"):
@@ -366,11 +312,13 @@ class Trainer:
 
     # ---- checkpoints -----------------------------------------------------------------------------------------
 
-    def save_checkpoint(self, directory: Path) -> None:
-        """Write the SAE, Adam's state, the RNG state and the counters to ``directory`` (replaced atomically)."""
-        tmp = directory.with_name(f".{directory.name}.tmp{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        self.sae.save(tmp / "sae")
+    def save_checkpoint(self, directory: Path, write_file: WriteFile = atomic_write) -> Path:
+        """Write the SAE, Adam's state, the RNG state and the counters to ``directory``, which is replaced as a whole
+        (:func:`mechscope.files.atomic_dir`); each file is written by ``write_file`` (see :func:`train_sae`)."""
+        return atomic_dir(directory, lambda tmp: self._write_checkpoint(tmp, write_file))
+
+    def _write_checkpoint(self, directory: Path, write_file: WriteFile) -> None:
+        self.sae.save(directory / SAE_DIR, write_file=write_file)
         state = self.optimizer.state_dict()
         tensors = {
             f"adam.{index}.{key}": value.contiguous()
@@ -378,30 +326,25 @@ class Trainer:
             for key, value in param_state.items()
         }
         tensors.update(torch_rng=torch.get_rng_state(), tokens_since_fired=self.tokens_since_fired.cpu())
-        save_file(tensors, str(tmp / TRAINER_TENSORS))
+        write_file(directory / TRAINER_TENSORS, lambda tmp: save_file(tensors, str(tmp)))
         meta = {"step": self.step, "param_groups": state["param_groups"], "config": dataclasses.asdict(self.config)}
-        (tmp / TRAINER_JSON).write_text(json.dumps(meta, indent=1))
-        old = directory.with_name(f".{directory.name}.old{os.getpid()}")
-        if directory.exists():
-            os.replace(directory, old)
-        os.replace(tmp, directory)
-        shutil.rmtree(old, ignore_errors=True)
+        write_file(directory / TRAINER_JSON, lambda tmp: tmp.write_text(json.dumps(meta, indent=1)))
 
     def load_checkpoint(self, directory: Path) -> None:
-        """Restore what ``save_checkpoint`` wrote (the SAE's weights, Adam, RNG, counters, step)."""
+        """Restore what ``save_checkpoint`` wrote (the SAE's weights, Adam, RNG, counters, step); a checkpoint of a
+        run with other settings (outside ``RESUMABLE_CHANGES``) raises a :class:`~mechscope.files.SettingsMismatch`
+        listing them."""
         meta = json.loads((directory / TRAINER_JSON).read_text())
-        now = dataclasses.asdict(self.config)
-        changed = {
-            name: (value, now[name])
-            for name, value in meta["config"].items()
-            if name not in RESUMABLE_CHANGES and now.get(name) != value
-        }
-        if changed:
-            raise ValueError(
-                f"{directory} was written by a run with other settings {changed} (checkpoint, now): resume with the "
-                "checkpoint's settings, or train from scratch in another out_dir"
-            )
-        saved = SparseAutoencoder.load(directory / "sae", device=self.sae.W_dec.device, dtype=self.sae.W_dec.dtype)
+        check_settings(
+            current_names(meta["config"]),
+            dataclasses.asdict(self.config),
+            where=directory,
+            what="was written by a run",
+            fix="resume with the checkpoint's settings, or train from scratch in another out_dir",
+            labels="checkpoint, now",
+            ignore=RESUMABLE_CHANGES,
+        )
+        saved = SparseAutoencoder.load(directory / SAE_DIR, device=self.sae.W_dec.device, dtype=self.sae.W_dec.dtype)
         self.sae.load_state_dict(saved.state_dict())
         tensors = load_file(str(directory / TRAINER_TENSORS), device=str(self.sae.W_dec.device))
         adam_state: dict[int, dict[str, Tensor]] = {}
@@ -416,75 +359,102 @@ class Trainer:
         self.step = meta["step"]
 
 
+def current_names(settings: Mapping[str, Any]) -> dict[str, Any]:
+    """Recorded ``TrainConfig`` settings (``train_config.json``, a checkpoint's ``trainer.json``) with the fields
+    saved under an old name (``source``, ``shard_dir``, ``batch_size``) under their current one."""
+    renamed = {old: f.name for f in dataclasses.fields(TrainConfig) for old in f.metadata["old"]}
+    return {renamed.get(name, name): value for name, value in settings.items()}
+
+
+def find_checkpoint(out_dir: str | Path) -> Path | None:
+    """The checkpoint a ``resume=True`` run in ``out_dir`` continues from (``out_dir/checkpoint``), or None.
+
+    A checkpoint that a kill left set aside while it was being replaced is put back first
+    (:func:`mechscope.files.recover_dir`).
+    """
+    return recover_dir(Path(out_dir) / CHECKPOINT_DIR)
+
+
 # ---- the run -------------------------------------------------------------------------------------------------
 
 
-def _make_store(config: TrainConfig, model: Any) -> BatchSource:
-    from mechscope.data.store import ActivationStore
-    from mechscope.models.hooked import HookedModel
-
+def _make_store(config: TrainConfig, model: HookedModel | None) -> BatchSource:
     if model is None:
         model = HookedModel.from_pretrained(config.model, device=config.device)
     store = ActivationStore(
         model,
         [config.hook_name],
-        config.source,
+        config.corpus,
         context_length=config.context_length,
         batch_contexts=config.batch_contexts,
-        shard_dir=config.shard_dir,
+        activations_dir=config.activations_dir,
     )
-    if config.shard_dir is not None:
+    if config.activations_dir is not None:
         store.harvest(config.n_tokens, progress=config.progress)
     return store
 
 
 def _batches(config: TrainConfig, store: BatchSource) -> Iterator[Tensor]:
-    """Full ``[batch_size, d_in]`` batches of the hook's activations, on the SAE's device and dtype."""
+    """Full ``[batch_size_tokens, d_in]`` batches of the hook's activations, on the SAE's device and dtype."""
     dtype = DTYPES[config.dtype]
-    for batch in store.batches(config.batch_size, config.n_tokens, config.shuffle_buffer, config.seed):
+    for batch in store.batches(config.batch_size_tokens, config.n_tokens, config.shuffle_buffer, config.seed):
         if config.hook_name not in batch:
             raise KeyError(
                 f"the activation store has no {config.hook_name!r} (it has {[k for k in batch if k != 'tokens']}): "
                 "build it with this hook_name or set TrainConfig.hook_name to one of those"
             )
         x = batch[config.hook_name]
-        if len(x) == config.batch_size:
+        if len(x) == config.batch_size_tokens:
             yield x.to(config.device, dtype)
 
 
 def train_sae(
-    config: TrainConfig, model: Any = None, store: BatchSource | None = None, *, stop_after: int | None = None
+    config: TrainConfig,
+    model: HookedModel | None = None,
+    store: BatchSource | None = None,
+    *,
+    stop_after: int | None = None,
+    write_file: WriteFile = atomic_write,
 ) -> SparseAutoencoder:
     """Train an SAE on ``config.hook_name`` activations; returns it (in eval mode) and writes ``config.out_dir``.
 
     Data: ``store`` (an ``ActivationStore`` or any object with its ``batches`` method) when given; otherwise an
     ``ActivationStore`` over ``model`` (a ``HookedModel``; loaded from ``config.model`` when None), which first
-    harvests to ``config.shard_dir`` when that is set and otherwise streams live from the model. ``stop_after``
+    harvests to ``config.activations_dir`` when that is set and otherwise streams live from the model. ``stop_after``
     ends the run after that many steps in total (with a checkpoint), keeping the schedule of the full run, so a
-    later ``resume=True`` run continues exactly where it stopped.
+    later ``resume=True`` run continues exactly where it stopped. ``write_file(path, write)`` writes each file of the
+    checkpoints, of the saved SAE and ``train_config.json``: :func:`mechscope.files.atomic_write` (``write(tmp)``,
+    then a rename to ``path``) by default; the tests pass one that fails half-way, as a kill would.
     """
     out_dir = Path(config.out_dir)
     checkpoint = out_dir / CHECKPOINT_DIR
-    if checkpoint.exists() and not config.resume:
+    found = find_checkpoint(out_dir)
+    if found is not None and not config.resume:
         raise FileExistsError(
             f"{out_dir} already holds a training checkpoint: pass resume=True (--resume) to continue it, "
             "or choose another out_dir"
         )
-    if config.resume and not checkpoint.exists():
+    if config.resume and found is None:
         raise FileNotFoundError(f"resume=True but {checkpoint} does not exist: train without --resume first")
     if store is None:
         store = _make_store(config, model)
     batches = _batches(config, store)
     first = next(batches, None)
     if first is None:
-        raise ValueError(f"the activation store yielded no full batch of {config.batch_size} rows: lower batch_size")
+        raise ValueError(
+            f"the activation store yielded no full batch of {config.batch_size_tokens} rows: lower batch_size_tokens"
+        )
     torch.manual_seed(config.seed)
     d_in = first.shape[-1]
+    k = config.k
+    if config.architecture == "topk":
+        assert k is not None  # TrainConfig checks that it is a whole number
+        k = int(k)
     sae_cfg = SAEConfig(
         d_in=d_in,
         d_sae=config.d_sae or config.expansion_factor * d_in,
         architecture=config.architecture,
-        k=int(config.k) if config.architecture == "topk" else config.k,
+        k=k,
         model_name=config.model,
         hook_name=config.hook_name,
         dtype=config.dtype,
@@ -502,7 +472,8 @@ def train_sae(
                 sae.threshold.fill_(config.jumprelu_init_threshold)
         batches = _chain_first(first, batches)
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "train_config.json").write_text(json.dumps(dataclasses.asdict(config), indent=1))
+    config_json = json.dumps(dataclasses.asdict(config), indent=1)
+    write_file(out_dir / TRAIN_CONFIG_FILE, lambda tmp: tmp.write_text(config_json))
     _truncate_metrics(out_dir / METRICS_FILE, trainer.step)
 
     last = config.n_steps if stop_after is None else min(stop_after, config.n_steps)
@@ -521,18 +492,18 @@ def train_sae(
                         l0=f"{metrics['l0']:.1f}", fvu=f"{metrics['fvu']:.3f}", dead=f"{metrics['dead']:.1%}"
                     )
                 if config.checkpoint_every and trainer.step % config.checkpoint_every == 0:
-                    trainer.save_checkpoint(checkpoint)
+                    trainer.save_checkpoint(checkpoint, write_file)
     finally:
         bar.close()
     if trainer.step < last:
         warnings.warn(
-            f"the activations ran out after {trainer.step} of {last} steps ({trainer.step * config.batch_size} "
+            f"the activations ran out after {trainer.step} of {last} steps ({trainer.step * config.batch_size_tokens} "
             "tokens): lower n_tokens, or use a larger corpus",
             stacklevel=2,
         )
-    trainer.save_checkpoint(checkpoint)
+    trainer.save_checkpoint(checkpoint, write_file)
     if trainer.step >= config.n_steps or stop_after is None:
-        sae.save(out_dir / "sae", overwrite=True)
+        sae.save(out_dir / SAE_DIR, overwrite=True, write_file=write_file)
     return sae.eval()
 
 
@@ -546,4 +517,4 @@ def _truncate_metrics(path: Path, step: int) -> None:
     if not path.exists():
         return
     lines = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-    path.write_text("".join(line + "\n" for line in lines))
+    atomic_write_text(path, "".join(line + "\n" for line in lines))

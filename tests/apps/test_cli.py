@@ -119,7 +119,7 @@ def test_parser_defaults_and_flags() -> None:
     assert (MainJobConfig().model, MainJobConfig().prompt, MainJobConfig().stages) == (
         "smollm2-135m",
         PROMPT,
-        ["look", "sae", "cooc"],
+        ["look", "sae", "dashboards", "cooc"],
     )
     argv = ["demo", "--model", "m.gguf", "--prompt", "Hi", "--out-dir", "o", "--top-k", "2", "--max-new-tokens", "3"]
     argv += ["--stages", "look", "sae", "--activation-thresholds", "0", "2.5", "--lr", "0.01"]
@@ -147,7 +147,7 @@ def test_demo_reads_a_toml_file_of_nested_tables_under_its_flags(tmp_path: Path,
     assert (job.top_k, job.train.k, job.train.lr, job.train.progress) == (2, 16, 0.01, False)
     assert (job.cooc.counting.n_batches, job.cooc.pca.candidate_sizes) == (4, [2])
     assert job.train.model == job.cooc.counting.model == job.model  # set once, from the job
-    assert job.train.shard_dir == str(Path(job.out_dir) / "activations")
+    assert job.train.activations_dir == str(Path(job.out_dir) / "activations")
     assert job.cooc.counting.activations_dir == str((Path(job.out_dir) / "activations").resolve())
     path.write_text('[train]\nout_dir = "elsewhere"\n')
     assert main(["demo", "--config", str(path)]) == 1

@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 from mechscope import HookedModel
 from mechscope.apps.main_job import MainJobConfig, run_main_job
 from mechscope.cooccurrence import CoocConfig, load_counts
+from mechscope.dashboards.outputs import load_dashboards
 from mechscope.data import iter_texts, pack_contexts
 from mechscope.sae import SparseAutoencoder, evaluate_sae
 from mechscope.settings import load
@@ -33,7 +34,7 @@ def _job(out_dir: Path, **overrides) -> MainJobConfig:
         "train.n_tokens": 4096,
         "train.expansion_factor": 2,
         "train.k": 4,
-        "train.batch_size": 256,
+        "train.batch_size_tokens": 256,
         "train.shuffle_buffer": 4096,
         "train.dead_tokens_threshold": 2048,
         "cooc.counting.activation_thresholds": [0.0, 0.5],
@@ -90,6 +91,20 @@ def test_counts_are_over_the_first_harvested_rows(first_run) -> None:
     assert (out / "cooc" / HOOK / "pca").is_dir()
 
 
+def test_dashboards_cover_every_harvested_row(first_run) -> None:
+    job, result = first_run
+    out = Path(job.out_dir)
+    sae = SparseAutoencoder.load(out / "sae_training" / "sae")
+    manifest = json.loads((out / "activations" / "manifest.json").read_text())
+    rows = torch.cat([load_file(str(out / "activations" / s["file"]))[HOOK] for s in manifest["shards"]])
+    dash = load_dashboards(out / "dashboards")
+    with torch.no_grad():
+        latents = sae.encode(rows)
+    assert dash.n_tokens == len(rows) == result["dashboards"]["n_tokens"]
+    assert torch.equal(dash.firing, (latents > 0).sum(dim=0))
+    assert result["dashboards"]["dead"] == int((dash.firing == 0).sum())
+
+
 def test_a_second_run_reuses_the_sae_its_evaluation_and_the_counts(llama, first_run, capsys) -> None:
     job, result = first_run
     out = Path(job.out_dir)
@@ -97,6 +112,7 @@ def test_a_second_run_reuses_the_sae_its_evaluation_and_the_counts(llama, first_
     again = run_main_job(_job(out, stages=["sae", "cooc"]), model=llama)
     printed = capsys.readouterr().out
     assert "Reused the SAE" in printed and "count: already done" in printed
+    assert f"mechscope app {out}" in printed  # the job ends with the command that opens the explorer
     assert (out / "sae_training" / "sae" / "sae_weights.safetensors").read_bytes() == weights
     assert again["sae"] == result["sae"]
     for t in job.cooc.counting.activation_thresholds:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from mechscope.models.sampling import sample_next
@@ -20,7 +22,10 @@ def greedy_by_recomputation(model, tokens: torch.Tensor, n: int, fwd_hooks=()) -
 def test_greedy_generation_equals_recomputation(pair):
     model, _ = pair
     tokens = torch.randint(0, 50256, (2, 6), generator=torch.Generator().manual_seed(3))
-    out = model.generate(tokens, max_new_tokens=5, do_sample=False, stop_at_eos=False)
+    with warnings.catch_warnings():  # the cached steps call transformers without a deprecated argument
+        warnings.simplefilter("error", FutureWarning)
+        warnings.simplefilter("error", DeprecationWarning)
+        out = model.generate(tokens, max_new_tokens=5, do_sample=False, stop_at_eos=False)
     assert torch.equal(out.tokens, greedy_by_recomputation(model, tokens, 5))
     assert out.new_tokens.shape == (2, 5)
     assert out.strings == model.tokenizer.batch_decode(out.tokens.tolist(), skip_special_tokens=True)

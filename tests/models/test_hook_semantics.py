@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from transformers.activations import ACT2FN
 
+from mechscope import HookedModel
+from mechscope.models.names import parse_hook
 from tests.conftest import torch_hook_count
 
 ATOL = 2e-5
@@ -297,10 +299,33 @@ def test_edits_flow_downstream_at_every_kind_of_point(pair, tokens):
     close(run(("blocks.0.attn.hook_pattern", lambda t, hook: t.clone())), clean, atol=1e-5)
 
 
+# Families whose backward hooks are checked at every point; the others at one layer per point kind, a different
+# layer for each kind, so every kind is covered on two families and every family is exercised.
+FULL_BACKWARD_FAMILIES = ("gpt2", "gemma2")
+
+
+def backward_points(model: HookedModel, family: str) -> list[str]:
+    """Every canonical point for the families in FULL_BACKWARD_FAMILIES; else one layer per point kind."""
+    names = model.hook_names()
+    if family in FULL_BACKWARD_FAMILIES:
+        return names
+    parsed = [parse_hook(n) for n in names]
+    kinds = list(dict.fromkeys(p.point for p in parsed if p.layer is not None))
+    layer_of = {kind: i % model.cfg.n_layers for i, kind in enumerate(kinds)}
+    return [n for n, p in zip(names, parsed, strict=True) if p.layer is None or p.layer == layer_of[p.point]]
+
+
+def test_backward_points_cover_every_kind(pair):
+    model, _ = pair
+    kinds = {parse_hook(n).point for n in model.hook_names()}
+    for family in ("gpt2", "llama"):
+        assert {parse_hook(n).point for n in backward_points(model, family)} == kinds
+
+
 def test_backward_hooks_receive_the_gradient_at_each_point(pair, tokens):
     model, _ = pair
     tokens = tokens[:1, :6]
-    names = model.hook_names()  # every canonical point
+    names = backward_points(model, model.cfg.family)
     grads: dict[str, torch.Tensor] = {}
     leaves: dict[str, torch.Tensor] = {}
 

@@ -3,6 +3,7 @@ encode/decode equations computed plainly from the raw tensors; and every way a f
 
 from __future__ import annotations
 
+import ast
 import json
 import zipfile
 from dataclasses import replace
@@ -14,9 +15,11 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch.testing import assert_close
 
+import mechscope.sae as sae_package
+from mechscope.files import atomic_write
 from mechscope.sae import SAE, SAEConfig, SAEFormatError, detect_format, load_sae
-from mechscope.sae import formats as sae_formats
-from mechscope.sae.formats import load_openai, openai_state_dict_to_sae
+from mechscope.sae.formats import read_saelens, write_saelens
+from mechscope.sae.io import load_openai, openai_state_dict_to_sae
 from tests.sae_utils import random_weights, topk_reference
 
 D_IN, D_SAE, K = 12, 48, 5
@@ -217,22 +220,29 @@ def test_save_refuses_to_overwrite_a_different_sae(tmp_path):
         first.save(tmp_path / "file")
 
 
-def test_failed_save_leaves_nothing_half_written(tmp_path, monkeypatch):
+@pytest.mark.parametrize("failing", ["sae_weights.safetensors", "cfg.json"])
+def test_failed_save_leaves_nothing_half_written(tmp_path, failing):
     old = SAE(SAEConfig(D_IN, D_SAE))
     old.save(tmp_path / "old")
     before = {p.name: p.read_bytes() for p in (tmp_path / "old").iterdir()}
 
-    def disk_full(tensors, filename, metadata=None):
-        Path(filename).write_bytes(b"partial")
-        raise OSError("disk full")
+    def disk_full(path: Path, write) -> Path:
+        """``atomic_write``, except that the ``failing`` file runs out of space half-way."""
+        if path.name != failing:
+            return atomic_write(path, write)
 
-    monkeypatch.setattr(sae_formats, "save_file", disk_full)
+        def partial(tmp: Path) -> None:
+            tmp.write_bytes(b"partial")
+            raise OSError("disk full")
+
+        return atomic_write(path, partial)
+
     new = SAE(SAEConfig(D_IN, D_SAE))
     with pytest.raises(OSError, match="disk full"):
-        new.save(tmp_path / "new")
+        new.save(tmp_path / "new", write_file=disk_full)
     assert not (tmp_path / "new").exists()
     with pytest.raises(OSError, match="disk full"):
-        new.save(tmp_path / "old", overwrite=True)
+        new.save(tmp_path / "old", overwrite=True, write_file=disk_full)
     assert {p.name: p.read_bytes() for p in (tmp_path / "old").iterdir()} == before
 
 
@@ -476,3 +486,56 @@ def test_damaged_saelens_directories(tmp_path):
     (path / "cfg.json").unlink()
     with pytest.raises(SAEFormatError, match=r"cfg\.json is missing"):
         load_sae(path)
+
+
+# ---- the module graph -----------------------------------------------------------------------------------------
+
+
+def test_readers_return_config_and_tensors_and_the_writer_takes_them(tmp_path):
+    cfg = SAEConfig(D_IN, D_SAE, "jumprelu", hook_name="blocks.1.hook_resid_pre")
+    w = random_weights(D_IN, D_SAE, 21, threshold=True)
+    assert write_saelens(cfg, w, tmp_path / "sae") == tmp_path / "sae"
+    read_cfg, tensors = read_saelens(tmp_path / "sae")
+    assert read_cfg == cfg and sorted(tensors) == sorted(w)
+    assert all(torch.equal(tensors[name], value) for name, value in w.items())
+    sae = SAE.from_tensors(read_cfg, tensors)
+    assert sae.cfg == cfg and torch.equal(sae.threshold, w["threshold"])
+    with pytest.raises(RuntimeError, match="threshold"):
+        SAE.from_tensors(cfg, {k: v for k, v in w.items() if k != "threshold"})
+
+
+def _imports(module: Path) -> list[tuple[str, bool]]:
+    """The mechscope modules ``module`` imports, each with whether the import is at the top level."""
+    tree = ast.parse(module.read_text())
+    top = {id(node) for node in tree.body}
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("mechscope"):
+            found.append((node.module, id(node) in top))
+        elif isinstance(node, ast.Import):
+            found += [(alias.name, id(node) in top) for alias in node.names if alias.name.startswith("mechscope")]
+    return found
+
+
+def test_sae_modules_import_one_way_at_the_top_level():
+    """formats never imports the model (the model builds itself from what formats reads); no import in sae/ is
+    hidden inside a function, and the modules of mechscope.sae import each other without a cycle."""
+    package = Path(sae_package.__file__).parent
+    graph = {}
+    for module in sorted(package.glob("*.py")):
+        imports = _imports(module)
+        assert all(top for _, top in imports), f"{module.name} imports inside a function: {imports}"
+        graph[module.stem] = {name.rsplit(".", 1)[-1] for name, _ in imports if name.startswith("mechscope.sae.")}
+    assert graph["formats"] <= {"config"}
+    assert graph["kernels"] == graph["latents"] == graph["config"] == set()
+    done: set[str] = set()
+
+    def visit(name: str, path: tuple[str, ...]) -> None:
+        assert name not in path, f"import cycle: {' -> '.join((*path, name))}"
+        if name not in done:
+            for dep in graph.get(name, ()):
+                visit(dep, (*path, name))
+            done.add(name)
+
+    for name in graph:
+        visit(name, ())

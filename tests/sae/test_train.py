@@ -16,10 +16,22 @@ from transformers import AutoModelForCausalLM
 from mechscope import HookedAutoConfig, HookedModel
 from mechscope.apps.cli import build_parser, main
 from mechscope.data import ActivationStore
+from mechscope.files import atomic_write
 from mechscope.models.tokenizer import byte_tokenizer
 from mechscope.sae import SAE, SAEConfig
-from mechscope.sae.model import SparseDecode
-from mechscope.sae.train import TrainConfig, Trainer, geometric_median, lr_at, train_sae
+from mechscope.sae.kernels import SparseDecode
+from mechscope.sae.train import (
+    TRAINER_JSON,
+    TRAINER_TENSORS,
+    TrainConfig,
+    Trainer,
+    current_names,
+    find_checkpoint,
+    geometric_median,
+    lr_at,
+    train_sae,
+)
+from mechscope.settings import DeprecatedSetting, flag_values
 
 HOOK = "blocks.0.hook_resid_post"
 
@@ -60,7 +72,7 @@ def _config(tmp_path: Path, **overrides) -> TrainConfig:
         "model": "synthetic",
         "hook_name": "x",
         "n_tokens": 256 * 400,
-        "batch_size": 256,
+        "batch_size_tokens": 256,
         "architecture": "topk",
         "d_sae": 64,
         "k": 3,
@@ -311,6 +323,39 @@ def test_resume_equals_an_uninterrupted_run(synthetic: SparseDictionaryData, tmp
     assert metrics[0] == metrics[1]
 
 
+def test_a_kill_while_writing_a_checkpoint_keeps_the_last_one_and_resume_is_exact(
+    synthetic: SparseDictionaryData, tmp_path: Path
+) -> None:
+    overrides = {"n_tokens": 256 * 40, "dead_tokens_threshold": 256 * 5, "checkpoint_every": 10}
+    straight = train_sae(_config(tmp_path, out_dir=str(tmp_path / "a"), **overrides), store=synthetic)
+    adam_writes = []
+
+    def killed_in_the_second_checkpoint(path: Path, write) -> Path:
+        """``atomic_write``, except that the process 'dies' half-way through the second checkpoint's Adam state."""
+        if path.name == TRAINER_TENSORS:
+            adam_writes.append(path)
+            if len(adam_writes) == 2:
+
+                def half_then_killed(tmp: Path) -> None:
+                    tmp.write_bytes(b"half a safetensors file")
+                    raise KeyboardInterrupt
+
+                return atomic_write(path, half_then_killed)
+        return atomic_write(path, write)
+
+    config = _config(tmp_path, out_dir=str(tmp_path / "b"), **overrides)
+    with pytest.raises(KeyboardInterrupt):
+        train_sae(config, store=synthetic, write_file=killed_in_the_second_checkpoint)
+    checkpoint = find_checkpoint(tmp_path / "b")
+    assert checkpoint == tmp_path / "b" / "checkpoint"
+    assert json.loads((checkpoint / TRAINER_JSON).read_text())["step"] == 10  # the first checkpoint, whole
+    assert sorted(p.name for p in (tmp_path / "b").iterdir()) == ["checkpoint", "metrics.jsonl", "train_config.json"]
+    resumed = train_sae(dataclasses.replace(config, resume=True), store=synthetic)
+    for name, value in straight.state_dict().items():
+        assert torch.equal(resumed.state_dict()[name], value), name
+    assert find_checkpoint(tmp_path / "nothing") is None
+
+
 # ---- on a model ------------------------------------------------------------------------------------------------
 
 
@@ -325,18 +370,18 @@ def test_training_from_disk_shards_equals_training_live(llama: HookedModel, corp
     settings = {
         "model": "tiny-llama",
         "hook_name": HOOK,
-        "source": str(corpus),
+        "corpus": str(corpus),
         "context_length": 32,
         "batch_contexts": 4,
         "n_tokens": 64 * 12,
-        "batch_size": 64,
+        "batch_size_tokens": 64,
         "expansion_factor": 2,
         "k": 4,
         "shuffle_buffer": 0,
         "progress": False,
     }
     live = train_sae(TrainConfig(**settings, out_dir=str(tmp_path / "live")), model=llama)
-    sharded = TrainConfig(**settings, out_dir=str(tmp_path / "disk"), shard_dir=str(tmp_path / "shards"))
+    sharded = TrainConfig(**settings, out_dir=str(tmp_path / "disk"), activations_dir=str(tmp_path / "shards"))
     disk = train_sae(sharded, model=llama)
     assert (tmp_path / "shards" / "manifest.json").exists()
     assert (disk.cfg.d_in, disk.cfg.d_sae) == (llama.cfg.d_model, 2 * llama.cfg.d_model)
@@ -357,8 +402,8 @@ def test_toml_config_with_overrides_and_its_errors(tmp_path: Path) -> None:
     path.write_text("learning_rate = 1e-3\n")
     with pytest.raises(ValueError, match=r"run\.toml: unknown key 'learning_rate'"):
         TrainConfig.from_toml(path)
-    path.write_text('batch_size = "big"\n')
-    with pytest.raises(ValueError, match=r"run\.toml: TrainConfig\.batch_size must be int"):
+    path.write_text('batch_size_tokens = "big"\n')
+    with pytest.raises(ValueError, match=r"run\.toml: TrainConfig\.batch_size_tokens must be int"):
         TrainConfig.from_toml(path)
     path.write_text("lr = \n")
     with pytest.raises(ValueError, match=r"run\.toml is not valid TOML"):
@@ -367,21 +412,46 @@ def test_toml_config_with_overrides_and_its_errors(tmp_path: Path) -> None:
         TrainConfig(architecture="topk", k=2.5)
 
 
+def test_old_setting_names_are_read_with_a_note_naming_the_new_ones(tmp_path: Path) -> None:
+    path = tmp_path / "old.toml"
+    path.write_text('source = "corpus.txt"\nshard_dir = "acts"\nbatch_size = 64\nn_tokens = 640\n')
+    with pytest.warns(DeprecatedSetting) as caught:
+        config = TrainConfig.from_toml(path)
+    assert sorted(str(w.message) for w in caught) == [
+        f"{path}: batch_size is deprecated: use batch_size_tokens",
+        f"{path}: shard_dir is deprecated: use activations_dir",
+        f"{path}: source is deprecated: use corpus",
+    ]
+    assert (config.corpus, config.activations_dir, config.batch_size_tokens) == ("corpus.txt", "acts", 64)
+    argv = ["sae", "train", "--source", "c.txt", "--shard-dir", "a", "--batch-size", "8"]
+    with pytest.warns(DeprecatedSetting) as caught:
+        args = build_parser().parse_args(argv)
+    assert [str(w.message) for w in caught] == [
+        "--source is deprecated: use --corpus",
+        "--shard-dir is deprecated: use --activations-dir",
+        "--batch-size is deprecated: use --batch-size-tokens",
+    ]
+    assert flag_values(args, TrainConfig) == {"corpus": "c.txt", "activations_dir": "a", "batch_size_tokens": 8}
+    recorded = {**dataclasses.asdict(config), "source": "corpus.txt", "batch_size": 64}
+    del recorded["corpus"], recorded["batch_size_tokens"]
+    assert current_names(recorded) == dataclasses.asdict(config)  # train_config.json / trainer.json of older runs
+
+
 def test_cli_trains_an_sae_that_loads(corpus: Path, tmp_path: Path, capsys) -> None:
     torch.manual_seed(0)
     model_dir = tmp_path / "model"
     AutoModelForCausalLM.from_config(HookedAutoConfig("llama")).save_pretrained(model_dir)
     byte_tokenizer().save_pretrained(model_dir)
-    (tmp_path / "run.toml").write_text('architecture = "topk"\nk = 4\nbatch_size = 32\nlr = 0.5\n')
+    (tmp_path / "run.toml").write_text('architecture = "topk"\nk = 4\nbatch_size_tokens = 32\nlr = 0.5\n')
     argv = ["sae", "train", "--config", str(tmp_path / "run.toml"), "--model", str(model_dir), "--hook-name", HOOK]
-    argv += ["--source", str(corpus), "--context-length", "32", "--n-tokens", "320", "--lr", "1e-3"]
+    argv += ["--corpus", str(corpus), "--context-length", "32", "--n-tokens", "320", "--lr", "1e-3"]
     argv += ["--expansion-factor", "2", "--out-dir", str(tmp_path / "out"), "--no-progress", "--log-every", "5"]
     assert main(argv) == 0
     assert "Saved topk SAE" in capsys.readouterr().out
     sae = SAE.load(tmp_path / "out" / "sae")
     assert (sae.cfg.model_name, sae.cfg.hook_name, sae.cfg.architecture, sae.cfg.k) == (str(model_dir), HOOK, "topk", 4)
     recorded = json.loads((tmp_path / "out" / "train_config.json").read_text())
-    assert (recorded["lr"], recorded["batch_size"]) == (1e-3, 32)  # the flag beat the file, the file the default
+    assert (recorded["lr"], recorded["batch_size_tokens"]) == (1e-3, 32)  # the flag beat the file, the file the default
     assert len((tmp_path / "out" / "metrics.jsonl").read_text().splitlines()) == 2
     assert main(argv) == 1  # the checkpoint is there and --resume was not given
     assert "pass resume=True (--resume)" in capsys.readouterr().err
@@ -392,7 +462,8 @@ def test_cli_flags_mirror_the_config_fields() -> None:
     train = parser._subparsers._group_actions[0].choices["sae"]._subparsers._group_actions[0].choices["train"]
     flags = {option for action in train._actions for option in action.option_strings}
     expected = {"--" + f.name.replace("_", "-") for f in dataclasses.fields(TrainConfig)}
-    assert flags == expected | {"--no-resume", "--no-progress", "--config", "-h", "--help"}
+    old_names = {"--source", "--shard-dir", "--batch-size"}  # still read, with a DeprecatedSetting warning
+    assert flags == expected | old_names | {"--no-resume", "--no-progress", "--config", "-h", "--help"}
     args = parser.parse_args(["sae", "train", "--k", "2.5", "--d-sae", "7", "--no-progress", "--lr", "1e-3"])
     assert (args.k, args.d_sae, args.progress, args.lr) == (2.5, 7, False, 1e-3)
-    assert not hasattr(args, "batch_size")  # flags not given stay unset, so a TOML file's value is not overridden
+    assert not hasattr(args, "batch_size_tokens")  # flags not given stay unset: a TOML file's value is not overridden

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from mechscope.sae.formats import openai_state_dict_to_sae
+from mechscope.sae.io import openai_state_dict_to_sae
 from mechscope.sae.model import SparseAutoencoder
 
 _OPENAI_KEYS = (

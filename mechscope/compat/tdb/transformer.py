@@ -249,7 +249,7 @@ class Transformer(torch.nn.Module):
         batch = tokens.shape[0]
         if H is None:
             H = HiddenState(  # noqa: N806 (TDB's name)
-                kv=DynamicCache(config=self.model.model.config),
+                kv=self.model.new_kv_cache(),
                 mask=torch.zeros(batch, 0, dtype=torch.long, device=self.device),
                 prev_lens=torch.zeros(batch, 1, dtype=torch.long, device=self.device),
             )
@@ -259,9 +259,7 @@ class Transformer(torch.nn.Module):
         H.prev_lens = positions[:, -1:] + 1
         padded = bool((H.mask == 0).any())
         with self.model.hooks(self._mechscope_hooks(hooks) if hooks is not None else ()):
-            logits = self.model._logits(
-                tokens, H.mask if padded else None, position_ids=positions, past_key_values=H.kv, use_cache=True
-            )
+            logits = self.model.step(tokens, H.kv, H.mask if padded else None, positions)
         return logits, H
 
     def sample(

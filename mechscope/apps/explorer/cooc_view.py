@@ -1,0 +1,198 @@
+"""View 1, the co-occurrence explorer (the sae_cooccurrence paper's app on mechscope's results): pick a hook,
+an activity threshold, a subgraph size and a subgraph; the subgraph's PCA, coloured by the most active latent;
+click a point for the subgraph latents' activations there, its token and context, and the graph recoloured by
+them; recolour the PCA by one latent ("latent landscape"); search subgraphs by latent or by token."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import streamlit as st
+
+from mechscope.apps.explorer import figures, results, state
+from mechscope.cooccurrence.outputs import load_graph_summary, load_pca_results, load_subgraph
+
+PCA_FILE = re.compile(r"graph_analysis_results_size_(\d+)_activation_(.+)\.h5$")
+
+
+def tag_value(tag: str) -> float:
+    """``"10_0"`` -> 10.0 (file names write the threshold with ``_`` for ``.``)."""
+    return float(tag.replace("_", "."))
+
+
+def pca_files(hook_dir: Path) -> dict[str, dict[int, Path]]:
+    """``{threshold tag: {size: path}}`` of the PCA results under ``hook_dir/pca``."""
+    found: dict[str, dict[int, Path]] = {}
+    for path in sorted((hook_dir / "pca").glob("*.h5")):
+        m = PCA_FILE.match(path.name)
+        if m:
+            found.setdefault(m[2], {})[int(m[1])] = path
+    return found
+
+
+def hooks(root: Path) -> dict[str, Path]:
+    """Hook folders of the co-occurrence results (``root/cooc/<hook>`` or ``root/<hook>``) that hold PCA results."""
+    found = {}
+    for base in (root / "cooc", root):
+        for d in sorted(p for p in base.glob("*") if p.is_dir()):
+            if (d / "pca").is_dir():
+                found[d.name] = d
+    if not found:
+        raise results.MissingResults(
+            f"no co-occurrence PCA results under {root}: run `mechscope demo --out-dir {root}` or "
+            f"`mechscope cooc run {root}/cooc.toml`"
+        )
+    return found
+
+
+@st.cache_data(show_spinner="reading the PCA results", max_entries=16)
+def _pca(path: str, stamp: float) -> dict[int, Any]:
+    return load_pca_results(path)
+
+
+def pca_results(path: Path) -> dict[int, Any]:
+    try:
+        return _pca(str(path), path.stat().st_mtime)
+    except OSError as e:
+        raise results.MissingResults(f"{path} cannot be read ({e}); run the PCA stage again") from e
+
+
+def subgraph_label(result: Any) -> str:
+    tops = ", ".join(repr(t) for t in result.top_tokens[:3])
+    return f"subgraph {result.subgraph_id}: {tops} — {result.example_context[:60]!r}"
+
+
+def pick(label: str, options: list[Any], param: str, fmt=str) -> Any:
+    keys = [str(o) for o in options]
+    chosen, message = state.get_choice(param, keys)
+    if message:
+        st.warning(message)
+    value = st.sidebar.selectbox(label, options, index=keys.index(chosen), format_func=fmt)
+    state.put(**{param: value})
+    return value
+
+
+def search(root: Path, hook_dir: Path, files: dict[int, Path], query: str) -> list[tuple[int, int, str]]:
+    """``(size, subgraph, why)`` for subgraphs holding latent ``query`` (a number) or a token equal to it."""
+    hits = []
+    wanted = query.strip()
+    for size, path in files.items():
+        for sid, r in pca_results(path).items():
+            if wanted.isdigit() and int(wanted) in r.pca.nodes:
+                hits.append((size, sid, f"holds latent {wanted}"))
+            elif wanted and any(t.strip() == wanted for t in r.tokens):
+                hits.append((size, sid, f"fires on {wanted!r}"))
+    return hits
+
+
+def show(root: Path) -> None:
+    st.header("Co-occurrence explorer")
+    hook_dirs = hooks(root)
+    hook = pick("hook", list(hook_dirs), "hook")
+    by_threshold = pca_files(hook_dirs[hook])
+    if not by_threshold:
+        raise results.MissingResults(f"no PCA results in {hook_dirs[hook]}/pca: run the PCA stage")
+    tag = pick("activity threshold", sorted(by_threshold, key=tag_value), "t", fmt=lambda t: f"{tag_value(t):g}")
+    files = by_threshold[tag]
+    size = pick("subgraph size", sorted(files), "size")
+    subs = pca_results(files[size])
+    if not subs:
+        st.info(f"the PCA results of size {size} at threshold {tag_value(tag):g} hold no subgraph")
+        return
+    sid = pick("subgraph", sorted(subs), "sg", fmt=lambda i: subgraph_label(subs[i]))
+    result = subs[sid]
+    pca = result.pca
+
+    query = st.sidebar.text_input("search subgraphs: latent index or token", key="search")
+    if query:
+        hits = search(root, hook_dirs[hook], files, query)[:20]
+        if not hits:
+            st.sidebar.text(f"no subgraph at this threshold holds {query!r}")
+        for hit_size, hit_sid, why in hits:
+            if st.sidebar.button(f"size {hit_size} · subgraph {hit_sid}", key=f"hit_{hit_size}_{hit_sid}"):
+                state.put(size=hit_size, sg=hit_sid)
+                st.rerun()
+            st.sidebar.text(why)  # plain text: a token is never read as markup
+
+    n_pcs = pca.coords.shape[1]
+    pcx, msg_x = state.get_int("pcx", 0, 0, n_pcs - 1)
+    pcy, msg_y = state.get_int("pcy", min(1, n_pcs - 1), 0, n_pcs - 1)
+    for m in (msg_x, msg_y):
+        if m:
+            st.warning(m)
+    c1, c2, c3 = st.columns(3)
+    pcx = c1.selectbox("x axis", range(n_pcs), index=pcx, format_func=lambda k: f"PC{k + 1}", key="pcx_box")
+    pcy = c2.selectbox("y axis", range(n_pcs), index=pcy, format_func=lambda k: f"PC{k + 1}", key="pcy_box")
+    nodes = list(pca.nodes)
+    landscape = c3.selectbox(
+        "colour by",
+        ["most active latent", *nodes],
+        key="landscape",
+        format_func=lambda v: v if isinstance(v, str) else f"latent {v}'s activation",
+    )
+    state.put(pcx=pcx, pcy=pcy)
+
+    hover = [f"{t!r} · {c}" for t, c in zip(result.tokens, result.contexts, strict=True)]
+    if isinstance(landscape, str):
+        colour = [
+            str(int(i)) if inside else "outside" for i, inside in zip(pca.top_index, pca.top_in_subgraph, strict=True)
+        ]
+        fig = figures.scatter(pca.coords[:, pcx], pca.coords[:, pcy], colour, hover, f"PC{pcx + 1}", f"PC{pcy + 1}")
+    else:
+        values = pca.activations[:, nodes.index(landscape)]
+        fig = figures.scatter(pca.coords[:, pcx], pca.coords[:, pcy], values, hover, f"PC{pcx + 1}", f"PC{pcy + 1}")
+    left, right = st.columns([3, 2])
+    with left:
+        st.markdown(f"**PCA of {subgraph_label(result)}** ({len(result.tokens)} tokens)")
+        event = st.plotly_chart(fig, key="pca", on_select="rerun", selection_mode="points")
+    picked = _picked_point(event)
+    if picked is None:
+        picked, _ = state.get_int("point", -1, -1, len(result.tokens) - 1)
+    point_acts = None
+    with right:
+        if picked >= 0:
+            state.put(point=picked)
+            point_acts = pca.activations[picked]
+            st.markdown(f"**Point {picked}**: token {result.tokens[picked]!r}")
+            st.code(result.contexts[picked], language=None)
+            st.plotly_chart(
+                figures.bars([f"latent {n}" for n in nodes], point_acts.tolist(), "subgraph latents at this point"),
+                key="point_bars",
+            )
+        else:
+            st.caption("click a point of the PCA to see the subgraph's latents there")
+    graph = load_subgraph(hook_dirs[hook], tag_value(tag), sid)
+    st.plotly_chart(
+        figures.graph(
+            graph["nodes"],
+            graph["edges"],
+            graph["weights"],
+            None if point_acts is None else dict(zip(nodes, point_acts.tolist(), strict=True)),
+        ),
+        key="graph",
+    )
+    _summary(hook_dirs[hook], tag_value(tag))
+
+
+def _picked_point(event: Any) -> int | None:
+    try:
+        points = event.selection.points  # type: ignore[union-attr]
+    except AttributeError:
+        return None
+    return int(points[0]["point_index"]) if points else None
+
+
+def _summary(hook_dir: Path, threshold: float) -> None:
+    try:
+        summary = load_graph_summary(hook_dir, threshold)
+    except FileNotFoundError as e:
+        st.caption(str(e))
+        return
+    with st.expander("run summary at this threshold"):
+        st.json({k: v for k, v in summary.items() if not isinstance(v, list | dict)})
+        sizes = np.asarray(summary.get("subgraph_sizes", []))
+        if sizes.size:
+            st.plotly_chart(figures.size_histogram(sizes.tolist()), key="sizes")

@@ -1,0 +1,127 @@
+"""View 2, the latent dashboard: top-activating contexts, binned samples, the activation histogram, logit effects,
+density; find a latent by index or by a token it fires on."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import streamlit as st
+import torch
+
+from mechscope.apps.explorer import figures, results, state
+from mechscope.apps.explorer.render import context_html
+from mechscope.dashboards.windows import NO_TOKEN
+
+NEURONPEDIA = "https://www.neuronpedia.org"
+
+
+def pick_set(root: Path) -> results.DashboardSet:
+    sets = results.require_dashboards(root)
+    names = [s.name for s in sets]
+    name, message = state.get_choice("sae", names)
+    if message:
+        st.warning(message)
+    if len(sets) > 1:
+        name = st.sidebar.selectbox("SAE", names, index=names.index(name))
+    return sets[names.index(name)]
+
+
+def token_strings(vocab: list[str], ids: torch.Tensor) -> list[str | None]:
+    return [None if int(i) == NO_TOKEN else vocab[int(i)] for i in ids]
+
+
+def latents_firing_on(ds: results.DashboardSet, token: str, limit: int = 20) -> list[tuple[int, int]]:
+    """``(latent, count)``: latents whose top examples sit on a token equal to ``token`` (stripped, any case)."""
+    vocab = results.vocab(ds)
+    wanted = token.strip().lower()
+    ids = torch.tensor([i for i, t in enumerate(vocab) if t.strip().lower() == wanted], dtype=torch.long)
+    if ids.numel() == 0:
+        return []
+    tokens = results.tensor(ds, "top.tokens")
+    centre = tokens[:, :, tokens.shape[2] // 2]
+    counts = torch.isin(centre, ids).sum(dim=1)
+    order = counts.argsort(descending=True)[:limit]
+    return [(int(i), int(counts[i])) for i in order if counts[i] > 0]
+
+
+def show_examples(ds: results.DashboardSet, group: str, row: int, scale: float, vocab: list[str]) -> int:
+    """The examples of row ``row`` of ``group`` (``"top"`` or ``"bins"``), shaded; returns how many were shown."""
+    context = results.tensor(ds, f"{group}.context")[row]
+    tokens = results.tensor(ds, f"{group}.tokens")[row]
+    acts = results.tensor(ds, f"{group}.activations")[row]
+    values = results.tensor(ds, f"{group}.values")[row]
+    shown = 0
+    for slot in range(context.numel()):
+        if int(context[slot]) < 0:
+            continue
+        centre = tokens.shape[1] // 2
+        cols = st.columns([1, 9])
+        cols[0].caption(f"{float(values[slot]):.2f}")
+        cols[1].html(context_html(token_strings(vocab, tokens[slot]), acts[slot].tolist(), scale, centre))
+        shown += 1
+    return shown
+
+
+def show(root: Path) -> None:
+    st.header("Latent dashboard")
+    ds = pick_set(root)
+    meta = results.meta(ds)
+    d_sae = int(meta["d_sae"])
+    latent, message = state.get_int("latent", 0, 0, d_sae - 1)
+    if message:
+        st.warning(message)
+
+    with st.sidebar:
+        latent = int(st.number_input("latent", min_value=0, max_value=d_sae - 1, value=latent, step=1))
+        token = st.text_input("latents that fire on this token", key="find_token")
+        if token:
+            found = latents_firing_on(ds, token)
+            if not found:
+                st.caption(f"no latent has {token!r} among its top examples")
+            for other, count in found:
+                if st.button(f"latent {other} ({count} of its top examples)", key=f"find_{other}"):
+                    latent = other
+    state.put(view="latent", latent=latent, sae=ds.name)
+
+    vocab = results.vocab(ds)
+    firing = int(results.tensor(ds, "firing")[latent])
+    max_act = float(results.tensor(ds, "max_activation")[latent])
+    source = meta.get("source", {})
+    st.subheader(f"Latent {latent} of {d_sae} · {source.get('hook_name', '')}")
+    cols = st.columns(4)
+    cols[0].metric("density", f"{firing / max(meta['n_tokens'], 1):.3%}")
+    cols[1].metric("fires on", f"{firing:,} tokens", help=f"of {meta['n_tokens']:,}")
+    cols[2].metric("max activation", f"{max_act:.3f}")
+    if source.get("neuronpedia_id"):
+        cols[3].link_button("Neuronpedia", f"{NEURONPEDIA}/{source['neuronpedia_id']}/{latent}")
+    if firing == 0:
+        st.info(f"latent {latent} never fired on the {meta['n_tokens']:,} tokens: it is dead")
+        return
+
+    left, right = st.columns([3, 2])
+    with left:
+        st.markdown("**Top activations**")
+        show_examples(ds, "top", latent, max_act, vocab)
+        settings = meta["settings"]
+        edges = results.tensor(ds, "bin_edges")[latent]
+        st.markdown("**Samples from activation bins**")
+        for b in reversed(range(settings["n_bins"])):
+            with st.expander(
+                f"bin {b + 1} of {settings['n_bins']}: ({float(edges[b]):.2f}, {float(edges[b + 1]):.2f}]"
+            ):
+                if not show_examples(ds, "bins", latent * settings["n_bins"] + b, max_act, vocab):
+                    st.caption("no token in this bin")
+    with right:
+        st.plotly_chart(
+            figures.histogram(
+                results.tensor(ds, "histogram_edges")[latent].tolist(),
+                results.tensor(ds, "histogram")[latent].tolist(),
+                "activation histogram (non-zero)",
+            ),
+            key="histogram",
+        )
+        for kind, title in (("top", "promoted tokens"), ("bottom", "suppressed tokens")):
+            ids = results.tensor(ds, f"logits.{kind}_tokens")[latent].tolist()
+            vals = results.tensor(ds, f"logits.{kind}_values")[latent].tolist()
+            st.markdown(f"**{title}** (logit effect)")
+            st.dataframe({"token": [repr(vocab[i]) for i in ids], "effect": vals}, hide_index=True)

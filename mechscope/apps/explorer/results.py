@@ -1,0 +1,103 @@
+"""What a results directory holds, read lazily and cached, and what to run when something is missing.
+
+Every path the app opens comes from :func:`inside`, which refuses anything outside the results directory.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import streamlit as st
+import torch
+
+from mechscope.apps.explorer.launch import RESULTS_ENV
+from mechscope.dashboards.outputs import META, find_dashboards, read_meta, read_tensor, read_vocab
+
+
+class MissingResults(Exception):
+    """Something the view needs is not in the results directory; the message says which command makes it."""
+
+
+def results_dir() -> Path:
+    """The directory the app was started on (``mechscope app RESULTS_DIR``)."""
+    return Path(os.environ.get(RESULTS_ENV, "demo_output")).resolve()
+
+
+def inside(root: Path, relative: str | Path) -> Path:
+    """``root / relative``, refusing a path that leaves ``root`` (``..``, absolute paths, links out)."""
+    path = (root / relative).resolve()
+    if path != root and root not in path.parents:
+        raise MissingResults(f"{relative} is outside the results directory {root}")
+    return path
+
+
+@dataclass(frozen=True)
+class DashboardSet:
+    """One SAE's dashboards: ``path`` (a folder holding ``dashboards.json``), named by its place under the root."""
+
+    name: str
+    path: Path
+
+
+def dashboard_sets(root: Path) -> list[DashboardSet]:
+    """Every dashboards folder under ``root`` (up to three levels down), sorted by name."""
+    return [DashboardSet(str(p.relative_to(root)), p) for p in find_dashboards(root)]
+
+
+def require_dashboards(root: Path) -> list[DashboardSet]:
+    sets = dashboard_sets(root)
+    if not sets:
+        raise MissingResults(
+            f"no latent dashboards in {root}: run `mechscope demo --out-dir {root}` (its dashboards stage) or "
+            f"`mechscope dashboards CONFIG`"
+        )
+    return sets
+
+
+def _stamp(path: Path) -> float:
+    return (path / META).stat().st_mtime
+
+
+@st.cache_data(show_spinner=False, max_entries=64)
+def _tensor(path: str, name: str, stamp: float) -> torch.Tensor:
+    return read_tensor(path, name)
+
+
+def tensor(ds: DashboardSet, name: str) -> torch.Tensor:
+    """One tensor of the dashboards (``"top.values"`` ...), read once and cached."""
+    try:
+        return _tensor(str(ds.path), name, _stamp(ds.path))
+    except Exception as e:  # a corrupt or truncated file: name it
+        raise MissingResults(
+            f"{ds.path / 'dashboards.safetensors'} cannot be read ({e}); run the dashboards stage again"
+        ) from e
+
+
+@st.cache_data(show_spinner=False)
+def _meta(path: str, stamp: float) -> dict[str, Any]:
+    meta = read_meta(path)
+    assert meta is not None  # dashboard_sets found the file
+    return meta
+
+
+def meta(ds: DashboardSet) -> dict[str, Any]:
+    try:
+        return _meta(str(ds.path), _stamp(ds.path))
+    except ValueError as e:
+        raise MissingResults(str(e)) from e
+
+
+@st.cache_data(show_spinner=False)
+def _vocab(path: str, stamp: float) -> list[str]:
+    return read_vocab(path)
+
+
+def vocab(ds: DashboardSet) -> list[str]:
+    """The token strings (index: token id)."""
+    try:
+        return _vocab(str(ds.path), _stamp(ds.path))
+    except (OSError, ValueError) as e:
+        raise MissingResults(f"{ds.path / 'vocab.json'} cannot be read ({e}); run the dashboards stage again") from e

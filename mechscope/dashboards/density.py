@@ -1,0 +1,55 @@
+"""How often each latent fires, and the histogram of its non-zero activations; both streaming and mergeable."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from mechscope.dashboards.selection import activation_bin, bin_edges
+from mechscope.sae.latents import SparseLatents
+
+
+class FiringCounts:
+    """Tokens seen (``n_tokens``) and, per latent, tokens where it is active (``counts [d_sae]``, int64)."""
+
+    def __init__(self, d_sae: int):
+        self.counts = torch.zeros(d_sae, dtype=torch.long)
+        self.n_tokens = 0
+
+    def update(self, latents: SparseLatents) -> None:
+        """Take in ``latents [n, k]`` of ``n`` tokens."""
+        active = latents.indices[latents.values > 0]
+        self.counts += torch.bincount(active, minlength=self.counts.numel())
+        self.n_tokens += latents.values.shape[0]
+
+    def merge(self, other: FiringCounts) -> None:
+        self.counts += other.counts
+        self.n_tokens += other.n_tokens
+
+    def density(self) -> Tensor:
+        """``[d_sae]`` fraction of tokens where each latent fires."""
+        return self.counts.double() / max(self.n_tokens, 1)
+
+
+class ActivationHistograms:
+    """Per latent, counts of its non-zero activations in ``n_bins`` equal bins over ``(0, max_activation]``:
+    ``counts [d_sae, n_bins]`` (bin ``b`` holds ``value / max`` in ``(b/n, (b+1)/n]``), ``edges()``
+    ``[d_sae, n_bins + 1]``."""
+
+    def __init__(self, max_activation: Tensor, n_bins: int = 40):
+        self.max_activation = max_activation.float()
+        self.n_bins = n_bins
+        self.counts = torch.zeros(max_activation.numel(), n_bins, dtype=torch.long)
+
+    def update(self, latents: SparseLatents) -> None:
+        active = latents.values > 0
+        latent, value = latents.indices[active], latents.values[active]
+        b = activation_bin(latent, value, self.max_activation, self.n_bins)
+        flat = torch.bincount(latent * self.n_bins + b, minlength=self.counts.numel())
+        self.counts += flat.view_as(self.counts)
+
+    def merge(self, other: ActivationHistograms) -> None:
+        self.counts += other.counts
+
+    def edges(self) -> Tensor:
+        return bin_edges(self.max_activation, self.n_bins)

@@ -1,0 +1,138 @@
+"""The explorer's views (streamlit.testing AppTest) on a results directory built with the real pipeline on a tiny
+random model: harvested activations, an SAE, its dashboards."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from streamlit.testing.v1 import AppTest
+from transformers import AutoModelForCausalLM
+
+from mechscope import HookedAutoConfig, HookedModel
+from mechscope.apps.cli import main
+from mechscope.apps.explorer.launch import RESULTS_ENV, SCRIPT
+from mechscope.apps.explorer.render import context_html
+from mechscope.dashboards.build import DashboardSettings
+from mechscope.dashboards.outputs import load_dashboards
+from mechscope.dashboards.pipeline import DashboardsConfig, run_dashboards
+from mechscope.files import SettingsMismatch
+from mechscope.models.tokenizer import byte_tokenizer
+from mechscope.sae import SAE, SAEConfig
+from mechscope.sae.attribution import ablate
+from tests.sae_utils import random_weights
+
+HOOK = "blocks.1.hook_resid_post"
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("results")
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(HookedAutoConfig("llama")).save_pretrained(root / "model")
+    byte_tokenizer().save_pretrained(root / "model")
+    model = HookedModel.from_pretrained(str(root / "model"))
+    d = model.cfg.d_model
+    sae = SAE(SAEConfig(d, 4 * d, "relu", hook_name=HOOK))
+    sae.load_state_dict(random_weights(d, 4 * d, 0))
+    sae.save(root / "sae")
+    config = DashboardsConfig(
+        sae=str(root / "sae"),
+        model=str(root / "model"),
+        activations_dir=str(root / "activations"),
+        n_tokens=512,
+        context_length=32,
+        batch_contexts=4,
+        out_dir=str(root / "dashboards"),
+        progress=False,
+        dashboards=DashboardSettings(n_top=4, window=3),
+    )
+    run_dashboards(config, model=model)
+    return root
+
+
+def app(results: Path, monkeypatch, **params: str) -> AppTest:
+    monkeypatch.setenv(RESULTS_ENV, str(results))
+    at = AppTest.from_file(str(SCRIPT), default_timeout=60)
+    for key, value in params.items():
+        at.query_params[key] = value
+    return at.run()
+
+
+def test_latent_view_shows_the_top_examples_of_the_latent_in_the_url(results, monkeypatch):
+    dash = load_dashboards(results / "dashboards")
+    latent = int(dash.firing.argmax())
+    at = app(results, monkeypatch, view="latent", latent=str(latent))
+    assert not at.exception and not at.error
+    assert at.subheader[0].value.startswith(f"Latent {latent} of {dash.d_sae}")
+    shown = [h.proto.body for h in at.get("html")][1:]  # the first is the style sheet
+    n_top = int((dash.top.context[latent] >= 0).sum())
+    assert len(shown) >= n_top
+    values = [c.value for c in at.caption[:n_top]]  # each example's activation, most active first
+    assert values == [f"{float(v):.2f}" for v in dash.top.values[latent, :n_top]]
+
+
+def test_out_of_range_latent_in_the_url_shows_the_nearest(results, monkeypatch):
+    d_sae = load_dashboards(results / "dashboards").d_sae
+    at = app(results, monkeypatch, view="latent", latent="99999")
+    assert not at.exception
+    assert any(f"showing {d_sae - 1}, the nearest" in w.value for w in at.warning)
+
+
+def test_missing_results_say_which_command_makes_them(tmp_path, monkeypatch):
+    at = app(tmp_path, monkeypatch, view="latent")
+    assert not at.exception
+    assert "mechscope dashboards CONFIG" in at.error[0].value
+
+
+def test_inspector_ablation_shows_the_numbers_of_ablate(results, monkeypatch):
+    at = app(results, monkeypatch, view="inspector", prompt="hello world")
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    latents = at.multiselect(key="ablate_latents")
+    chosen = latents.options[:2]
+    at = latents.set_value([int(c) for c in chosen]).run()
+    assert not at.exception and not at.error
+    model = HookedModel.from_pretrained(str(results / "model"))
+    target = int(at.selectbox(key="target").value)
+    want = ablate(
+        model, model.to_tokens("hello world"), target, sae=SAE.load(results / "sae"),
+        latents=[int(c) for c in chosen], hook_name=HOOK,
+    )  # fmt: skip
+    assert at.metric[0].value == f"{want.ablated_logit:.3f}"
+    assert at.metric[1].value == f"{want.ablated_prob:.4f}"
+
+
+def test_hostile_tokens_are_rendered_as_text():
+    page = context_html(["<script>alert(1)</script>", '"&'], [1.0, 0.5], 1.0, centre=0)
+    assert "<script>" not in page and "&lt;script&gt;" in page and "&quot;&amp;" in page
+
+
+def test_the_stage_reuses_its_results_and_refuses_other_settings(results):
+    config = DashboardsConfig(
+        sae=str(results / "sae"),
+        model=str(results / "model"),
+        activations_dir=str(results / "activations"),
+        context_length=32,
+        batch_contexts=4,
+        out_dir=str(results / "dashboards"),
+        progress=False,
+        dashboards=DashboardSettings(n_top=4, window=3),
+    )
+    before = (results / "dashboards" / "dashboards.safetensors").stat().st_mtime_ns
+    again = run_dashboards(config)
+    assert (results / "dashboards" / "dashboards.safetensors").stat().st_mtime_ns == before
+    assert torch.equal(again.top.context, load_dashboards(results / "dashboards").top.context)
+    with pytest.raises(SettingsMismatch, match="n_top"):
+        run_dashboards(dataclasses.replace(config, dashboards=DashboardSettings(n_top=5, window=3)))
+
+
+def test_export_command_writes_every_dashboards_folder(results, tmp_path):
+    assert main(["export", "neuronpedia", str(results), "--out", str(tmp_path)]) == 0
+    batch = json.loads((tmp_path / "dashboards" / "saedashboard" / "batch-0.json").read_text())
+    dash = load_dashboards(results / "dashboards")
+    assert batch["layer"] == 1 and batch["features"][0]["feature_index"] == int((dash.firing > 0).nonzero()[0, 0])
+    upload = json.loads((tmp_path / "dashboards" / "upload" / "batch-0.json").read_text())
+    assert upload["source"] == "1-mechscope" and upload["modelId"] == "model"
