@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import warnings
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,9 @@ from mechscope import HookedAutoConfig, HookedModel
 from mechscope.apps.cli import main
 from mechscope.apps.explorer.launch import RESULTS_ENV, SCRIPT
 from mechscope.apps.explorer.render import context_html
+from mechscope.cooccurrence.config import AnalysisConfig, CoocConfig, CountingConfig, PCAConfig
+from mechscope.cooccurrence.outputs import load_pca_results, pca_results_path
+from mechscope.cooccurrence.pipeline import run_all
 from mechscope.dashboards.build import DashboardSettings
 from mechscope.dashboards.outputs import load_dashboards
 from mechscope.dashboards.pipeline import DashboardsConfig, run_dashboards
@@ -36,7 +40,7 @@ def results(tmp_path_factory) -> Path:
     byte_tokenizer().save_pretrained(root / "model")
     model = HookedModel.from_pretrained(str(root / "model"))
     d = model.cfg.d_model
-    sae = SAE(SAEConfig(d, 4 * d, "relu", hook_name=HOOK))
+    sae = SAE(SAEConfig(d, 4 * d, "topk", k=8, hook_name=HOOK))
     sae.load_state_dict(random_weights(d, 4 * d, 0))
     sae.save(root / "sae")
     config = DashboardsConfig(
@@ -51,6 +55,24 @@ def results(tmp_path_factory) -> Path:
         dashboards=DashboardSettings(n_top=4, window=3),
     )
     run_dashboards(config, model=model)
+    cooc = CoocConfig(
+        CountingConfig(
+            model=str(root / "model"),
+            sae=str(root / "sae"),
+            activations_dir=str(root / "activations"),
+            context_length=32,
+            batch_contexts=4,
+            n_batches=2,
+            batch_size_tokens=256,
+            activation_thresholds=[0.0],
+        ),
+        analysis=AnalysisConfig(min_subgraph_size=2, max_subgraph_size=6),
+        pca=PCAConfig(candidate_sizes=[2, 3, 4, 5, 6], candidates_per_size=2, n_batches_reconstruction=1),
+        results_dir=str(root / "cooc"),
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "no subgraph of size ..." on a random SAE is expected
+        run_all(cooc, model=model)
     return root
 
 
@@ -136,3 +158,36 @@ def test_export_command_writes_every_dashboards_folder(results, tmp_path):
     assert batch["layer"] == 1 and batch["features"][0]["feature_index"] == int((dash.firing > 0).nonzero()[0, 0])
     upload = json.loads((tmp_path / "dashboards" / "upload" / "batch-0.json").read_text())
     assert upload["source"] == "1-mechscope" and upload["modelId"] == "model"
+
+
+def first_pca(results: Path):
+    hook_dir = results / "cooc" / HOOK
+    for size in (2, 3, 4, 5, 6):
+        path = pca_results_path(hook_dir, size, 0.0)
+        if path.exists() and load_pca_results(path):
+            return size, load_pca_results(path)
+    raise AssertionError("the fixture's pipeline wrote no PCA results")
+
+
+def test_cooc_view_shows_a_clicked_point_and_its_latents(results, monkeypatch):
+    size, subs = first_pca(results)
+    sid = min(subs)
+    result = subs[sid]
+    at = app(results, monkeypatch, view="cooc", hook=HOOK, t="0_0", size=str(size), sg=str(sid), point="0")
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    assert f"token {result.tokens[0]!r}" in [t.value for t in at.text]
+    assert result.contexts[0] in [c.value for c in at.code]
+    charts = {c.proto.id: c for c in at.get("plotly_chart")}
+    assert len(charts) >= 3  # the PCA, the point's latent bars, the graph
+
+
+def test_cooc_view_names_a_missing_subgraph_and_shows_the_nearest(results, monkeypatch):
+    size, _ = first_pca(results)
+    at = app(results, monkeypatch, view="cooc", hook=HOOK, t="0_0", size=str(size), sg="99999")
+    assert not at.exception
+    assert any("sg='99999'" in w.value for w in at.warning)
+
+
+def test_cooc_view_without_results_names_the_command(tmp_path, monkeypatch):
+    at = app(tmp_path, monkeypatch, view="cooc")
+    assert not at.exception and "mechscope cooc run" in at.error[0].value

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.action_chains import ActionChains
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 
@@ -23,7 +24,7 @@ from mechscope.apps.explorer.launch import RESULTS_ENV, app_command
 from mechscope.dashboards.outputs import load_dashboards
 from mechscope.sae import SAE
 from mechscope.sae.attribution import ablate, attribute_latents
-from tests.apps.test_explorer import HOOK, results  # noqa: F401 (the fixture)
+from tests.apps.test_explorer import HOOK, first_pca, results  # noqa: F401 (the fixture)
 
 CHROMIUM, DRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
 
@@ -83,9 +84,11 @@ def screenshots(tmp_path_factory) -> Path:
     return out
 
 
-def open_view(driver, url: str, wait_for: str, timeout: float = 90) -> str:
-    """Load ``url`` and wait until the page's text holds ``wait_for`` and Streamlit has stopped running."""
-    driver.get(url)
+def open_view(driver, url: str | None, wait_for: str, timeout: float = 90) -> str:
+    """Load ``url`` (None: stay) and wait until the page's text holds ``wait_for`` and Streamlit has stopped
+    running."""
+    if url is not None:
+        driver.get(url)
 
     def ready(d) -> bool:
         body = d.find_element(By.TAG_NAME, "body").text
@@ -126,3 +129,30 @@ def test_every_view_in_a_real_browser(server, browser, results, tmp_path_factory
     assert f"{want.ablated_logit:.3f}" in text and f"{want.ablated_prob:.4f}" in text
     assert_clean(browser)
     browser.save_screenshot(str(shots / "prompt_inspector.png"))
+
+    size, subs = first_pca(results)
+    sid = min(subs)
+    url = f"{server}/?view=cooc&hook={HOOK}&t=0_0&size={size}&sg={sid}"
+    text = open_view(browser, url, "click a point of the PCA")
+    assert f"subgraph {sid}" in text
+    assert_clean(browser)
+    browser.save_screenshot(str(shots / "cooccurrence.png"))
+    # click the last trace's first point: with one trace per colour, its row is the trace's own customdata
+    pca_chart = browser.find_elements(By.CSS_SELECTOR, ".js-plotly-plot")[0]  # the first figure of the view
+    point = pca_chart.find_elements(By.CSS_SELECTOR, ".scatterlayer .trace")[-1].find_element(By.CSS_SELECTOR, ".point")
+    ActionChains(browser).move_to_element(point).click().perform()
+    text = open_view(browser, None, "subgraph latents at this point")
+    clicked = int(browser.execute_script("return new URL(window.location).searchParams.get('point')"))
+    pca = subs[sid].pca
+    colours = [_colour(pca, i) for i in range(len(subs[sid].tokens))]
+    last_colour = sorted(set(colours), key=lambda c: (c == "outside", c))[-1]  # the figure's trace order
+    rows = [i for i, c in enumerate(colours) if c == last_colour]
+    assert clicked == rows[0]  # the point clicked, not its index inside its trace
+    assert f"token {subs[sid].tokens[clicked]!r}" in text
+    assert subs[sid].contexts[clicked].split("|")[0].strip()[:20] in text
+    assert_clean(browser)
+    browser.save_screenshot(str(shots / "cooccurrence_point.png"))
+
+
+def _colour(pca, i: int) -> str:
+    return str(int(pca.top_index[i])) if pca.top_in_subgraph[i] else "outside"

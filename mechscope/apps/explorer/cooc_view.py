@@ -9,7 +9,6 @@ import re
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import streamlit as st
 
 from mechscope.apps.explorer import figures, results, state
@@ -156,7 +155,8 @@ def show(root: Path) -> None:
         if picked >= 0:
             state.put(point=picked)
             point_acts = pca.activations[picked]
-            st.markdown(f"**Point {picked}**: token {result.tokens[picked]!r}")
+            st.markdown(f"**Point {picked}**")
+            st.text(f"token {result.tokens[picked]!r}")  # plain text: a token is never read as markup
             st.code(result.contexts[picked], language=None)
             st.plotly_chart(
                 figures.bars([f"latent {n}" for n in nodes], point_acts.tolist(), "subgraph latents at this point"),
@@ -165,34 +165,43 @@ def show(root: Path) -> None:
         else:
             st.caption("click a point of the PCA to see the subgraph's latents there")
     graph = load_subgraph(hook_dirs[hook], tag_value(tag), sid)
+    at_point = None if point_acts is None else dict(zip(nodes, point_acts.tolist(), strict=True))
     st.plotly_chart(
-        figures.graph(
-            graph["nodes"],
-            graph["edges"],
-            graph["weights"],
-            None if point_acts is None else dict(zip(nodes, point_acts.tolist(), strict=True)),
-        ),
-        key="graph",
+        figures.graph(graph["nodes"], graph["edges"], graph["weights"], at_point, densities(root, nodes)), key="graph"
     )
-    _summary(hook_dirs[hook], tag_value(tag))
+    _summary(root, hook_dirs[hook], tag_value(tag))
+
+
+def densities(root: Path, nodes: list[int]) -> dict[int, float] | None:
+    """Each latent's density from the dashboards, when there are any (node sizes of the graph)."""
+    sets = results.dashboard_sets(root)
+    if not sets:
+        return None
+    firing = results.tensor(sets[0], "firing")
+    n = max(int(results.meta(sets[0])["n_tokens"]), 1)
+    return {i: float(firing[i]) / n for i in nodes if i < firing.numel()}
 
 
 def _picked_point(event: Any) -> int | None:
+    """The clicked point's row in the PCA results: its ``customdata`` (each trace holds one colour's points)."""
     try:
-        points = event.selection.points  # type: ignore[union-attr]
+        points = event.selection.points
     except AttributeError:
         return None
-    return int(points[0]["point_index"]) if points else None
+    if not points:
+        return None
+    data = points[0].get("customdata")
+    return int(data[0] if isinstance(data, list) else data)
 
 
-def _summary(hook_dir: Path, threshold: float) -> None:
+def _summary(root: Path, hook_dir: Path, threshold: float) -> None:
     try:
         summary = load_graph_summary(hook_dir, threshold)
     except FileNotFoundError as e:
         st.caption(str(e))
         return
-    with st.expander("run summary at this threshold"):
-        st.json({k: v for k, v in summary.items() if not isinstance(v, list | dict)})
-        sizes = np.asarray(summary.get("subgraph_sizes", []))
-        if sizes.size:
-            st.plotly_chart(figures.size_histogram(sizes.tolist()), key="sizes")
+    with st.expander("run summary at this threshold", expanded=True):
+        st.json({k: v for k, v in summary.items() if k not in ("html_index", "histogram")})
+        histogram = summary.get("histogram")
+        if histogram and Path(histogram).exists():
+            st.image(str(results.inside(root, histogram)), caption="subgraph sizes")

@@ -53,7 +53,7 @@ def scatter(
         for category in sorted(set(colour), key=lambda c: (c == "outside", c)):
             idx = [i for i, c in enumerate(colour) if c == category]
             fig.add_trace(
-                go.Scattergl(
+                go.Scatter(
                     x=[x[i] for i in idx],
                     y=[y[i] for i in idx],
                     mode="markers",
@@ -66,7 +66,7 @@ def scatter(
             )
     else:
         fig.add_trace(
-            go.Scattergl(
+            go.Scatter(
                 x=list(x),
                 y=list(y),
                 mode="markers",

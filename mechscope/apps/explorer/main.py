@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import streamlit as st
 
-from mechscope.apps.explorer import inspector_view, latent_view, results, state
+from mechscope.apps.explorer import cooc_view, inspector_view, latent_view, results, state
 from mechscope.apps.explorer.render import style
 
-VIEWS = {"latent": ("Latent dashboard", latent_view.show), "inspector": ("Prompt inspector", inspector_view.show)}
+VIEWS = {
+    "cooc": ("Co-occurrence explorer", cooc_view.show),
+    "latent": ("Latent dashboard", latent_view.show),
+    "inspector": ("Prompt inspector", inspector_view.show),
+}
 
 
 def main() -> None:
