@@ -32,6 +32,21 @@ from tests.sae_utils import random_weights
 HOOK = "blocks.1.hook_resid_post"
 
 
+def dashboards_config(root: Path, **overrides) -> DashboardsConfig:
+    """The dashboards stage over the fixture's model, SAE and activations."""
+    settings = {
+        "sae": str(root / "sae"),
+        "model": str(root / "model"),
+        "activations_dir": str(root / "activations"),
+        "context_length": 32,
+        "batch_contexts": 4,
+        "out_dir": str(root / "dashboards"),
+        "progress": False,
+        "dashboards": DashboardSettings(n_top=4, window=3),
+    }
+    return DashboardsConfig(**{**settings, **overrides})
+
+
 @pytest.fixture(scope="module")
 def results(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("results")
@@ -43,17 +58,7 @@ def results(tmp_path_factory) -> Path:
     sae = SAE(SAEConfig(d, 4 * d, "topk", k=8, hook_name=HOOK))
     sae.load_state_dict(random_weights(d, 4 * d, 0))
     sae.save(root / "sae")
-    config = DashboardsConfig(
-        sae=str(root / "sae"),
-        model=str(root / "model"),
-        activations_dir=str(root / "activations"),
-        n_tokens=512,
-        context_length=32,
-        batch_contexts=4,
-        out_dir=str(root / "dashboards"),
-        progress=False,
-        dashboards=DashboardSettings(n_top=4, window=3),
-    )
+    config = dashboards_config(root, n_tokens=512)
     run_dashboards(config, model=model)
     cooc = CoocConfig(
         CountingConfig(
@@ -133,16 +138,7 @@ def test_hostile_tokens_are_rendered_as_text():
 
 
 def test_the_stage_reuses_its_results_and_refuses_other_settings(results):
-    config = DashboardsConfig(
-        sae=str(results / "sae"),
-        model=str(results / "model"),
-        activations_dir=str(results / "activations"),
-        context_length=32,
-        batch_contexts=4,
-        out_dir=str(results / "dashboards"),
-        progress=False,
-        dashboards=DashboardSettings(n_top=4, window=3),
-    )
+    config = dashboards_config(results)
     before = (results / "dashboards" / "dashboards.safetensors").stat().st_mtime_ns
     again = run_dashboards(config)
     assert (results / "dashboards" / "dashboards.safetensors").stat().st_mtime_ns == before

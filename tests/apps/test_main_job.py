@@ -71,12 +71,17 @@ def test_sae_is_trained_on_the_harvest_and_evaluated_on_the_contexts_after_it(ll
     assert (out / "summary.json").exists() and (out / "cache.safetensors").exists()  # the first look
 
 
+def trained_sae_and_rows(out: Path) -> tuple[SparseAutoencoder, torch.Tensor]:
+    """The job's SAE and every harvested row ``[rows, d_model]``, read from the shards in corpus order."""
+    manifest = json.loads((out / "activations" / "manifest.json").read_text())
+    rows = torch.cat([load_file(str(out / "activations" / s["file"]))[HOOK] for s in manifest["shards"]])
+    return SparseAutoencoder.load(out / "sae_training" / "sae"), rows
+
+
 def test_counts_are_over_the_first_harvested_rows(first_run) -> None:
     job, _ = first_run
     out = Path(job.out_dir)
-    sae = SparseAutoencoder.load(out / "sae_training" / "sae")
-    manifest = json.loads((out / "activations" / "manifest.json").read_text())
-    rows = torch.cat([load_file(str(out / "activations" / s["file"]))[HOOK] for s in manifest["shards"]])
+    sae, rows = trained_sae_and_rows(out)
     n = job.cooc.counting.n_batches * job.cooc.counting.batch_size_tokens
     with torch.no_grad():
         latents = sae.encode(rows[:n]).numpy()
@@ -94,9 +99,7 @@ def test_counts_are_over_the_first_harvested_rows(first_run) -> None:
 def test_dashboards_cover_every_harvested_row(first_run) -> None:
     job, result = first_run
     out = Path(job.out_dir)
-    sae = SparseAutoencoder.load(out / "sae_training" / "sae")
-    manifest = json.loads((out / "activations" / "manifest.json").read_text())
-    rows = torch.cat([load_file(str(out / "activations" / s["file"]))[HOOK] for s in manifest["shards"]])
+    sae, rows = trained_sae_and_rows(out)
     dash = load_dashboards(out / "dashboards")
     with torch.no_grad():
         latents = sae.encode(rows)
