@@ -67,10 +67,12 @@ class Config:
     """Base of mechscope's dataclass configs: :meth:`from_toml`, :meth:`to_toml` and :meth:`derived`.
 
     ``LABEL`` prefixes a field's name in messages: ``"[counting]."`` for a TOML table, ``"TrainConfig."`` for a
-    config named by its class, ``""`` for the top level of a file.
+    config named by its class, ``""`` for the top level of a file. ``RETIRED`` maps keys that are no longer used to
+    why: a file that still has one is read without it, with a :class:`DeprecatedSetting` warning saying why.
     """
 
     LABEL: ClassVar[str] = ""
+    RETIRED: ClassVar[Mapping[str, str]] = {}
 
     @classmethod
     def from_toml(cls: type[C], path: str | Path, **overrides: Any) -> C:
@@ -377,7 +379,11 @@ def _build(cls: type, given: Mapping[str, Any], path: Path_, base: Any, derived:
                 f"and set the one it comes from (see {root.__name__}.derived)",
                 field=key,
             )
-        if key not in fields:
+        retired: Mapping[str, str] = getattr(cls, "RETIRED", {})
+        if key not in fields and key in retired:
+            why = retired[key]
+            warnings.warn(f"{_key((*path, key))} is no longer used ({why}): remove it", DeprecatedSetting, stacklevel=4)
+        elif key not in fields:
             known = [name for name in fields if ".".join((*path, name)) not in derived]
             raise ConfigError(_unknown(cls, path, key, known), field=key)
     kwargs: dict[str, Any] = {}

@@ -108,7 +108,7 @@ COOC_STAGES = {
     "count": (pipeline.run_count, "count latent co-occurrences (resumes from the results directory's checkpoint)"),
     "graphs": (
         pipeline.run_graphs,
-        "Jaccard graphs, subgraphs, node tables, HTML pages and the summary, from the counts",
+        "Jaccard graphs, subgraphs, node tables, co-occurring latents and the summary, from the counts",
     ),
     "pca": (pipeline.run_pca, "the subspace PCA of candidate subgraphs, from the graphs"),
 }

@@ -39,5 +39,5 @@ def format_graph_summary(summaries: Mapping[str, Mapping[float, Mapping[str, Any
                     f"{s['mean_active_per_token']:.2f}",
                 ]
             )
-            paths += [f"  {hook} @ {t:g} {key}: {s[key]}" for key in ("html_index", "histogram") if s.get(key)]
+            paths += [f"  {hook} @ {t:g} histogram: {s['histogram']}"] if s.get("histogram") else []
     return "\n".join(["Co-occurrence graphs", format_table(headers, rows, right=list(range(1, 8))), *paths])

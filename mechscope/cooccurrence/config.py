@@ -13,6 +13,7 @@ The fields follow the ``sae_cooccurrence`` reference's config, plus what mechsco
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -106,20 +107,23 @@ class AnalysisConfig(Config):
     """``[analysis]``: the edge threshold's target subgraph sizes, what to write, and the seed of random choices."""
 
     LABEL: ClassVar[str] = "[analysis]."
+    RETIRED: ClassVar[Mapping[str, str]] = {
+        "min_subgraph_size_to_plot": "the static HTML pages are gone; `mechscope app` shows every subgraph",
+        "skip_subgraph_plots": "the static HTML pages are gone; `mechscope app` shows every subgraph",
+    }
 
     random_seed: int = field(default=42, metadata=meta("seeds the choice of PCA candidates"))
     min_subgraph_size: int = field(
         default=150, metadata=meta("the edge threshold aims for a largest subgraph of at least this size")
     )
     max_subgraph_size: int = field(default=200, metadata=meta("... and at most this size"))
-    min_subgraph_size_to_plot: int = field(default=4, metadata=meta("smaller subgraphs get no HTML page"))
-    skip_subgraph_plots: bool = field(default=False, metadata=meta("write no HTML pages"))
+    n_cooccurring: int = field(default=10, metadata=meta("most co-occurring latents kept per latent (dashboards)"))
     skip_subgraph_files: bool = field(default=False, metadata=meta("write no subgraph_objects/*.json"))
     include_metrics: bool = field(default=False, metadata=meta("graph metrics and structure scores in the node table"))
 
     def __post_init__(self) -> None:
         check_fields(self)
-        at_least(self, 1, "min_subgraph_size", "max_subgraph_size", "min_subgraph_size_to_plot")
+        at_least(self, 1, "min_subgraph_size", "max_subgraph_size", "n_cooccurring")
         if self.min_subgraph_size > self.max_subgraph_size:
             raise ConfigError(
                 f"{label(self, 'min_subgraph_size')}={self.min_subgraph_size} is larger than "

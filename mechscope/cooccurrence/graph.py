@@ -304,14 +304,43 @@ def summary(subs: list[Subgraph], n_tokens: int, feature_activations: np.ndarray
     }
 
 
+@dataclass(frozen=True)
+class Partners:
+    """Each latent's most co-occurring latents: ``latents [d_sae, n]`` (int64, by Jaccard, largest first, ties by
+    smaller index; ``-1`` past a latent's last partner) and their ``jaccard [d_sae, n]`` (float32, 0 past it)."""
+
+    latents: np.ndarray
+    jaccard: np.ndarray
+
+
+def top_cooccurring(jaccard: sp.sparray | np.ndarray, n: int = 10) -> Partners:
+    """The ``n`` latents with the largest Jaccard index to each latent (itself and Jaccard 0 left out), from the
+    ``[d_sae, d_sae]`` matrix, dense or sparse: one sort of its non-zero entries, no dense copy of a sparse one."""
+    if n < 1:
+        raise ValueError(f"n must be at least 1, got {n}")
+    m = sp.coo_array(jaccard)
+    keep = (m.row != m.col) & (m.data > 0)
+    row, col, value = m.row[keep].astype(np.int64), m.col[keep].astype(np.int64), m.data[keep]
+    order = np.lexsort((col, -value, row))  # by row, then Jaccard descending, then partner index
+    row, col, value = row[order], col[order], value[order]
+    starts = np.searchsorted(row, np.arange(m.shape[0]))
+    rank = np.arange(len(row)) - starts[row]
+    top = rank < n
+    latents = np.full((m.shape[0], n), -1, dtype=np.int64)
+    values = np.zeros((m.shape[0], n), dtype=np.float32)
+    latents[row[top], rank[top]] = col[top]
+    values[row[top], rank[top]] = value[top]
+    return Partners(latents, values)
+
+
 @dataclass
 class GraphResults:
     """The graph stage at one activity threshold, as :func:`~mechscope.cooccurrence.outputs.save_graphs` writes it.
 
     ``subgraphs``: every subgraph (singletons included); ``feature_activations [d_sae]``: tokens on which each
     latent is active; ``node_table``: the :func:`node_table` rows; ``summary``: ``activity_threshold``,
-    ``edge_threshold``, ``reaches_min_size``, ``n_tokens`` and the :func:`summary` figures; ``tokens`` and
-    ``neuronpedia_id``: what the pages show of each latent (None: nothing).
+    ``edge_threshold``, ``reaches_min_size``, ``n_tokens`` and the :func:`summary` figures; ``partners``: each
+    latent's most co-occurring latents (:func:`top_cooccurring`; None: not computed).
     """
 
     activity_threshold: float
@@ -319,8 +348,7 @@ class GraphResults:
     feature_activations: np.ndarray
     node_table: list[dict[str, Any]]
     summary: dict[str, Any]
-    tokens: LatentTokens | None = None
-    neuronpedia_id: str | None = None
+    partners: Partners | None = None
 
 
 def graph_results(
@@ -333,11 +361,12 @@ def graph_results(
     include_metrics: bool = False,
     tokens: LatentTokens | None = None,
     neuronpedia_id: str | None = None,
+    partners: Partners | None = None,
 ) -> GraphResults:
     """The node table and summary of the subgraphs ``subs`` found at ``edge``, for one activity threshold.
 
     ``feature_activations`` is ``[d_sae]``; ``tokens`` (from ``latent_tokens``) and ``neuronpedia_id`` add the token
-    and link columns to the node table (and to the pages); ``include_metrics`` adds the graph metrics.
+    and link columns to the node table; ``include_metrics`` adds the graph metrics; ``partners`` is carried along.
     """
     t = float(activity_threshold)
     rows = node_table(subs, t, feature_activations, include_metrics, tokens, neuronpedia_id)
@@ -348,4 +377,4 @@ def graph_results(
         "n_tokens": int(n_tokens),
         **summary(subs, n_tokens, feature_activations),
     }
-    return GraphResults(t, subs, feature_activations, rows, figures, tokens, neuronpedia_id)
+    return GraphResults(t, subs, feature_activations, rows, figures, partners)

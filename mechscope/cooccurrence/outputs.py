@@ -10,8 +10,8 @@ Layout (``t`` is the activity threshold with ``.`` as ``_``, one folder per hook
     <hook>/feature_acts_cooc_n_tokens.json            {threshold: tokens counted}, written last
     <hook>/graph_summary_{t}.json                     the graph summary of one threshold
     <hook>/dataframes/node_info_df_{t}.csv, .parquet  the node table
+    <hook>/dataframes/top_cooccurring_{t}.npz         each latent's most co-occurring latents and their Jaccard
     <hook>/subgraph_objects/activation_{t}/subgraph_{id}.json     one subgraph of more than one latent
-    <hook>/subgraph_plots/activation_{t}/subgraph_{id}.html, index.html
     <hook>/subgraph_sizes_{t}.png                     the histogram of subgraph sizes
     <hook>/pca/graph_analysis_results_size_{n}_activation_{t}.h5
 """
@@ -21,7 +21,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
@@ -37,12 +36,10 @@ from matplotlib.figure import Figure
 from tqdm.auto import tqdm
 
 from mechscope.cooccurrence.counting import CooccurrenceCounts, jaccard
-from mechscope.cooccurrence.graph import GraphResults, Subgraph
-from mechscope.cooccurrence.html import subgraph_pages
+from mechscope.cooccurrence.graph import GraphResults, Partners
 from mechscope.cooccurrence.pca_results import MARK, PCAResults, SubgraphPCAResult
 from mechscope.cooccurrence.subspace import SubspacePCA
 from mechscope.files import atomic_write, atomic_write_text
-from mechscope.sae.tokens import LatentTokens
 
 KINDS = ("total", "jaccard", "activations")
 TOKENS_FILE = "feature_acts_cooc_n_tokens.json"
@@ -77,6 +74,16 @@ def subgraph_object_path(results_dir: str | Path, activity_threshold: float, sub
     """``results_dir/subgraph_objects/activation_{t}/subgraph_{id}.json``."""
     tag = threshold_tag(activity_threshold)
     return Path(results_dir) / "subgraph_objects" / f"activation_{tag}" / f"subgraph_{subgraph_id}.json"
+
+
+def node_table_path(results_dir: str | Path, activity_threshold: float) -> Path:
+    """``results_dir/dataframes/node_info_df_{t}.parquet`` (the CSV beside it has the same rows)."""
+    return Path(results_dir) / "dataframes" / f"node_info_df_{threshold_tag(activity_threshold)}.parquet"
+
+
+def partners_path(results_dir: str | Path, activity_threshold: float) -> Path:
+    """``results_dir/dataframes/top_cooccurring_{t}.npz``."""
+    return Path(results_dir) / "dataframes" / f"top_cooccurring_{threshold_tag(activity_threshold)}.npz"
 
 
 def pca_results_path(results_dir: str | Path, size: int, activity_threshold: float) -> Path:
@@ -230,36 +237,10 @@ def size_histogram(sizes: Sequence[int], path: str | Path, activity_threshold: f
     return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
 
 
-def write_subgraph_pages(
-    directory: str | Path,
-    subs: list[Subgraph],
-    feature_activations: np.ndarray,
-    activity_threshold: float,
-    tokens: LatentTokens | None = None,
-    neuronpedia_id: str | None = None,
-    min_size: int = 4,
-    histogram: str | Path | None = None,
-) -> Path:
-    """Write ``subgraph_{id}.html`` for every subgraph of at least ``max(min_size, 2)`` latents and ``index.html``
-    listing them (with the image at ``histogram`` on top, if given) into ``directory``; return the index's path.
-    Pages of an earlier run there are removed first (its subgraphs may differ)."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    for stale in directory.glob("subgraph_*.html"):
-        stale.unlink()
-    relative = None if histogram is None else Path(os.path.relpath(histogram, directory)).as_posix()
-    pages = subgraph_pages(subs, feature_activations, activity_threshold, tokens, neuronpedia_id, min_size, relative)
-    for file, page in pages.items():
-        atomic_write_text(directory / file, page)
-    return directory / "index.html"
-
-
 def save_graphs(
     results_dir: str | Path,
     graphs: GraphResults,
     *,
-    min_subgraph_size_to_plot: int = 4,
-    skip_subgraph_plots: bool = False,
     skip_subgraph_files: bool = False,
 ) -> dict[str, Any]:
     """Write the graph stage's outputs for one activity threshold (:func:`~mechscope.cooccurrence.graph_results`)
@@ -270,12 +251,9 @@ def save_graphs(
     - ``subgraph_objects/activation_{t}/subgraph_{id}.json``: ``{"id", "nodes", "edges", "weights"}`` of every
       subgraph of more than one latent (not with ``skip_subgraph_files``);
     - ``dataframes/node_info_df_{t}.csv`` and ``.parquet``: the node table (see :func:`write_node_table`);
-    - ``subgraph_plots/activation_{t}/subgraph_{id}.html`` for every subgraph of at least
-      ``min_subgraph_size_to_plot`` (and 2) latents, and ``index.html`` listing them (not with
-      ``skip_subgraph_plots``);
+    - ``dataframes/top_cooccurring_{t}.npz``: ``graphs.partners`` (see :func:`save_partners`), when computed;
     - ``subgraph_sizes_{t}.png``: the histogram of subgraph sizes;
-    - ``graph_summary_{t}.json``: ``graphs.summary`` plus ``html_index`` (the index page's path, or None) and
-      ``histogram`` (the image's path).
+    - ``graph_summary_{t}.json``: ``graphs.summary`` plus ``histogram`` (the image's path).
     """
     out, t = Path(results_dir), graphs.activity_threshold
     tag = threshold_tag(t)
@@ -289,25 +267,34 @@ def save_graphs(
             if len(sub.nodes) > 1:
                 record = {"id": sub.id, "nodes": sub.nodes, "edges": sub.edges, "weights": sub.weights}
                 atomic_write_text(subgraph_object_path(out, t, sub.id), json.dumps(record) + "\n")
-    (out / "dataframes").mkdir(parents=True, exist_ok=True)
-    tables = out / "dataframes" / f"node_info_df_{tag}"
-    write_node_table(graphs.node_table, tables.with_suffix(".csv"), tables.with_suffix(".parquet"))
+    tables = node_table_path(out, t)
+    tables.parent.mkdir(parents=True, exist_ok=True)
+    write_node_table(graphs.node_table, tables.with_suffix(".csv"), tables)
+    if graphs.partners is not None:
+        save_partners(partners_path(out, t), graphs.partners)
     histogram = size_histogram([len(s.nodes) for s in subs], out / f"subgraph_sizes_{tag}.png", t)
-    index = None
-    if not skip_subgraph_plots:
-        index = write_subgraph_pages(
-            out / "subgraph_plots" / f"activation_{tag}",
-            subs,
-            graphs.feature_activations,
-            t,
-            graphs.tokens,
-            graphs.neuronpedia_id,
-            min_subgraph_size_to_plot,
-            histogram,
-        )
-    result = {**graphs.summary, "html_index": None if index is None else str(index), "histogram": str(histogram)}
+    result = {**graphs.summary, "histogram": str(histogram)}
     atomic_write_text(graph_summary_path(out, t), json.dumps(result, indent=2) + "\n")
     return result
+
+
+def save_partners(path: str | Path, partners: Partners) -> Path:
+    """Write :class:`~mechscope.cooccurrence.graph.Partners` as an ``.npz`` of ``latents`` and ``jaccard``
+    ``[d_sae, n]`` (no pickled objects); return ``path``."""
+    return atomic_write(path, lambda tmp: np.savez(tmp, latents=partners.latents, jaccard=partners.jaccard))
+
+
+def load_partners(path: str | Path) -> Partners:
+    """The :class:`~mechscope.cooccurrence.graph.Partners` that :func:`save_partners` wrote."""
+    with np.load(path, allow_pickle=False) as data:
+        return Partners(data["latents"], data["jaccard"])
+
+
+def read_node_table(results_dir: str | Path, activity_threshold: float, columns: Sequence[str]) -> dict[str, list]:
+    """The ``columns`` of the node table :func:`save_graphs` wrote in ``results_dir`` (``{column: values}``, one
+    value per latent, in the table's order)."""
+    path = node_table_path(results_dir, activity_threshold)
+    return pq.read_table(path, columns=list(columns)).to_pydict()
 
 
 def load_graph_summary(results_dir: str | Path, activity_threshold: float) -> dict[str, Any]:

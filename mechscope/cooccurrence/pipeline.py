@@ -9,7 +9,7 @@ Stages and what they leave in ``results_dir`` (one folder per hook name; the lay
 
     count_checkpoint.npz          partial counts of every (hook, threshold), batches done, tokens, settings
     <hook>/feature_acts_cooc_*    counts, Jaccard and activations per threshold, and the tokens counted (count)
-    <hook>/graph_summary_*        subgraphs, node tables, HTML graphs and their summary per threshold (graphs)
+    <hook>/graph_summary_*        subgraphs, node tables, partners and their summary per threshold (graphs)
     <hook>/...                    PCA results of candidate subgraphs per threshold (pca)
     summary.json                  {hook: {threshold: graph summary}}
 
@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 
 from mechscope.cooccurrence.config import CoocConfig
 from mechscope.cooccurrence.counting import CooccurrenceCounts, count_cooccurrences, jaccard
-from mechscope.cooccurrence.graph import Subgraph, edge_threshold, graph_results, subgraphs
+from mechscope.cooccurrence.graph import Subgraph, edge_threshold, graph_results, subgraphs, top_cooccurring
 from mechscope.cooccurrence.outputs import (
     CHECKPOINT,
     TOKENS_FILE,
@@ -317,9 +317,9 @@ def run_graphs(
     config: CoocConfig, model: HookedModel | None = None, sae: SAEs = None, *, counts: Counts | None = None
 ) -> dict[str, dict[float, dict]]:
     """Per hook and threshold: Jaccard, edge threshold, subgraphs, their node table and summary
-    (``graph_results``), written by ``save_graphs`` (node tables, HTML graphs, summary). ``counts`` default to what
-    the count stage wrote. Writes ``results_dir/summary.json`` and returns ``{hook: {threshold: summary}}``
-    (:func:`mechscope.apps.tables.format_graph_summary` shows them as a table)."""
+    (``graph_results``) and each latent's most co-occurring latents, written by ``save_graphs``. ``counts``
+    default to what the count stage wrote. Writes ``results_dir/summary.json`` and returns
+    ``{hook: {threshold: summary}}`` (:func:`mechscope.apps.tables.format_graph_summary` shows them as a table)."""
     an = config.analysis
     model = load_model(config, model)
     saes = load_saes(config, model, sae)
@@ -342,13 +342,10 @@ def run_graphs(
             include_metrics=an.include_metrics,
             tokens=tokens[hook],
             neuronpedia_id=s.cfg.neuronpedia_id,
+            partners=top_cooccurring(j, an.n_cooccurring),
         )
         out.setdefault(hook, {})[t] = save_graphs(
-            Path(config.results_dir) / hook,
-            graphs,
-            min_subgraph_size_to_plot=an.min_subgraph_size_to_plot,
-            skip_subgraph_plots=an.skip_subgraph_plots,
-            skip_subgraph_files=an.skip_subgraph_files,
+            Path(config.results_dir) / hook, graphs, skip_subgraph_files=an.skip_subgraph_files
         )
     save_summaries(config.results_dir, out)
     return out

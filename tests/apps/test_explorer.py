@@ -18,7 +18,7 @@ from mechscope.apps.cli import main
 from mechscope.apps.explorer.launch import RESULTS_ENV, SCRIPT
 from mechscope.apps.explorer.render import context_html
 from mechscope.cooccurrence.config import AnalysisConfig, CoocConfig, CountingConfig, PCAConfig
-from mechscope.cooccurrence.outputs import load_pca_results, pca_results_path
+from mechscope.cooccurrence.outputs import file_name, load_matrix, load_pca_results, pca_results_path
 from mechscope.cooccurrence.pipeline import run_all
 from mechscope.dashboards.build import DashboardSettings
 from mechscope.dashboards.outputs import load_dashboards
@@ -187,3 +187,27 @@ def test_cooc_view_names_a_missing_subgraph_and_shows_the_nearest(results, monke
 def test_cooc_view_without_results_names_the_command(tmp_path, monkeypatch):
     at = app(tmp_path, monkeypatch, view="cooc")
     assert not at.exception and "mechscope cooc run" in at.error[0].value
+
+
+def test_latent_view_lists_the_most_cooccurring_latents_and_opens_the_subgraph(results, monkeypatch):
+    """The partners shown are the saved Jaccard matrix's row sorted plainly; the buttons open them and the PCA."""
+    hook_dir = results / "cooc" / HOOK
+    size, subs = first_pca(results)
+    sid = min(subs)
+    latent = int(subs[sid].pca.nodes[0])
+    matrix = load_matrix(hook_dir / file_name("jaccard", 0.0))
+    row = matrix[[latent]].toarray()[0] if hasattr(matrix, "toarray") else matrix[latent]
+    ranked = sorted((-float(v), j) for j, v in enumerate(row) if j != latent and v > 0)[:10]
+    at = app(results, monkeypatch, view="latent", latent=str(latent))
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    labels = [b.label for b in at.button if b.label.startswith("latent ")]
+    assert labels == [f"latent {j} · Jaccard {-v:.3f}" for v, j in ranked]
+    assert f"**Subgraph {sid}** ({size} latents at threshold 0)" in [m.value for m in at.markdown]
+    at = at.button(key=f"partner_{ranked[0][1]}").click().run()
+    assert not at.exception and at.query_params["latent"] == str(ranked[0][1])
+    assert at.subheader[0].value.startswith(f"Latent {ranked[0][1]} of")
+    at = app(results, monkeypatch, view="latent", latent=str(latent))
+    at = at.button(key="open_subgraph").click().run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    assert (at.query_params["view"], at.query_params["sg"]) == ("cooc", str(sid))
+    assert at.header[0].value == "Co-occurrence explorer"

@@ -46,8 +46,7 @@ checkpoint_every = 2
 random_seed = 7
 min_subgraph_size = 10
 max_subgraph_size = 20
-min_subgraph_size_to_plot = 3
-skip_subgraph_plots = true
+n_cooccurring = 3
 skip_subgraph_files = true
 include_metrics = true
 
@@ -84,7 +83,7 @@ def test_every_field_is_read_from_toml(tmp_path: Path) -> None:
             activations_dir="shards",
             checkpoint_every=2,
         ),
-        AnalysisConfig(7, 10, 20, 3, True, True, True),
+        AnalysisConfig(7, 10, 20, 3, True, True),
         PCAConfig([3, 4], 2, 1, 100),
         results_dir="out/cooc",
     )
@@ -102,13 +101,13 @@ def test_defaults(tmp_path: Path) -> None:
         8,
         1,
     )
-    assert (an.random_seed, an.min_subgraph_size, an.max_subgraph_size, an.min_subgraph_size_to_plot) == (
+    assert (an.random_seed, an.min_subgraph_size, an.max_subgraph_size, an.n_cooccurring) == (
         42,
         150,
         200,
-        4,
+        10,
     )
-    assert (an.skip_subgraph_plots, an.skip_subgraph_files, an.include_metrics) == (False, False, False)
+    assert (an.skip_subgraph_files, an.include_metrics) == (False, False)
     assert (pca.candidate_sizes, pca.candidates_per_size, pca.n_batches_reconstruction, pca.max_examples) == (
         [3, 4, 5],
         5,
@@ -235,3 +234,16 @@ def test_the_old_names_are_still_read_with_a_warning_naming_the_new_ones(tmp_pat
     with pytest.warns(DeprecatedSetting, match="--generation.n-batches is deprecated: use --counting.n-batches"):
         args = parser.parse_args(["--generation.n-batches", "7"])
     assert flag_values(args, CoocConfig) == {"counting.n_batches": 7}
+
+
+def test_retired_keys_are_read_without_effect_and_a_warning_saying_why(tmp_path: Path) -> None:
+    """The static HTML pages' keys are gone with the pages; an old file still loads."""
+    text = '[counting]\nmodel = "m"\nsae = "s"\n[analysis]\nmin_subgraph_size_to_plot = 3\nskip_subgraph_plots = true\n'
+    with pytest.warns(DeprecatedSetting) as caught:
+        config = CoocConfig.from_toml(_write(tmp_path, text))
+    assert [str(w.message) for w in caught] == [
+        f"[analysis].{key} is no longer used (the static HTML pages are gone; `mechscope app` shows every "
+        "subgraph): remove it"
+        for key in ("min_subgraph_size_to_plot", "skip_subgraph_plots")
+    ]
+    assert config == CoocConfig(CountingConfig("m", sae="s"))

@@ -26,6 +26,7 @@ from mechscope.cooccurrence import (
     save_graphs,
     subgraphs,
     summary,
+    top_cooccurring,
 )
 from mechscope.cooccurrence.outputs import load_graph_summary, load_subgraph
 
@@ -224,6 +225,30 @@ def test_counts_to_graphs_end_to_end(tmp_path):
     assert [r["feature_activations"] for r in sorted(table, key=lambda r: r["node_id"])] == (acts > 0.75).sum(
         0
     ).tolist()
-    pages = sorted(p.name for p in (tmp_path / "subgraph_plots" / "activation_0_75").iterdir())
-    four = next(s.id for s in subgraphs(jaccard(c), edge.threshold) if s.nodes == groups[2])
-    assert pages == ["index.html", f"subgraph_{four}.html"]  # only the group of 4 reaches min_subgraph_size_to_plot
+
+
+def plain_top_cooccurring(matrix: np.ndarray, n: int) -> tuple[list[list[int]], list[list[float]]]:
+    """Each row's partners by a plain sort: Jaccard descending, then index; itself and zeros left out."""
+    latents, values = [], []
+    for i, row in enumerate(matrix):
+        ranked = sorted((-v, j) for j, v in enumerate(row) if j != i and v > 0)[:n]
+        latents.append([j for _, j in ranked] + [-1] * (n - len(ranked)))
+        values.append([-v for v, _ in ranked] + [0.0] * (n - len(ranked)))
+    return latents, values
+
+
+@pytest.mark.parametrize("n", [1, 3, 50])
+def test_top_cooccurring_matches_a_plain_sort_dense_and_sparse(n):
+    rng = np.random.default_rng(n)
+    d = 40
+    upper = np.triu(np.round(rng.random((d, d)), 1) * (rng.random((d, d)) < 0.3), k=1)  # rounded: many ties
+    matrix = (upper + upper.T + np.eye(d)).astype(np.float32)
+    matrix[7] = matrix[:, 7] = 0  # a latent that never fired
+    want_latents, want_values = plain_top_cooccurring(matrix, n)
+    for given in (matrix, sp.csr_array(matrix)):
+        got = top_cooccurring(given, n)
+        assert got.latents.tolist() == want_latents
+        assert np.array_equal(got.jaccard, np.array(want_values, dtype=np.float32))
+    assert (top_cooccurring(matrix, n).latents[7] == -1).all()
+    with pytest.raises(ValueError, match="at least 1"):
+        top_cooccurring(matrix, 0)

@@ -1,14 +1,10 @@
-"""Graph-stage outputs: top tokens per latent, the CSV / Parquet node table, the subgraph HTML pages and their index,
+"""Graph-stage outputs: top tokens per latent, the CSV / Parquet node table, each latent's most co-occurring latents,
 the size histogram, and the SAE's Neuronpedia id."""
 
 from __future__ import annotations
 
 import csv
 import json
-import math
-import re
-from importlib import resources
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -21,16 +17,15 @@ from matplotlib.image import imread
 from mechscope.cooccurrence import (
     EdgeThreshold,
     LatentTokens,
-    embed_json,
     graph_results,
-    index_page,
     latent_tokens,
+    load_partners,
     node_table,
     save_graphs,
-    subgraph_data,
-    subgraph_page,
     subgraphs,
+    top_cooccurring,
 )
+from mechscope.cooccurrence.outputs import partners_path, read_node_table
 from mechscope.sae import SAE, SAEConfig, load_sae
 from tests.sae_utils import random_weights
 
@@ -106,13 +101,6 @@ def hostile_tokens(n: int) -> LatentTokens:
     )
 
 
-def embedded(page: str) -> dict:
-    """The JSON a page embeds, read back out of the HTML."""
-    found = re.findall(r'<script type="application/json" id="graph-data">(.*?)</script>', page, flags=re.DOTALL)
-    assert len(found) == 1
-    return json.loads(found[0])
-
-
 def test_node_table_parquet_and_csv_with_tokens_and_links(tmp_path):
     subs = subgraphs(STAR, 0.2)
     tokens = hostile_tokens(6)
@@ -167,112 +155,34 @@ def test_metric_columns_reach_the_parquet_table(tmp_path):
         assert {k: float(v) for k, v in row.items()} == pytest.approx({k: float(v) for k, v in want.items()})
 
 
-def test_html_pages_embed_the_subgraphs(tmp_path):
+def test_partners_and_node_table_read_back(tmp_path):
     subs = subgraphs(STAR, 0.2)
-    tokens = hostile_tokens(6)
-    graphs = graph_results(subs, 1.5, EdgeThreshold(0.25, 4, True), ACTS, 8, tokens=tokens, neuronpedia_id="np/1")
-    result = save_graphs(tmp_path, graphs)
-    pages = tmp_path / "subgraph_plots" / "activation_1_5"
-    assert sorted(p.name for p in pages.iterdir()) == ["index.html", "subgraph_0.html"]  # size 2 < 4: no page
-    data = embedded((pages / "subgraph_0.html").read_text(encoding="utf-8"))
-    assert [n["id"] for n in data["nodes"]] == [0, 1, 2, 3]
-    assert data["edges"] == [[0, 1, 0.5], [0, 2, 0.5], [0, 3, 0.5], [2, 3, 0.25]]
-    assert (data["subgraph_id"], data["activity_threshold"]) == (0, 1.5)
-    for node in data["nodes"]:
-        i = node["id"]
-        assert node["activations"] == ACTS[i]
-        assert node["top_input"] == [HOSTILE[(i + j) % len(HOSTILE)] for j in range(3)]
-        assert node["top_output"] == [f" out{i}", HOSTILE[i % len(HOSTILE)]]
-        assert node["link"] == f"https://www.neuronpedia.org/np/1/{i}"
-        assert -1.001 <= node["x"] <= 1.001 and -1.001 <= node["y"] <= 1.001
-    xy = {(n["x"], n["y"]) for n in data["nodes"]}
-    assert len(xy) == 4  # a real layout, not every node on one spot
-    index = embedded((pages / "index.html").read_text(encoding="utf-8"))
-    assert index["histogram"] == "../../subgraph_sizes_1_5.png"
-    assert index["subgraphs"] == [
-        {
-            "id": 0,
-            "size": 4,
-            "n_edges": 4,
-            "mean_weight": pytest.approx(1.75 / 4),
-            "activations": 19,
-            "top_tokens": tokens.top_input[0],
-            "file": "subgraph_0.html",
-        }
-    ]
-    assert result["html_index"] == str(pages / "index.html")
-    plain = graph_results(subs, 1.5, EdgeThreshold(0.25, 4, True), ACTS, 8)
-    again = save_graphs(tmp_path / "all", plain, min_subgraph_size_to_plot=2)
-    pages = Path(again["html_index"]).parent
-    assert sorted(p.name for p in pages.iterdir()) == ["index.html", "subgraph_0.html", "subgraph_1.html"]
-    pair = embedded((pages / "subgraph_1.html").read_text(encoding="utf-8"))
-    assert pair["edges"] == [[4, 5, pytest.approx(0.9)]]
-    assert [(n["top_input"], n["link"]) for n in pair["nodes"]] == [([], None), ([], None)]
-
-
-def test_hostile_tokens_stay_inside_the_json():
-    sub = subgraphs(STAR, 0.2)[0]
-    page = subgraph_page(subgraph_data(sub, ACTS, 1.5, hostile_tokens(6), neuronpedia_id='x"><script>'))
-    assert page.count("<script") == page.count("</script>") == 2  # the data element and the renderer only
-    for bad in ("<!--", "<b>", "alert(1)</", "&amp;", 'x"><'):
-        assert bad not in page
-    data = embedded(page)
-    assert data["nodes"][0]["top_input"] == HOSTILE[:3]
-    assert {t for n in data["nodes"] for t in n["top_input"]} == set(HOSTILE[:6])
-    assert data["nodes"][0]["link"] == 'https://www.neuronpedia.org/x"><script>/0'
-    assert "innerHTML" not in page and "document.write" not in page
-    urls = re.findall(r"https?://\S*", page)  # offline: the only URLs are the data's Neuronpedia links
-    assert len(urls) == 4 and all(u.startswith("https://www.neuronpedia.org/") for u in urls)
-
-
-def template(name: str) -> str:
-    return (resources.files("mechscope.cooccurrence") / "templates" / name).read_text(encoding="utf-8")
-
-
-def test_pages_are_the_template_files_with_the_title_and_the_json_filled_in():
-    """A plain reference: the files joined by hand, the escaped title and ``embed_json`` of the data put in."""
-    sub = subgraphs(STAR, 0.2)[0]
-    data = subgraph_data(sub, ACTS, 1.5, hostile_tokens(6), neuronpedia_id="np/1")
-    for page, kind, title, shown in (
-        (subgraph_page(data), "subgraph", "Subgraph 0: 4 latents (activity threshold 1.5)", data),
-        (index_page([], 0.5, None), "index", "Latent subgraphs at activity threshold 0.5", None),
-    ):
-        shown = shown or {"activity_threshold": 0.5, "histogram": None, "subgraphs": []}
-        head, tail = template("page.html").split("__BODY__")
-        expected = (
-            head.replace("__TITLE__", title).replace("__STYLE__\n", template("page.css"))
-            + template(f"{kind}_body.html").removesuffix("\n")
-            + tail.replace("__DATA__", embed_json(shown))
-            .replace("__COMMON__\n", template("common.js"))
-            .replace("__SCRIPT__\n", template(f"{kind}.js"))
-        )
-        assert page == expected
-        assert "__" not in page  # every placeholder filled
+    partners = top_cooccurring(STAR, 3)
+    graphs = graph_results(subs, 1.5, EdgeThreshold(0.25, 4, True), ACTS, 8, partners=partners)
+    save_graphs(tmp_path, graphs)
+    back = load_partners(partners_path(tmp_path, 1.5))
+    assert np.array_equal(back.latents, partners.latents) and np.array_equal(back.jaccard, partners.jaccard)
+    assert back.latents.dtype == np.int64 and back.jaccard.dtype == np.float32
+    table = read_node_table(tmp_path, 1.5, ["node_id", "subgraph_id", "subgraph_size"])
+    assert table == {
+        "node_id": [r["node_id"] for r in graphs.node_table],
+        "subgraph_id": [r["subgraph_id"] for r in graphs.node_table],
+        "subgraph_size": [r["subgraph_size"] for r in graphs.node_table],
+    }
+    without = save_graphs(tmp_path / "none", graph_results(subs, 1.5, EdgeThreshold(0.25, 4, True), ACTS, 8))
+    assert not partners_path(tmp_path / "none", 1.5).exists() and "histogram" in without
 
 
 def test_histogram_and_skip_flags(tmp_path):
     subs = subgraphs(STAR, 0.2)
     graphs = graph_results(subs, 0.0, EdgeThreshold(0.25, 4, True), ACTS, 8)
-    result = save_graphs(tmp_path, graphs, skip_subgraph_plots=True, skip_subgraph_files=True)
-    assert result["html_index"] is None
-    assert not (tmp_path / "subgraph_plots").exists() and not (tmp_path / "subgraph_objects").exists()
+    result = save_graphs(tmp_path, graphs, skip_subgraph_files=True)
+    assert result["histogram"] == str(tmp_path / "subgraph_sizes_0_0.png")
+    assert not (tmp_path / "subgraph_objects").exists()
     image = imread(tmp_path / "subgraph_sizes_0_0.png")
     assert image.shape == (400, 700, 4)
     assert (image[..., :3] < 0.9).any()  # something is drawn
     assert (tmp_path / "dataframes" / "node_info_df_0_0.parquet").is_file()
-
-
-def test_layout_is_deterministic_for_big_subgraphs():
-    rng = np.random.default_rng(3)
-    n = 80  # above the Kamada-Kawai limit: the seeded spring layout
-    upper = np.triu(rng.random((n, n)) < 0.2, k=1) * rng.random((n, n))
-    sub = max(subgraphs(sp.csr_array(upper + upper.T + np.eye(n)), 0.01), key=lambda s: len(s.nodes))
-    assert len(sub.nodes) == n
-    acts = np.arange(n)
-    first, second = subgraph_data(sub, acts, 1.0), subgraph_data(sub, acts, 1.0)
-    assert first == second
-    assert all(math.isfinite(v["x"]) and math.isfinite(v["y"]) for v in first["nodes"])
-    assert len(first["edges"]) == len(sub.edges)
 
 
 def test_neuronpedia_id_round_trips_through_cfg_json(tmp_path):

@@ -231,11 +231,11 @@ def test_saes_load_from_paths_by_hook_name(llama, saes, corpus, tmp_path) -> Non
 
 
 def test_run_all_runs_the_stages_in_order_and_prints_where_the_results_are(llama, saes, corpus, tmp_path, capsys):
-    from mechscope.cooccurrence import edge_threshold, jaccard, subgraphs, summary
-    from mechscope.cooccurrence.outputs import load_pca_results, pca_results_path
+    from mechscope.cooccurrence import edge_threshold, jaccard, load_partners, subgraphs, summary, top_cooccurring
+    from mechscope.cooccurrence.outputs import load_pca_results, partners_path, pca_results_path
 
     config = _config(tmp_path, corpus)
-    config.analysis = AnalysisConfig(min_subgraph_size=3, max_subgraph_size=6, min_subgraph_size_to_plot=2)
+    config.analysis = AnalysisConfig(min_subgraph_size=3, max_subgraph_size=6, n_cooccurring=4)
     config.pca = PCAConfig(candidate_sizes=[2, 6, 40], candidates_per_size=2, n_batches_reconstruction=2)
     with pytest.warns(UserWarning) as caught:
         out = run_all(config, llama, saes)
@@ -261,8 +261,9 @@ def test_run_all_runs_the_stages_in_order_and_prints_where_the_results_are(llama
             assert got["edge_threshold"] == edge.threshold
             assert got["largest_subgraph"] == max(len(s.nodes) for s in subs) <= 6
             assert written[hook][str(t)] == json.loads(json.dumps(got, default=str))
-            assert f"{hook} @ {t:g} html_index: {got['html_index']}" in printed
-            assert Path(got["html_index"]).exists()
+            assert f"{hook} @ {t:g} histogram: {got['histogram']}" in printed
+            partners = load_partners(partners_path(results / hook, t))
+            assert np.array_equal(partners.latents, top_cooccurring(j, 4).latents)
             assert pipeline.load_subgraphs(config, hook, t) == subs
             assert out["pca"][hook][t] == [pca_results_path(results / hook, size, t) for size in (2, 6, 40)]
             for size in (2, 6, 40):

@@ -17,11 +17,6 @@ from mechscope.cooccurrence.outputs import load_graph_summary, load_pca_results,
 PCA_FILE = re.compile(r"graph_analysis_results_size_(\d+)_activation_(.+)\.h5$")
 
 
-def tag_value(tag: str) -> float:
-    """``"10_0"`` -> 10.0 (file names write the threshold with ``_`` for ``.``)."""
-    return float(tag.replace("_", "."))
-
-
 def pca_files(hook_dir: Path) -> dict[str, dict[int, Path]]:
     """``{threshold tag: {size: path}}`` of the PCA results under ``hook_dir/pca``."""
     found: dict[str, dict[int, Path]] = {}
@@ -32,13 +27,15 @@ def pca_files(hook_dir: Path) -> dict[str, dict[int, Path]]:
     return found
 
 
+def pca_sizes_hint(hook_dir: Path, tag: str) -> str:
+    """What the PCA stage covered at ``tag``: ``"sizes 2, 5, 6"`` (or ``"no size"``)."""
+    sizes = sorted(pca_files(hook_dir).get(tag, {}))
+    return f"sizes {', '.join(map(str, sizes))}" if sizes else "no size"
+
+
 def hooks(root: Path) -> dict[str, Path]:
     """Hook folders of the co-occurrence results (``root/cooc/<hook>`` or ``root/<hook>``) that hold PCA results."""
-    found = {}
-    for base in (root / "cooc", root):
-        for d in sorted(p for p in base.glob("*") if p.is_dir()):
-            if (d / "pca").is_dir():
-                found[d.name] = d
+    found = {hook: d for hook, d in results.cooc_dirs(root).items() if (d / "pca").is_dir()}
     if not found:
         raise results.MissingResults(
             f"no co-occurrence PCA results under {root}: run `mechscope demo --out-dir {root}` or "
@@ -94,12 +91,13 @@ def show(root: Path) -> None:
     by_threshold = pca_files(hook_dirs[hook])
     if not by_threshold:
         raise results.MissingResults(f"no PCA results in {hook_dirs[hook]}/pca: run the PCA stage")
-    tag = pick("activity threshold", sorted(by_threshold, key=tag_value), "t", fmt=lambda t: f"{tag_value(t):g}")
+    thresholds = sorted(by_threshold, key=results.tag_value)
+    tag = pick("activity threshold", thresholds, "t", fmt=lambda t: f"{results.tag_value(t):g}")
     files = by_threshold[tag]
     size = pick("subgraph size", sorted(files), "size")
     subs = pca_results(files[size])
     if not subs:
-        st.info(f"the PCA results of size {size} at threshold {tag_value(tag):g} hold no subgraph")
+        st.info(f"the PCA results of size {size} at threshold {results.tag_value(tag):g} hold no subgraph")
         return
     sid = pick("subgraph", sorted(subs), "sg", fmt=lambda i: subgraph_label(subs[i]))
     result = subs[sid]
@@ -164,12 +162,12 @@ def show(root: Path) -> None:
             )
         else:
             st.caption("click a point of the PCA to see the subgraph's latents there")
-    graph = load_subgraph(hook_dirs[hook], tag_value(tag), sid)
+    graph = load_subgraph(hook_dirs[hook], results.tag_value(tag), sid)
     at_point = None if point_acts is None else dict(zip(nodes, point_acts.tolist(), strict=True))
     st.plotly_chart(
         figures.graph(graph["nodes"], graph["edges"], graph["weights"], at_point, densities(root, nodes)), key="graph"
     )
-    _summary(root, hook_dirs[hook], tag_value(tag))
+    _summary(root, hook_dirs[hook], results.tag_value(tag))
 
 
 def densities(root: Path, nodes: list[int]) -> dict[int, float] | None:
@@ -201,7 +199,7 @@ def _summary(root: Path, hook_dir: Path, threshold: float) -> None:
         st.caption(str(e))
         return
     with st.expander("run summary at this threshold", expanded=True):
-        st.json({k: v for k, v in summary.items() if k not in ("html_index", "histogram")})
+        st.json({k: v for k, v in summary.items() if k != "histogram"})
         histogram = summary.get("histogram")
         if histogram and Path(histogram).exists():
             st.image(str(results.inside(root, histogram)), caption="subgraph sizes")

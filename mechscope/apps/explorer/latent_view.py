@@ -1,5 +1,6 @@
 """View 2, the latent dashboard: top-activating contexts, binned samples, the activation histogram, logit effects,
-density; find a latent by index or by a token it fires on."""
+density, the most co-occurring latents and the latent's subgraph (when the co-occurrence results are there); find a
+latent by index or by a token it fires on."""
 
 from __future__ import annotations
 
@@ -8,11 +9,10 @@ from pathlib import Path
 import streamlit as st
 import torch
 
-from mechscope.apps.explorer import figures, results, state
+from mechscope.apps.explorer import cooc_view, figures, results, state
 from mechscope.apps.explorer.render import context_html
+from mechscope.cooccurrence.graph import neuronpedia_link
 from mechscope.dashboards.windows import NO_TOKEN
-
-NEURONPEDIA = "https://www.neuronpedia.org"
 
 
 def pick_set(root: Path) -> results.DashboardSet:
@@ -93,7 +93,7 @@ def show(root: Path) -> None:
     cols[1].metric("fires on", f"{firing:,} tokens", help=f"of {meta['n_tokens']:,}")
     cols[2].metric("max activation", f"{max_act:.3f}")
     if source.get("neuronpedia_id"):
-        cols[3].link_button("Neuronpedia", f"{NEURONPEDIA}/{source['neuronpedia_id']}/{latent}")
+        cols[3].link_button("Neuronpedia", neuronpedia_link(source["neuronpedia_id"], latent))
     if firing == 0:
         st.info(f"latent {latent} never fired on the {meta['n_tokens']:,} tokens: it is dead")
         return
@@ -125,3 +125,64 @@ def show(root: Path) -> None:
             vals = results.tensor(ds, f"logits.{kind}_values")[latent].tolist()
             st.markdown(f"**{title}** (logit effect)")
             st.dataframe({"token": [repr(vocab[i]) for i in ids], "effect": vals}, hide_index=True)
+        show_cooccurring(root, source.get("hook_name", ""), latent)
+
+
+def go(**params: object) -> None:
+    """Open another view or latent: replace the URL's query parameters (a button's ``on_click``)."""
+    st.query_params.from_dict({k: str(v) for k, v in params.items()})
+
+
+def show_cooccurring(root: Path, hook: str, latent: int) -> None:
+    """The latents that co-occur most with ``latent`` (by Jaccard) and its subgraph, at one activity threshold."""
+    hook_dir = results.cooc_dirs(root).get(hook)
+    st.markdown("**Co-occurring latents**")
+    if hook_dir is None:
+        st.caption(f"no co-occurrence results for {hook} under {root}: run `mechscope cooc run {root}/cooc.toml`")
+        return
+    tags = results.partner_thresholds(hook_dir)
+    if not tags:
+        st.caption(f"no top_cooccurring_*.npz in {hook_dir / 'dataframes'}: run the graphs stage again")
+        return
+    tag, message = state.get_choice("t", tags)
+    if message:
+        st.warning(message)
+    if len(tags) > 1:
+        tag = str(
+            st.selectbox("activity threshold", tags, index=tags.index(tag), format_func=lambda t: t.replace("_", "."))
+        )
+    partners = results.partners(hook_dir, tag)
+    if latent >= partners.latents.shape[0]:
+        st.caption(f"the co-occurrence results cover {partners.latents.shape[0]} latents, not latent {latent}")
+        return
+    found = [
+        (int(j), float(v)) for j, v in zip(partners.latents[latent], partners.jaccard[latent], strict=True) if j >= 0
+    ]
+    if not found:
+        st.caption(f"latent {latent} co-occurs with no other latent at threshold {results.tag_value(tag):g}")
+    for other, jaccard in found:
+        st.button(
+            f"latent {other} · Jaccard {jaccard:.3f}",
+            key=f"partner_{other}",
+            on_click=go,
+            kwargs={"view": "latent", "latent": other, "t": tag},
+        )
+    table = results.subgraph_of(hook_dir, tag)
+    row = table["node_id"].index(latent) if latent in table["node_id"] else None
+    if row is None:
+        return
+    sid, size = table["subgraph_id"][row], table["subgraph_size"][row]
+    if size < 2:
+        st.caption(f"latent {latent} is alone in its subgraph at threshold {results.tag_value(tag):g}")
+        return
+    st.markdown(f"**Subgraph {sid}** ({size} latents at threshold {results.tag_value(tag):g})")
+    pca = cooc_view.pca_files(hook_dir).get(tag, {}).get(size)
+    if pca is not None and sid in cooc_view.pca_results(pca):
+        st.button(
+            "open its PCA in the co-occurrence explorer",
+            key="open_subgraph",
+            on_click=go,
+            kwargs={"view": "cooc", "hook": hook, "t": tag, "size": size, "sg": sid},
+        )
+    else:
+        st.caption(f"no PCA of this subgraph (the PCA stage takes {cooc_view.pca_sizes_hint(hook_dir, tag)})")

@@ -14,6 +14,8 @@ import streamlit as st
 import torch
 
 from mechscope.apps.explorer.launch import RESULTS_ENV
+from mechscope.cooccurrence.graph import Partners
+from mechscope.cooccurrence.outputs import load_partners, partners_path, read_node_table
 from mechscope.dashboards.outputs import META, find_dashboards, read_meta, read_tensor, read_vocab
 
 
@@ -101,3 +103,56 @@ def vocab(ds: DashboardSet) -> list[str]:
         return _vocab(str(ds.path), _stamp(ds.path))
     except (OSError, ValueError) as e:
         raise MissingResults(f"{ds.path / 'vocab.json'} cannot be read ({e}); run the dashboards stage again") from e
+
+
+# ---- co-occurrence results ---------------------------------------------------------------------------------------
+
+
+def cooc_dirs(root: Path) -> dict[str, Path]:
+    """Hook folders of co-occurrence results (``root/cooc/<hook>`` or ``root/<hook>``) holding a node table."""
+    found: dict[str, Path] = {}
+    for base in (root / "cooc", root):
+        for d in sorted(p for p in base.glob("*") if p.is_dir()):
+            if any((d / "dataframes").glob("node_info_df_*.parquet")):
+                found.setdefault(d.name, d)
+    return found
+
+
+def partner_thresholds(hook_dir: Path) -> list[str]:
+    """Threshold tags (``"0_0"``) at which ``hook_dir`` holds each latent's most co-occurring latents."""
+    return sorted(
+        p.stem.removeprefix("top_cooccurring_") for p in (hook_dir / "dataframes").glob("top_cooccurring_*.npz")
+    )
+
+
+def tag_value(tag: str) -> float:
+    """``"10_0"`` -> 10.0 (file names write the threshold with ``_`` for ``.``)."""
+    return float(tag.replace("_", "."))
+
+
+@st.cache_data(show_spinner=False, max_entries=8)
+def _partners(path: str, stamp: float) -> Partners:
+    return load_partners(path)
+
+
+def partners(hook_dir: Path, tag: str) -> Partners:
+    """Each latent's most co-occurring latents at threshold ``tag``, read once and cached."""
+    path = partners_path(hook_dir, tag_value(tag))
+    try:
+        return _partners(str(path), path.stat().st_mtime)
+    except (OSError, ValueError, KeyError) as e:
+        raise MissingResults(f"{path} cannot be read ({e}); run the graphs stage again") from e
+
+
+@st.cache_data(show_spinner=False, max_entries=8)
+def _subgraph_of(hook_dir: str, tag: str, stamp: float) -> dict[str, list[int]]:
+    return read_node_table(hook_dir, tag_value(tag), ["node_id", "subgraph_id", "subgraph_size"])
+
+
+def subgraph_of(hook_dir: Path, tag: str) -> dict[str, list[int]]:
+    """The node table's ``node_id``, ``subgraph_id`` and ``subgraph_size`` columns at threshold ``tag``."""
+    path = hook_dir / "dataframes" / f"node_info_df_{tag}.parquet"
+    try:
+        return _subgraph_of(str(hook_dir), tag, path.stat().st_mtime)
+    except (OSError, ValueError, KeyError) as e:
+        raise MissingResults(f"{path} cannot be read ({e}); run the graphs stage again") from e
