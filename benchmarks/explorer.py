@@ -21,6 +21,7 @@ from pathlib import Path
 
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.action_chains import ActionChains
 from selenium.webdriver.common.by import By
 from selenium.webdriver.common.keys import Keys
 
@@ -61,6 +62,31 @@ def page_text(driver: webdriver.Chrome) -> str:
         return ""
 
 
+def settled(driver: webdriver.Chrome, wanted: str) -> bool:
+    """The page shows ``wanted`` and Streamlit has stopped running."""
+    running = driver.find_elements(By.CSS_SELECTOR, '[data-testid="stStatusWidget"]')
+    return wanted in page_text(driver) and not running
+
+
+def click_button(driver: webdriver.Chrome, label_start: str) -> str:
+    """Click the first button whose text starts with ``label_start``; return its text."""
+    for button in driver.find_elements(By.TAG_NAME, "button"):
+        if button.text.startswith(label_start):
+            text = button.text
+            button.click()
+            return text
+    raise LookupError(f"no button starting with {label_start!r}")
+
+
+def pca_points(driver: webdriver.Chrome) -> list:
+    chart = driver.find_elements(By.CSS_SELECTOR, ".js-plotly-plot")[0]
+    return chart.find_elements(By.CSS_SELECTOR, ".scatterlayer .trace .point")
+
+
+def report(name: str, times: list[float]) -> str:
+    return f"{name}: median {statistics.median(times):.3f} s, max {max(times):.3f} s over {len(times)} (goal < 1 s)"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("results_dir", nargs="?", default="demo_output")
@@ -76,6 +102,7 @@ def main() -> None:
     server = subprocess.Popen(app_command("127.0.0.1", port), env={**os.environ, RESULTS_ENV: str(root)},
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     driver = browser()
+    lines = []
     try:
 
         def healthy() -> bool:
@@ -86,24 +113,61 @@ def main() -> None:
 
         wait_until(healthy)
         driver.get(f"{url}/?view=latent&latent={live[0]}")
-        wait_until(lambda: f"Latent {live[0]} of" in page_text(driver))
-        ready = time.perf_counter() - start
+        wait_until(lambda: settled(driver, f"Latent {live[0]} of"))
+        lines.append(f"explorer on {root}: ready {time.perf_counter() - start:.2f} s after start (goal < 5 s)")
+        time.sleep(1)  # let the page's last rerun (the URL written back) finish before typing
 
-        times = []
+        typed = []
         for latent in live[1 : args.rounds + 1]:
             box = driver.find_element(By.CSS_SELECTOR, 'input[aria-label="latent"]')
             box.send_keys(Keys.CONTROL, "a")
             box.send_keys(str(latent), Keys.ENTER)
-            times.append(wait_until(lambda latent=latent: f"Latent {latent} of" in page_text(driver)))
+            typed.append(wait_until(lambda latent=latent: settled(driver, f"Latent {latent} of")))
+            time.sleep(0.3)
+        lines.append(report("latent dashboard, a latent typed -> its dashboard", typed))
+
+        partners = []
+        for _ in range(args.rounds):
+            label = click_button(driver, "latent ")  # a co-occurring latent: "latent 12 · Jaccard 0.310"
+            other = label.split()[1]
+            partners.append(wait_until(lambda other=other: settled(driver, f"Latent {other} of")))
+            time.sleep(0.3)
+        lines.append(report("latent dashboard, a co-occurring latent clicked -> its dashboard", partners))
+
+        click_button(driver, "open its PCA")
+        wait_until(lambda: settled(driver, "click a point of the PCA"))
+        clicks = []
+        for k in range(args.rounds):
+            points = pca_points(driver)
+            point = points[(k * 7) % len(points)]
+            before = driver.execute_script("return new URL(window.location).searchParams.get('point')")
+            ActionChains(driver).move_to_element(point).click().perform()
+
+            def moved(before=before) -> bool:
+                now = driver.execute_script("return new URL(window.location).searchParams.get('point')")
+                return now is not None and now != before and settled(driver, "subgraph latents at this point")
+
+            clicks.append(wait_until(moved))
+            time.sleep(0.3)
+        lines.append(report("co-occurrence, a PCA point clicked -> its bars, token, context and graph", clicks))
+
+        start = time.perf_counter()
+        driver.get(f"{url}/?view=inspector&prompt=The%20capital%20of%20France%20is")
+        wait_until(lambda: settled(driver, "Attribution to a target token"), timeout=300)
+        lines.append(f"prompt inspector first shown (loads the model once): {time.perf_counter() - start:.2f} s")
+        ablations = []
+        for k in range(args.rounds):
+            box = driver.find_element(By.CSS_SELECTOR, 'input[aria-label="attention heads (LAYER:HEAD, ...)"]')
+            box.send_keys(Keys.CONTROL, "a")
+            box.send_keys(f"0:{k % 3}", Keys.ENTER)
+            ablations.append(wait_until(lambda: settled(driver, "target probability")))
+            time.sleep(0.2)
+        lines.append(report("prompt inspector, a head ablated -> logit, probability and top tokens", ablations))
     finally:
         driver.quit()
         server.terminate()
         server.wait(timeout=10)
-    print(f"explorer on {root}: ready {ready:.2f} s after start (goal < 5 s)")
-    print(
-        f"latent dashboard, new latent typed -> its dashboard shown: median {statistics.median(times):.3f} s, "
-        f"max {max(times):.3f} s over {len(times)} (goal < 1 s)"
-    )
+    print("\n".join(lines))
 
 
 if __name__ == "__main__":

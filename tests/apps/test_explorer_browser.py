@@ -17,6 +17,7 @@ from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.action_chains import ActionChains
 from selenium.webdriver.common.by import By
+from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.support.ui import WebDriverWait
 
 from mechscope import HookedModel
@@ -116,6 +117,18 @@ def test_every_view_in_a_real_browser(server, browser, results, tmp_path_factory
     assert f"{float(dash.top.values[latent, 0]):.2f}" in text
     assert_clean(browser)
     browser.save_screenshot(str(shots / "latent_dashboard.png"))
+    for other in [int(i) for i in (dash.firing > 0).nonzero()[:3, 0] if int(i) != latent]:
+        # each edit in turn reaches the page (a widget whose default follows the URL used to drop every other one)
+        box = browser.find_element(By.CSS_SELECTOR, 'input[aria-label="latent"]')
+        box.send_keys(Keys.CONTROL, "a")
+        box.send_keys(str(other), Keys.ENTER)
+        open_view(browser, None, f"Latent {other} of {dash.d_sae}")
+        assert f"latent={other}" in browser.current_url
+    partner = next(b for b in browser.find_elements(By.TAG_NAME, "button") if "Jaccard" in b.text)
+    other = int(partner.text.split()[1])
+    partner.click()
+    open_view(browser, None, f"Latent {other} of {dash.d_sae}")
+    assert_clean(browser)
 
     model = HookedModel.from_pretrained(str(results / "model"))
     sae = SAE.load(results / "sae")

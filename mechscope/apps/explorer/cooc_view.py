@@ -66,9 +66,8 @@ def pick(label: str, options: list[Any], param: str, fmt=str) -> Any:
     chosen, message = state.get_choice(param, keys)
     if message:
         st.warning(message)
-    value = st.sidebar.selectbox(label, options, index=keys.index(chosen), format_func=fmt)
-    state.put(**{param: value})
-    return value
+    value = options[keys.index(chosen)]
+    return state.synced(param, value, lambda key: st.sidebar.selectbox(label, options, format_func=fmt, key=key))
 
 
 def search(root: Path, hook_dir: Path, files: dict[int, Path], query: str) -> list[tuple[int, int, str]]:
@@ -121,8 +120,9 @@ def show(root: Path) -> None:
         if m:
             st.warning(m)
     c1, c2, c3 = st.columns(3)
-    pcx = c1.selectbox("x axis", range(n_pcs), index=pcx, format_func=lambda k: f"PC{k + 1}", key="pcx_box")
-    pcy = c2.selectbox("y axis", range(n_pcs), index=pcy, format_func=lambda k: f"PC{k + 1}", key="pcy_box")
+    pcs = list(range(n_pcs))
+    pcx = state.synced("pcx", pcx, lambda key: c1.selectbox("x axis", pcs, format_func=lambda k: f"PC{k + 1}", key=key))
+    pcy = state.synced("pcy", pcy, lambda key: c2.selectbox("y axis", pcs, format_func=lambda k: f"PC{k + 1}", key=key))
     nodes = list(pca.nodes)
     landscape = c3.selectbox(
         "colour by",
@@ -130,7 +130,6 @@ def show(root: Path) -> None:
         key="landscape",
         format_func=lambda v: v if isinstance(v, str) else f"latent {v}'s activation",
     )
-    state.put(pcx=pcx, pcy=pcy)
 
     hover = [f"{t!r} · {c}" for t, c in zip(result.tokens, result.contexts, strict=True)]
     if isinstance(landscape, str):

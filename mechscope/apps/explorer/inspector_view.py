@@ -11,7 +11,7 @@ from typing import Any
 import streamlit as st
 import torch
 
-from mechscope.apps.explorer import figures, results
+from mechscope.apps.explorer import figures, results, state
 from mechscope.models.hooked import HookedModel
 from mechscope.models.names import block_hook
 from mechscope.sae.attribution import ablate, attribute_latents
@@ -61,8 +61,9 @@ def show(root: Path) -> None:
     model_name, sae_path, hook_name = sources(root, sets[0])
     model = load_model(model_name)
     sae = load_sae(sae_path)
-    prompt = st.text_area("prompt", value=st.query_params.get("prompt", DEFAULT_PROMPT), key="prompt")
-    st.query_params["prompt"] = prompt
+    prompt = state.synced(
+        "prompt", st.query_params.get("prompt", DEFAULT_PROMPT), lambda key: st.text_area("prompt", key=key)
+    )
     tokens = model.to_tokens(prompt)
     if tokens.shape[1] > model.cfg.n_ctx:
         st.error(f"the prompt has {tokens.shape[1]} tokens, more than the model's context n_ctx={model.cfg.n_ctx}")

@@ -22,7 +22,7 @@ def pick_set(root: Path) -> results.DashboardSet:
     if message:
         st.warning(message)
     if len(sets) > 1:
-        name = st.sidebar.selectbox("SAE", names, index=names.index(name))
+        name = state.synced("sae", name, lambda key: st.sidebar.selectbox("SAE", names, key=key))
     return sets[names.index(name)]
 
 
@@ -72,16 +72,22 @@ def show(root: Path) -> None:
         st.warning(message)
 
     with st.sidebar:
-        latent = int(st.number_input("latent", min_value=0, max_value=d_sae - 1, value=latent, step=1))
+        latent = state.synced(
+            "latent", latent, lambda key: int(st.number_input("latent", min_value=0, max_value=d_sae - 1, key=key))
+        )
         token = st.text_input("latents that fire on this token", key="find_token")
         if token:
             found = latents_firing_on(ds, token)
             if not found:
                 st.caption(f"no latent has {token!r} among its top examples")
             for other, count in found:
-                if st.button(f"latent {other} ({count} of its top examples)", key=f"find_{other}"):
-                    latent = other
-    state.put(view="latent", latent=latent, sae=ds.name)
+                st.button(
+                    f"latent {other} ({count} of its top examples)",
+                    key=f"find_{other}",
+                    on_click=go,
+                    kwargs={"view": "latent", "latent": other, "sae": ds.name},
+                )
+    state.put(view="latent", sae=ds.name)
 
     vocab = results.vocab(ds)
     firing = int(results.tensor(ds, "firing")[latent])
@@ -148,8 +154,9 @@ def show_cooccurring(root: Path, hook: str, latent: int) -> None:
     if message:
         st.warning(message)
     if len(tags) > 1:
-        tag = str(
-            st.selectbox("activity threshold", tags, index=tags.index(tag), format_func=lambda t: t.replace("_", "."))
+        shown = {t: f"{results.tag_value(t):g}" for t in tags}
+        tag = state.synced(
+            "t", tag, lambda key: st.selectbox("activity threshold", tags, format_func=shown.__getitem__, key=key)
         )
     partners = results.partners(hook_dir, tag)
     if latent >= partners.latents.shape[0]:

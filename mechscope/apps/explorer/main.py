@@ -21,10 +21,11 @@ def main() -> None:
     st.sidebar.title("mechscope")
     st.sidebar.caption(f"results: {root}")
     view, message = state.get_choice("view", list(VIEWS))
-    view = st.sidebar.radio("view", list(VIEWS), index=list(VIEWS).index(view), format_func=lambda v: VIEWS[v][0])
+    view = state.synced(
+        "view", view, lambda key: st.sidebar.radio("view", list(VIEWS), format_func=lambda v: VIEWS[v][0], key=key)
+    )
     if message:
         st.warning(message)
-    st.query_params["view"] = view
     try:
         VIEWS[view][1](root)
     except results.MissingResults as e:

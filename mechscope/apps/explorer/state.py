@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 import streamlit as st
+
+T = TypeVar("T")
 
 
 def get_int(name: str, default: int, low: int, high: int) -> tuple[int, str | None]:
@@ -37,3 +40,20 @@ def put(**values: object) -> None:
     for key, value in values.items():
         if st.query_params.get(key) != str(value):
             st.query_params[key] = str(value)
+
+
+def synced(name: str, value: T, make: Callable[[str], T]) -> T:
+    """The widget ``make(key)`` for the query parameter ``name`` (whose value, read from the URL, is ``value``);
+    returns the widget's value and writes it to the URL.
+
+    The widget has a fixed ``key`` and no default of its own: a Streamlit widget whose default changes between runs is
+    a new widget that forgets its state, so every other edit would bounce back. Its state is set from the URL only
+    when the URL changed from elsewhere (a link, a button, a page opened afresh).
+    """
+    key, seen = f"{name}__widget", f"{name}__seen"
+    if key not in st.session_state or st.session_state.get(seen) != value:
+        st.session_state[key] = value
+    chosen = make(key)
+    st.session_state[seen] = chosen
+    put(**{name: chosen})
+    return chosen
