@@ -134,8 +134,9 @@ def main() -> None:
             time.sleep(0.3)
         lines.append(report("latent dashboard, a co-occurring latent clicked -> its dashboard", partners))
 
-        click_button(driver, "open its PCA")
+        driver.get(f"{url}/?view=cooc")  # the first hook, threshold, size and subgraph
         wait_until(lambda: settled(driver, "click a point of the PCA"))
+        time.sleep(1)
         clicks = []
         for k in range(args.rounds):
             points = pca_points(driver)

@@ -11,7 +11,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from tqdm.auto import tqdm
 
 from mechscope.models.names import get_act_name
 from mechscope.models.tokenizer import Input
@@ -61,11 +60,8 @@ class LogitLens(BaseInterpretabilityTool):
         names = self._points(sites, layers)
         tokens = as_tokens(self.model, input_ids)
         _, cache = self.model.run_with_cache(tokens, names_filter=names, stop_at_layer=self.model.stop_layer_for(names))
-        logits = []
-        for name in tqdm(names, desc="logit lens", disable=len(names) < 8, leave=False):
-            resid = cache[name] if position is None else cache[name][:, position]
-            logits.append(self.apply_unembed(resid))
-        return names, torch.stack(logits)
+        resid = torch.stack([cache[name] if position is None else cache[name][:, position] for name in names])
+        return names, self.apply_unembed(resid)  # one matmul: W_U is read once, not once per point
 
     def logit_lens(
         self,

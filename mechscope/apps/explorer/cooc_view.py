@@ -44,7 +44,7 @@ def hooks(root: Path) -> dict[str, Path]:
     return found
 
 
-@st.cache_data(show_spinner="reading the PCA results", max_entries=16)
+@st.cache_resource(show_spinner="reading the PCA results", max_entries=16)
 def _pca(path: str, stamp: float) -> dict[int, Any]:
     return load_pca_results(path)
 

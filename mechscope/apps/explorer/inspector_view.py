@@ -5,6 +5,7 @@ ablations."""
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,7 @@ import torch
 from mechscope.apps.explorer import figures, results, state
 from mechscope.models.hooked import HookedModel
 from mechscope.models.names import block_hook
-from mechscope.sae.attribution import ablate, attribute_latents
+from mechscope.sae.attribution import LatentAttribution, ablate, attribute_latents
 from mechscope.sae.model import SparseAutoencoder
 from mechscope.sae.splice import splice_sae
 from mechscope.tools.logit_lens import LogitLens
@@ -31,6 +32,48 @@ def load_model(name: str) -> HookedModel:
 @st.cache_resource(show_spinner=False)
 def load_sae(path: str) -> SparseAutoencoder:
     return SparseAutoencoder.load(path)
+
+
+@dataclass(frozen=True)
+class Run:
+    """One prompt through the model with the SAE spliced in: ``tokens [1, pos]``, ``logits [pos, d_vocab]``,
+    ``latents [pos, d_sae]`` and every layer's ``patterns [n_layers, head, pos, pos]``."""
+
+    tokens: torch.Tensor
+    logits: torch.Tensor
+    latents: torch.Tensor
+    patterns: torch.Tensor
+
+
+# Each interaction reruns the whole view; these caches keep what the interaction did not change (an ablation
+# costs its own forward passes only). Keyed by the model's and SAE's paths, so each holds one model's results.
+@st.cache_resource(show_spinner=False, max_entries=16)
+def run_prompt(model_name: str, sae_path: str, hook_name: str, prompt: str) -> Run:
+    model, sae = load_model(model_name), load_sae(sae_path)
+    tokens = model.to_tokens(prompt)
+    splice = splice_sae(model, sae, hook_name, include_error=True, cache=True)
+    with torch.no_grad():
+        logits = model.run_with_hooks(tokens, fwd_hooks=splice)
+        _, cache = model.run_with_cache(tokens, names_filter=lambda n: n.endswith("attn.hook_pattern"))
+    patterns = torch.stack([cache[block_hook(i, "attn.hook_pattern")][0] for i in range(model.cfg.n_layers)])
+    return Run(tokens, logits[0], splice.cache[f"{hook_name}.hook_sae_acts_post"][0], patterns)
+
+
+@st.cache_resource(show_spinner=False, max_entries=64)
+def lens_at(model_name: str, prompt: str, position: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(probs, ids)`` ``[n_layers]``: the logit lens's top token after each layer at ``position``."""
+    model = load_model(model_name)
+    _, logits = LogitLens(model).layer_logits(model.to_tokens(prompt), position=position)  # [layers, 1, d_vocab]
+    probs, ids = logits[:, 0].softmax(-1).max(-1)
+    return probs, ids
+
+
+@st.cache_resource(show_spinner=False, max_entries=64)
+def attribution(
+    model_name: str, sae_path: str, hook_name: str, prompt: str, target: int, position: int
+) -> LatentAttribution:
+    model, sae = load_model(model_name), load_sae(sae_path)
+    return attribute_latents(model, sae, model.to_tokens(prompt), target, position, hook_name)
 
 
 def parse_units(text: str, what: str) -> list[tuple[int, int]]:
@@ -64,7 +107,7 @@ def show(root: Path) -> None:
     prompt = state.synced(
         "prompt", st.query_params.get("prompt", DEFAULT_PROMPT), lambda key: st.text_area("prompt", key=key)
     )
-    tokens = model.to_tokens(prompt)
+    tokens = model.to_tokens(prompt)  # cheap; the forward passes below run once per prompt (run_prompt)
     if tokens.shape[1] > model.cfg.n_ctx:
         st.error(f"the prompt has {tokens.shape[1]} tokens, more than the model's context n_ctx={model.cfg.n_ctx}")
         return
@@ -73,15 +116,12 @@ def show(root: Path) -> None:
         "position", options=list(range(len(labels))), value=len(labels) - 1, format_func=lambda i: labels[i]
     )
 
-    splice = splice_sae(model, sae, hook_name, include_error=True, cache=True)
-    with torch.no_grad():
-        logits = model.run_with_hooks(tokens, fwd_hooks=splice)
-        _, cache = model.run_with_cache(tokens, names_filter=lambda n: n.endswith("attn.hook_pattern"))
-    latents = splice.cache[f"{hook_name}.hook_sae_acts_post"][0]  # [pos, d_sae]
+    run = run_prompt(model_name, sae_path, hook_name, prompt)
+    latents = run.latents  # [pos, d_sae]
     top = latents.topk(min(5, latents.shape[-1]), dim=-1)
     chosen = sorted({int(i) for i, v in zip(top.indices.flatten(), top.values.flatten(), strict=True) if v > 0})
 
-    probs = logits[0, position].float().softmax(-1)
+    probs = run.logits[position].float().softmax(-1)
     best = probs.topk(10)
     left, right = st.columns(2)
     with left:
@@ -101,8 +141,7 @@ def show(root: Path) -> None:
 
     left, right = st.columns(2)
     with left:
-        _, lens_logits = LogitLens(model).layer_logits(tokens, position=position)  # [layers, 1, d_vocab]
-        lens_probs, lens_ids = lens_logits[:, 0].softmax(-1).max(-1)
+        lens_probs, lens_ids = lens_at(model_name, prompt, position)
         st.markdown("**Logit lens** (top token after each layer)")
         st.dataframe(
             {
@@ -115,7 +154,7 @@ def show(root: Path) -> None:
     with right:
         layer = st.number_input("layer", 0, model.cfg.n_layers - 1, 0, key="attn_layer")
         head = st.number_input("head", 0, model.cfg.n_heads - 1, 0, key="attn_head")
-        pattern = cache[block_hook(int(layer), "attn.hook_pattern")][0, int(head)]
+        pattern = run.patterns[int(layer), int(head)]
         st.plotly_chart(figures.heatmap(pattern.tolist(), labels, labels, f"attention L{layer}H{head}"), key="pattern")
 
     st.subheader("Attribution to a target token")
@@ -134,7 +173,7 @@ def show(root: Path) -> None:
             st.error(f"{typed!r} is {typed_ids.numel()} tokens; give one token")
             return
         target = int(typed_ids[0])
-    att = attribute_latents(model, sae, tokens, target, position, hook_name)
+    att = attribution(model_name, sae_path, hook_name, prompt, target, position)
     st.dataframe(
         {
             "latent": att.latents.tolist(),

@@ -1,5 +1,8 @@
 """What a results directory holds, read lazily and cached, and what to run when something is missing.
 
+The caches are ``st.cache_resource``: every rerun gets the same objects, not a copy (``st.cache_data`` unpickles a
+fresh copy at each call, tens of MB per dashboard tensor), so the views treat them as read-only.
+
 Every path the app opens comes from :func:`inside`, which refuses anything outside the results directory.
 """
 
@@ -63,7 +66,7 @@ def _stamp(path: Path) -> float:
     return (path / META).stat().st_mtime
 
 
-@st.cache_data(show_spinner=False, max_entries=64)
+@st.cache_resource(show_spinner=False, max_entries=64)
 def _tensor(path: str, name: str, stamp: float) -> torch.Tensor:
     return read_tensor(path, name)
 
@@ -78,7 +81,7 @@ def tensor(ds: DashboardSet, name: str) -> torch.Tensor:
         ) from e
 
 
-@st.cache_data(show_spinner=False)
+@st.cache_resource(show_spinner=False)
 def _meta(path: str, stamp: float) -> dict[str, Any]:
     meta = read_meta(path)
     assert meta is not None  # dashboard_sets found the file
@@ -92,7 +95,7 @@ def meta(ds: DashboardSet) -> dict[str, Any]:
         raise MissingResults(str(e)) from e
 
 
-@st.cache_data(show_spinner=False)
+@st.cache_resource(show_spinner=False)
 def _vocab(path: str, stamp: float) -> list[str]:
     return read_vocab(path)
 
@@ -130,7 +133,7 @@ def tag_value(tag: str) -> float:
     return float(tag.replace("_", "."))
 
 
-@st.cache_data(show_spinner=False, max_entries=8)
+@st.cache_resource(show_spinner=False, max_entries=8)
 def _partners(path: str, stamp: float) -> Partners:
     return load_partners(path)
 
@@ -144,7 +147,7 @@ def partners(hook_dir: Path, tag: str) -> Partners:
         raise MissingResults(f"{path} cannot be read ({e}); run the graphs stage again") from e
 
 
-@st.cache_data(show_spinner=False, max_entries=8)
+@st.cache_resource(show_spinner=False, max_entries=8)
 def _subgraph_of(hook_dir: str, tag: str, stamp: float) -> dict[str, list[int]]:
     return read_node_table(hook_dir, tag_value(tag), ["node_id", "subgraph_id", "subgraph_size"])
 
