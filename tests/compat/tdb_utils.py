@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from functools import cache
+from pathlib import Path
+
 import torch
 
 
@@ -20,3 +23,17 @@ def openai_state_dict(d_in: int, n_latents: int, seed: int = 0, topk: int | None
         "activation_state_dict": {} if topk is None else {"k": topk, "postact_fn": "ReLU"},
     }
     return state
+
+
+REFERENCE_FILE = Path(__file__).parent / "data" / "tdb_reference.pt"
+
+
+@cache
+def reference() -> dict[str, torch.Tensor]:
+    """The values Transformer Debugger's own code computed (``tdb_reference.py`` regenerates the file)."""
+    return torch.load(REFERENCE_FILE, weights_only=True)
+
+
+def reference_part(prefix: str) -> dict[str, torch.Tensor]:
+    """The reference entries under ``prefix/``, with the prefix removed."""
+    return {k.removeprefix(prefix + "/"): v for k, v in reference().items() if k.startswith(prefix + "/")}
