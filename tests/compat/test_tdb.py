@@ -492,3 +492,18 @@ def test_layernorm_post_mean_subtraction_edit_is_tdbs_norm_by_hand():
     ln = xf.xf_layers[3].ln_2
     torch.testing.assert_close(got["out"], y / (y.pow(2).mean(-1, keepdim=True) + ln.eps).sqrt() * ln.weight + ln.bias)
     torch.testing.assert_close(got["resid_after"], x + got["delta"])  # the in-place edit did not touch the residual
+
+
+def test_in_place_post_mean_subtraction_edit_leaves_the_rmsnorm_residual(tdb_xf):
+    """The RMSNorm input is the residual stream itself: the hooks get a copy, so an in-place edit changes the
+    norm's path only (resid_mid = resid_pre + attn_out still holds)."""
+    got = {}
+    hooks = TransformerHooks()
+    hooks.resid.post_emb.append_fwd(_store(got, "pre"))
+    hooks.resid.torso.ln_attn.post_mean_subtraction.append_fwd(AtLayers(0).append(lambda xx, **kw: xx.mul_(3)))
+    hooks.resid.torso.delta_attn.append_fwd(AtLayers(0).append(_store(got, "delta")))
+    hooks.resid.torso.post_attn.append_fwd(AtLayers(0).append(_store(got, "mid")))
+    with torch.no_grad():
+        edited, _ = tdb_xf(torch.tensor([[1, 2, 3]]), hooks=hooks)
+    torch.testing.assert_close(got["mid"], got["pre"] + got["delta"])
+    assert not torch.allclose(edited, tdb_xf(torch.tensor([[1, 2, 3]]))[0])
