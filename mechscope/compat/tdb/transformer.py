@@ -376,7 +376,7 @@ class Transformer(torch.nn.Module):
                 pairs += [(p, self._wrap(at(location, layer), location, layer)) for layer, p in enumerate(points)]
         for norm in self._norms():
             parts = {part: at(f"{norm.location}.{part}", norm.layer) for part in _NORM_PARTS}
-            if not all(hooks.is_empty() for hooks in parts.values()):
+            if not all(part.is_empty() for part in parts.values()):
                 pairs += self._norm_hooks(norm, parts)
         return pairs
 
