@@ -22,7 +22,7 @@ from mechscope.compat.tdb import (
     nucleus_sample,
 )
 
-from .tdb_utils import openai_state_dict
+from .tdb_utils import openai_state_dict, reference_transformer
 
 
 @pytest.fixture(scope="session")
@@ -397,7 +397,8 @@ def test_model_context_weights(tdb_folder, tdb_xf):
 
 
 def test_rmsnorm_post_mean_subtraction_edit_is_the_norm_input(tdb_xf):
-    """RMSNorm has no mean subtraction: an edit there is an edit of ln1's input, exactly as done by hand."""
+    """RMSNorm has no mean subtraction: an edit there is an edit of ln1's input, as done by hand (to round-off:
+    the façade divides by the scale where the HF norm multiplies by its reciprocal)."""
     tokens = torch.tensor([[9, 8, 7, 6, 5]])
     hooks = TransformerHooks()
     hooks.resid.torso.ln_attn.post_mean_subtraction.append_fwd(AtLayers(1).append(lambda xx, layer, **kw: xx * 3))
@@ -409,5 +410,100 @@ def test_rmsnorm_post_mean_subtraction_edit_is_the_norm_input(tdb_xf):
         by_hand = tdb_xf.model.model(tokens).logits
     finally:
         handle.remove()
-    torch.testing.assert_close(edited, by_hand, rtol=0, atol=0)
+    torch.testing.assert_close(edited, by_hand, rtol=1e-5, atol=1e-6)
     assert not torch.allclose(edited, tdb_xf.model.model(tokens).logits)
+
+
+def test_each_layer_runs_its_own_copy_of_the_hooks():
+    """As TDB's run_torso (``deepcopy(hooks).bind(layer=i)`` per layer): per-layer locations run copies of hook
+    objects, so an object's own state stays as it was, while functions (not copied) and AutoencoderHooks'
+    encode/decode (kept by reference, TDB's ``__deepcopy__``) are shared; the final locations run the originals."""
+
+    class Counter:
+        def __init__(self):
+            self.layers = []
+
+        def __call__(self, xx, layer=None, **kwargs):
+            self.layers.append(layer)
+            return xx
+
+    xf = reference_transformer()
+    per_layer, final, closure_seen = Counter(), Counter(), []
+    ae = Autoencoder(n_latents=8, n_inputs=xf.cfg.d_ff)
+    hooks = TransformerHooks()
+    hooks.mlp.pre_act.append_fwd(per_layer)
+    hooks.mlp.pre_act.append_fwd(_store(closure_seen))
+    hooks.mlp.post_act.append_fwd(AtLayers(1).append(AutoencoderHooks(ae.encode, ae.decode)))  # bound methods
+    hooks.logits.append_fwd(final)
+    logits, _ = xf(torch.tensor([[1, 2, 3]]), hooks=hooks)
+    assert per_layer.layers == [] and final.layers == [None]
+    assert closure_seen == list(range(xf.cfg.n_layers))
+    logits.sum().backward()
+    assert ae.encoder.weight.grad is not None  # the one autoencoder, not a per-layer copy, was used
+    xf.zero_grad()
+
+    bound = TransformerHooks()
+    bound.mlp.pre_act.append_fwd(lambda xx, **kwargs: xx)
+    bound.bind(layer=0)
+    with pytest.raises(ValueError, match="already bound"):
+        xf(torch.tensor([[1, 2, 3]]), hooks=bound)
+
+
+def test_backward_hooks_of_one_location_run_last_appended_first():
+    """TDB wraps each backward hook in its own identity function, applied in order: the backward pass meets them
+    in reverse, each getting the gradient the later one returned."""
+    xf = reference_transformer()
+    seen = []
+
+    def first(grad, **kwargs):
+        seen.append(("first", grad.abs().sum().item()))
+        return grad
+
+    def second(grad, **kwargs):
+        seen.append(("second", grad.abs().sum().item()))
+        return grad * 2
+
+    hooks = TransformerHooks()
+    hooks.resid.post_ln_f.append_bwd(first).append_bwd(second)
+    logits, _ = xf(torch.tensor([[1, 2, 3]]), hooks=hooks)
+    logits.sum().backward()
+    xf.zero_grad()
+    assert [name for name, _ in seen] == ["second", "first"]
+    assert seen[1][1] == pytest.approx(2 * seen[0][1])  # first got the gradient second returned
+
+
+def test_layernorm_post_mean_subtraction_edit_is_tdbs_norm_by_hand():
+    """On a LayerNorm model an edit ``y`` of ``post_mean_subtraction`` goes on as TDB's Norm: ``y / sqrt(mean(y²) +
+    eps) * weight + bias``, with no second mean subtraction (closed form, on the ln_2 output of layer 3); the
+    residual stream itself is not changed."""
+    xf = reference_transformer()
+    tokens = torch.tensor([[3, 1, 4, 1, 5]])
+    got = {}
+    hooks = TransformerHooks()
+    hooks.resid.torso.ln_mlp.post_mean_subtraction.append_fwd(AtLayers(3).append(lambda xx, **kw: xx.add_(0.3)))
+    hooks.resid.torso.post_ln_mlp.append_fwd(AtLayers(3).append(_store(got, "out")))
+    hooks.resid.torso.post_attn.append_fwd(AtLayers(3).append(_store(got, "resid")))
+    hooks.resid.torso.post_mlp.append_fwd(AtLayers(3).append(_store(got, "resid_after")))
+    hooks.resid.torso.delta_mlp.append_fwd(AtLayers(3).append(_store(got, "delta")))
+    with torch.no_grad():
+        xf(tokens, hooks=hooks)
+    x = got["resid"]
+    y = x - x.mean(-1, keepdim=True) + 0.3
+    ln = xf.xf_layers[3].ln_2
+    torch.testing.assert_close(got["out"], y / (y.pow(2).mean(-1, keepdim=True) + ln.eps).sqrt() * ln.weight + ln.bias)
+    torch.testing.assert_close(got["resid_after"], x + got["delta"])  # the in-place edit did not touch the residual
+
+
+def test_in_place_post_mean_subtraction_edit_leaves_the_rmsnorm_residual(tdb_xf):
+    """The RMSNorm input is the residual stream itself: the hooks get a copy, so an in-place edit changes the
+    norm's path only (resid_mid = resid_pre + attn_out still holds)."""
+    got = {}
+    hooks = TransformerHooks()
+    hooks.resid.post_emb.append_fwd(_store(got, "pre"))
+    hooks.resid.torso.ln_attn.post_mean_subtraction.append_fwd(AtLayers(0).append(lambda xx, **kw: xx.mul_(3)))
+    hooks.resid.torso.delta_attn.append_fwd(AtLayers(0).append(_store(got, "delta")))
+    hooks.resid.torso.post_attn.append_fwd(AtLayers(0).append(_store(got, "mid")))
+    with torch.no_grad():
+        edited, _ = tdb_xf(torch.tensor([[1, 2, 3]]), hooks=hooks)
+    torch.testing.assert_close(got["mid"], got["pre"] + got["delta"])
+    assert not torch.allclose(edited, tdb_xf(torch.tensor([[1, 2, 3]]))[0])

@@ -6,9 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mechscope.compat.tdb import Autoencoder, AutoencoderConfig, AutoencoderContext
+from mechscope.compat.tdb import Autoencoder, AutoencoderConfig, AutoencoderContext, TiedTranspose, TopK
 
-from .tdb_utils import openai_state_dict
+from .tdb_utils import openai_state_dict, reference, reference_part
 
 
 def test_relu_autoencoder_matches_openai_formulas():
@@ -28,7 +28,7 @@ def test_relu_autoencoder_matches_openai_formulas():
         torch.testing.assert_close(got, want)
     torch.testing.assert_close(ae.encoder.weight, state["encoder.weight"])
     torch.testing.assert_close(ae.decoder.weight, state["decoder.weight"])
-    assert ae.n_latents == 40 and ae.sae.cfg.architecture == "relu"
+    assert ae.n_latents == 40 and ae.to_sae().cfg.architecture == "relu"
 
 
 def test_topk_autoencoder_normalises_inputs():
@@ -61,7 +61,7 @@ def test_state_dict_round_trips_through_a_safe_file(tmp_path):
     again = Autoencoder.from_state_dict(torch.load(tmp_path / "ae.pt", weights_only=True))
     x = torch.randn(4, 8)
     torch.testing.assert_close(again.encode(x), ae.encode(x))
-    assert again.sae.cfg.k == 3
+    assert again.to_sae().cfg.k == 3
 
 
 def test_autoencoder_context_loads_per_layer_and_omits_dead_latents(tmp_path):
@@ -99,3 +99,80 @@ def test_autoencoder_context_loads_per_layer_and_omits_dead_latents(tmp_path):
         @ plain.get_autoencoder(0).decoder.weight[:, :8].T
         + plain.get_autoencoder(0).pre_bias,
     )
+
+
+def test_constructor_initialises_as_transformer_debugger():
+    """``Autoencoder(n_latents=, n_inputs=)`` builds the same parameters and buffers, drawn in the same order, as
+    TDB's class (the reference file holds TDB's autoencoder made after ``torch.manual_seed(1234)``)."""
+    tdb = reference_part("ae")
+    torch.manual_seed(1234)
+    ae = Autoencoder(n_latents=10, n_inputs=tdb["pre_bias"].shape[0])
+    ours = {k: v for k, v in ae.state_dict().items() if isinstance(v, torch.Tensor)}
+    assert ours.keys() == tdb.keys()  # exactly the entries TDB's strict load_state_dict expects
+    for key, value in tdb.items():
+        assert torch.equal(ours[key], value), key
+    assert isinstance(ae.encoder.weight, torch.nn.Parameter) and isinstance(ae.decoder.weight, torch.nn.Parameter)
+    assert ae.state_dict()["activation"] == "ReLU" and ae.state_dict()["activation_state_dict"] == {}
+    again = Autoencoder.from_state_dict({**tdb, "activation": "ReLU"}, strict=True)  # TDB's file loads strictly
+    x = torch.randn(3, ae.n_inputs)
+    torch.testing.assert_close(again.encode(x), ae.encode(x), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="missing \\['latents_mean_square'\\]"):
+        Autoencoder.from_state_dict({k: v for k, v in tdb.items() if k != "latents_mean_square"}, strict=True)
+
+
+def test_encoder_weight_is_a_parameter_with_its_own_gradient():
+    ae = Autoencoder(n_latents=6, n_inputs=4)
+    x = torch.randn(5, 4)
+    latents = ae.encode(x)
+    (latents * torch.arange(6.0)).sum().backward()
+    active = (latents > 0).float() * torch.arange(6.0)  # d loss / d pre-activation
+    torch.testing.assert_close(ae.encoder.weight.grad, active.T @ (x - ae.pre_bias.detach()))
+    torch.testing.assert_close(ae.latent_bias.grad, active.sum(0))
+    tied = Autoencoder(n_latents=6, n_inputs=4, tied=True)
+    assert tied.decoder.weight.shape == (4, 6) and torch.equal(tied.decoder.weight, tied.encoder.weight.T)
+    assert set(tied.state_dict()) >= {"encoder.weight", "decoder.linear.weight"}
+    back = Autoencoder.from_state_dict(tied.state_dict())
+    assert isinstance(back.decoder, TiedTranspose)
+    torch.testing.assert_close(back(x)[2], tied(x)[2])
+
+
+def test_topk_follows_openai_sparse_autoencoder_not_tdbs_copy():
+    """A TopK file: mechscope's values are openai/sparse_autoencoder's own (inputs normalised, the reconstruction
+    scaled back); Transformer Debugger's copy of the class does not normalise, and gives other latents."""
+    ref = reference()
+    state = {
+        **reference_part("topk/state"),
+        "activation": "TopK",
+        "activation_state_dict": {"k": int(ref["topk/k"]), "postact_fn": "ReLU"},
+    }
+    ae = Autoencoder.from_state_dict(state, strict=True)
+    assert ae.normalize and isinstance(ae.activation, TopK)
+    with torch.no_grad():
+        pre, latents, recons = ae(ref["topk/x"])
+    openai, tdb = reference_part("topk/openai"), reference_part("topk/tdb")
+    torch.testing.assert_close(pre, openai["pre_act"], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(latents, openai["latents"], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(recons, openai["recons"], rtol=1e-6, atol=1e-6)
+    assert (latents - tdb["latents"]).abs().max() > 0.1  # TDB's copy, un-normalised, differs
+    x, info = ae.preprocess(ref["topk/x"])
+    torch.testing.assert_close(ae.decode(ae.encode(ref["topk/x"]), info), recons)  # OpenAI's decode(latents, info)
+    # the OpenAI classes' own TopK state_dict() repeats the config as activation.k / activation.postact_fn
+    quirky = {**state, "activation.k": state["activation_state_dict"]["k"], "activation.postact_fn": "ReLU"}
+    torch.testing.assert_close(Autoencoder.from_state_dict(quirky, strict=True).encode(x), ae.encode(x))
+
+
+def test_sae_conversions_keep_the_values():
+    ae = Autoencoder.from_state_dict(openai_state_dict(16, 40, seed=7, topk=5))
+    x = 2 * torch.randn(6, 16) + 0.5
+    sae = ae.to_sae()
+    assert (sae.cfg.architecture, sae.cfg.k, sae.cfg.normalize_activations) == ("topk", 5, "layer_norm")
+    out = sae.forward_with_latents(x)
+    with torch.no_grad():
+        pre, latents, recons = ae(x)
+    torch.testing.assert_close(out.pre_acts, pre)
+    torch.testing.assert_close(out.latents, latents)
+    torch.testing.assert_close(out.reconstruction, recons)
+    back = Autoencoder.from_sae(sae)  # the weights and the activation; an SAE holds no latent statistics
+    for name, value in ae.named_parameters():
+        assert torch.equal(value, dict(back.named_parameters())[name]), name
+    assert (back.normalize, back.state_dict()["activation_state_dict"]) == (True, {"k": 5, "postact_fn": "ReLU"})

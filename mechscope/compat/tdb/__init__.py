@@ -1,10 +1,11 @@
 """Transformer Debugger's ``neuron_explainer.models`` API on top of mechscope (see ``docs/tdb.md``).
 
-``Transformer`` wraps a :class:`~mechscope.models.hooked.HookedModel`, ``Autoencoder`` a
-:class:`~mechscope.sae.model.SparseAutoencoder`; there is no second implementation of either.
+``Transformer`` wraps a :class:`~mechscope.models.hooked.HookedModel` (there is no second transformer);
+``Autoencoder`` has the OpenAI parameters and converts to and from a
+:class:`~mechscope.sae.model.SparseAutoencoder` (``to_sae`` / ``from_sae``).
 """
 
-from mechscope.compat.tdb.autoencoder import Autoencoder
+from mechscope.compat.tdb.autoencoder import Autoencoder, TiedTranspose, TopK
 from mechscope.compat.tdb.context import (
     AutoencoderConfig,
     AutoencoderContext,
@@ -50,6 +51,8 @@ __all__ = [
     "ResidualStreamHooks",
     "ResidualStreamTorsoHooks",
     "StandardModelContext",
+    "TiedTranspose",
+    "TopK",
     "Transformer",
     "TransformerHooks",
     "WeightLocationType",

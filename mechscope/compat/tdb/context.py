@@ -240,6 +240,17 @@ class AutoencoderConfig:
     autoencoder_path_by_layer_index: dict[int | None, str | Path]
 
 
+#: the state-dict entries of an Autoencoder with one row per latent (the tied decoder's weight is the encoder's)
+_PER_LATENT_ROWS = (
+    "encoder.weight",
+    "decoder.linear.weight",
+    "latent_bias",
+    "stats_last_nonzero",
+    "latents_activation_frequency",
+    "latents_mean_square",
+)
+
+
 @dataclass(frozen=True)
 class AutoencoderContext:
     """One :class:`Autoencoder` per layer for one activation location, loaded lazily and cached.
@@ -294,7 +305,9 @@ class AutoencoderContext:
         keep = self.num_autoencoder_directions - n_dead
         for layer, ae in self._cache.items():
             state = ae.state_dict()
-            for name in ("encoder.weight", "latent_bias", "latents_activation_frequency"):
-                state[name] = state[name][:keep]
-            state["decoder.weight"] = state["decoder.weight"][:, :keep]
+            for name in _PER_LATENT_ROWS:
+                if name in state:
+                    state[name] = state[name][:keep]
+            if "decoder.weight" in state:  # untied: [n_inputs, n_latents]
+                state["decoder.weight"] = state["decoder.weight"][:, :keep]
             self._cache[layer] = Autoencoder.from_state_dict(state).to(self.device).requires_grad_(False)

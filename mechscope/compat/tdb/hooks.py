@@ -10,6 +10,7 @@ gradient hooks (``append_bwd``, which see the gradient of the value the forward 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from copy import deepcopy
 from typing import Any, ClassVar
 
 import torch
@@ -55,7 +56,12 @@ class Hooks:
 
 
 class _GradHooks(Hooks):
-    """Gradient hooks: each appended ``fn(grad, **kwargs) -> grad`` runs on the backward pass."""
+    """Gradient hooks: each appended ``fn(grad, **kwargs) -> grad`` runs on the backward pass.
+
+    As in Transformer Debugger, where each is an identity function of its own applied in append order, the
+    backward pass reaches them in reverse: the last appended sees the incoming gradient first and each passes
+    its result on to the one appended before it.
+    """
 
     def __call__(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if not self._hooks or not x.requires_grad:
@@ -63,7 +69,7 @@ class _GradHooks(Hooks):
         hooks, extra = list(self._hooks), {**kwargs, **self.bound_kwargs}
 
         def run(grad: torch.Tensor) -> torch.Tensor:
-            for hook in hooks:
+            for hook in reversed(hooks):
                 grad = hook(grad, *args, **extra)
             return grad
 
@@ -128,6 +134,13 @@ class HookCollection:
     def is_empty(self) -> bool:
         return all(hooks.is_empty() for hooks in self.all_hooks.values())
 
+    def __deepcopy__(self, memo: dict[int, Any]) -> HookCollection:
+        """A copy with copies of every location's hook lists, as Transformer Debugger's (which copies the whole
+        tree once per layer before binding ``layer``); the hook functions themselves are shared."""
+        new = type(self)()
+        new.all_hooks = deepcopy(self.all_hooks, memo)
+        return new
+
     def locations(self, prefix: str = "") -> Iterator[tuple[str, FwdBwdHooks]]:
         """Every ``(dotted path, FwdBwdHooks)`` leaf location below this node, in tree order."""
         for name, hooks in self.all_hooks.items():
@@ -144,22 +157,29 @@ class HookCollection:
 class FwdBwdHooks(HookCollection):
     """One location: ``fwd`` hooks, then ``bwd`` gradient hooks, then ``fwd2`` hooks."""
 
+    _STAGES = ("fwd", "bwd", "fwd2")
+
     def __init__(self) -> None:
         super().__init__()
-        self._stages: dict[str, Hooks] = {"fwd": Hooks(), "bwd": _GradHooks(), "fwd2": Hooks()}
-        for name, hooks in self._stages.items():
-            self.add_subhooks(name, hooks)
+        self.add_subhooks("fwd", Hooks())
+        self.add_subhooks("bwd", _GradHooks())
+        self.add_subhooks("fwd2", Hooks())
+
+    def _stage(self, name: str) -> Hooks:
+        hooks = self.all_hooks[name]
+        assert isinstance(hooks, Hooks)
+        return hooks
 
     def append_fwd(self, hook: Hook) -> FwdBwdHooks:
-        self._stages["fwd"].append(hook)
+        self._stage("fwd").append(hook)
         return self
 
     def append_bwd(self, hook: Hook) -> FwdBwdHooks:
-        self._stages["bwd"].append(hook)
+        self._stage("bwd").append(hook)
         return self
 
     def append_fwd2(self, hook: Hook) -> FwdBwdHooks:
-        self._stages["fwd2"].append(hook)
+        self._stage("fwd2").append(hook)
         return self
 
     def append(self, hook: Hook) -> FwdBwdHooks:
@@ -167,8 +187,8 @@ class FwdBwdHooks(HookCollection):
         return self.append_fwd(hook)
 
     def __call__(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        for hooks in self._stages.values():
-            x = hooks(x, *args, **kwargs)
+        for name in self._STAGES:
+            x = self._stage(name)(x, *args, **kwargs)
         return x
 
 
@@ -263,7 +283,7 @@ class ConditionalHooks(Hooks):
         self.condition = condition
 
     def __call__(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if self.condition(x, *args, **kwargs, **self.bound_kwargs):
+        if self.condition(x, *args, **kwargs):
             return super().__call__(x, *args, **kwargs)
         return x
 
@@ -272,8 +292,18 @@ class AtLayers(ConditionalHooks):
     """Hooks that run only at the given layer(s): ``AtLayers([3, 5]).append(fn)``."""
 
     def __init__(self, at_layers: int | list[int]) -> None:
-        self.at_layers = [at_layers] if isinstance(at_layers, int) else list(at_layers)
-        super().__init__(lambda x, *args, layer=None, **kwargs: layer in self.at_layers)
+        layers = [at_layers] if isinstance(at_layers, int) else list(at_layers)
+        self.at_layers = layers
+
+        def at_layers_condition(x: torch.Tensor, *args: Any, layer: int | None = None, **kwargs: Any) -> bool:
+            if layer is None:
+                raise TypeError(
+                    f"AtLayers({layers}) ran where no layer is passed: append it at a per-layer location "
+                    "(mlp.*, attn.*, resid.torso.*), not at resid.post_emb, resid.ln_f.*, resid.post_ln_f or logits"
+                )
+            return layer in layers
+
+        super().__init__(at_layers_condition)
 
     def __repr__(self) -> str:
         return f"AtLayers({self.at_layers}, {len(self._hooks)} hooks)"
@@ -291,17 +321,28 @@ class AutoencoderHooks(HookCollection):
 
     def __init__(self, encode: Callable[[torch.Tensor], torch.Tensor], decode: Callable, add_error: bool = False):
         super().__init__()
-        self._parts = {name: FwdBwdHooks() for name in ("latents", "reconstruction", "error")}
-        for name, hooks in self._parts.items():
-            self.add_subhooks(name, hooks)
+        for name in ("latents", "reconstruction", "error"):
+            self.add_subhooks(name, FwdBwdHooks())
         self.encode, self.decode, self.add_error = encode, decode, add_error
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> AutoencoderHooks:
+        """Copies of the hook lists around the *same* ``encode`` and ``decode`` (as Transformer Debugger's), so the
+        per-layer copies of a forward pass train and read the one autoencoder."""
+        new = type(self)(self.encode, self.decode, self.add_error)
+        new.all_hooks = deepcopy(self.all_hooks, memo)
+        return new
+
+    def _part(self, name: str) -> FwdBwdHooks:
+        hooks = self.all_hooks[name]
+        assert isinstance(hooks, FwdBwdHooks)
+        return hooks
 
     def __call__(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         latents = self.encode(x)
-        hooked = self._parts["latents"](latents.clone() if self.add_error else latents, *args, **kwargs)
-        reconstruction = self._parts["reconstruction"](self.decode(hooked), *args, **kwargs)
+        hooked = self._part("latents")(latents.clone() if self.add_error else latents, *args, **kwargs)
+        reconstruction = self._part("reconstruction")(self.decode(hooked), *args, **kwargs)
         if self.add_error:
-            error = self._parts["error"](x - self.decode(latents), *args, **kwargs)
+            error = self._part("error")(x - self.decode(latents), *args, **kwargs)
             return reconstruction + error
-        self._parts["error"](x - reconstruction, *args, **kwargs)
+        self._part("error")(x - reconstruction, *args, **kwargs)
         return reconstruction

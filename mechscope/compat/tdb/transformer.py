@@ -9,17 +9,21 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
+from copy import deepcopy
+from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
+from torch import nn
 from transformers import PreTrainedTokenizerBase
 from transformers.cache_utils import DynamicCache
+from transformers.pytorch_utils import Conv1D
 
 from mechscope.compat.tdb.hooks import FwdBwdHooks, TransformerHooks
+from mechscope.models.config import HookedConfig
 from mechscope.models.hooked import HookedModel
-from mechscope.models.hooks import HookPoint
-from mechscope.models.names import block_hook
+from mechscope.models.hooks import HookPoint, read_only
+from mechscope.models.names import BLOCK_POINTS, block_hook
 
 
 def get_default_device() -> torch.device:
@@ -99,6 +103,104 @@ def nucleus_sample(logits: torch.Tensor, top_p: float) -> torch.Tensor:
     return order.gather(-1, choice[..., None])[..., 0]
 
 
+@dataclass(frozen=True)
+class TransformerConfig(HookedConfig):
+    """``xf.cfg``: the mechscope model's :class:`~mechscope.models.config.HookedConfig` (every field, e.g.
+    ``d_mlp``, ``family``) with Transformer Debugger's ``TransformerConfig`` names added: ``d_ff`` (= ``d_mlp``),
+    ``ctx_window`` (= ``n_ctx``), ``m_mlp``, ``m_attn``, ``d_attn_qk``, ``d_attn_v``, ``d_head_qk``, ``d_head_v``."""
+
+    @classmethod
+    def of(cls, cfg: HookedConfig) -> TransformerConfig:
+        return cls(**{f.name: getattr(cfg, f.name) for f in fields(cfg) if f.init})
+
+    @property
+    def d_ff(self) -> int:
+        return self.d_mlp
+
+    @property
+    def ctx_window(self) -> int:
+        return self.n_ctx
+
+    @property
+    def m_mlp(self) -> float:
+        return self.d_mlp / self.d_model
+
+    @property
+    def d_attn_qk(self) -> int:
+        return self.n_heads * self.d_head
+
+    @property
+    def d_attn_v(self) -> int:
+        return self.n_heads * self.d_head
+
+    @property
+    def m_attn(self) -> float:
+        return self.d_attn_qk / self.d_model
+
+    @property
+    def d_head_qk(self) -> int:
+        return self.d_head
+
+    @property
+    def d_head_v(self) -> int:
+        return self.d_head
+
+
+class TransposedConv1D:
+    """A GPT-2 ``Conv1D`` (weight stored ``[in, out]``) in ``nn.Linear``'s layout, as Transformer Debugger's layers.
+
+    ``weight`` ``[out, in]`` is the parameter transposed: a view that shares its storage and autograd graph, whose
+    ``.grad`` is the parameter's gradient transposed (None before a backward pass). ``bias`` is the module's;
+    calling it calls the module.
+    """
+
+    def __init__(self, conv: Conv1D) -> None:
+        self.conv = conv
+
+    @property
+    def weight(self) -> torch.Tensor:
+        param = self.conv.weight
+        view = param.t()
+        view.retain_grad()  # reading .grad of this non-leaf view is then not a warning
+        if param.grad is not None:
+            view.grad = param.grad.t()
+        return view
+
+    @property
+    def bias(self) -> torch.Tensor:
+        return self.conv.bias
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
+
+    def __repr__(self) -> str:
+        return f"TransposedConv1D(in={self.conv.weight.shape[0]}, out={self.conv.weight.shape[1]})"
+
+
+def linear_layout(module: nn.Module) -> nn.Module | TransposedConv1D:
+    """``module`` with ``weight [out, in]``: an ``nn.Linear`` itself, a ``Conv1D`` as :class:`TransposedConv1D`."""
+    return TransposedConv1D(module) if isinstance(module, Conv1D) else module
+
+
+@dataclass(frozen=True)
+class MLPLayers:
+    """``in_layer``: the projection whose output is ``mlp.pre_act`` (the gate projection of gated MLPs);
+    ``out_layer``: the projection of ``mlp.post_act`` back to the residual stream. Both in ``nn.Linear``'s layout."""
+
+    in_layer: nn.Module | TransposedConv1D
+    out_layer: nn.Module | TransposedConv1D
+
+
+@dataclass(frozen=True)
+class TransformerLayer:
+    """One entry of ``xf.xf_layers``: the HF modules of a block under Transformer Debugger's names (``mlp``,
+    ``ln_1`` before attention, ``ln_2`` before the MLP). Their parameters are the model's own."""
+
+    mlp: MLPLayers
+    ln_1: nn.Module
+    ln_2: nn.Module
+
+
 #: TDB locations served by one point of every block, and that point
 _BLOCK_LOCATIONS = {
     "mlp.pre_act": "mlp.hook_pre",
@@ -114,8 +216,37 @@ _BLOCK_LOCATIONS = {
     "resid.torso.delta_mlp": "hook_mlp_out",
     "resid.torso.post_mlp": "hook_resid_post",
 }
-# TDB's per-block norms and mechscope's names for them
+#: TDB's per-block norms and mechscope's names for them
 _TORSO_NORMS = {"ln_attn": "ln1", "ln_mlp": "ln2"}
+#: the three locations of TDB's NormalizationHooks
+_NORM_PARTS = ("post_mean_subtraction", "scale", "post_scale")
+
+
+@dataclass(frozen=True)
+class _Norm:
+    """One norm of the model as TDB's ``NormalizationHooks`` see it: its location prefix (``resid.torso.ln_attn``),
+    layer (None for the final norm), HF module and mechscope's scale and normalized points."""
+
+    location: str
+    layer: int | None
+    module: nn.Module
+    scale_point: str
+    normalized_point: str
+
+
+def _run_tdb(fwd_bwd: FwdBwdHooks, x: torch.Tensor, kwargs: dict[str, Any]) -> tuple[torch.Tensor, bool]:
+    """``(value, edited)`` after the TDB hooks of one location: edited if they returned another tensor or changed
+    ``x`` in place (always assumed for inference-mode tensors, which keep no version counter)."""
+    version = None if x.is_inference() else x._version
+    y = fwd_bwd(x, **kwargs)
+    return y, y is not x or version is None or x._version != version
+
+
+def _norm_eps(module: nn.Module) -> float:
+    eps = getattr(module, "eps", getattr(module, "variance_epsilon", None))
+    if eps is None:
+        raise ValueError(f"the norm {type(module).__name__} has no eps or variance_epsilon")
+    return float(eps)
 
 
 class Transformer(torch.nn.Module):
@@ -123,13 +254,13 @@ class Transformer(torch.nn.Module):
 
     ``xf(tokens, H=None, pad=None, hooks=None) -> (logits [batch, pos, n_vocab], H)``; pass ``H`` back with
     the next tokens to continue the sequences. ``xf.sample(...)`` samples with hooks. ``xf.model`` is the
-    underlying ``HookedModel``.
+    underlying ``HookedModel``, ``xf.cfg`` its config with TDB's names, ``xf.xf_layers`` its blocks' layers.
     """
 
     def __init__(self, model: HookedModel) -> None:
         super().__init__()
         self.model = model
-        self.cfg = model.cfg
+        self.cfg = TransformerConfig.of(model.cfg)
         self.enc = Encoding(model.tokenizer)
         self.n_vocab = model.cfg.d_vocab
         self._points = self._location_points()
@@ -149,36 +280,61 @@ class Transformer(torch.nn.Module):
     def device(self) -> torch.device:
         return self.model.device
 
+    @property
+    def xf_layers(self) -> list[TransformerLayer]:
+        """Each block's layers under Transformer Debugger's names: ``xf.xf_layers[0].mlp.in_layer.weight.grad``."""
+        model = self.model
+        return [
+            TransformerLayer(
+                mlp=MLPLayers(
+                    in_layer=linear_layout(model.block_part(layer, "mlp_in")),
+                    out_layer=linear_layout(model.block_part(layer, "mlp_down")),
+                ),
+                ln_1=model.block_part(layer, "ln1"),
+                ln_2=model.block_part(layer, "ln2"),
+            )
+            for layer in range(self.cfg.n_layers)
+        ]
+
     # ---- hooks ------------------------------------------------------------------------------------
     def _location_points(self) -> dict[str, str | list[str]]:
-        """TDB location -> its mechscope hook point, or (per-layer locations) its point in every layer."""
+        """TDB location -> its mechscope hook point, or (per-layer locations) its point in every layer; the
+        norms' own locations (post_mean_subtraction, scale, post_scale) are in :meth:`_norms`."""
         model, layers = self.model, range(self.cfg.n_layers)
+        block = dict(_BLOCK_LOCATIONS)
+        if self.cfg.positional_embedding_type == "rotary" and "attn.hook_rot_q" in BLOCK_POINTS:
+            # TDB's q and k are those of its q . k: after rotary embeddings, which TransformerLens calls rot_q/rot_k
+            block.update({"attn.q": "attn.hook_rot_q", "attn.k": "attn.hook_rot_k"})
         points: dict[str, str | list[str]] = {
-            tdb: [block_hook(layer, point) for layer in layers] for tdb, point in _BLOCK_LOCATIONS.items()
+            tdb: [block_hook(layer, point) for layer in layers] for tdb, point in block.items()
         }
-        points.update(
-            {
-                "resid.post_emb": block_hook(0, "hook_resid_pre"),
-                "resid.post_ln_f": model.module_hook(model.ln_final, "post"),
-                "resid.ln_f.post_mean_subtraction": model.module_hook(model.ln_final, "pre"),
-                "resid.ln_f.scale": "ln_final.hook_scale",
-                "resid.ln_f.post_scale": "ln_final.hook_normalized",
-            }
-        )
+        points["resid.post_emb"] = block_hook(0, "hook_resid_pre")
+        points["resid.post_ln_f"] = model.module_hook(model.ln_final, "post")
+        points["logits"] = "hook_logits"
         for tdb, ours in _TORSO_NORMS.items():
-            norms = [model.block_part(layer, ours) for layer in layers]
-            points[f"resid.torso.post_{tdb}"] = [model.module_hook(norm, "post") for norm in norms]
-            points[f"resid.torso.{tdb}.post_mean_subtraction"] = [model.module_hook(norm, "pre") for norm in norms]
-            points[f"resid.torso.{tdb}.scale"] = [block_hook(layer, f"{ours}.hook_scale") for layer in layers]
-            points[f"resid.torso.{tdb}.post_scale"] = [block_hook(layer, f"{ours}.hook_normalized") for layer in layers]
+            points[f"resid.torso.post_{tdb}"] = [model.module_hook(model.block_part(i, ours)) for i in layers]
         return points
+
+    def _norms(self) -> list[_Norm]:
+        model = self.model
+        norms = [
+            _Norm(
+                f"resid.torso.{tdb}",
+                layer,
+                model.block_part(layer, ours),
+                block_hook(layer, f"{ours}.hook_scale"),
+                block_hook(layer, f"{ours}.hook_normalized"),
+            )
+            for layer in range(self.cfg.n_layers)
+            for tdb, ours in _TORSO_NORMS.items()
+        ]
+        return [*norms, _Norm("resid.ln_f", None, model.ln_final, "ln_final.hook_scale", "ln_final.hook_normalized")]
 
     def _converters(self, location: str, layer: int | None) -> tuple[Callable, Callable]:
         """``(to_tdb, from_tdb)`` for one location: mechscope tensor -> TDB tensor and back.
 
         ``to_tdb`` returns views where it can, so an in-place edit by a TDB hook reaches mechscope's tensor.
         """
-        same = (lambda t: t, lambda t: t)
         if location in ("attn.q", "attn.k") and layer is not None:
             # TDB scales q and k each by scaling ** 0.5, so that q . k is already the scaled logit
             attn = self.model.block_part(layer, "attn")
@@ -186,48 +342,93 @@ class Transformer(torch.nn.Module):
             return (lambda t: t * root, lambda t: t / root)
         if location in ("attn.qk_logits", "attn.qk_probs"):
             return (lambda t: t.permute(0, 2, 3, 1), lambda t: t.permute(0, 3, 1, 2))
-        if location.endswith("post_mean_subtraction") and self.cfg.normalization_type == "LN":
-            return (lambda t: t - t.mean(-1, keepdim=True), lambda t: t)
-        return same
+        return (lambda t: t, lambda t: t)
 
     def _mechscope_hooks(self, hooks: TransformerHooks) -> list[tuple[str, Callable]]:
-        """The mechscope ``(hook point, fn)`` pairs that run the non-empty locations of ``hooks``."""
+        """The mechscope ``(hook point, fn)`` pairs that run the non-empty locations of ``hooks``.
+
+        As Transformer Debugger's ``run_torso``, each layer runs its own deep copy of ``hooks`` with ``layer``
+        bound; the locations before and after the blocks run ``hooks`` itself.
+        """
+        active = [location for location, fwd_bwd in hooks.locations() if not fwd_bwd.is_empty()]
+        if "attn.qk_softmax_denominator" in active:
+            raise NotImplementedError("attn.qk_softmax_denominator hooks are not supported by mechscope.compat.tdb")
+        if "resid.torso.post_attn" in active and self.cfg.parallel_attn_mlp:
+            raise ValueError(
+                f"resid.torso.post_attn does not exist in {self.cfg.family}: attention and MLP run in parallel "
+                "on the same residual (hook resid.torso.delta_attn or resid.torso.post_mlp instead)"
+            )
+        per_layer = any(location.startswith(("mlp.", "attn.", "resid.torso.")) for location in active)
+        model_wide = dict(hooks.locations())
+        copies = [
+            dict(deepcopy(hooks).bind(layer=layer).locations()) if per_layer else model_wide
+            for layer in range(self.cfg.n_layers)
+        ]
+        at = lambda location, layer: model_wide[location] if layer is None else copies[layer][location]  # noqa: E731
         pairs = []
-        for location, fwd_bwd in hooks.locations():
-            if fwd_bwd.is_empty():
-                continue
-            if location == "attn.qk_softmax_denominator":
-                raise ValueError("attn.qk_softmax_denominator hooks are not supported by mechscope.compat.tdb")
-            if location == "logits":
-                pairs.append(("hook_logits", self._wrap(fwd_bwd, location, None)))
-                continue
-            if location == "resid.torso.post_attn" and self.cfg.parallel_attn_mlp:
-                raise ValueError(
-                    f"resid.torso.post_attn does not exist in {self.cfg.family}: attention and MLP run in parallel "
-                    "on the same residual (hook resid.torso.delta_attn or resid.torso.post_mlp instead)"
-                )
+        for location in active:
+            if location.rsplit(".", 1)[-1] in _NORM_PARTS:
+                continue  # the norms' own locations, below
             points = self._points[location]
             if isinstance(points, str):
-                pairs.append((points, self._wrap(fwd_bwd, location, None)))
+                pairs.append((points, self._wrap(at(location, None), location, None)))
             else:
-                pairs += [(point, self._wrap(fwd_bwd, location, layer)) for layer, point in enumerate(points)]
+                pairs += [(p, self._wrap(at(location, layer), location, layer)) for layer, p in enumerate(points)]
+        for norm in self._norms():
+            parts = {part: at(f"{norm.location}.{part}", norm.layer) for part in _NORM_PARTS}
+            if not all(part.is_empty() for part in parts.values()):
+                pairs += self._norm_hooks(norm, parts)
         return pairs
 
     def _wrap(self, fwd_bwd: FwdBwdHooks, location: str, layer: int | None) -> Callable:
         to_tdb, from_tdb = self._converters(location, layer)
-        kwargs: dict[str, Any] = {} if layer is None else {"layer": layer}
+        kwargs: dict[str, Any] = {}
         if location == "mlp.post_act" and layer is not None:
-            kwargs["out_layer"] = self.model.block_part(layer, "mlp_down")
+            kwargs["out_layer"] = linear_layout(self.model.block_part(layer, "mlp_down"))
 
         def run(tensor: torch.Tensor, hook: HookPoint) -> torch.Tensor | None:
-            x = to_tdb(tensor)
-            version = x._version if not x.is_inference() else None
-            y = fwd_bwd(x, **kwargs)
-            if y is x and version is not None and x._version == version:
-                return None  # untouched: mechscope keeps its fast path
-            return from_tdb(y)
+            y, edited = _run_tdb(fwd_bwd, to_tdb(tensor), kwargs)
+            return from_tdb(y) if edited else None  # untouched: mechscope keeps its fast path
 
         return run
+
+    def _norm_hooks(self, norm: _Norm, parts: dict[str, FwdBwdHooks]) -> list[tuple[str, Callable]]:
+        """Run TDB's ``post_mean_subtraction``, ``scale`` and ``post_scale`` hooks of one norm with TDB's arithmetic.
+
+        ``post_mean_subtraction`` sees the norm's input minus its mean (LayerNorm) or the input itself (RMSNorm),
+        a copy: the residual stream is never changed. If those hooks change it to ``y``, the norm goes on from
+        ``y`` as Transformer Debugger's ``Norm`` does, with no second mean subtraction: ``scale`` becomes
+        ``sqrt(mean(y ** 2) + eps)``, ``post_scale`` ``y / scale``, and the output ``post_scale * weight + bias``
+        (mechscope's norm point applies the weight and bias to an edited ``post_scale``).
+        """
+        state: dict[str, torch.Tensor] = {}
+        layer_norm, eps = self.cfg.normalization_type == "LN", _norm_eps(norm.module)
+
+        @read_only  # the norm's input stays as it is
+        def mean_subtracted(tensor: torch.Tensor, hook: HookPoint) -> None:
+            x = tensor - tensor.mean(-1, keepdim=True) if layer_norm else tensor.clone()
+            y, edited = _run_tdb(parts["post_mean_subtraction"], x, {})
+            if edited:
+                state["y"] = y
+
+        def scale(tensor: torch.Tensor, hook: HookPoint) -> torch.Tensor | None:
+            y = state.get("y")
+            value = tensor if y is None else (y.pow(2).mean(-1, keepdim=True) + eps).sqrt()
+            value, edited = _run_tdb(parts["scale"], value, {})
+            if y is not None:
+                state["scale"] = value
+            return value if edited or y is not None else None
+
+        def post_scale(tensor: torch.Tensor, hook: HookPoint) -> torch.Tensor | None:
+            y = state.pop("y", None)
+            value = tensor if y is None else y / state.pop("scale")
+            value, edited = _run_tdb(parts["post_scale"], value, {})
+            return value if edited or y is not None else None
+
+        pairs: list[tuple[str, Callable]] = [(norm.scale_point, scale), (norm.normalized_point, post_scale)]
+        if not parts["post_mean_subtraction"].is_empty():
+            pairs.insert(0, (self.model.module_hook(norm.module, "pre"), mean_subtracted))
+        return pairs
 
     # ---- running ----------------------------------------------------------------------------------
     def forward(
