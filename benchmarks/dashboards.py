@@ -16,7 +16,7 @@ import time
 
 import torch
 
-from mechscope.dashboards.build import compute_dashboards
+from mechscope.dashboards.build import chunk_list, compute_dashboards
 from mechscope.dashboards.logit_effects import logit_effects
 from mechscope.sae import SAE, SAEConfig
 
@@ -63,7 +63,7 @@ def main() -> None:
                     sae.encode_sparse(rows["blocks.15.hook_resid_post"])
 
     def dashboards() -> None:
-        compute_dashboards(sae, "blocks.15.hook_resid_post", lambda: iter(shards), W_U, None, progress=False)
+        compute_dashboards(sae, "blocks.15.hook_resid_post", chunk_list(shards), W_U, None, progress=False)
 
     parts = {
         "compute_dashboards (all)": dashboards,

@@ -104,7 +104,7 @@ def run_dashboards(
     if store.stored_tokens() == 0:
         store.harvest(config.n_tokens, progress=config.progress)
     dash = compute_dashboards(
-        sae, hook_name, store.shard_rows, model.W_U, model.ln_final_w, config.dashboards, progress=config.progress
+        sae, hook_name, store.chunks, model.W_U, model.ln_final_w, config.dashboards, progress=config.progress
     )
     save_dashboards(config.out_dir, dash, source, token_strings(model.tokenizer, model.cfg.d_vocab))
     return dash
