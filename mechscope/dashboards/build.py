@@ -197,9 +197,8 @@ class DashboardState:
         if self.pass_number == 1:
             max_activation = self.top.max_activation()
             bins = BinSamples(max_activation, s.n_bins, s.per_bin, s.seed)
-            return replace(
-                self, pass_number=2, key=0, bins=bins, histogram=ActivationHistograms(max_activation, s.histogram_bins)
-            )
+            histogram = ActivationHistograms(max_activation.clone(), s.histogram_bins)  # a tensor of its own to save
+            return replace(self, pass_number=2, key=0, bins=bins, histogram=histogram)
         if self.pass_number == 2:
             assert self.bins is not None
             tops, binned = _examples_of(self.top.selection, 1), _examples_of(self.bins.selection, s.n_bins)
