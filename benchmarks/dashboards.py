@@ -5,19 +5,22 @@
 The demo's shape: a TopK SAE (d_in 576, d_sae 4608, k 32) over 131,072 stored rows in shards of 65,536 (random
 activations, so every latent fires), SmolLM2's vocabulary (49,152) for the logit effects. The goal is under 60 s on
 2 cores. The floor is the SAE's encoding: three passes each encode every row once; the rest is selection, windows
-and logit effects.
+and logit effects. The last line is one checkpoint of the largest state (the third pass's, windows included), which
+the dashboards stage writes every ``checkpoint_seconds`` (60 s by default).
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+import tempfile
 import time
 
 import torch
 
-from mechscope.dashboards.build import compute_dashboards
+from mechscope.dashboards.build import DashboardState, chunk_list, compute_dashboards
 from mechscope.dashboards.logit_effects import logit_effects
+from mechscope.dashboards.outputs import save_checkpoint
 from mechscope.sae import SAE, SAEConfig
 
 D_IN, D_SAE, K, ROWS, SHARD, VOCAB, CONTEXT = 576, 4608, 32, 131072, 65536, 49152, 127
@@ -62,18 +65,28 @@ def main() -> None:
                 for rows in shards:
                     sae.encode_sparse(rows["blocks.15.hook_resid_post"])
 
-    def dashboards() -> None:
-        compute_dashboards(sae, "blocks.15.hook_resid_post", lambda: iter(shards), W_U, None, progress=False)
+    last: list[DashboardState] = []
 
+    def keep(state: DashboardState) -> None:
+        last[:] = [state]
+
+    def dashboards() -> None:
+        compute_dashboards(
+            sae, "blocks.15.hook_resid_post", chunk_list(shards), W_U, None, progress=False, on_chunk=keep
+        )
+
+    checkpoints = tempfile.TemporaryDirectory()
     parts = {
         "compute_dashboards (all)": dashboards,
         "of which: SAE encoding, 3 passes": encode_three_passes,
         "of which: logit effects": lambda: logit_effects(sae.W_dec.detach(), W_U),
+        "one checkpoint of the pass 3 state": lambda: save_checkpoint(checkpoints.name, last[0], {}),
     }
     results = {name: [timed(fn) for _ in range(args.repeats)] for name, fn in parts.items()}
     print(f"{D_SAE} latents, {ROWS:,} rows, {args.threads} torch threads, {args.repeats} runs each (median, min-max):")
     for name, times in results.items():
         print(f"  {name:36s} {statistics.median(times):6.1f} s  ({min(times):.1f}-{max(times):.1f})")
+    checkpoints.cleanup()
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
@@ -86,6 +87,40 @@ def recover_dir(path: str | Path) -> Path | None:
         else:
             os.replace(aside, path)
     return path if path.exists() else None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def remove_stale_temps(path: str | Path) -> list[Path]:
+    """Remove the temporary files and directories that :func:`atomic_write` or :func:`atomic_dir` of ``path`` left
+    next to it when their process was killed mid-write (a process that no longer runs); returns what it removed.
+    A job calls this when it starts, so a kill leaves no litter behind for long."""
+    path = Path(path)
+    pattern = re.compile(
+        rf"\.(?:{re.escape(path.stem)}\.tmp(\d+){re.escape(path.suffix)}|{re.escape(path.name)}\.tmp(\d+))"
+    )
+    removed = []
+    for candidate in path.parent.glob(".*.tmp*") if path.parent.is_dir() else []:
+        match = pattern.fullmatch(candidate.name)
+        if match is None:
+            continue
+        pid = int(match.group(1) or match.group(2))
+        if pid == os.getpid() or _alive(pid):
+            continue
+        if candidate.is_dir():
+            shutil.rmtree(candidate, ignore_errors=True)
+        else:
+            candidate.unlink(missing_ok=True)
+        removed.append(candidate)
+    return removed
 
 
 def settings_diff(

@@ -4,14 +4,21 @@
 2. uniform samples from ``n_bins`` activation bins under that max, and the activation histograms;
 3. the token window around every chosen example, with its latent's activation on each token.
 
-The SAE encodes each chunk of rows once per pass; nothing ``[tokens, d_sae]`` is kept. Each pass's state merges
-(:mod:`mechscope.dashboards.selection`), so ranks of a data-parallel run can each take a share of the chunks.
+The SAE encodes each chunk of rows once per pass; nothing ``[tokens, d_sae]`` is kept.
+
+Where a run is lives in a :class:`DashboardState`: the pass, the key of the next chunk (the activation store's
+``chunks(start)`` keys) and the accumulators so far, all tensors. :func:`compute_dashboards` calls ``on_chunk(state)``
+after every chunk (the pipeline checkpoints it there) and continues from a ``resume`` state, so a run resumed from a
+state of a killed one gives exactly the uninterrupted result. The pieces are public for ranks of a data-parallel run:
+each runs :func:`run_pass` over its share of the chunks from the same state, :meth:`DashboardState.merge` joins them,
+:meth:`DashboardState.next_pass` starts the next pass and :func:`finish_dashboards` ends the third.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+import itertools
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from typing import ClassVar
 
 import torch
@@ -26,9 +33,15 @@ from mechscope.sae.latents import SparseLatents
 from mechscope.sae.model import SparseAutoencoder
 from mechscope.settings import Config, at_least, check_fields, meta
 
-Chunks = Callable[[], Iterable[Mapping[str, Tensor]]]
-"""A fresh iterator over the stored rows at each call: dicts with the hook's ``[n, d_in]`` and ``tokens``,
-``context``, ``position`` ``[n]`` (the activation store's shards)."""
+Chunks = Callable[[int], Iterable[tuple[int, Mapping[str, Tensor]]]]
+"""``chunks(start)``: a fresh iterator over the stored rows from the chunk keyed ``start`` (0: the first), each chunk
+with the key of the one after it, as :meth:`mechscope.data.store.ActivationStore.chunks` gives them. A chunk is a
+dict with the hook's ``[n, d_in]`` and ``tokens``, ``context``, ``position`` ``[n]``."""
+
+
+def chunk_list(chunks: Sequence[Mapping[str, Tensor]]) -> Chunks:
+    """:data:`Chunks` over rows held in memory: chunk ``i`` has key ``i`` (the next one ``i + 1``)."""
+    return lambda start: zip(itertools.count(start + 1), chunks[start:])
 
 
 @dataclass
@@ -102,12 +115,135 @@ class Dashboards:
         return (self.firing == 0).nonzero()[:, 0]
 
 
-def _encoded(sae: SparseAutoencoder, hook_name: str, chunks: Chunks, desc: str, progress: bool):
+Part = TopExamples | FiringCounts | BinSamples | ActivationHistograms | Windows
+PARTS: dict[str, type[Part]] = {
+    "top": TopExamples,
+    "firing": FiringCounts,
+    "bins": BinSamples,
+    "histogram": ActivationHistograms,
+    "windows": Windows,
+}
+"""The accumulators of a :class:`DashboardState` by name."""
+PASS_PARTS = {1: ("top", "firing"), 2: ("bins", "histogram"), 3: ("windows",)}
+"""The accumulators each pass fills."""
+N_PASSES = len(PASS_PARTS)
+_PASS_NAMES = {1: "top examples", 2: "bins", 3: "windows"}
+
+
+@dataclass
+class DashboardState:
+    """A dashboard run between two chunks: in pass ``pass_number`` (1 to 3), the next chunk to read has key ``key``
+    (0 at the start of every pass); the accumulators of the passes begun so far are set, the others None."""
+
+    settings: DashboardSettings
+    pass_number: int
+    key: int
+    top: TopExamples
+    firing: FiringCounts
+    bins: BinSamples | None = None
+    histogram: ActivationHistograms | None = None
+    windows: Windows | None = None
+
+    @classmethod
+    def start(cls, d_sae: int, settings: DashboardSettings) -> DashboardState:
+        """The state before the first chunk of pass 1."""
+        return cls(settings, 1, 0, TopExamples(d_sae, settings.n_top), FiringCounts(d_sae))
+
+    def parts(self) -> dict[str, Part]:
+        """The accumulators set so far, by their :data:`PARTS` name."""
+        return {name: part for name in PARTS if (part := getattr(self, name)) is not None}
+
+    def tensors(self) -> dict[str, Tensor]:
+        """Every accumulator's state as ``"{part}.{name}"`` tensors (not copies); :meth:`from_tensors` reads them."""
+        return {f"{name}.{k}": v for name, part in self.parts().items() for k, v in part.state().items()}
+
+    @classmethod
+    def from_tensors(
+        cls, settings: DashboardSettings, pass_number: int, key: int, tensors: Mapping[str, Tensor]
+    ) -> DashboardState:
+        """The state whose :meth:`tensors` are ``tensors``, at ``pass_number`` and ``key``."""
+        parts: dict[str, Part] = {}
+        for name, kind in PARTS.items():
+            own = {k.removeprefix(f"{name}."): v for k, v in tensors.items() if k.startswith(f"{name}.")}
+            if own:
+                parts[name] = kind.from_state(own)
+        needed = [name for p in range(1, pass_number + 1) for name in PASS_PARTS[p]]
+        missing = [name for name in needed if name not in parts]
+        if missing:
+            raise ValueError(f"a pass {pass_number} dashboard state needs {missing}; it holds {list(parts)}")
+        return cls(settings, pass_number, key, **parts)  # type: ignore[arg-type]
+
+    def merge(self, other: DashboardState) -> DashboardState:
+        """The state over both states' chunks: ``other`` ran the same pass from the same state over other chunks
+        (another rank's share). The parts of earlier passes are the shared ones; ``key`` is this state's."""
+        if (other.settings, other.pass_number) != (self.settings, self.pass_number):
+            raise ValueError(
+                f"dashboard states merge only in the same pass under the same settings: pass {self.pass_number} "
+                f"and {other.pass_number}"
+            )
+        mine, theirs = self.tensors(), other.tensors()
+        out = DashboardState.from_tensors(self.settings, self.pass_number, self.key, mine)
+        for name, part in out.parts().items():
+            if name in PASS_PARTS[self.pass_number]:
+                part.merge(getattr(other, name))
+            elif any(not torch.equal(v, theirs[k]) for k, v in mine.items() if k.startswith(f"{name}.")):
+                raise ValueError(f"the states were not run from the same pass {self.pass_number} start ({name})")
+        return out
+
+    def next_pass(self) -> DashboardState:
+        """The state before the first chunk of the next pass: pass 2's bins under pass 1's max activations, or
+        pass 3's windows around the chosen examples."""
+        s = self.settings
+        if self.pass_number == 1:
+            max_activation = self.top.max_activation()
+            bins = BinSamples(max_activation, s.n_bins, s.per_bin, s.seed)
+            histogram = ActivationHistograms(max_activation.clone(), s.histogram_bins)  # a tensor of its own to save
+            return replace(self, pass_number=2, key=0, bins=bins, histogram=histogram)
+        if self.pass_number == 2:
+            assert self.bins is not None
+            tops, binned = _examples_of(self.top.selection, 1), _examples_of(self.bins.selection, s.n_bins)
+            context, position, latent = (torch.cat(parts) for parts in zip(tops, binned, strict=True))
+            return replace(self, pass_number=3, key=0, windows=Windows(context, position, latent, window=s.window))
+        raise ValueError("pass 3 is the last: finish_dashboards(state, ...) makes the dashboards")
+
+
+def _examples_of(selection: Selection, groups_per_latent: int) -> tuple[Tensor, Tensor, Tensor]:
+    filled = selection.filled()
+    latent = torch.arange(selection.context.shape[0])[:, None].expand_as(filled) // groups_per_latent
+    return selection.context[filled], selection.position[filled], latent[filled]
+
+
+def run_pass(
+    state: DashboardState,
+    sae: SparseAutoencoder,
+    hook_name: str,
+    chunks: Chunks,
+    progress: bool = True,
+    on_chunk: Callable[[DashboardState], object] | None = None,
+) -> DashboardState:
+    """Feed ``state``'s pass every chunk of ``chunks(state.key)`` (each encoded by ``sae`` once), updating ``state``
+    in place and calling ``on_chunk(state)`` after each; returns ``state``, its pass done."""
+    p = state.pass_number
+    desc = f"dashboards {p}/{N_PASSES}: {_PASS_NAMES[p]}"
     with torch.no_grad():
-        for rows in tqdm(chunks(), desc=desc, unit="chunk", disable=not progress):
-            x = rows[hook_name].to(sae.W_enc.device)
-            latents = sae.encode_sparse(x)
-            yield SparseLatents(latents.indices.cpu(), latents.values.float().cpu()), rows
+        for key, rows in tqdm(chunks(state.key), desc=desc, unit="chunk", disable=not progress):
+            encoded = sae.encode_sparse(rows[hook_name].to(sae.W_enc.device))
+            latents = SparseLatents(encoded.indices.cpu(), encoded.values.float().cpu())
+            context, position = rows["context"], rows["position"]
+            if p == 1:
+                state.top.update(latents, context, position)
+                state.firing.update(latents)
+            elif p == 2:
+                assert state.bins is not None and state.histogram is not None
+                state.bins.update(latents, context, position)
+                state.histogram.update(latents)
+            else:
+                assert state.windows is not None
+                state.windows.update(latents, context, position, rows["tokens"])
+            state.key = key
+            if on_chunk is not None:
+                on_chunk(state)
+    return state
 
 
 def _with_windows(selection: Selection, windows: Windows, start: int) -> Examples:
@@ -121,10 +257,31 @@ def _with_windows(selection: Selection, windows: Windows, start: int) -> Example
     return Examples(selection.values, selection.context, selection.position, tokens, activations)
 
 
-def _examples_of(selection: Selection, groups_per_latent: int) -> tuple[Tensor, Tensor, Tensor]:
-    filled = selection.filled()
-    latent = torch.arange(selection.context.shape[0])[:, None].expand_as(filled) // groups_per_latent
-    return selection.context[filled], selection.position[filled], latent[filled]
+def finish_dashboards(
+    state: DashboardState,
+    W_dec: Tensor,  # noqa: N803 (the SAE's name)
+    W_U: Tensor,  # noqa: N803 (TransformerLens's name)
+    norm_weight: Tensor | None = None,
+) -> Dashboards:
+    """The dashboards of a state whose third pass is done, with the logit effects of ``W_dec [d_sae, d_model]``
+    (:func:`~mechscope.dashboards.logit_effects.logit_effects`)."""
+    if state.pass_number != N_PASSES or state.windows is None or state.bins is None or state.histogram is None:
+        raise ValueError(f"the dashboards need all {N_PASSES} passes; this state is in pass {state.pass_number}")
+    s, top, bins = state.settings, state.top, state.bins
+    n_top = int(top.selection.filled().sum())
+    return Dashboards(
+        settings=s,
+        top=_with_windows(top.selection, state.windows, 0),
+        bins=_with_windows(bins.selection, state.windows, n_top),
+        bin_edges=bins.bin_edges(),
+        bin_counts=bins.counts,
+        firing=state.firing.counts,
+        n_tokens=state.firing.n_tokens,
+        max_activation=bins.max_activation,
+        histogram=state.histogram.counts,
+        histogram_edges=state.histogram.edges(),
+        logits=logit_effects(W_dec, W_U, norm_weight, s.n_logits),
+    )
 
 
 def compute_dashboards(
@@ -135,46 +292,24 @@ def compute_dashboards(
     norm_weight: Tensor | None = None,
     settings: DashboardSettings | None = None,
     progress: bool = True,
+    *,
+    resume: DashboardState | None = None,
+    on_chunk: Callable[[DashboardState], object] | None = None,
 ) -> Dashboards:
-    """Dashboards of every latent of ``sae`` over the rows ``chunks()`` yields (three passes; module docstring).
+    """Dashboards of every latent of ``sae`` over the rows of ``chunks`` (three passes; module docstring).
 
     ``W_U [d_model, d_vocab]`` and ``norm_weight [d_model]`` (the final norm's multiplier, None for none) give the
-    logit effects (:func:`~mechscope.dashboards.logit_effects.logit_effects`).
+    logit effects (:func:`~mechscope.dashboards.logit_effects.logit_effects`). ``resume``: a state an earlier run
+    passed to ``on_chunk`` (or its :meth:`~DashboardState.tensors` saved and read back), to continue from; its
+    settings are used. ``on_chunk(state)`` is called after every chunk of every pass with the live state (copy
+    what you keep: :meth:`~DashboardState.tensors`); an exception it raises ends the run as a kill would, so a test
+    can check that resuming from the last state it saw gives the uninterrupted result.
     """
-    s = settings or DashboardSettings()
-    d_sae = sae.cfg.d_sae
-    top, firing = TopExamples(d_sae, s.n_top), FiringCounts(d_sae)
-    for latents, rows in _encoded(sae, hook_name, chunks, "dashboards 1/3: top examples", progress):
-        top.update(latents, rows["context"], rows["position"])
-        firing.update(latents)
-    max_activation = top.max_activation()
-
-    bins, histogram = (
-        BinSamples(max_activation, s.n_bins, s.per_bin, s.seed),
-        ActivationHistograms(max_activation, s.histogram_bins),
-    )
-    for latents, rows in _encoded(sae, hook_name, chunks, "dashboards 2/3: bins", progress):
-        bins.update(latents, rows["context"], rows["position"])
-        histogram.update(latents)
-
-    top_examples = _examples_of(top.selection, 1)
-    bin_examples = _examples_of(bins.selection, s.n_bins)
-    context, position, latent = (torch.cat(parts) for parts in zip(top_examples, bin_examples, strict=True))
-    windows = Windows(context, position, latent, window=s.window)
-    for latents, rows in _encoded(sae, hook_name, chunks, "dashboards 3/3: windows", progress):
-        windows.update(latents, rows["context"], rows["position"], rows["tokens"])
-
-    n_top = top_examples[0].numel()
-    return Dashboards(
-        settings=s,
-        top=_with_windows(top.selection, windows, 0),
-        bins=_with_windows(bins.selection, windows, n_top),
-        bin_edges=bins.bin_edges(),
-        bin_counts=bins.counts,
-        firing=firing.counts,
-        n_tokens=firing.n_tokens,
-        max_activation=max_activation,
-        histogram=histogram.counts,
-        histogram_edges=histogram.edges(),
-        logits=logit_effects(sae.W_dec.detach(), W_U, norm_weight, s.n_logits),
-    )
+    if resume is not None and settings is not None and resume.settings != settings:
+        raise ValueError(f"resume state has settings {resume.settings}, not {settings}: pass the same, or none")
+    state = resume if resume is not None else DashboardState.start(sae.cfg.d_sae, settings or DashboardSettings())
+    while True:
+        state = run_pass(state, sae, hook_name, chunks, progress, on_chunk)
+        if state.pass_number == N_PASSES:
+            return finish_dashboards(state, sae.W_dec.detach(), W_U, norm_weight)
+        state = state.next_pass()

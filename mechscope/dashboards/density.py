@@ -1,6 +1,9 @@
-"""How often each latent fires, and the histogram of its non-zero activations; both streaming and mergeable."""
+"""How often each latent fires, and the histogram of its non-zero activations; both streaming and mergeable, and
+both give their state as tensors (``state()`` / ``from_state``, as :mod:`mechscope.dashboards.selection`'s do)."""
 
 from __future__ import annotations
+
+from collections.abc import Mapping
 
 import torch
 from torch import Tensor
@@ -23,8 +26,21 @@ class FiringCounts:
         self.n_tokens += latents.values.shape[0]
 
     def merge(self, other: FiringCounts) -> None:
+        """Take in another rank's counts over other tokens."""
         self.counts += other.counts
         self.n_tokens += other.n_tokens
+
+    def state(self) -> dict[str, Tensor]:
+        """``counts`` and the 0-d ``n_tokens``."""
+        return {"counts": self.counts, "n_tokens": torch.tensor(self.n_tokens)}
+
+    @classmethod
+    def from_state(cls, state: Mapping[str, Tensor]) -> FiringCounts:
+        """The counts :meth:`state` gave."""
+        out = cls(state["counts"].numel())
+        out.counts = state["counts"].clone()
+        out.n_tokens = int(state["n_tokens"])
+        return out
 
     def density(self) -> Tensor:
         """``[d_sae]`` fraction of tokens where each latent fires."""
@@ -49,7 +65,21 @@ class ActivationHistograms:
         self.counts += flat.view_as(self.counts)
 
     def merge(self, other: ActivationHistograms) -> None:
+        """Take in another rank's counts over other tokens (same max activations)."""
+        if not torch.equal(other.max_activation, self.max_activation) or other.n_bins != self.n_bins:
+            raise ValueError("histograms merge only over the same bins (max activations and n_bins)")
         self.counts += other.counts
 
     def edges(self) -> Tensor:
         return bin_edges(self.max_activation, self.n_bins)
+
+    def state(self) -> dict[str, Tensor]:
+        """``counts [d_sae, n_bins]`` and ``max_activation [d_sae]``."""
+        return {"counts": self.counts, "max_activation": self.max_activation}
+
+    @classmethod
+    def from_state(cls, state: Mapping[str, Tensor]) -> ActivationHistograms:
+        """The histograms :meth:`state` gave."""
+        out = cls(state["max_activation"], state["counts"].shape[1])
+        out.counts = state["counts"].clone()
+        return out

@@ -2,32 +2,45 @@
 dashboard and write it (``mechscope dashboards CONFIG``, and the main job's ``dashboards`` stage).
 
 A finished run in ``out_dir`` is reused when it was computed with the same settings and refused (naming the
-differences) when not; the stage writes its files only at the end, atomically, so a kill leaves no half-written
-result and a rerun starts the passes again (they take seconds to a minute).
+differences) when not. A run under way writes ``out_dir/checkpoint/`` (the state of its passes, its pass and chunk
+key, its settings and source; :mod:`mechscope.dashboards.outputs`) every ``checkpoint_every`` chunks or
+``checkpoint_seconds`` seconds, whichever comes first; a rerun after a kill continues from it (the chunks since it
+are read again) and gives exactly the uninterrupted result, and refuses, naming the differences, when the settings,
+the source or the stored rows differ. The dashboards' files are written at the end, atomically, and then the
+checkpoint is deleted; what a kill left half-written is removed when the next run starts.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-from mechscope.dashboards.build import Dashboards, DashboardSettings, compute_dashboards
+from mechscope.dashboards.build import Dashboards, DashboardSettings, DashboardState, compute_dashboards
 from mechscope.dashboards.outputs import (
+    CHECKPOINT,
     find_dashboards,
+    load_checkpoint,
     load_dashboards,
+    read_checkpoint_meta,
     read_meta,
     read_vocab,
+    remove_checkpoint,
+    remove_stale_files,
+    save_checkpoint,
     save_dashboards,
     write_neuronpedia_export,
 )
 from mechscope.data.store import ActivationStore
-from mechscope.files import check_settings
+from mechscope.files import atomic_write, check_settings
 from mechscope.models.hooked import HookedModel
 from mechscope.models.names import parse_hook
 from mechscope.models.tokenizer import token_strings
+from mechscope.sae.formats import WriteFile
 from mechscope.sae.model import SparseAutoencoder
 from mechscope.sae.splice import resolve_hook_name
 from mechscope.settings import Config, ConfigError, at_least, check_fields, meta
@@ -50,6 +63,13 @@ class DashboardsConfig(Config):
     out_dir: str = field(default="dashboards", metadata=meta("where dashboards.safetensors/.json go"))
     device: str = field(default="cpu", metadata=meta("device of the model and the SAE"))
     progress: bool = field(default=True, metadata=meta("show progress bars"))
+    checkpoint_every: int = field(
+        default=0, metadata=meta("chunks (activation shards) between checkpoints of a run; 0: by time only")
+    )
+    checkpoint_seconds: float = field(
+        default=60.0,
+        metadata=meta("seconds between checkpoints of a run (a killed run resumes from the last); 0: by chunks only"),
+    )
     dashboards: DashboardSettings = field(default_factory=DashboardSettings, metadata=meta("what each dashboard holds"))
 
     LABEL: ClassVar[str] = ""
@@ -57,6 +77,7 @@ class DashboardsConfig(Config):
     def __post_init__(self) -> None:
         check_fields(self)
         at_least(self, 1, "n_tokens", "context_length", "batch_contexts")
+        at_least(self, 0, "checkpoint_every", "checkpoint_seconds")
 
 
 def _source(config: DashboardsConfig, hook_name: str, store: ActivationStore, sae: SparseAutoencoder) -> dict[str, Any]:
@@ -70,10 +91,59 @@ def _source(config: DashboardsConfig, hook_name: str, store: ActivationStore, sa
     }
 
 
+class _Due:
+    """Whether a checkpoint is due after a chunk: ``every`` chunks or ``seconds`` seconds since the last (0: never
+    by that measure)."""
+
+    def __init__(self, every: int, seconds: float) -> None:
+        self.every, self.seconds = every, seconds
+        self.chunks, self.since = 0, time.monotonic()
+
+    def __call__(self) -> bool:
+        self.chunks += 1
+        now = time.monotonic()
+        due = (self.every > 0 and self.chunks >= self.every) or (self.seconds > 0 and now - self.since >= self.seconds)
+        if due:
+            self.chunks, self.since = 0, now
+        return due
+
+
+def _resume(config: DashboardsConfig, about: dict[str, Any]) -> DashboardState | None:
+    """The checkpoint's state in ``out_dir``, after checking it was written under the same settings and source; None
+    when there is none."""
+    stored = read_checkpoint_meta(config.out_dir)
+    if stored is None:
+        return None
+    path = Path(config.out_dir) / CHECKPOINT
+    check_settings(
+        {**stored["settings"], **stored["source"], "stored_tokens": stored["stored_tokens"]},
+        {**dataclasses.asdict(config.dashboards), **about["source"], "stored_tokens": about["stored_tokens"]},
+        where=path,
+        what="was written by a dashboards run",
+        fix=f"restore those settings to resume, or delete {path} to compute the dashboards from scratch",
+        labels="checkpoint, now",
+    )
+    state = load_checkpoint(config.out_dir)
+    print(f"dashboards: resuming pass {state.pass_number} at chunk {state.key} from {path}")
+    return state
+
+
 def run_dashboards(
-    config: DashboardsConfig, model: HookedModel | None = None, sae: SparseAutoencoder | None = None
+    config: DashboardsConfig,
+    model: HookedModel | None = None,
+    sae: SparseAutoencoder | None = None,
+    *,
+    on_chunk: Callable[[DashboardState], object] | None = None,
+    write_file: WriteFile = atomic_write,
 ) -> Dashboards:
-    """Compute (or reuse) the dashboards ``config`` asks for; ``model`` / ``sae`` skip loading them."""
+    """Compute (or reuse, or resume) the dashboards ``config`` asks for; ``model`` / ``sae`` skip loading them.
+
+    ``on_chunk(state)`` is called after every chunk of every pass, before a checkpoint is written
+    (:func:`~mechscope.dashboards.build.compute_dashboards`); an exception it raises ends the run as a kill would, so
+    a test can check that the next run resumes to the uninterrupted result. ``write_file(path, write)`` writes each
+    file of the checkpoints and of the result (default :func:`~mechscope.files.atomic_write`), for tests that kill a
+    write half-way.
+    """
     if config.sae is None and sae is None:
         raise ConfigError('sae is required: the SAE\'s directory (sae = "path" in the file, or --sae)', field="sae")
     model = model if model is not None else HookedModel.from_pretrained(config.model, device=config.device)
@@ -90,23 +160,46 @@ def run_dashboards(
     )
     source = _source(config, hook_name, store, sae)
     settings = dataclasses.asdict(config.dashboards)
-    done = read_meta(config.out_dir)
+    out_dir = Path(config.out_dir)
+    if out_dir.is_dir():
+        remove_stale_files(out_dir)
+    done = read_meta(out_dir)
     if done is not None:
         check_settings(
             {**done["settings"], **done["source"]},
             {**settings, **source},
-            where=config.out_dir,
+            where=out_dir,
             what="holds dashboards computed",
             fix="use another out_dir, or delete it to compute them again",
             labels="there, now",
         )
-        return load_dashboards(config.out_dir)
+        remove_checkpoint(out_dir)  # left by a kill after the result was written
+        return load_dashboards(out_dir)
     if store.stored_tokens() == 0:
         store.harvest(config.n_tokens, progress=config.progress)
+    about = {"source": source, "stored_tokens": store.stored_tokens()}
+    resume = _resume(config, about)
+    due = _Due(config.checkpoint_every, config.checkpoint_seconds)
+
+    def after_chunk(state: DashboardState) -> None:
+        if on_chunk is not None:
+            on_chunk(state)
+        if due():
+            save_checkpoint(out_dir, state, about, write_file)
+
     dash = compute_dashboards(
-        sae, hook_name, store.shard_rows, model.W_U, model.ln_final_w, config.dashboards, progress=config.progress
+        sae,
+        hook_name,
+        store.chunks,
+        model.W_U,
+        model.ln_final_w,
+        config.dashboards,
+        progress=config.progress,
+        resume=resume,
+        on_chunk=after_chunk,
     )
-    save_dashboards(config.out_dir, dash, source, token_strings(model.tokenizer, model.cfg.d_vocab))
+    save_dashboards(out_dir, dash, source, token_strings(model.tokenizer, model.cfg.d_vocab), write_file)
+    remove_checkpoint(out_dir)
     return dash
 
 

@@ -10,11 +10,15 @@ selections of its parts, whatever the order, so ranks of a data-parallel run can
 - :class:`BinSamples`: per latent and activation bin ``(b/n, (b+1)/n] x max``, up to ``per_bin`` tokens drawn
   uniformly without replacement. The draw gives every (token, latent) a pseudo-random priority from a hash of
   the pair and keeps the highest, so it depends on the seed only, not on batch sizes, order or ranks.
+
+Each gives its whole state as named tensors (``state()``) and is rebuilt from them (``from_state``), which is how a
+run checkpoints and resumes (:mod:`mechscope.dashboards.pipeline`) and how a rank would ship its part to be merged.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
 
 import torch
 from torch import Tensor
@@ -49,6 +53,15 @@ class Selection:
     @property
     def k(self) -> int:
         return self.scores.shape[1]
+
+    def state(self) -> dict[str, Tensor]:
+        """The four tensors by name (not copies)."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_state(cls, state: Mapping[str, Tensor]) -> Selection:
+        """The selection :meth:`state` gave (copies of its tensors)."""
+        return cls(**{f.name: state[f.name].clone() for f in fields(cls)})
 
     def filled(self) -> Tensor:
         """``[groups, k]`` bool: which slots hold an example."""
@@ -138,6 +151,17 @@ class TopExamples:
         """``[d_sae]``: each latent's largest activation (0 for a latent never active)."""
         return self.selection.values[:, 0].clone()
 
+    def state(self) -> dict[str, Tensor]:
+        """The selection's tensors (``[d_sae, k]`` each)."""
+        return self.selection.state()
+
+    @classmethod
+    def from_state(cls, state: Mapping[str, Tensor]) -> TopExamples:
+        """The examples :meth:`state` gave."""
+        out = cls(*state["scores"].shape)
+        out.selection = Selection.from_state(state)
+        return out
+
 
 _MASK = (1 << 62) - 1
 
@@ -178,5 +202,29 @@ class BinSamples:
 
     def merge(self, other: BinSamples) -> None:
         """Take in another rank's samples over other tokens (same max activations and seed)."""
+        if (
+            other.n_bins != self.n_bins
+            or other.seed != self.seed
+            or not torch.equal(other.max_activation, self.max_activation)
+        ):
+            raise ValueError("bin samples merge only under the same max activations, n_bins and seed")
         self.selection = self.selection.merge(other.selection)
         self.counts += other.counts
+
+    def state(self) -> dict[str, Tensor]:
+        """The selection's tensors, ``counts``, ``max_activation`` and the 0-d ``n_bins`` and ``seed``."""
+        return {
+            **self.selection.state(),
+            "counts": self.counts,
+            "max_activation": self.max_activation,
+            "n_bins": torch.tensor(self.n_bins),
+            "seed": torch.tensor(self.seed),
+        }
+
+    @classmethod
+    def from_state(cls, state: Mapping[str, Tensor]) -> BinSamples:
+        """The samples :meth:`state` gave."""
+        out = cls(state["max_activation"], int(state["n_bins"]), state["scores"].shape[1], int(state["seed"]))
+        out.selection = Selection.from_state(state)
+        out.counts = state["counts"].clone()
+        return out

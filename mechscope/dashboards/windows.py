@@ -5,9 +5,14 @@ for example ``e`` of latent ``latent[e]`` at ``(context[e], position[e])``, the 
 ``position[e] - window .. position[e] + window`` of that context and the latent's activation on each. Positions
 the store does not hold (before the context's start, after its end, special tokens the harvest left out) keep
 token :data:`NO_TOKEN` and activation 0. Memory is ``[examples, 2 * window + 1]``.
+
+Windows filled from different rows (ranks that each read a share of the chunks) merge; the state is tensors
+(``state()`` / ``from_state``, as :mod:`mechscope.dashboards.selection`'s).
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping
 
 import torch
 from torch import Tensor
@@ -65,3 +70,32 @@ class Windows:
         entry, j = _matches(self._by_latent, latent * self._span + ctx)
         keep, example, column = self._place(self._latent_order[j], pos[entry])
         self.activations[example, column] = value[entry[keep]].float()
+
+    def merge(self, other: Windows) -> None:
+        """Take in windows of the same examples filled from other rows: a slot the other saw a token in takes its
+        token and activation (a rank that reads a row sets both)."""
+        same = all(torch.equal(getattr(self, n), getattr(other, n)) for n in ("context", "position", "latent"))
+        if not same or other.window != self.window:
+            raise ValueError("windows merge only over the same examples and window")
+        seen = other.tokens != NO_TOKEN
+        self.tokens = torch.where(seen, other.tokens, self.tokens)
+        self.activations = torch.where(seen, other.activations, self.activations)
+
+    def state(self) -> dict[str, Tensor]:
+        """The examples' ``context``, ``position``, ``latent`` ``[E]``, the 0-d ``window``, and ``tokens``,
+        ``activations`` ``[E, 2 * window + 1]``."""
+        return {
+            "context": self.context,
+            "position": self.position,
+            "latent": self.latent,
+            "window": torch.tensor(self.window),
+            "tokens": self.tokens,
+            "activations": self.activations,
+        }
+
+    @classmethod
+    def from_state(cls, state: Mapping[str, Tensor]) -> Windows:
+        """The windows :meth:`state` gave."""
+        out = cls(state["context"], state["position"], state["latent"], int(state["window"]))
+        out.tokens, out.activations = state["tokens"].clone(), state["activations"].clone()
+        return out

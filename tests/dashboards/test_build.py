@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from mechscope.dashboards.build import DashboardSettings, compute_dashboards
+from mechscope.dashboards.build import DashboardSettings, chunk_list, compute_dashboards
 from mechscope.dashboards.outputs import load_dashboards, read_meta, read_tensor, read_vocab, save_dashboards
 from mechscope.sae import SAE, SAEConfig
 from mechscope.settings import ConfigError
@@ -40,7 +40,7 @@ def test_dashboards_equal_the_dense_latents(architecture):
     rows, chunks = stored_rows()
     W_U, norm = torch.randn(D_IN, 30), torch.rand(D_IN) + 0.5  # noqa: N806
     s = DashboardSettings(n_top=3, window=2, n_bins=3, per_bin=2, histogram_bins=4, n_logits=5)
-    dash = compute_dashboards(sae, HOOK, lambda: iter(chunks), W_U, norm, s, progress=False)
+    dash = compute_dashboards(sae, HOOK, chunk_list(chunks), W_U, norm, s, progress=False)
 
     dense = sae.encode(rows[HOOK]).detach()
     row_of = {(int(c), int(p)): r for r, (c, p) in enumerate(zip(rows["context"], rows["position"], strict=True))}
@@ -77,7 +77,7 @@ def test_saved_dashboards_read_back_equal(tmp_path):
     sae = SAE(SAEConfig(D_IN, D_SAE, "topk", k=3))
     sae.load_state_dict(random_weights(D_IN, D_SAE, 1))
     _, chunks = stored_rows(1)
-    dash = compute_dashboards(sae, HOOK, lambda: iter(chunks), torch.randn(D_IN, 30), None, progress=False)
+    dash = compute_dashboards(sae, HOOK, chunk_list(chunks), torch.randn(D_IN, 30), None, progress=False)
     save_dashboards(tmp_path, dash, {"hook_name": HOOK}, vocab=[f"<{i}>" for i in range(30)])
     back = load_dashboards(tmp_path)
     assert back.settings == dash.settings and back.n_tokens == dash.n_tokens

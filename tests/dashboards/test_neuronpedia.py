@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from mechscope.dashboards.build import DashboardSettings, compute_dashboards
+from mechscope.dashboards.build import DashboardSettings, chunk_list, compute_dashboards
 from mechscope.dashboards.neuronpedia import MAX_FEATURES, MAX_LOGITS, MAX_TOKENS, saedashboard_batches
 from mechscope.dashboards.outputs import write_neuronpedia_export
 from mechscope.dashboards.windows import NO_TOKEN
@@ -26,7 +26,7 @@ def dash_and_sae():
     sae.load_state_dict(weights)
     _, chunks = stored_rows(2)
     settings = DashboardSettings(n_top=3, window=2, n_bins=3, per_bin=2, n_logits=25)
-    return compute_dashboards(sae, HOOK, lambda: iter(chunks), torch.randn(D_IN, 30), None, settings, False), sae
+    return compute_dashboards(sae, HOOK, chunk_list(chunks), torch.randn(D_IN, 30), None, settings, False), sae
 
 
 def test_export_reads_back_as_the_dashboards(dash_and_sae, tmp_path):
