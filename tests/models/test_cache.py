@@ -52,10 +52,15 @@ def test_accumulated_resid_and_stack(run):
         assert torch.equal(mid[1], cache["resid_mid", 0])
 
 
-def test_apply_ln_to_stack_matches_the_final_norm(run):
-    _, cache = run
-    final = cache.accumulated_resid(apply_ln=True)[-1]
+def test_apply_ln_to_stack_matches_the_norms(run):
+    model, cache = run
+    # with the cached scale (no recompute) the final residual maps to ln_final.hook_normalized ...
+    final = cache.apply_ln_to_stack(cache.accumulated_resid()[-1:], layer=-1)[0]
     torch.testing.assert_close(final, cache["ln_final.hook_normalized"], atol=1e-5, rtol=1e-4)
+    # ... and the logit lens (accumulated_resid(apply_ln=True), recomputed) to the final norm's output
+    lens = cache.accumulated_resid(apply_ln=True)
+    out = cache["ln_final.hook_normalized"] * model.ln_final_w + model.ln_final_b
+    torch.testing.assert_close(lens[-1], out, atol=1e-5, rtol=1e-4)
     layer1 = cache.apply_ln_to_stack(cache["resid_pre", 1][None], layer=1)[0]
     torch.testing.assert_close(layer1, cache["blocks.1.ln1.hook_normalized"], atol=1e-5, rtol=1e-4)
 
