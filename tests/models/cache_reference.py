@@ -5,7 +5,8 @@ The test saves each model (``save_pretrained``), the inputs (``inputs.safetensor
 ``python cache_reference.py DIR``. For every model it builds TransformerLens's ``HookedTransformer`` from the
 same weights (TransformerLens's own config and weight conversion, no folding or centring), runs
 ``run_with_cache`` on the tokens and makes each call on the cache, writing ``out_<i>.safetensors`` (one tensor
-per call) and ``labels_<i>.json``. The test makes the same calls on mechscope's cache with :func:`evaluate`.
+per call) and ``labels_<i>.json`` (each call's labels, or the exception it raised, e.g. a
+``KeyError`` for ``hook_resid_mid`` on a model with parallel attention and MLP). The test makes the same calls on mechscope's cache with :func:`evaluate`.
 
 A call is ``[method, kwargs]``; a case is a list of calls on one cache, the last one's result kept. In kwargs,
 ``{"tuple": [...]}`` is a tuple, ``{"slice": [...]}`` a slice, ``{"tensor": name}`` an input tensor and
@@ -92,9 +93,16 @@ def main(workdir: Path) -> None:
         model = reference_model(workdir / model_dir)
         with torch.no_grad():
             _, cache = model.run_with_cache(tensors["tokens"])
-            results = {case_id: evaluate(cache, case, tensors) for case_id, case in request["cases"].items()}
-        save_file({k: t.contiguous() for k, (t, _) in results.items()}, str(workdir / f"out_{i}.safetensors"))
-        (workdir / f"labels_{i}.json").write_text(json.dumps({k: labels for k, (_, labels) in results.items()}))
+        values, meta = {}, {}
+        for case_id, case in request["cases"].items():
+            try:
+                with torch.no_grad():
+                    values[case_id], labels = evaluate(cache, case, tensors)
+                meta[case_id] = {"labels": labels}
+            except Exception as e:  # recorded for the test, which expects mechscope to raise the same
+                meta[case_id] = {"error": type(e).__name__, "message": str(e)}
+        save_file({k: v.contiguous() for k, v in values.items()}, str(workdir / f"out_{i}.safetensors"))
+        (workdir / f"labels_{i}.json").write_text(json.dumps(meta))
 
 
 if __name__ == "__main__":
