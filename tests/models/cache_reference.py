@@ -5,8 +5,9 @@ The test saves each model (``save_pretrained``), the inputs (``inputs.safetensor
 ``python cache_reference.py DIR``. For every model it builds TransformerLens's ``HookedTransformer`` from the
 same weights (TransformerLens's own config and weight conversion, no folding or centring), runs
 ``run_with_cache`` on the tokens and makes each call on the cache, writing ``out_<i>.safetensors`` (one tensor
-per call) and ``labels_<i>.json`` (each call's labels, or the exception it raised, e.g. a
-``KeyError`` for ``hook_resid_mid`` on a model with parallel attention and MLP). The test makes the same calls on mechscope's cache with :func:`evaluate`.
+per call) and ``labels_<i>.json`` (each call's labels, or the exception it raised, e.g. a ``KeyError`` for
+``hook_resid_mid`` on a model with parallel attention and MLP). The test makes the same calls on mechscope's
+cache with :func:`evaluate`.
 
 A call is ``[method, kwargs]``; a case is a list of calls on one cache, the last one's result kept. In kwargs,
 ``{"tuple": [...]}`` is a tuple, ``{"slice": [...]}`` a slice, ``{"tensor": name}`` an input tensor and
