@@ -354,7 +354,7 @@ class HookedModel(WeightViews, nn.Module):
 
         with self.hooks([(n, keep) for n in names]):
             logits = self(input, stop_at_layer=stop_at_layer, **forward_kwargs)
-        return logits, ActivationCache(store, self.cfg)
+        return logits, ActivationCache(store, self.cfg, model=self)
 
     # ---- generation --------------------------------------------------------------------------------
     @torch.no_grad()
