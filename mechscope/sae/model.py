@@ -242,7 +242,6 @@ class SparseAutoencoder(nn.Module):
 
     # ---- training helpers ------------------------------------------------------------------------------------
 
-    @torch.no_grad()
     def fingerprint(self) -> str:
         """SHA-256 of what the SAE's latents depend on: its config, less the fields that only describe it
         (:data:`DESCRIPTIVE_FIELDS`), and its parameters and buffers (their bytes, in name order). Stages that resume
@@ -254,6 +253,7 @@ class SparseAutoencoder(nn.Module):
             digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
         return digest.hexdigest()
 
+    @torch.no_grad()
     def normalize_decoder_(self) -> None:
         """Scale every row of ``W_dec`` (every dictionary direction) to unit norm, in place."""
         self.W_dec.div_(self.W_dec.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(self.W_dec.dtype).tiny))
