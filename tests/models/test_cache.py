@@ -11,6 +11,7 @@ import torch
 
 from mechscope import ActivationCache, get_act_name
 from mechscope.models.cache import apply_slice, to_single_token
+from tests.conftest import FAMILIES, build_pair
 
 
 @pytest.fixture(scope="module")
@@ -70,9 +71,21 @@ def test_apply_ln_to_stack_matches_the_norms(run):
     torch.testing.assert_close(layer1, cache["blocks.1.ln1.hook_normalized"], atol=1e-5, rtol=1e-4)
 
 
-def post_norms(model) -> bool:
-    """Gemma 2 normalises each block's attention and MLP outputs, so head and neuron results do not sum to them."""
-    return model.adapter.attn_out != model.adapter.attn
+POST_NORMS = ["gemma2"]  # normalise each block's attention and MLP outputs: head and neuron results do not sum to them
+
+
+@pytest.fixture(scope="module", params=[f for f in FAMILIES if f not in POST_NORMS])
+def summing_run(request):
+    """``run`` for the families whose head and neuron results sum to the block outputs (as in TransformerLens)."""
+    model = build_pair(request.param)[0]
+    assert model.adapter.attn_out == model.adapter.attn  # no post-norm: the premise of the tests that use this
+    tokens = torch.randint(0, 50256, (2, 7), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        return model, model.run_with_cache(tokens)[1]
+
+
+def test_post_norm_families_are_the_ones_left_out_of_the_sums():
+    assert [f for f in FAMILIES if build_pair(f)[0].adapter.attn_out != build_pair(f)[0].adapter.attn] == POST_NORMS
 
 
 def resid_at(model, cache, layer: int, mlp_input: bool = False) -> torch.Tensor:
@@ -99,11 +112,9 @@ def test_layer_arguments(run):
     assert cache.stack_activation("resid_post", -1).shape[0] == n
 
 
-def test_full_decomposition_sums_to_the_residual(run):
-    model, cache = run
+def test_full_decomposition_sums_to_the_residual(summing_run):
+    model, cache = summing_run
     n = model.cfg.n_layers
-    if post_norms(model):
-        pytest.skip("Gemma 2's post-norms: head results do not sum to the attention output (as in TransformerLens)")
     for layer in range(n + 1):
         for mlp_input in (False, True) if layer < n and not model.cfg.parallel_attn_mlp else (False,):
             target = resid_at(model, cache, layer, mlp_input)
@@ -119,10 +130,8 @@ def test_full_decomposition_sums_to_the_residual(run):
             torch.testing.assert_close(ln.sum(0), cache[f"{norm}.hook_normalized"][:, -1], atol=1e-4, rtol=1e-4)
 
 
-def test_head_and_neuron_results_sum_to_the_block_outputs(run, tokens):
-    model, cache = run
-    if post_norms(model):
-        pytest.skip("Gemma 2 normalises the block outputs after the heads and neurons")
+def test_head_and_neuron_results_sum_to_the_block_outputs(summing_run, tokens):
+    model, cache = summing_run
     for layer in range(model.cfg.n_layers):
         heads = cache.stack_head_results(layer + 1)[-model.cfg.n_heads :]
         torch.testing.assert_close(heads.sum(0) + model.b_O[layer], cache["attn_out", layer], atol=1e-5, rtol=1e-4)
