@@ -79,3 +79,21 @@ def test_tokens_and_strings(llama):
     assert torch.equal(llama.to_tokens([5, 6, 7]), torch.tensor([[5, 6, 7]]))
     with pytest.raises(TypeError, match="only strings or only token ids"):
         llama.to_tokens(["a", 3])
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_a_folder_without_tokenizer_files_gets_the_byte_tokenizer_and_a_warning(family, tmp_path):
+    """``save_pretrained`` of a bare model: before, GPT-2 loaded an empty tokenizer (text -> 0 tokens) and Llama
+    failed; now text becomes one token per byte, with a warning that names the fix."""
+    torch.manual_seed(0)
+    hf = AutoModelForCausalLM.from_config(HookedAutoConfig(family)).eval()
+    hf.save_pretrained(tmp_path)
+    assert not any((tmp_path / f).exists() for f in loading.TOKENIZER_FILES)
+    with pytest.warns(UserWarning, match=r"no tokenizer files .* byte tokenizer.*tokenizer\.save_pretrained"):
+        model = HookedModel.from_pretrained(str(tmp_path))
+    text = "héllo"
+    tokens = model.to_tokens(text)
+    assert tokens.shape == (1, len(text.encode()))  # one token per byte
+    assert model.to_string(tokens[0]) == text
+    with torch.no_grad():
+        assert torch.equal(model(tokens), hf(tokens).logits)
