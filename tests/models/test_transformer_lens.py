@@ -17,6 +17,7 @@ from mechscope.models.names import OPT_IN_POINTS, block_hook, parse_hook
 from tests.conftest import FAMILIES, build_pair, torch_hook_count
 from tests.models.transformer_lens_reference import apply_edit, reference_values
 
+pytestmark = pytest.mark.xdist_group("transformer_lens")  # one reference run per test session (run.sh's loadgroup)
 ATOL = 2e-5
 #: TransformerLens hook points mechscope does not serve: Qwen 3's per-head q/k-norms (TransformerLens hooks them on
 #: a ``[batch * pos * head, d_head]`` reshape)
