@@ -6,16 +6,18 @@ removes every one of them on the next sync, so a model with no active hook carri
 
 Canonical names (TransformerLens) per block ``L``::
 
-    blocks.L.hook_resid_pre  blocks.L.ln1.hook_scale  blocks.L.ln1.hook_normalized
-    blocks.L.attn.hook_q/k/v/attn_scores/pattern/z  blocks.L.attn.hook_result  blocks.L.hook_attn_out
-    blocks.L.hook_resid_mid  blocks.L.ln2.hook_scale  blocks.L.ln2.hook_normalized
+    blocks.L.hook_resid_pre  [blocks.L.hook_attn_in  blocks.L.hook_q/k/v_input]  blocks.L.ln1.hook_scale/normalized
+    blocks.L.attn.hook_q/k/v  blocks.L.attn.hook_rot_q/rot_k  blocks.L.attn.hook_attn_scores/pattern/z
+    blocks.L.attn.hook_result  [blocks.L.ln1_post.hook_scale/normalized]  blocks.L.hook_attn_out
+    blocks.L.hook_resid_mid  [blocks.L.hook_mlp_in]  blocks.L.ln2.hook_scale  blocks.L.ln2.hook_normalized
     blocks.L.mlp.hook_pre  blocks.L.mlp.hook_pre_linear  blocks.L.mlp.hook_post
-    blocks.L.hook_mlp_out  blocks.L.hook_resid_post
+    [blocks.L.ln2_post.hook_scale/normalized]  blocks.L.hook_mlp_out  blocks.L.hook_resid_post
 
-and ``hook_embed``, ``hook_pos_embed``, ``ln_final.hook_scale``, ``ln_final.hook_normalized``,
-``hook_logits``. Besides these every backbone submodule ``P`` has ``P.hook_result_pre`` (its first
-input) and ``P.hook_result_post`` (its output, or the output's first element). The names are built and
-parsed by :mod:`mechscope.models.names`, once, when the sites are made and when a name is resolved.
+(bracketed: only with a model option, or only in some families) and ``hook_embed``, ``hook_pos_embed``,
+``ln_final.hook_scale``, ``ln_final.hook_normalized``, ``unembed.hook_in``, ``unembed.hook_out``, ``hook_logits``.
+Besides these every backbone submodule ``P`` has ``P.hook_result_pre`` (its first input) and ``P.hook_result_post``
+(its output, or the output's first element). The names are built and parsed by :mod:`mechscope.models.names`, once,
+when the sites are made and when a name is resolved.
 """
 
 from __future__ import annotations

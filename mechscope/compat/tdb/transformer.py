@@ -153,8 +153,13 @@ class Transformer(torch.nn.Module):
     def _location_points(self) -> dict[str, str | list[str]]:
         """TDB location -> its mechscope hook point, or (per-layer locations) its point in every layer."""
         model, layers = self.model, range(self.cfg.n_layers)
+        # TDB's q and k are those the scores use: after rotary on rotary models (mechscope's hook_rot_q / hook_rot_k)
+        rotated = {"attn.q": "attn.hook_rot_q", "attn.k": "attn.hook_rot_k"}
+        if self.cfg.positional_embedding_type != "rotary":
+            rotated = {}
         points: dict[str, str | list[str]] = {
-            tdb: [block_hook(layer, point) for layer in layers] for tdb, point in _BLOCK_LOCATIONS.items()
+            tdb: [block_hook(layer, rotated.get(tdb, point)) for layer in layers]
+            for tdb, point in _BLOCK_LOCATIONS.items()
         }
         points.update(
             {
