@@ -246,7 +246,8 @@ class Transformer(torch.nn.Module):
 
         ``pad [batch, pos]`` (bool, True = padding) marks left padding on the first call. With ``H`` from a
         previous call, ``tokens`` continue those sequences (no padding). Hooks see the new positions only
-        (``attn.k``/``attn.v`` and the key axis of ``qk_logits``/``qk_probs`` include cached positions).
+        (``attn.k`` of rotary models and the key axis of ``qk_logits``/``qk_probs`` include cached positions; TDB's
+        ``attn.v``, and ``attn.k`` of GPT-2, include them too, mechscope's ``hook_v`` / ``hook_k`` do not).
         """
         if tokens.dtype != torch.long:
             raise TypeError(f"tokens must be a long tensor of token ids, got {tokens.dtype}")
