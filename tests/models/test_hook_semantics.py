@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from transformers.activations import ACT2FN
 
 from mechscope import HookedModel
-from mechscope.models.names import parse_hook
+from mechscope.models.names import OPT_IN_POINTS, parse_hook
 from tests.conftest import torch_hook_count
 
 ATOL = 2e-5
@@ -338,8 +338,32 @@ def test_backward_points_cover_every_kind(pair):
 
 def test_backward_hooks_receive_the_gradient_at_each_point(pair, tokens):
     model, _ = pair
-    tokens = tokens[:1, :6]
-    names = backward_points(model, model.cfg.family)
+    check_backward_hooks(model, tokens[:1, :6], backward_points(model, model.cfg.family))
+
+
+@pytest.mark.parametrize("flags", [("use_split_qkv_input", "use_hook_mlp_in"), ("use_attn_in",)])
+def test_backward_hooks_at_the_opt_in_points(pair, tokens, flags):
+    """(With split inputs on, q, k and v do not read ``hook_attn_in``: it gets no gradient, so it is checked alone.)"""
+    model, _ = pair
+    if "use_attn_in" in flags and model.cfg.n_key_value_heads != model.cfg.n_heads:
+        with pytest.raises(ValueError, match="grouped-query attention"):  # the heads share no input
+            model.set_use_attn_in(True)
+        assert "blocks.0.hook_attn_in" not in model.hook_names()
+        return
+    try:
+        for flag in flags:
+            getattr(model, f"set_{flag}")(True)
+        points = {p for f in flags for p in OPT_IN_POINTS[f]}
+        names = [n for n in model.hook_names() if parse_hook(n).point in points]
+        assert len(names) == model.cfg.n_layers * len(points)
+        check_backward_hooks(model, tokens[:1, :6], names)
+    finally:
+        for flag in flags:
+            getattr(model, f"set_{flag}")(False)
+
+
+def check_backward_hooks(model: HookedModel, tokens: torch.Tensor, names: list[str]) -> None:
+    """A backward hook at each of ``names`` gets the gradient a leaf tensor put there gets."""
     grads: dict[str, torch.Tensor] = {}
     leaves: dict[str, torch.Tensor] = {}
 
