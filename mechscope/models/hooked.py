@@ -23,7 +23,8 @@ from mechscope.models.attention import register_attention
 from mechscope.models.cache import ActivationCache
 from mechscope.models.config import HookedConfig
 from mechscope.models.hooks import HookFn, HookRegistry, read_only
-from mechscope.models.names import POINT_DIMS, ModulePoint, module_hook, parse_hook, stop_layer_for
+from mechscope.models.loading import load_hf
+from mechscope.models.names import OPT_IN_POINTS, POINT_DIMS, ModulePoint, module_hook, parse_hook, stop_layer_for
 from mechscope.models.points import PointSet
 from mechscope.models.sampling import sample_next
 from mechscope.models.tokenizer import Input, byte_tokenizer, tokenize
@@ -91,17 +92,19 @@ class HookedModel(WeightViews, nn.Module):
         self.name = name or getattr(model.config, "name_or_path", "") or f"random-{self.cfg.family}"
         self.registry = HookRegistry()
         self.points = PointSet(model, self.adapter, self.cfg, self.registry)
-        opt_in = (("use_attn_in", use_attn_in), ("use_split_qkv_input", use_split_qkv_input))
-        for flag, on in (*opt_in, ("use_hook_mlp_in", use_hook_mlp_in)):
-            if on:
-                self._set_flag(flag, True)
+        self._set_flags(
+            {"use_attn_in": use_attn_in, "use_split_qkv_input": use_split_qkv_input, "use_hook_mlp_in": use_hook_mlp_in}
+        )
         self.eval()
 
     # ---- construction ------------------------------------------------------------------------------
     @classmethod
-    def from_hf(cls, hf_model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None = None) -> HookedModel:
-        """Wrap a transformers causal LM you already built (in place: its attention is re-routed)."""
-        return cls(hf_model, tokenizer)
+    def from_hf(
+        cls, hf_model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None = None, **options: bool
+    ) -> HookedModel:
+        """Wrap a transformers causal LM you already built (in place: its attention is re-routed); ``options``: the
+        opt-in hook flags (``use_split_qkv_input=True``, ...)."""
+        return cls(hf_model, tokenizer)._set_flags(options)
 
     @classmethod
     def from_pretrained(
@@ -113,12 +116,13 @@ class HookedModel(WeightViews, nn.Module):
     ) -> HookedModel:
         """Load a hub id, a local HF directory, a ``.gguf`` file, or a short name such as ``"smollm2-135m"``.
 
-        ``dtype`` defaults to float32 (interpretability wants exact arithmetic); ``device`` to CPU.
+        ``dtype`` defaults to float32 (interpretability wants exact arithmetic); ``device`` to CPU. The opt-in hook
+        flags (``use_attn_in``, ``use_split_qkv_input``, ``use_hook_mlp_in``) go to the model, every other keyword
+        to transformers' ``from_pretrained``.
         """
-        from mechscope.models.loading import load_hf
-
+        options = {flag: bool(hf_kwargs.pop(flag)) for flag in OPT_IN_POINTS if flag in hf_kwargs}
         model, tokenizer = load_hf(name_or_path, dtype=dtype, device=device, **hf_kwargs)
-        return cls(model, tokenizer, name=name_or_path)
+        return cls(model, tokenizer, name=name_or_path)._set_flags(options)
 
     @property
     def device(self) -> torch.device:
@@ -210,6 +214,16 @@ class HookedModel(WeightViews, nn.Module):
         return self.tokenizer.batch_decode([[t] for t in tokens.reshape(-1).tolist()])
 
     # ---- TransformerLens's opt-in hook points -------------------------------------------------------
+    def _set_flags(self, flags: dict[str, bool]) -> HookedModel:
+        """Set the opt-in flags that are on (names checked); returns the model."""
+        unknown = sorted(set(flags) - set(OPT_IN_POINTS))
+        if unknown:
+            raise TypeError(f"unknown model options {unknown}; the opt-in hook flags are {', '.join(OPT_IN_POINTS)}")
+        for flag, on in flags.items():
+            if on:
+                self._set_flag(flag, True)
+        return self
+
     def _set_flag(self, flag: str, on: bool) -> None:
         if flag == "use_attn_in" and on and self.cfg.n_key_value_heads != self.cfg.n_heads:
             raise ValueError(

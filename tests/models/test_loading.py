@@ -57,6 +57,9 @@ def test_from_hf_and_from_pretrained_local_directory(tmp_path):
     assert loaded.to_string(loaded.to_tokens("héllo wörld")[0]) == "héllo wörld"
     half = HookedModel.from_pretrained(str(tmp_path), dtype="bfloat16")
     assert next(half.model.parameters()).dtype == torch.bfloat16
+    split = HookedModel.from_pretrained(str(tmp_path), use_split_qkv_input=True)  # an option, not an HF keyword
+    assert split.cfg.use_split_qkv_input and "blocks.0.hook_q_input" in split.hook_names()
+    assert "blocks.0.hook_q_input" in HookedModel.from_hf(hf, use_split_qkv_input=True).hook_names()
 
 
 def test_missing_gguf_and_offline_hub_errors_name_the_fix(monkeypatch, tmp_path):
