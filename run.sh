@@ -61,9 +61,8 @@ case "$task" in
         reference_venv
         "$venv/bin/ruff" check mechscope tests benchmarks examples
         "$venv/bin/mypy" mechscope  # settings in pyproject.toml
-        # one worker per core (pytest-xdist); pass -n 0 to run in this process. loadgroup keeps a module marked
-        # xdist_group on one worker, so its reference venv is started once
-        exec "$venv/bin/python" -m pytest -n "${MECHSCOPE_TEST_WORKERS:-$(nproc)}" --dist loadgroup "$@"
+        # one worker per core (pytest-xdist); pass -n 0 to run in this process
+        exec "$venv/bin/python" -m pytest -n "${MECHSCOPE_TEST_WORKERS:-$(nproc)}" "$@"
         ;;
     app)  # the explorer over a results directory (default demo_output)
         setup dev

@@ -17,7 +17,6 @@ from mechscope.models.names import OPT_IN_POINTS, block_hook, parse_hook
 from tests.conftest import FAMILIES, build_pair, torch_hook_count
 from tests.models.transformer_lens_reference import apply_edit, reference_values
 
-pytestmark = pytest.mark.xdist_group("transformer_lens")  # one reference run per test session (run.sh's loadgroup)
 ATOL = 2e-5
 #: TransformerLens hook points mechscope does not serve: Qwen 3's per-head q/k-norms (TransformerLens hooks them on
 #: a ``[batch * pos * head, d_head]`` reshape)
@@ -168,8 +167,8 @@ def reference(tmp_path_factory) -> Reference:
         ]
         runs += [{"id": f"{f}/stop/{s}", "model": f, "tokens": "t", "stop_at_layer": s} for s in stops_of(model)]
     act_names = [*ACT_NAMES, *ACT_NAMES_DIFFERENT]
-    folder = tmp_path_factory.mktemp("transformer_lens")
-    values, metadata = reference_values(folder, {f: plain for f, (_, plain) in pairs.items()}, inputs, runs, act_names)
+    plains = {f: plain for f, (_, plain) in pairs.items()}
+    values, metadata = reference_values(tmp_path_factory, plains, inputs, runs, act_names)
     models = {f: model for f, (model, _) in pairs.items()}
     return Reference(models, inputs, values, metadata["fired"], metadata["act_names"])
 
