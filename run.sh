@@ -2,7 +2,8 @@
 # The one entry point on a fresh machine. It creates .venv (or $MECHSCOPE_VENV), installs what the task
 # needs (CPU torch 2.13.0 pinned), then runs it:
 #   bash run.sh demo    the end-to-end demo on SmolLM2-135M (offline)
-#   bash run.sh test    ruff, mypy, then the whole test suite on every core (pytest arguments after it, e.g. -m "not slow")
+#   bash run.sh test    ruff, mypy, then the whole test suite on every core (pytest arguments after it, e.g. -m "not slow");
+#                       the TransformerLens 3.x reference the hooked-model tests compare with lives in .venv-saelens
 #   bash run.sh app     the explorer web app over demo_output (or the results directory given after it)
 #   bash run.sh bench   the benchmarks side by side with TransformerLens and SAELens; rewrites docs/benchmarks.md
 #                       (SAELens pins transformer-lens<4, so it gets its own venv, .venv-saelens)
@@ -42,6 +43,14 @@ setup() {  # $1: pip extras of mechscope, installed into $venv with SmolLM2-135M
 
 SAELENS_VERSION=6.54.12  # the newest sae-lens; it installs cleanly next to torch 2.13.0 on Python 3.11
 
+reference_venv() {  # .venv-saelens: sae-lens, the TransformerLens 3.x it pins (which still has HookedTransformer) and
+                    # the transformers release mechscope is bounded to; its python is exported for the tests
+    local transformers_req
+    transformers_req=$(grep -o '"transformers[^"]*"' pyproject.toml | tr -d '"')
+    install .venv-saelens "sae-lens $SAELENS_VERSION" "sae-lens==$SAELENS_VERSION" "$transformers_req"
+    export MECHSCOPE_REFERENCE_PYTHON="$PWD/.venv-saelens/bin/python"
+}
+
 case "$task" in
     demo)
         setup dev
@@ -49,6 +58,7 @@ case "$task" in
         ;;
     test)
         setup dev
+        reference_venv
         "$venv/bin/ruff" check mechscope tests benchmarks examples
         "$venv/bin/mypy" mechscope  # settings in pyproject.toml
         # one worker per core (pytest-xdist); pass -n 0 to run in this process
@@ -60,7 +70,7 @@ case "$task" in
         ;;
     bench)
         setup dev,bench
-        install .venv-saelens "sae-lens $SAELENS_VERSION" "sae-lens==$SAELENS_VERSION"
+        reference_venv
         exec "$venv/bin/python" benchmarks/run.py "$@"
         ;;
     *)

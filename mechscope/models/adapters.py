@@ -38,6 +38,7 @@ class Adapter:
     mlp_up: str | None = None  # relative to ``mlp``, gated MLPs only
     norm_kind: str = "rms"  # "layer", "rms" (weight * x_hat) or "rms_offset" ((1 + weight) * x_hat)
     pos_embed: str | None = None  # learned absolute positions, relative to the backbone
+    post_norms: bool = False  # attn_out and mlp_out are norms of the sublayer outputs (Gemma 2: ln1_post, ln2_post)
 
     def blocks(self, backbone: nn.Module) -> nn.ModuleList:
         """The decoder blocks of ``backbone``, as they are now."""
@@ -135,6 +136,7 @@ ADAPTERS: dict[str, Adapter] = {
             "attn_out": "post_attention_layernorm",
             "ln2": "pre_feedforward_layernorm",
             "mlp_out": "post_feedforward_layernorm",
+            "post_norms": True,
         },
     ),
     "phi3": Adapter(

@@ -5,12 +5,15 @@ Every attention module of a wrapped model calls :func:`hooked_attention` (under 
 straight to the function transformers would have used (SDPA, eager, ...), so logits stay bitwise equal
 and speed is unchanged. When hooks are active it exposes, per layer ``L``:
 
-- ``blocks.L.attn.hook_q`` ``[batch, pos, head, d_head]`` (after rotary),
-  ``hook_k`` / ``hook_v`` ``[batch, key_pos, kv_head, d_head]`` (every key position the query sees,
+- on rotary models ``blocks.L.attn.hook_rot_q`` ``[batch, pos, head, d_head]`` (queries after rotary) and
+  ``hook_rot_k`` ``[batch, key_pos, kv_head, d_head]`` (keys after rotary, every key position the query sees,
   cached ones included during generation),
 - ``blocks.L.attn.hook_attn_scores`` ``[batch, head, query_pos, key_pos]``: scaled, soft-capped where the
   architecture does it, masked with ``-inf``; ``hook_pattern``: their softmax,
 - ``blocks.L.attn.hook_z`` ``[batch, pos, head, d_head]``: the per-head weighted sum of values.
+
+``hook_q`` / ``hook_k`` / ``hook_v`` (the projections, before rotary) are served at the projection modules
+(:class:`mechscope.models.points.AttnInputSite`).
 
 Scores and pattern are computed explicitly only when hooked; the output is computed from them only
 when a hook edited scores or pattern, or a backward hook needs them on the autograd graph.
@@ -39,11 +42,12 @@ class AttentionSite:
 
     layer: int
     registry: HookRegistry
-    active: frozenset[str] = frozenset()  # points ("attn.hook_q", ...) with a hook attached
-    names: dict[str, str] = field(init=False)  # point -> hook name ("attn.hook_q" -> "blocks.L.attn.hook_q")
+    points: tuple[str, ...] = ATTN_POINTS  # the points this layer serves (rotary ones only on rotary models)
+    active: frozenset[str] = frozenset()  # points ("attn.hook_z", ...) with a hook attached
+    names: dict[str, str] = field(init=False)  # point -> hook name ("attn.hook_z" -> "blocks.L.attn.hook_z")
 
     def __post_init__(self) -> None:
-        self.names = {p: block_hook(self.layer, p) for p in ATTN_POINTS}
+        self.names = {p: block_hook(self.layer, p) for p in self.points}
 
     def refresh(self) -> None:
         names = self.registry.active_names()
@@ -119,19 +123,16 @@ def hooked_attention(
         return delegate(module, query, key, value, attention_mask, **kwargs)
 
     run, active, names = site.registry, site.active, site.names
-    edited_qkv = False
-    if "attn.hook_q" in active:
-        q_, e = run(names["attn.hook_q"], query.transpose(1, 2))
-        query, edited_qkv = q_.transpose(1, 2), edited_qkv or e
-    if "attn.hook_k" in active:
-        k_, e = run(names["attn.hook_k"], key.transpose(1, 2))
-        key, edited_qkv = k_.transpose(1, 2), edited_qkv or e
-    if "attn.hook_v" in active:
-        v_, e = run(names["attn.hook_v"], value.transpose(1, 2))
-        value, edited_qkv = v_.transpose(1, 2), edited_qkv or e
-    if edited_qkv:
+    edited_qk = False
+    if "attn.hook_rot_q" in active:
+        q_, e = run(names["attn.hook_rot_q"], query.transpose(1, 2))
+        query, edited_qk = q_.transpose(1, 2), edited_qk or e
+    if "attn.hook_rot_k" in active:
+        k_, e = run(names["attn.hook_rot_k"], key.transpose(1, 2))
+        key, edited_qk = k_.transpose(1, 2), edited_qk or e
+    if edited_qk:
         # transformers' kernels expect contiguous [batch, heads, pos, d] layouts.
-        query, key, value = query.contiguous(), key.contiguous(), value.contiguous()
+        query, key = query.contiguous(), key.contiguous()
 
     explicit = False
     if "attn.hook_attn_scores" in active or "attn.hook_pattern" in active:

@@ -6,7 +6,6 @@ a cache asks for them, plus one attention function (see :mod:`mechscope.models.a
 
 from __future__ import annotations
 
-import inspect
 import math
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -22,9 +21,10 @@ from transformers.cache_utils import DynamicCache
 from mechscope.models.adapters import adapter_for, hooked_config
 from mechscope.models.attention import register_attention
 from mechscope.models.cache import ActivationCache
+from mechscope.models.config import HookedConfig
 from mechscope.models.hooks import HookFn, HookRegistry, read_only
 from mechscope.models.loading import load_hf
-from mechscope.models.names import POINT_DIMS, ModulePoint, module_hook, parse_hook, stop_layer_for
+from mechscope.models.names import OPT_IN_POINTS, POINT_DIMS, ModulePoint, module_hook, parse_hook, stop_layer_for
 from mechscope.models.points import PointSet
 from mechscope.models.sampling import sample_next
 from mechscope.models.tokenizer import Input, byte_tokenizer, tokenize
@@ -35,7 +35,11 @@ NamesFilter: TypeAlias = str | Iterable[str] | Callable[[str], bool] | None
 
 
 class _StopForward(Exception):
-    """Raised by the stop hook of ``stop_at_layer``; caught by the model."""
+    """Raised by the stop hook of ``stop_at_layer`` with the residual stream there; caught by the model."""
+
+    def __init__(self, residual: torch.Tensor):
+        super().__init__("stop_at_layer")
+        self.residual = residual
 
 
 @dataclass
@@ -69,6 +73,10 @@ class HookedModel(WeightViews, nn.Module):
         model: PreTrainedModel | PretrainedConfig,
         tokenizer: PreTrainedTokenizerBase | None = None,
         name: str | None = None,
+        *,
+        use_attn_in: bool = False,
+        use_split_qkv_input: bool = False,
+        use_hook_mlp_in: bool = False,
     ):
         super().__init__()
         if isinstance(model, PretrainedConfig):
@@ -80,23 +88,23 @@ class HookedModel(WeightViews, nn.Module):
         model.set_attn_implementation(register_attention(model.config._attn_implementation))
         self.model = model
         self.cfg = hooked_config(model.config, self.adapter)
-        # transformers 5.24 renamed forward's past_key_values to cache (the old name warns); earlier releases
-        # know only past_key_values
-        forward_args = inspect.signature(model.forward).parameters
-        self._kv_cache_argument = "cache" if "cache" in forward_args else "past_key_values"
         self.tokenizer = tokenizer if tokenizer is not None else byte_tokenizer()
         self.name = name or getattr(model.config, "name_or_path", "") or f"random-{self.cfg.family}"
         self.registry = HookRegistry()
         self.points = PointSet(model, self.adapter, self.cfg, self.registry)
-        # what run_with_cache keeps by default: attn.hook_result ([batch, pos, head, d_model]) only when asked for
-        self._cached_by_default = [n for n in self.points.names if parse_hook(n).point != "attn.hook_result"]
+        self._set_flags(
+            {"use_attn_in": use_attn_in, "use_split_qkv_input": use_split_qkv_input, "use_hook_mlp_in": use_hook_mlp_in}
+        )
         self.eval()
 
     # ---- construction ------------------------------------------------------------------------------
     @classmethod
-    def from_hf(cls, hf_model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None = None) -> HookedModel:
-        """Wrap a transformers causal LM you already built (in place: its attention is re-routed)."""
-        return cls(hf_model, tokenizer)
+    def from_hf(
+        cls, hf_model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None = None, **options: bool
+    ) -> HookedModel:
+        """Wrap a transformers causal LM you already built (in place: its attention is re-routed); ``options``: the
+        opt-in hook flags (``use_split_qkv_input=True``, ...)."""
+        return cls(hf_model, tokenizer)._set_flags(options)
 
     @classmethod
     def from_pretrained(
@@ -108,10 +116,13 @@ class HookedModel(WeightViews, nn.Module):
     ) -> HookedModel:
         """Load a hub id, a local HF directory, a ``.gguf`` file, or a short name such as ``"smollm2-135m"``.
 
-        ``dtype`` defaults to float32 (interpretability wants exact arithmetic); ``device`` to CPU.
+        ``dtype`` defaults to float32 (interpretability wants exact arithmetic); ``device`` to CPU. The opt-in hook
+        flags (``use_attn_in``, ``use_split_qkv_input``, ``use_hook_mlp_in``) go to the model, every other keyword
+        to transformers' ``from_pretrained``.
         """
+        options = {flag: bool(hf_kwargs.pop(flag)) for flag in OPT_IN_POINTS if flag in hf_kwargs}
         model, tokenizer = load_hf(name_or_path, dtype=dtype, device=device, **hf_kwargs)
-        return cls(model, tokenizer, name=name_or_path)
+        return cls(model, tokenizer, name=name_or_path)._set_flags(options)
 
     @property
     def device(self) -> torch.device:
@@ -152,8 +163,10 @@ class HookedModel(WeightViews, nn.Module):
         """The shape of one position's activation at hook ``name``, from the config (no forward pass).
 
         ``(d_model,)`` on the residual stream and at norm outputs, ``(1,)`` at ``hook_scale``, ``(n_heads, d_head)``
-        at ``attn.hook_q`` / ``hook_z``, ``(n_key_value_heads, d_head)`` at ``hook_k`` / ``hook_v``,
-        ``(n_heads, d_model)`` at ``hook_result``, ``(d_mlp,)`` in the MLP, ``(d_vocab,)`` at ``hook_logits``;
+        at ``attn.hook_q`` / ``hook_rot_q`` / ``hook_z``, ``(n_key_value_heads, d_head)`` at ``hook_k`` /
+        ``hook_rot_k`` / ``hook_v``, ``(n_heads, d_model)`` at ``hook_result`` and ``hook_attn_in`` /
+        ``hook_q_input``, ``(n_key_value_heads, d_model)`` at ``hook_k_input`` / ``hook_v_input``, ``(d_mlp,)`` in
+        the MLP, ``(d_vocab,)`` at ``unembed.hook_out`` and ``hook_logits``;
         at a module point the width of the module's input or output. The activation is
         ``[batch, pos, *hook_shape(name)]``; attention maps (``[batch, head, query_pos, key_pos]``) raise.
         """
@@ -199,6 +212,45 @@ class HookedModel(WeightViews, nn.Module):
         if not (tokens.ndim == 1 or tokens.shape[0] == 1):
             raise ValueError("to_str_tokens takes a single sequence; index the batch first")
         return self.tokenizer.batch_decode([[t] for t in tokens.reshape(-1).tolist()])
+
+    # ---- TransformerLens's opt-in hook points -------------------------------------------------------
+    def _set_flags(self, flags: dict[str, bool]) -> HookedModel:
+        """Set the opt-in flags that are on (names checked); returns the model."""
+        unknown = sorted(set(flags) - set(OPT_IN_POINTS))
+        if unknown:
+            raise TypeError(f"unknown model options {unknown}; the opt-in hook flags are {', '.join(OPT_IN_POINTS)}")
+        for flag, on in flags.items():
+            if on:
+                self._set_flag(flag, True)
+        return self
+
+    def _set_flag(self, flag: str, on: bool) -> None:
+        if flag == "use_attn_in" and on and self.cfg.n_key_value_heads != self.cfg.n_heads:
+            raise ValueError(
+                f"use_attn_in: this {self.cfg.family} model has grouped-query attention ({self.cfg.n_heads} query "
+                f"heads over {self.cfg.n_key_value_heads} key/value heads), so the heads have no common input; use "
+                "use_split_qkv_input (hook_q_input / hook_k_input / hook_v_input), as TransformerLens does"
+            )
+        self.cfg = HookedConfig(**{**self.cfg.to_dict(), flag: bool(on)})
+        self.points.cfg = self.cfg
+        self.points.refresh()
+
+    def set_use_attn_in(self, use_attn_in: bool) -> None:
+        """Serve ``blocks.L.hook_attn_in`` ``[batch, pos, n_heads, d_model]``: the block's input once per head, each
+        head's q, k and v computed from its own copy (TransformerLens's ``use_attn_in``; not with grouped-query
+        attention). Off by default: when on, ``run_with_cache`` keeps it too."""
+        self._set_flag("use_attn_in", use_attn_in)
+
+    def set_use_split_qkv_input(self, use_split_qkv_input: bool) -> None:
+        """Serve ``blocks.L.hook_q_input`` ``[batch, pos, n_heads, d_model]`` and ``hook_k_input`` / ``hook_v_input``
+        ``[batch, pos, n_key_value_heads, d_model]``: separate per-head inputs of q, k and v
+        (TransformerLens's ``use_split_qkv_input``). Off by default."""
+        self._set_flag("use_split_qkv_input", use_split_qkv_input)
+
+    def set_use_hook_mlp_in(self, use_hook_mlp_in: bool) -> None:
+        """Serve ``blocks.L.hook_mlp_in`` ``[batch, pos, d_model]``: the MLP's input before ln2, whose edits reach
+        the MLP but not the residual stream (TransformerLens's ``use_hook_mlp_in``). Off by default."""
+        self._set_flag("use_hook_mlp_in", use_hook_mlp_in)
 
     # ---- hooks -------------------------------------------------------------------------------------
     def hook_names(self, include_module_points: bool = False) -> list[str]:
@@ -262,8 +314,7 @@ class HookedModel(WeightViews, nn.Module):
         ``attention_mask`` ``[batch, cached + pos]`` covers the cached and the new tokens; ``position_ids``
         ``[batch, pos]`` are the new tokens' positions.
         """
-        cache_kwarg = {self._kv_cache_argument: kv_cache}
-        return self._logits(tokens, attention_mask, position_ids=position_ids, use_cache=True, **cache_kwarg)
+        return self._logits(tokens, attention_mask, position_ids=position_ids, use_cache=True, cache=kv_cache)
 
     def forward(
         self,
@@ -272,44 +323,53 @@ class HookedModel(WeightViews, nn.Module):
         attention_mask: torch.Tensor | None = None,
         prepend_bos: bool | None = None,
         stop_at_layer: int | None = None,
+        padding_side: str = "right",
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor] | None:
         """Run the model. Returns logits ``[batch, pos, d_vocab]`` (``return_type="logits"``), the mean
         next-token loss (``"loss"``), both (``"both"``) or nothing (``None``).
 
-        Text is tokenised with :meth:`to_tokens`; padded batches get an attention mask automatically.
-        ``stop_at_layer=L`` runs blocks ``0..L-1`` only and returns ``None``.
+        Text is tokenised with :meth:`to_tokens` (texts of different lengths padded on ``padding_side``) and gets an
+        attention mask; ``attention_mask`` ``[batch, pos]`` (1 = real token) overrides it. With a mask, each real
+        token's position counts the real tokens before it (as ``generate`` and TransformerLens do), so a left- or
+        right-padded row gives the logits of that row alone. ``stop_at_layer=L`` runs the embeddings and blocks
+        ``0..L-1`` only (negative ``L`` counts from the end) and returns the residual stream there
+        ``[batch, pos, d_model]`` (``blocks.L.hook_resid_pre``; after the last block for ``L = n_layers``), as
+        TransformerLens does.
         """
         if return_type not in ("logits", "loss", "both", None):
             raise ValueError(f"return_type must be 'logits', 'loss', 'both' or None, got {return_type!r}")
-        tokens, mask = tokenize(self.tokenizer, input, prepend_bos)
+        tokens, mask = tokenize(self.tokenizer, input, prepend_bos, padding_side)
         tokens = tokens.to(self.device)
         mask = attention_mask if attention_mask is not None else mask
         mask = mask.to(self.device) if mask is not None else None
+        positions = positions_from_mask(mask) if mask is not None else None
         if stop_at_layer is not None:
-            self._run_until(tokens, mask, stop_at_layer)
-            return None
-        logits = self._logits(tokens, mask, use_cache=False)
+            return self._run_until(tokens, mask, positions, stop_at_layer)
+        logits = self._logits(tokens, mask, position_ids=positions, use_cache=False)
         if return_type in ("logits", None):
             return logits if return_type else None
         loss = lm_loss(logits, tokens, mask)
         return loss if return_type == "loss" else (logits, loss)
 
-    def _run_until(self, tokens: torch.Tensor, mask: torch.Tensor | None, stop_at_layer: int) -> None:
+    def _run_until(
+        self, tokens: torch.Tensor, mask: torch.Tensor | None, positions: torch.Tensor | None, stop_at_layer: int
+    ) -> torch.Tensor:
         n = self.cfg.n_layers
         layer = stop_at_layer + n if stop_at_layer < 0 else stop_at_layer
         if not 0 <= layer <= n:
             raise ValueError(f"stop_at_layer={stop_at_layer} is out of range: valid values are {-n}..{n}")
         blocks = self.blocks
         if layer == n:
-            handle = self.points.add_stop(blocks[n - 1], before=False, exc=_StopForward)
+            stop = self.points.add_stop(blocks[n - 1], before=False, exc=_StopForward)
         else:
-            handle = self.points.add_stop(blocks[layer], before=True, exc=_StopForward)
+            stop = self.points.add_stop(blocks[layer], before=True, exc=_StopForward)
         try:
-            self.model(input_ids=tokens, attention_mask=mask, use_cache=False)
-        except _StopForward:
-            pass
+            self.model(input_ids=tokens, attention_mask=mask, position_ids=positions, use_cache=False)
+        except _StopForward as reached:
+            return reached.residual
         finally:
-            handle.remove()
+            stop.remove()
+        raise RuntimeError(f"the forward pass never reached block {layer}")  # a block list rearranged mid-run
 
     def run_with_hooks(
         self,
@@ -331,14 +391,15 @@ class HookedModel(WeightViews, nn.Module):
         dtype: torch.dtype | None = None,
         **forward_kwargs,
     ) -> tuple[torch.Tensor | None, ActivationCache]:
-        """Run the model and keep activations: ``(logits, ActivationCache)``.
+        """Run the model and keep activations: ``(what forward returns, ActivationCache)``.
 
         ``names_filter`` is a hook name, a list of names, or a predicate on names; ``None`` caches every
-        canonical point except ``attn.hook_result`` (ask for it by name). Tensors are detached, and moved
-        or cast only when ``device`` / ``dtype`` are given. With ``stop_at_layer`` logits are ``None``.
+        canonical point except ``attn.hook_result`` (ask for it by name), opt-in points included when their
+        option is on. Tensors are detached, and moved or cast only when ``device`` / ``dtype`` are given. With
+        ``stop_at_layer`` the first element is the residual stream there, as :meth:`forward` returns it.
         """
         if names_filter is None:
-            names = self._cached_by_default
+            names = [n for n in self.points.names if parse_hook(n).point != "attn.hook_result"]
         elif isinstance(names_filter, str) or callable(names_filter):
             names = self.points.resolve(names_filter)
         else:
@@ -375,7 +436,7 @@ class HookedModel(WeightViews, nn.Module):
 
         ``do_sample=False`` or ``temperature=0`` is greedy. Prompts of different lengths are left-padded.
         Hooks see every step's activations: the whole prompt on the first step, then one new position
-        (``hook_k``/``hook_v`` see every key position, cached ones included).
+        (``hook_rot_k`` sees every key position, cached ones included; ``hook_k`` / ``hook_v`` the new ones).
         """
         tokens, mask = tokenize(self.tokenizer, input, prepend_bos, padding_side="left")
         tokens = tokens.to(self.device)
@@ -383,7 +444,7 @@ class HookedModel(WeightViews, nn.Module):
         eos = self.tokenizer.eos_token_id
         batch = tokens.shape[0]
         full_mask = mask.to(self.device) if mask is not None else torch.ones_like(tokens)
-        positions = (full_mask.cumsum(-1) - 1).clamp(min=0)
+        positions = positions_from_mask(full_mask)
         kv = self.new_kv_cache()
         finished = torch.zeros(batch, dtype=torch.bool, device=self.device)
         new = []
@@ -410,6 +471,12 @@ class HookedModel(WeightViews, nn.Module):
             new_tokens=new_tokens,
             new_strings=decode(new_tokens.tolist(), skip_special_tokens=True),
         )
+
+
+def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:
+    """Position ids ``[batch, pos]`` of an attention mask ``[batch, pos]`` (1 = real token): the number of real tokens
+    before each one (padding gets 0), so left padding does not shift the real tokens' positions."""
+    return (mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
 def lm_loss(logits: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:

@@ -5,12 +5,14 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
 
 from mechscope.models.adapters import ADAPTERS
+from mechscope.models.tokenizer import byte_tokenizer
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_HUB = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -119,9 +121,37 @@ def load_gguf(path: Path, dtype: torch.dtype, device: str | torch.device | None,
     return _load_dir(str(cached), dtype, device, **hf_kwargs)
 
 
+#: the files a saved tokenizer leaves in a model folder (any one of them)
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "vocab.json",
+    "vocab.txt",
+    "spiece.model",
+)
+
+
+def _tokenizer(name: str, d_vocab: int) -> PreTrainedTokenizerBase:
+    """The folder's or hub id's tokenizer; for a local folder without tokenizer files (``save_pretrained`` of a bare
+    model) mechscope's byte tokenizer, with a warning."""
+    folder = Path(name)
+    if folder.is_dir() and not any((folder / f).exists() for f in TOKENIZER_FILES):
+        fit = "" if d_vocab > 256 else f" (its ids 0-256 do not all fit this model's {d_vocab} tokens: pass token ids)"
+        warnings.warn(
+            f"{name} has no tokenizer files ({', '.join(TOKENIZER_FILES)}): using mechscope's byte tokenizer, one "
+            f"token per byte and <|endoftext|> = 256{fit}. Save the model's tokenizer into the folder "
+            "(tokenizer.save_pretrained(folder)) or pass it: HookedModel(hf_model, tokenizer)",
+            UserWarning,
+            stacklevel=5,  # the caller of HookedModel.from_pretrained
+        )
+        return byte_tokenizer()
+    return AutoTokenizer.from_pretrained(name)
+
+
 def _load_dir(name: str, dtype: torch.dtype, device, **hf_kwargs):
     model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, **hf_kwargs)
-    tokenizer = AutoTokenizer.from_pretrained(name)
+    tokenizer = _tokenizer(name, model.config.vocab_size)
     if device is not None:
         model = model.to(device)
     return model, tokenizer

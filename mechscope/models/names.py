@@ -4,7 +4,8 @@ Names are TransformerLens's::
 
     hook_embed  hook_pos_embed                                  before the blocks
     blocks.L.<point>                                            a point of block L (BLOCK_POINTS): blocks.3.attn.hook_z
-    ln_final.hook_scale  ln_final.hook_normalized  hook_logits  after the blocks
+    ln_final.hook_scale  ln_final.hook_normalized               after the blocks (FINAL_POINTS)
+    unembed.hook_in  unembed.hook_out  hook_logits
     <module>.hook_result_pre  <module>.hook_result_post         module points: a backbone submodule's first input and
                                                                 its output, e.g. layers.0.self_attn.hook_result_post
     <hook name>.hook_sae_input ... .hook_sae_error              an SAE spliced in at <hook name> (SAELens's names)
@@ -33,22 +34,33 @@ Dims = tuple[str | int, ...] | None
 #: the points of every block, in the order a forward pass reaches them (a model serves those its family has)
 BLOCK_POINTS: dict[str, Dims] = {
     "hook_resid_pre": ("d_model",),
+    "hook_attn_in": ("n_heads", "d_model"),  # opt-in: use_attn_in
+    "hook_q_input": ("n_heads", "d_model"),  # opt-in: use_split_qkv_input
+    "hook_k_input": ("n_key_value_heads", "d_model"),
+    "hook_v_input": ("n_key_value_heads", "d_model"),
     "ln1.hook_scale": (1,),
     "ln1.hook_normalized": ("d_model",),
-    "attn.hook_q": ("n_heads", "d_head"),
+    "attn.hook_q": ("n_heads", "d_head"),  # the projections, before q/k-norm and rotary
     "attn.hook_k": ("n_key_value_heads", "d_head"),
     "attn.hook_v": ("n_key_value_heads", "d_head"),
+    "attn.hook_rot_q": ("n_heads", "d_head"),  # rotary models: after rotary
+    "attn.hook_rot_k": ("n_key_value_heads", "d_head"),
     "attn.hook_attn_scores": None,
     "attn.hook_pattern": None,
     "attn.hook_z": ("n_heads", "d_head"),
     "attn.hook_result": ("n_heads", "d_model"),
+    "ln1_post.hook_scale": (1,),  # Gemma 2's norm of the attention output
+    "ln1_post.hook_normalized": ("d_model",),
     "hook_attn_out": ("d_model",),
     "hook_resid_mid": ("d_model",),
+    "hook_mlp_in": ("d_model",),  # opt-in: use_hook_mlp_in
     "ln2.hook_scale": (1,),
     "ln2.hook_normalized": ("d_model",),
     "mlp.hook_pre": ("d_mlp",),
     "mlp.hook_pre_linear": ("d_mlp",),
     "mlp.hook_post": ("d_mlp",),
+    "ln2_post.hook_scale": (1,),  # Gemma 2's norm of the MLP output
+    "ln2_post.hook_normalized": ("d_model",),
     "hook_mlp_out": ("d_model",),
     "hook_resid_post": ("d_model",),
 }
@@ -57,12 +69,22 @@ EMBED_POINTS: dict[str, Dims] = {"hook_embed": ("d_model",), "hook_pos_embed": (
 FINAL_POINTS: dict[str, Dims] = {
     "ln_final.hook_scale": (1,),
     "ln_final.hook_normalized": ("d_model",),
-    "hook_logits": ("d_vocab",),
+    "unembed.hook_in": ("d_model",),  # the unembedding's input (the final norm's output)
+    "unembed.hook_out": ("d_vocab",),  # its output, before Gemma 2's final soft-cap
+    "hook_logits": ("d_vocab",),  # the logits the model returns
 }
 #: every canonical point (block points without their ``blocks.L.`` prefix) and its per-position shape
 POINT_DIMS: dict[str, Dims] = {**EMBED_POINTS, **BLOCK_POINTS, **FINAL_POINTS}
-#: the points of the attention function, served by :mod:`mechscope.models.attention`
-ATTN_POINTS = tuple(p for p in BLOCK_POINTS if p.startswith("attn.") and p != "attn.hook_result")
+#: the points of the attention function, served by :mod:`mechscope.models.attention` (``hook_rot_q/k`` only on
+#: rotary models)
+ROTARY_POINTS = ("attn.hook_rot_q", "attn.hook_rot_k")
+ATTN_POINTS = (*ROTARY_POINTS, "attn.hook_attn_scores", "attn.hook_pattern", "attn.hook_z")
+#: the points that exist only when the model option of the same name is on (TransformerLens's opt-in flags)
+OPT_IN_POINTS: dict[str, tuple[str, ...]] = {
+    "use_attn_in": ("hook_attn_in",),
+    "use_split_qkv_input": ("hook_q_input", "hook_k_input", "hook_v_input"),
+    "use_hook_mlp_in": ("hook_mlp_in",),
+}
 ModulePoint = Literal["pre", "post"]
 #: module points: ``<module>.hook_result_pre`` (first input) and ``<module>.hook_result_post`` (output)
 MODULE_POINTS: dict[ModulePoint, str] = {"pre": "hook_result_pre", "post": "hook_result_post"}
@@ -78,7 +100,8 @@ _MAP_SUFFIXES = tuple("." + p for p in ATTENTION_MAPS)
 _BLOCK_RE = re.compile(r"blocks\.(-?(?:0|[1-9][0-9]*))\.(.+)")
 _FORMS = (
     "hook_embed, hook_pos_embed, blocks.L.<point> (e.g. blocks.0.hook_resid_post), ln_final.hook_scale, "
-    "ln_final.hook_normalized, hook_logits, or <module>.hook_result_pre / <module>.hook_result_post; "
+    "ln_final.hook_normalized, unembed.hook_in, unembed.hook_out, hook_logits, or <module>.hook_result_pre / "
+    "<module>.hook_result_post; "
     "model.hook_names() lists a model's names"
 )
 
@@ -235,21 +258,47 @@ def _shorthand() -> dict[str, str]:
 
 
 _SHORTHAND = _shorthand()
-_ALIASES = {"attn": "pattern", "mlp_pre": "pre", "mlp_post": "post"}
+#: TransformerLens's aliases of activation names and of layer types
+_ALIASES = {
+    "attn": "pattern",
+    "attn_logits": "attn_scores",
+    "key": "k",
+    "query": "q",
+    "value": "v",
+    "mlp_pre": "pre",
+    "mlp_post": "post",
+}
+_LAYER_TYPES = {"a": "attn", "attention": "attn", "m": "mlp", "b": "", "block": "", "blocks": ""}
 _NORM_POINTS = ("scale", "normalized")
 _OUTER = ("embed", "pos_embed", "logits")
+#: compact forms: a name, the layer, then an optional layer type ("k6", "resid_pre5", "scale4ln1")
+_COMPACT_RE = re.compile(r"([a-z][a-z_]*?)_?(\d+)([a-z][a-z0-9_]*)?")
 
 
-def get_act_name(name: str, layer: int | None = None, layer_type: str | None = None) -> str:
-    """Full hook name from TransformerLens shorthand.
+def get_act_name(name: str, layer: int | str | None = None, layer_type: str | None = None) -> str:
+    """Full hook name from TransformerLens shorthand (``transformer_lens.utils.get_act_name``).
 
-    ``get_act_name("resid_post", 3) == "blocks.3.hook_resid_post"``, ``("pattern", 0)`` ->
-    ``blocks.0.attn.hook_pattern``, ``("scale", 2, "ln1")`` -> ``blocks.2.ln1.hook_scale``,
-    ``("scale")`` -> ``ln_final.hook_scale``, ``("embed")`` -> ``hook_embed``. Full names pass through.
+    ``get_act_name("resid_post", 3) == "blocks.3.hook_resid_post"``, ``("pattern", 0)`` / ``("attn", 0)`` ->
+    ``blocks.0.attn.hook_pattern``, ``("rot_q", 1)`` -> ``blocks.1.attn.hook_rot_q``, ``("scale", 2, "ln1")`` ->
+    ``blocks.2.ln1.hook_scale``, ``("scale")`` -> ``ln_final.hook_scale``, ``("embed")`` -> ``hook_embed``; compact
+    forms put the layer (and a layer type) in the name: ``"k6"``, ``"pre5"``, ``"scale4ln1"``, ``"resid_pre5"``.
+    TransformerLens's aliases work (``attn_logits``, ``key``/``query``/``value``, ``mlp_pre``/``mlp_post``; layer
+    types ``a``/``attention``, ``m``, ``b``/``block``). Full names pass through.
+
+    Where TransformerLens builds a name no model has, this differs: ``"resid_pre5"`` (TransformerLens:
+    ``hook_resid_pre5``) and ``("scale", 2)`` without a layer type (TransformerLens: ``blocks.2.hook_scale``; here
+    ``ln1``'s); unknown shorthand raises instead of building a name.
     """
     if "." in name or name.startswith("hook_"):
         return name
+    compact = _COMPACT_RE.fullmatch(name)
+    if compact is not None:
+        name, layer, layer_type = compact.group(1), compact.group(2), compact.group(3) or layer_type
     name = _ALIASES.get(name, name)
+    if isinstance(layer, str):
+        layer = int(layer)
+    if layer_type is not None:
+        layer_type = _LAYER_TYPES.get(layer_type, layer_type)
     if name in _OUTER:
         return f"hook_{name}"
     if name in _NORM_POINTS:

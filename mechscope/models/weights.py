@@ -52,28 +52,55 @@ def linear_in_out(module: nn.Module) -> Pair:
     return w, bias if bias is not None else w.new_zeros(w.shape[1])
 
 
+#: the fused q/k/v projections mechscope knows, by module name, and how their output features are laid out:
+#: ``"concat"`` ``[q | k | v]`` (GPT-2's ``c_attn``, Phi-3's ``qkv_proj``), ``"per_head"`` ``[head, (q, k, v), d_head]``
+#: (GPT-NeoX's ``query_key_value``)
+FUSED_QKV = {"c_attn": "concat", "qkv_proj": "concat", "query_key_value": "per_head"}
+
+
+def qkv_projections(attn: nn.Module) -> tuple[tuple[nn.Module, ...], str | None]:
+    """The modules that project q, k and v in one attention module: ``((q_proj, k_proj, v_proj), None)``, or
+    ``((fused,), layout)`` with ``layout`` a value of :data:`FUSED_QKV`."""
+    if hasattr(attn, "q_proj"):
+        return tuple(attn.get_submodule(n) for n in ("q_proj", "k_proj", "v_proj")), None
+    for name, layout in FUSED_QKV.items():
+        if hasattr(attn, name):
+            return (attn.get_submodule(name),), layout
+    raise ValueError(
+        f"no q/k/v projection found in {type(attn).__name__}: teach mechscope/models/weights.py its layout"
+    )
+
+
+def split_qkv(fused: torch.Tensor, layout: str, cfg: HookedConfig) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``[..., features]`` of a fused projection -> q ``[..., n_heads * d_head]``, k and v
+    ``[..., n_key_value_heads * d_head]`` (its output, or the columns of its ``[in, out]`` weight)."""
+    h, kv, d = cfg.n_heads, cfg.n_key_value_heads, cfg.d_head
+    if layout == "per_head":
+        per_head = fused.unflatten(-1, (h, 3, d))
+        q, k, v = (per_head[..., i, :].flatten(-2) for i in range(3))
+        return q, k, v
+    q, k, v = fused.split([h * d, kv * d, kv * d], dim=-1)
+    return q, k, v
+
+
+def merge_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: str, cfg: HookedConfig) -> torch.Tensor:
+    """The inverse of :func:`split_qkv`: q, k, v ``[..., heads * d_head]`` -> the fused ``[..., features]``."""
+    if layout == "per_head":
+        return torch.stack([t.unflatten(-1, (cfg.n_heads, cfg.d_head)) for t in (q, k, v)], dim=-2).flatten(-3)
+    return torch.cat([q, k, v], dim=-1)
+
+
 def qkv_in_out(attn: nn.Module, cfg: HookedConfig) -> tuple[Pair, Pair, Pair]:
     """The q, k, v projections of one attention module, each ``(weight [d_model, heads * d_head], bias)``.
 
     q has ``n_heads`` heads, k and v ``n_key_value_heads``.
     """
-    h, kv, d = cfg.n_heads, cfg.n_key_value_heads, cfg.d_head
-    if hasattr(attn, "q_proj"):
-        q, k, v = (linear_in_out(attn.get_submodule(n)) for n in ("q_proj", "k_proj", "v_proj"))
+    modules, layout = qkv_projections(attn)
+    if layout is None:
+        q, k, v = (linear_in_out(m) for m in modules)
         return q, k, v
-    if hasattr(attn, "query_key_value"):  # GPT-NeoX: output features laid out as [head, (q, k, v), d_head]
-        w, b = linear_in_out(attn.get_submodule("query_key_value"))
-        w, b = w.unflatten(-1, (h, 3, d)), b.unflatten(-1, (h, 3, d))
-        q, k, v = ((w[..., i, :].flatten(-2), b[..., i, :].flatten(-2)) for i in range(3))
-        return q, k, v
-    fused = next((attn.get_submodule(n) for n in ("c_attn", "qkv_proj") if hasattr(attn, n)), None)
-    if fused is None:
-        raise ValueError(
-            f"no q/k/v projection found in {type(attn).__name__}: teach mechscope/models/weights.py its layout"
-        )
-    w, b = linear_in_out(fused)  # [q | k | v] (GPT-2 c_attn, Phi-3 qkv_proj)
-    sizes = [h * d, kv * d, kv * d]
-    q, k, v = zip(w.split(sizes, dim=-1), b.split(sizes), strict=True)
+    w, b = linear_in_out(modules[0])
+    q, k, v = zip(split_qkv(w, layout, cfg), split_qkv(b, layout, cfg), strict=True)
     return q, k, v
 
 

@@ -266,8 +266,9 @@ def _check_locations(model: HookedModel, layer: int, tokens: torch.Tensor) -> No
     g = lambda path: got[(path, layer)]  # noqa: E731
 
     q, k, v = g("attn.q"), g("attn.k"), g("attn.v")
-    torch.testing.assert_close(q, c("attn.hook_q") * root)
-    torch.testing.assert_close(k, c("attn.hook_k") * root)
+    rot = "rot_" if model.cfg.positional_embedding_type == "rotary" else ""  # TDB's q, k: those the scores use
+    torch.testing.assert_close(q, c(f"attn.hook_{rot}q") * root)
+    torch.testing.assert_close(k, c(f"attn.hook_{rot}k") * root)
     torch.testing.assert_close(v, c("attn.hook_v"))
     k_full = k.repeat_interleave(heads // k.shape[2], dim=2)
     v_full = v.repeat_interleave(heads // v.shape[2], dim=2)

@@ -2,11 +2,20 @@
 
 from __future__ import annotations
 
+import sys
 import warnings
+from importlib.metadata import version
+from pathlib import Path
 
 import torch
+from packaging.requirements import Requirement
 
 from mechscope.models.sampling import sample_next
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:
+    import tomli as tomllib
 
 
 def greedy_by_recomputation(model, tokens: torch.Tensor, n: int, fwd_hooks=()) -> torch.Tensor:
@@ -79,3 +88,28 @@ def test_generation_stops_at_eos(llama):
     out = llama.generate("abc", max_new_tokens=5, do_sample=False, fwd_hooks=[("hook_logits", force_eos)])
     assert out.new_tokens.tolist() == [[eos]]
     assert out.new_strings == [""]
+
+
+def test_generation_hooks_q_k_before_and_rot_k_after_the_kv_cache(llama):
+    """``hook_q`` / ``hook_k`` (the projections, as TransformerLens's) see the new positions of each step,
+    ``hook_rot_k`` every key position; an edit of ``hook_k`` is cached with the key, as recomputation has it."""
+    tokens = torch.randint(0, 50256, (1, 5), generator=torch.Generator().manual_seed(5))
+    shapes: dict[str, list[int]] = {"blocks.0.attn.hook_k": [], "blocks.0.attn.hook_rot_k": []}
+
+    def record(t, hook):
+        shapes[hook.name].append(t.shape[1])
+
+    hooks = [(n, record) for n in shapes]
+    llama.generate(tokens, max_new_tokens=3, do_sample=False, stop_at_eos=False, fwd_hooks=hooks)
+    assert shapes == {"blocks.0.attn.hook_k": [5, 1, 1], "blocks.0.attn.hook_rot_k": [5, 6, 7]}
+    edit = [("blocks.0.attn.hook_k", lambda k, hook: k * 2.0 + 0.5)]
+    out = llama.generate(tokens, max_new_tokens=6, do_sample=False, fwd_hooks=edit, stop_at_eos=False)
+    assert torch.equal(out.tokens, greedy_by_recomputation(llama, tokens, 6, edit))
+
+
+def test_transformers_is_within_the_bound_ci_tests():
+    """pyproject.toml bounds transformers to the releases CI runs; the suite must run on one of them."""
+    pyproject = tomllib.loads((Path(__file__).parents[2] / "pyproject.toml").read_text())
+    (spec,) = [r for r in map(Requirement, pyproject["project"]["dependencies"]) if r.name == "transformers"]
+    assert spec.specifier.contains(version("transformers")), (str(spec), version("transformers"))
+    assert any(s.operator == "<" for s in spec.specifier), f"{spec}: no upper bound"

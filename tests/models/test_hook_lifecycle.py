@@ -89,20 +89,22 @@ def test_stop_at_layer_runs_no_later_block(llama, tokens):
     blocks = llama.model.model.layers
     handles = [b.register_forward_pre_hook(lambda m, a, i=i: ran.append(i)) for i, b in enumerate(blocks)]
     try:
-        logits, cache = llama.run_with_cache(tokens, stop_at_layer=1)
+        residual, cache = llama.run_with_cache(tokens, stop_at_layer=1)
     finally:
         for h in handles:
             h.remove()
-    assert logits is None
     assert ran == [0]
     assert "blocks.0.hook_resid_post" in cache
     assert not any(n.startswith("blocks.1.") or n.startswith("ln_final") for n in cache)
     _, full = llama.run_with_cache(tokens)
     assert torch.equal(cache["resid_post", 0], full["resid_post", 0])
-    logits, zero = llama.run_with_cache(tokens, stop_at_layer=0)
-    assert logits is None and set(zero) == {"hook_embed"}
-    _, last = llama.run_with_cache(tokens, stop_at_layer=-1)
+    assert torch.equal(residual, full["resid_pre", 1])  # the residual stream where it stopped
+    embedded, zero = llama.run_with_cache(tokens, stop_at_layer=0)
+    assert set(zero) == {"hook_embed"} and torch.equal(embedded, full["resid_pre", 0])
+    before_last, last = llama.run_with_cache(tokens, stop_at_layer=-1)
     assert "blocks.0.hook_resid_post" in last and "blocks.1.hook_resid_pre" not in last
+    assert torch.equal(before_last, full["resid_pre", 1])
+    assert torch.equal(llama(tokens, stop_at_layer=2), full["resid_post", 1])
     assert _inactive(llama)
 
 

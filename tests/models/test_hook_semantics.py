@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from transformers.activations import ACT2FN
 
 from mechscope import HookedModel
-from mechscope.models.names import parse_hook
+from mechscope.models.names import OPT_IN_POINTS, parse_hook
 from tests.conftest import torch_hook_count
 
 ATOL = 2e-5
@@ -50,7 +50,7 @@ def rotary(x: torch.Tensor, config) -> torch.Tensor:
 
 
 def qkv_by_hand(model, attn, h: torch.Tensor):
-    """q, k, v ``[b, pos, heads, d_head]`` from the attention module's projection weights."""
+    """q, k, v ``[b, pos, heads, d_head]`` from the attention module's projection weights (``hook_q/k/v``)."""
     c = model.cfg
     b, p, _ = h.shape
     family = c.family
@@ -71,11 +71,16 @@ def qkv_by_hand(model, attn, h: torch.Tensor):
 
         q, k, v = lin(attn.q_proj), lin(attn.k_proj), lin(attn.v_proj)
     q, k, v = (t.reshape(b, p, -1, c.d_head) for t in (q, k, v))
+    return q, k, v
+
+
+def rotated_by_hand(model, attn, q: torch.Tensor, k: torch.Tensor):
+    """The q and k attention scores use (``hook_rot_q/k`` on rotary models): Qwen 3's q/k-norm, then rotary."""
     if hasattr(attn, "q_norm"):  # Qwen 3 normalises each head's q and k before rotary
         q, k = norm_by_hand(attn.q_norm, q, "rms")[2], norm_by_hand(attn.k_norm, k, "rms")[2]
-    if c.positional_embedding_type == "rotary":
+    if model.cfg.positional_embedding_type == "rotary":
         q, k = rotary(q, model.model.config), rotary(k, model.model.config)
-    return q, k, v
+    return q, k
 
 
 def block_by_hand(model, cache, layer: int) -> dict[str, torch.Tensor]:
@@ -89,6 +94,9 @@ def block_by_hand(model, cache, layer: int) -> dict[str, torch.Tensor]:
     out["ln1.hook_scale"], out["ln1.hook_normalized"], h = norm_by_hand(block.get_submodule(ad.ln1), x, ad.norm_kind)
     q, k, v = qkv_by_hand(model, attn, h)
     out["attn.hook_q"], out["attn.hook_k"], out["attn.hook_v"] = q, k, v
+    q, k = rotated_by_hand(model, attn, q, k)
+    if c.positional_embedding_type == "rotary":
+        out["attn.hook_rot_q"], out["attn.hook_rot_k"] = q, k
     groups = c.n_heads // c.n_key_value_heads
     k_rep = k.repeat_interleave(groups, dim=2)
     v_rep = v.repeat_interleave(groups, dim=2)
@@ -107,7 +115,9 @@ def block_by_hand(model, cache, layer: int) -> dict[str, torch.Tensor]:
     out["attn.hook_result"] = torch.einsum("bphd,hdm->bphm", z, w_o.reshape(c.n_heads, c.d_head, -1))
     attn_out = z.flatten(-2) @ w_o + (o.bias if o.bias is not None else 0)
     if c.family == "gemma2":
-        attn_out = norm_by_hand(block.post_attention_layernorm, attn_out, "rms_offset")[2]
+        out["ln1_post.hook_scale"], out["ln1_post.hook_normalized"], attn_out = norm_by_hand(
+            block.post_attention_layernorm, attn_out, "rms_offset"
+        )
     out["hook_attn_out"] = attn_out
     ln2_in = x if c.parallel_attn_mlp else x + attn_out
     if not c.parallel_attn_mlp:
@@ -135,7 +145,9 @@ def block_by_hand(model, cache, layer: int) -> dict[str, torch.Tensor]:
         pre, post = gate, act(gate) * up
         mlp_out = post @ mlp.down_proj.weight.T
         if c.family == "gemma2":
-            mlp_out = norm_by_hand(block.post_feedforward_layernorm, mlp_out, "rms_offset")[2]
+            out["ln2_post.hook_scale"], out["ln2_post.hook_normalized"], mlp_out = norm_by_hand(
+                block.post_feedforward_layernorm, mlp_out, "rms_offset"
+            )
     out["mlp.hook_pre"], out["mlp.hook_post"], out["hook_mlp_out"] = pre, post, mlp_out
     out["hook_resid_post"] = x + attn_out + mlp_out
     return out
@@ -171,7 +183,9 @@ def test_every_hook_value_matches_a_by_hand_forward(pair, tokens):
     scale, normalized, normed = norm_by_hand(final, cache["resid_post", c.n_layers - 1], ad.norm_kind)
     close(cache["ln_final.hook_scale"], scale)
     close(cache["ln_final.hook_normalized"], normalized)
+    close(cache["unembed.hook_in"], normed)
     by_hand = normed @ model.model.get_submodule(ad.lm_head).weight.T
+    close(cache["unembed.hook_out"], by_hand, atol=1e-4)
     cap = getattr(model.model.config, "final_logit_softcapping", None)
     if cap:
         by_hand = torch.tanh(by_hand / cap) * cap
@@ -324,8 +338,32 @@ def test_backward_points_cover_every_kind(pair):
 
 def test_backward_hooks_receive_the_gradient_at_each_point(pair, tokens):
     model, _ = pair
-    tokens = tokens[:1, :6]
-    names = backward_points(model, model.cfg.family)
+    check_backward_hooks(model, tokens[:1, :6], backward_points(model, model.cfg.family))
+
+
+@pytest.mark.parametrize("flags", [("use_split_qkv_input", "use_hook_mlp_in"), ("use_attn_in",)])
+def test_backward_hooks_at_the_opt_in_points(pair, tokens, flags):
+    """(With split inputs on, q, k and v do not read ``hook_attn_in``: it gets no gradient, so it is checked alone.)"""
+    model, _ = pair
+    if "use_attn_in" in flags and model.cfg.n_key_value_heads != model.cfg.n_heads:
+        with pytest.raises(ValueError, match="grouped-query attention"):  # the heads share no input
+            model.set_use_attn_in(True)
+        assert "blocks.0.hook_attn_in" not in model.hook_names()
+        return
+    try:
+        for flag in flags:
+            getattr(model, f"set_{flag}")(True)
+        points = {p for f in flags for p in OPT_IN_POINTS[f]}
+        names = [n for n in model.hook_names() if parse_hook(n).point in points]
+        assert len(names) == model.cfg.n_layers * len(points)
+        check_backward_hooks(model, tokens[:1, :6], names)
+    finally:
+        for flag in flags:
+            getattr(model, f"set_{flag}")(False)
+
+
+def check_backward_hooks(model: HookedModel, tokens: torch.Tensor, names: list[str]) -> None:
+    """A backward hook at each of ``names`` gets the gradient a leaf tensor put there gets."""
     grads: dict[str, torch.Tensor] = {}
     leaves: dict[str, torch.Tensor] = {}
 

@@ -57,6 +57,9 @@ def test_from_hf_and_from_pretrained_local_directory(tmp_path):
     assert loaded.to_string(loaded.to_tokens("héllo wörld")[0]) == "héllo wörld"
     half = HookedModel.from_pretrained(str(tmp_path), dtype="bfloat16")
     assert next(half.model.parameters()).dtype == torch.bfloat16
+    split = HookedModel.from_pretrained(str(tmp_path), use_split_qkv_input=True)  # an option, not an HF keyword
+    assert split.cfg.use_split_qkv_input and "blocks.0.hook_q_input" in split.hook_names()
+    assert "blocks.0.hook_q_input" in HookedModel.from_hf(hf, use_split_qkv_input=True).hook_names()
 
 
 def test_missing_gguf_and_offline_hub_errors_name_the_fix(monkeypatch, tmp_path):
@@ -79,3 +82,21 @@ def test_tokens_and_strings(llama):
     assert torch.equal(llama.to_tokens([5, 6, 7]), torch.tensor([[5, 6, 7]]))
     with pytest.raises(TypeError, match="only strings or only token ids"):
         llama.to_tokens(["a", 3])
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_a_folder_without_tokenizer_files_gets_the_byte_tokenizer_and_a_warning(family, tmp_path):
+    """``save_pretrained`` of a bare model: before, GPT-2 loaded an empty tokenizer (text -> 0 tokens) and Llama
+    failed; now text becomes one token per byte, with a warning that names the fix."""
+    torch.manual_seed(0)
+    hf = AutoModelForCausalLM.from_config(HookedAutoConfig(family)).eval()
+    hf.save_pretrained(tmp_path)
+    assert not any((tmp_path / f).exists() for f in loading.TOKENIZER_FILES)
+    with pytest.warns(UserWarning, match=r"no tokenizer files .* byte tokenizer.*tokenizer\.save_pretrained"):
+        model = HookedModel.from_pretrained(str(tmp_path))
+    text = "héllo"
+    tokens = model.to_tokens(text)
+    assert tokens.shape == (1, len(text.encode()))  # one token per byte
+    assert model.to_string(tokens[0]) == text
+    with torch.no_grad():
+        assert torch.equal(model(tokens), hf(tokens).logits)

@@ -58,9 +58,15 @@ def test_round_trips_of_every_form():
 def test_hook_names_lists_every_point_in_forward_order():
     names = hook_names(2)
     assert names[:2] == ["hook_embed", "hook_pos_embed"]
-    assert names[-3:] == ["ln_final.hook_scale", "ln_final.hook_normalized", "hook_logits"]
+    assert names[-5:] == [
+        "ln_final.hook_scale",
+        "ln_final.hook_normalized",
+        "unembed.hook_in",
+        "unembed.hook_out",
+        "hook_logits",
+    ]
     assert names[2 : 2 + len(BLOCK_POINTS)] == [f"blocks.0.{p}" for p in BLOCK_POINTS]
-    assert len(names) == len(set(names)) == 5 + 2 * len(BLOCK_POINTS)
+    assert len(names) == len(set(names)) == 7 + 2 * len(BLOCK_POINTS)
 
 
 @pytest.mark.parametrize(
@@ -137,7 +143,8 @@ def test_stop_layer_is_the_smallest_that_reaches_the_hooks(family, tokens):
 
 
 def test_per_head_and_attention_maps():
-    per_head = {"attn.hook_q", "attn.hook_k", "attn.hook_v", "attn.hook_z", "attn.hook_result"}
+    per_head = {"attn.hook_q", "attn.hook_k", "attn.hook_v", "attn.hook_rot_q", "attn.hook_rot_k", "attn.hook_z"}
+    per_head |= {"attn.hook_result", "hook_attn_in", "hook_q_input", "hook_k_input", "hook_v_input"}
     for point in BLOCK_POINTS:
         assert is_per_head(block_hook(3, point)) == (point in per_head)
         assert is_attention_map(block_hook(3, point)) == (point in ("attn.hook_attn_scores", "attn.hook_pattern"))
@@ -151,9 +158,10 @@ def test_per_head_and_attention_maps():
 
 def test_shorthand_expands_through_the_grammar():
     for point in BLOCK_POINTS:
-        short = point.rpartition(".")[2].removeprefix("hook_")
-        if point.startswith(("ln1.", "ln2.")):
-            assert get_act_name(short, 1, point[:3]) == block_hook(1, point)
+        part, _, hook = point.rpartition(".")
+        short = hook.removeprefix("hook_")
+        if part.startswith("ln"):
+            assert get_act_name(short, 1, part) == block_hook(1, point)
         else:
             assert get_act_name(short, 1) == block_hook(1, point)
     assert get_act_name("embed") == "hook_embed" and get_act_name("logits") == "hook_logits"

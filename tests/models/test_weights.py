@@ -56,12 +56,13 @@ def test_hook_values_from_weight_views(model, tokens):
         close(torch.einsum("bpm,hmd->bphd", h1, W_V[layer]) + model.b_V[layer], v.repeat_interleave(groups, dim=2))
         k_rep = torch.einsum("bpm,hmd->bphd", h1, W_K[layer]) + model.b_K[layer]
         close(k_rep, k.repeat_interleave(groups, dim=2))
+        close(cache["q", layer], q)  # the projections, before q/k-norm and rotary
+        close(cache["k", layer], k)
         if hasattr(attn, "q_norm"):  # Qwen 3 normalises each head's query and key before rotary
             q, k = attn.q_norm(q), attn.k_norm(k)
         if c.positional_embedding_type == "rotary":
-            q, k = rotary(q, hf_cfg), rotary(k, hf_cfg)
-        close(cache["q", layer], q)
-        close(cache["k", layer], k)
+            close(cache["rot_q", layer], rotary(q, hf_cfg))
+            close(cache["rot_k", layer], rotary(k, hf_cfg))
 
         z = cache["z", layer]
         close(cache["result", layer], torch.einsum("bphd,hdm->bphm", z, W_O[layer]))
@@ -171,8 +172,9 @@ def test_smollm2_weight_views_reproduce_its_forward_pass():
     logits, cache = model.run_with_cache(tokens, names_filter=lambda n: n.startswith(("blocks.7.", "ln_final")))
     h1 = cache["normalized", 7, "ln1"] * model.ln1_w[7]
     close(cache["v", 7], torch.einsum("bpm,hmd->bphd", h1, model._W_V[7]))
-    q = rotary(torch.einsum("bpm,hmd->bphd", h1, model.W_Q[7]), model.model.config)
+    q = torch.einsum("bpm,hmd->bphd", h1, model.W_Q[7])
     close(cache["q", 7], q, atol=1e-4)
+    close(cache["rot_q", 7], rotary(q, model.model.config), atol=1e-4)
     close(cache["attn_out", 7], torch.einsum("bphd,hdm->bpm", cache["z", 7], model.W_O[7]), atol=1e-4)
     close(cache["mlp_out", 7], cache["post", 7] @ model.W_out[7], atol=1e-4)
     close(logits, cache["ln_final.hook_normalized"] * model.ln_final_w @ model.W_U, atol=1e-3)

@@ -23,7 +23,7 @@ from mechscope.compat.tdb.hooks import FwdBwdHooks, TransformerHooks
 from mechscope.models.config import HookedConfig
 from mechscope.models.hooked import HookedModel
 from mechscope.models.hooks import HookPoint, read_only
-from mechscope.models.names import BLOCK_POINTS, block_hook
+from mechscope.models.names import block_hook
 
 
 def get_default_device() -> torch.device:
@@ -301,12 +301,13 @@ class Transformer(torch.nn.Module):
         """TDB location -> its mechscope hook point, or (per-layer locations) its point in every layer; the
         norms' own locations (post_mean_subtraction, scale, post_scale) are in :meth:`_norms`."""
         model, layers = self.model, range(self.cfg.n_layers)
-        block = dict(_BLOCK_LOCATIONS)
-        if self.cfg.positional_embedding_type == "rotary" and "attn.hook_rot_q" in BLOCK_POINTS:
-            # TDB's q and k are those of its q . k: after rotary embeddings, which TransformerLens calls rot_q/rot_k
-            block.update({"attn.q": "attn.hook_rot_q", "attn.k": "attn.hook_rot_k"})
+        # TDB's q and k are those the scores use: after rotary on rotary models (mechscope's hook_rot_q / hook_rot_k)
+        rotated = {"attn.q": "attn.hook_rot_q", "attn.k": "attn.hook_rot_k"}
+        if self.cfg.positional_embedding_type != "rotary":
+            rotated = {}
         points: dict[str, str | list[str]] = {
-            tdb: [block_hook(layer, point) for layer in layers] for tdb, point in block.items()
+            tdb: [block_hook(layer, rotated.get(tdb, point)) for layer in layers]
+            for tdb, point in _BLOCK_LOCATIONS.items()
         }
         points["resid.post_emb"] = block_hook(0, "hook_resid_pre")
         points["resid.post_ln_f"] = model.module_hook(model.ln_final, "post")
@@ -442,7 +443,8 @@ class Transformer(torch.nn.Module):
 
         ``pad [batch, pos]`` (bool, True = padding) marks left padding on the first call. With ``H`` from a
         previous call, ``tokens`` continue those sequences (no padding). Hooks see the new positions only
-        (``attn.k``/``attn.v`` and the key axis of ``qk_logits``/``qk_probs`` include cached positions).
+        (``attn.k`` of rotary models and the key axis of ``qk_logits``/``qk_probs`` include cached positions; TDB's
+        ``attn.v``, and ``attn.k`` of GPT-2, include them too, mechscope's ``hook_v`` / ``hook_k`` do not).
         """
         if tokens.dtype != torch.long:
             raise TypeError(f"tokens must be a long tensor of token ids, got {tokens.dtype}")
