@@ -94,7 +94,10 @@ def test_results_file_holds_pca_tokens_contexts_and_top_tokens(tmp_path):
 
             tokens = [chars[r] for r in rows]
             contexts = [expected_context(chars, ctx, pos, r) for r in rows]
-            assert grp["pca_df/tokens"].dtype == h5py.string_dtype("utf-8")
+            # fixed-length UTF-8 strings: h5py reads bytes (numpy "S"), as the reference app's readers expect
+            assert grp["pca_df/tokens"].dtype.kind == "S"
+            assert grp["pca_df/tokens"].id.get_type().get_cset() == h5py.h5t.CSET_UTF8
+            assert [b.decode() for b in grp["pca_df/tokens"][()]] == tokens
             assert list(grp["pca_df/tokens"].asstr()[()]) == tokens
             assert list(grp["pca_df/context"].asstr()[()]) == contexts
             counts: dict[str, int] = {}
