@@ -170,6 +170,6 @@ def jaccard(counts: CooccurrenceCounts | sp.sparray | np.ndarray) -> sp.csr_arra
     values[(rows == c.indices) | (inter == 0)] = 0.0  # the diagonal is set below; explicit zeros stay 0
     j = sp.csr_array((values.astype(np.float32), c.indices.copy(), c.indptr.copy()), shape=c.shape)
     j.eliminate_zeros()
-    out = (j + sp.diags_array((diag > 0).astype(np.float32), format="csr")).tocsr()
+    out = (j + sp.diags_array((diag > 0).astype(np.float32), dtype=np.float32, format="csr")).tocsr()
     out.eliminate_zeros()
     return out

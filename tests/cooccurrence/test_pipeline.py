@@ -3,6 +3,7 @@ model's own activations, resuming after an interruption, the stages in sequence,
 
 from __future__ import annotations
 
+import csv
 import json
 import warnings
 from pathlib import Path
@@ -14,8 +15,9 @@ import torch
 import mechscope.cooccurrence.pipeline as pipeline
 from mechscope import HookedModel
 from mechscope.apps.tables import format_graph_summary
-from mechscope.cooccurrence import load_counts
+from mechscope.cooccurrence import edge_threshold, jaccard, load_counts, subgraphs
 from mechscope.cooccurrence.config import AnalysisConfig, CoocConfig, CountingConfig, PCAConfig
+from mechscope.cooccurrence.outputs import KINDS
 from mechscope.cooccurrence.pipeline import CHECKPOINT, run_all, run_count
 from mechscope.data import ActivationStore, iter_texts, pack_contexts
 from mechscope.sae import SAEConfig, SparseAutoencoder
@@ -241,7 +243,7 @@ def test_saes_load_from_paths_by_hook_name(llama, saes, corpus, tmp_path) -> Non
 
 
 def test_run_all_runs_the_stages_in_order_and_prints_where_the_results_are(llama, saes, corpus, tmp_path, capsys):
-    from mechscope.cooccurrence import edge_threshold, jaccard, load_partners, subgraphs, summary, top_cooccurring
+    from mechscope.cooccurrence import load_partners, summary, top_cooccurring
     from mechscope.cooccurrence.outputs import load_pca_results, partners_path, pca_results_path
 
     config = _config(tmp_path, corpus)
@@ -283,3 +285,25 @@ def test_run_all_runs_the_stages_in_order_and_prints_where_the_results_are(llama
     assert n_found >= 3  # the tiny random model's latents form few subgraphs, but some get a PCA
     table = printed.split("Co-occurrence graphs")[1].splitlines()[1 : 3 + 2 * len(THRESHOLDS)]
     assert len({len(line) for line in table}) == 1, "summary table columns are not aligned"
+
+    # the reference's edge threshold search and files, on the same results folder
+    config.analysis = AnalysisConfig(min_subgraph_size=3, max_subgraph_size=6, edge_threshold_method="bisection")
+    config.output_format = "sae_cooccurrence"
+    counted = CountedBatches()
+    again = run_count(config, llama, saes, on_batch=counted)  # counted already: the reference's files are written
+    assert counted.calls == []  # and nothing is counted again
+    _assert_same(again, out["counts"])
+    graphs = pipeline.run_graphs(config, llama, saes)
+    for hook in HOOKS:
+        names = {p.name for p in (results / hook).glob("*.npz")}
+        assert names == {f"feature_acts_cooc_{k}_threshold_{t}.npz" for k in KINDS for t in ("0_0", "0_3")}
+        with (results / hook / "edge_thresholds.csv").open() as f:
+            edges = {float(a): float(e) for a, e in list(csv.reader(f))[1:]}
+        for t in THRESHOLDS:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                bisection = edge_threshold(jaccard(out["counts"][hook][t]), 3, 6, method="bisection")
+            assert graphs[hook][t]["edge_threshold"] == edges[t] == bisection.threshold
+            tag = str(t).replace(".", "_")
+            assert (results / hook / "thresholded_matrices" / f"sparse_thresholded_matrix_{tag}.npz").exists()
+            assert pipeline.load_subgraphs(config, hook, t) == subgraphs(jaccard(out["counts"][hook][t]), edges[t])
