@@ -20,6 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from selenium import webdriver
+from selenium.common.exceptions import StaleElementReferenceException
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.action_chains import ActionChains
 from selenium.webdriver.common.by import By
@@ -46,35 +47,41 @@ def browser() -> webdriver.Chrome:
 
 
 def wait_until(condition: Callable[[], bool], timeout: float = 60) -> float:
-    """Seconds until ``condition()`` holds (polled every 10 ms)."""
+    """Seconds until ``condition()`` holds (polled every 20 ms)."""
     start = time.perf_counter()
     while not condition():
         if time.perf_counter() - start > timeout:
             raise TimeoutError("the view did not update")
-        time.sleep(0.01)
+        time.sleep(0.02)
     return time.perf_counter() - start
 
 
-def page_text(driver: webdriver.Chrome) -> str:
-    try:
-        return driver.find_element(By.TAG_NAME, "body").text
-    except Exception:  # the page is being rebuilt; ask again
-        return ""
+SETTLED = """return document.querySelector('[data-testid="stStatusWidget"]') === null
+    && document.body.textContent.includes(arguments[0]);"""
 
 
 def settled(driver: webdriver.Chrome, wanted: str) -> bool:
-    """The page shows ``wanted`` and Streamlit has stopped running."""
-    running = driver.find_elements(By.CSS_SELECTOR, '[data-testid="stStatusWidget"]')
-    return wanted in page_text(driver) and not running
+    """The page holds ``wanted`` and Streamlit has stopped running: one script call that reads ``textContent``
+    (no layout), so polling it does not slow the page it measures."""
+    try:
+        return bool(driver.execute_script(SETTLED, wanted))
+    except Exception:  # the page is being rebuilt; ask again
+        return False
 
 
 def click_button(driver: webdriver.Chrome, label_start: str) -> str:
-    """Click the first button whose text starts with ``label_start``; return its text."""
-    for button in driver.find_elements(By.TAG_NAME, "button"):
-        if button.text.startswith(label_start):
-            text = button.text
-            button.click()
-            return text
+    """Click the first button whose text starts with ``label_start``; return its text. Asks again while Streamlit
+    replaces the page's elements."""
+    for _ in range(50):
+        try:
+            for button in driver.find_elements(By.TAG_NAME, "button"):
+                if button.text.startswith(label_start):
+                    text = button.text
+                    button.click()
+                    return text
+        except StaleElementReferenceException:
+            pass
+        time.sleep(0.05)
     raise LookupError(f"no button starting with {label_start!r}")
 
 
@@ -160,9 +167,10 @@ def main() -> None:
         for k in range(args.rounds):
             box = driver.find_element(By.CSS_SELECTOR, 'input[aria-label="attention heads (LAYER:HEAD, ...)"]')
             box.send_keys(Keys.CONTROL, "a")
-            box.send_keys(f"0:{k % 3}", Keys.ENTER)
-            ablations.append(wait_until(lambda: settled(driver, "target probability")))
-            time.sleep(0.2)
+            box.send_keys(f"{k % 6}:{k % 3}", Keys.ENTER)  # another head each round: the numbers shown change
+            shown = f"ablated heads: {k % 6}:{k % 3}"
+            ablations.append(wait_until(lambda shown=shown: settled(driver, shown)))
+            time.sleep(0.3)
         lines.append(report("prompt inspector, a head ablated -> logit, probability and top tokens", ablations))
     finally:
         driver.quit()

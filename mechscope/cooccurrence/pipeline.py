@@ -23,9 +23,6 @@ starts are written atomically to ``count_checkpoint.npz``; a rerun with the same
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
-import json
 import warnings
 from collections.abc import Callable
 from itertools import islice
@@ -70,9 +67,6 @@ from mechscope.sae import SparseAutoencoder, SparseLatents, load_sae
 from mechscope.sae.tokens import latent_tokens
 
 SAEs = SparseAutoencoder | dict[str, SparseAutoencoder] | None
-_DESCRIPTIVE_SAE_FIELDS = {"model_name", "hook_name", "neuronpedia_id", "device"}  # no effect on the latents
-
-
 # ---- loading -------------------------------------------------------------------------------------------------
 
 
@@ -183,20 +177,9 @@ def count_settings(config: CoocConfig, saes: dict[str, SparseAutoencoder]) -> di
         "batch_size_tokens": counting.batch_size_tokens,
         "activation_thresholds": counting.activation_thresholds,
         "activations": counting.activations_dir or "live",
-        "sae_sha256": {hook: _fingerprint(sae) for hook, sae in saes.items()},
+        "sae_sha256": {hook: sae.fingerprint() for hook, sae in saes.items()},
         **fold,
     }
-
-
-def _fingerprint(sae: SparseAutoencoder) -> str:
-    """SHA-256 of what the SAE's encoding depends on: its config (less the descriptive fields) and its parameters
-    (their bytes, in name order)."""
-    encoding = {k: v for k, v in dataclasses.asdict(sae.cfg).items() if k not in _DESCRIPTIVE_SAE_FIELDS}
-    digest = hashlib.sha256(json.dumps(encoding, sort_keys=True).encode())
-    for name, tensor in sorted(sae.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
 
 
 def run_count(

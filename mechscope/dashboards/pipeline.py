@@ -86,6 +86,7 @@ def _source(config: DashboardsConfig, hook_name: str, store: ActivationStore, sa
         "model": config.model,
         "hook_name": hook_name,
         "sae": os.path.relpath(Path(str(config.sae)).resolve(), Path(config.out_dir).resolve()),
+        "sae_sha256": sae.fingerprint(),
         "neuronpedia_id": sae.cfg.neuronpedia_id,
         "activations": store.settings(),
     }

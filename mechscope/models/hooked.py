@@ -23,6 +23,7 @@ from mechscope.models.adapters import adapter_for, hooked_config
 from mechscope.models.attention import register_attention
 from mechscope.models.cache import ActivationCache
 from mechscope.models.hooks import HookFn, HookRegistry, read_only
+from mechscope.models.loading import load_hf
 from mechscope.models.names import POINT_DIMS, ModulePoint, module_hook, parse_hook, stop_layer_for
 from mechscope.models.points import PointSet
 from mechscope.models.sampling import sample_next
@@ -109,8 +110,6 @@ class HookedModel(WeightViews, nn.Module):
 
         ``dtype`` defaults to float32 (interpretability wants exact arithmetic); ``device`` to CPU.
         """
-        from mechscope.models.loading import load_hf
-
         model, tokenizer = load_hf(name_or_path, dtype=dtype, device=device, **hf_kwargs)
         return cls(model, tokenizer, name=name_or_path)
 
@@ -355,7 +354,7 @@ class HookedModel(WeightViews, nn.Module):
 
         with self.hooks([(n, keep) for n in names]):
             logits = self(input, stop_at_layer=stop_at_layer, **forward_kwargs)
-        return logits, ActivationCache(store, self.cfg)
+        return logits, ActivationCache(store, self.cfg, model=self)
 
     # ---- generation --------------------------------------------------------------------------------
     @torch.no_grad()

@@ -19,7 +19,9 @@ latent's dictionary direction.
 
 from __future__ import annotations
 
-from dataclasses import replace
+import hashlib
+import json
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import NamedTuple
 
@@ -51,6 +53,9 @@ class SAEOutput(NamedTuple):
     pre_acts: Tensor
     latents: Tensor
     reconstruction: Tensor
+
+
+DESCRIPTIVE_FIELDS = frozenset({"model_name", "hook_name", "neuronpedia_id", "device"})  # no effect on the latents
 
 
 class SparseAutoencoder(nn.Module):
@@ -236,6 +241,17 @@ class SparseAutoencoder(nn.Module):
         return self.denormalize(self._sparse_decoder_out(*self.sparse_activation(pre_acts)), stats)
 
     # ---- training helpers ------------------------------------------------------------------------------------
+
+    def fingerprint(self) -> str:
+        """SHA-256 of what the SAE's latents depend on: its config, less the fields that only describe it
+        (:data:`DESCRIPTIVE_FIELDS`), and its parameters and buffers (their bytes, in name order). Stages that resume
+        record it, so a retrained SAE in the same folder is noticed."""
+        encoding = {k: v for k, v in asdict(self.cfg).items() if k not in DESCRIPTIVE_FIELDS}
+        digest = hashlib.sha256(json.dumps(encoding, sort_keys=True, default=str).encode())
+        for name, tensor in sorted(self.state_dict().items()):
+            digest.update(name.encode())
+            digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        return digest.hexdigest()
 
     @torch.no_grad()
     def normalize_decoder_(self) -> None:

@@ -23,7 +23,7 @@ from mechscope.dashboards.outputs import CHECKPOINT, CHECKPOINT_META, CHECKPOINT
 from mechscope.dashboards.pipeline import DashboardsConfig, run_dashboards
 from mechscope.data.store import ActivationStore
 from mechscope.files import SettingsMismatch, atomic_write
-from mechscope.sae import SAE, SAEConfig
+from mechscope.sae import SAE, SAEConfig, SparseAutoencoder
 from tests.dashboards.test_build import D_IN, D_SAE, HOOK, stored_rows
 from tests.sae_utils import random_weights
 
@@ -201,6 +201,11 @@ def test_a_checkpoint_under_other_settings_or_rows_is_refused_naming_them(setup,
         run_dashboards(other, model=llama)
     with pytest.raises(SettingsMismatch, match=r"'model': \('tiny-llama', 'another'\)"):
         run_dashboards(dataclasses.replace(run, model="another"), model=llama)
+    retrained = SparseAutoencoder.load(setup / "sae")
+    with torch.no_grad():
+        retrained.W_enc[0, 0] += 1.0  # one weight changed: the same folder, another SAE
+    with pytest.raises(SettingsMismatch, match=r"'sae_sha256'"):
+        run_dashboards(run, model=llama, sae=retrained)
     # the checkpoint is left as it was: the same settings resume it (the checkpoint cadence is not a setting)
     assert_identical(run_dashboards(dataclasses.replace(run, checkpoint_every=3), model=llama), full)
 

@@ -204,6 +204,16 @@ def show(root: Path) -> None:
         st.error(str(e))
         return
     if picked or neurons or heads:
+        parts = [
+            f"ablated {what}: {', '.join(text)}"
+            for what, text in (
+                ("latents", [str(i) for i in picked]),
+                ("neurons", [f"{layer}:{i}" for layer, i in neurons]),
+                ("heads", [f"{layer}:{h}" for layer, h in heads]),
+            )
+            if text
+        ]
+        st.caption(" · ".join(parts))
         cols = st.columns(2)
         cols[0].metric(
             "target logit", f"{result.ablated_logit:.3f}", f"{result.ablated_logit - result.clean_logit:+.3f}"

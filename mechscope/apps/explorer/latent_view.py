@@ -81,12 +81,7 @@ def show(root: Path) -> None:
             if not found:
                 st.caption(f"no latent has {token!r} among its top examples")
             for other, count in found:
-                st.button(
-                    f"latent {other} ({count} of its top examples)",
-                    key=f"find_{other}",
-                    on_click=go,
-                    kwargs={"view": "latent", "latent": other, "sae": ds.name},
-                )
+                button(f"latent {other} ({count} of its top examples)", f"find_{other}", latent=other, sae=ds.name)
     state.put(view="latent", sae=ds.name)
 
     vocab = results.vocab(ds)
@@ -139,6 +134,11 @@ def go(**params: object) -> None:
     st.query_params.from_dict({k: str(v) for k, v in params.items()})
 
 
+def button(label: str, key: str, view: str = "latent", **params: object) -> None:
+    """A button that opens ``view`` with the query parameters ``params`` (:func:`go`)."""
+    st.button(label, key=key, on_click=go, kwargs={"view": view, **params})
+
+
 def show_cooccurring(root: Path, hook: str, latent: int) -> None:
     """The latents that co-occur most with ``latent`` (by Jaccard) and its subgraph, at one activity threshold."""
     hook_dir = results.cooc_dirs(root).get(hook)
@@ -168,12 +168,7 @@ def show_cooccurring(root: Path, hook: str, latent: int) -> None:
     if not found:
         st.caption(f"latent {latent} co-occurs with no other latent at threshold {results.tag_value(tag):g}")
     for other, jaccard in found:
-        st.button(
-            f"latent {other} · Jaccard {jaccard:.3f}",
-            key=f"partner_{other}",
-            on_click=go,
-            kwargs={"view": "latent", "latent": other, "t": tag},
-        )
+        button(f"latent {other} · Jaccard {jaccard:.3f}", f"partner_{other}", latent=other, t=tag)
     table = results.subgraph_of(hook_dir, tag)
     row = table["node_id"].index(latent) if latent in table["node_id"] else None
     if row is None:
@@ -185,11 +180,8 @@ def show_cooccurring(root: Path, hook: str, latent: int) -> None:
     st.markdown(f"**Subgraph {sid}** ({size} latents at threshold {results.tag_value(tag):g})")
     pca = cooc_view.pca_files(hook_dir).get(tag, {}).get(size)
     if pca is not None and sid in cooc_view.pca_results(pca):
-        st.button(
-            "open its PCA in the co-occurrence explorer",
-            key="open_subgraph",
-            on_click=go,
-            kwargs={"view": "cooc", "hook": hook, "t": tag, "size": size, "sg": sid},
+        button(
+            "open its PCA in the co-occurrence explorer", "open_subgraph", "cooc", hook=hook, t=tag, size=size, sg=sid
         )
     else:
         st.caption(f"no PCA of this subgraph (the PCA stage takes {cooc_view.pca_sizes_hint(hook_dir, tag)})")
