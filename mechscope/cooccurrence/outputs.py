@@ -334,6 +334,8 @@ def save_graphs(
       :func:`save_edge_thresholds`) and ``thresholded_matrices/thresholded_matrix_{t}.npz`` (dense float32,
       :func:`thresholded_matrix`) and ``sparse_thresholded_matrix_{t}.npz`` (the same as a scipy CSR npz).
     """
+    if output_format not in FILE_PREFIX:
+        raise ValueError(f"output_format must be one of {tuple(FILE_PREFIX)}, not {output_format!r}")
     out, t = Path(results_dir), graphs.activity_threshold
     tag = threshold_tag(t)
     subs = graphs.subgraphs
@@ -359,8 +361,6 @@ def save_graphs(
         atomic_write(folder / f"thresholded_matrix_{tag}.npz", lambda tmp: np.savez_compressed(tmp, dense))
         sparse = sp.csr_matrix(dense)  # the matrix class, as the reference saves it
         atomic_write(folder / f"sparse_thresholded_matrix_{tag}.npz", lambda tmp: sp.save_npz(tmp, sparse))
-    elif output_format != "mechscope":
-        raise ValueError(f"output_format must be one of {tuple(FILE_PREFIX)}, not {output_format!r}")
     histogram = size_histogram([len(s.nodes) for s in subs], out / f"subgraph_sizes_{tag}.png", t)
     result = {**graphs.summary, "histogram": str(histogram)}
     atomic_write_text(graph_summary_path(out, t), json.dumps(result, indent=2) + "\n")

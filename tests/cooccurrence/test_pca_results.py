@@ -126,6 +126,23 @@ def test_results_file_holds_pca_tokens_contexts_and_top_tokens(tmp_path):
     pair = load_pca_results(paths[0])[11].pca
     assert pair.coords.shape[1] == 3 and np.all(pair.coords[:, 2] == 0)  # a 2-latent subspace has 2 dimensions
 
+    # files of earlier versions, with variable-length strings, read back the same
+    with h5py.File(paths[1], "r+") as f:
+        for grp in f.values():
+            for name in ("pca_df/tokens", "pca_df/context", "top_3_tokens", "example_context"):
+                text = grp[name].asstr()[()]
+                del grp[name]
+                grp.create_dataset(
+                    name, data=text.tolist() if isinstance(text, np.ndarray) else text, dtype=h5py.string_dtype()
+                )
+            assert grp["pca_df/tokens"].dtype == h5py.string_dtype()
+    old = load_pca_results(paths[1])
+    for sid in (4, 9):
+        got, want = old[sid], loaded[sid]
+        assert (got.tokens, got.contexts, got.top_tokens, got.example_context) == (
+            want.tokens, want.contexts, want.top_tokens, want.example_context
+        )  # fmt: skip
+
 
 def test_context_marks_the_token_that_completes_a_character_and_rejects_unordered_rows():
     tok = byte_tokenizer()
