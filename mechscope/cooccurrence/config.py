@@ -21,6 +21,9 @@ from mechscope.settings import Config, ConfigError, at_least, check_fields, fail
 
 __all__ = ["AnalysisConfig", "ConfigError", "CoocConfig", "CountingConfig", "GenerationConfig", "PCAConfig"]
 
+EDGE_THRESHOLD_METHODS = ("exact", "bisection")
+OUTPUT_FORMATS = ("mechscope", "sae_cooccurrence")
+
 
 @dataclass
 class CountingConfig(Config):
@@ -60,6 +63,13 @@ class CountingConfig(Config):
         default=None, metadata=meta("ActivationStore shards to read (and extend) instead of the model")
     )
     checkpoint_every: int = field(default=1, metadata=meta("batches between count checkpoints"))
+    fold_decoder_norms: bool = field(
+        default=True,
+        metadata=meta(
+            "scale each latent's activation (and JumpReLU threshold) by its decoder row's norm before thresholding, "
+            "as sae_cooccurrence does (SAELens fold_W_dec_norm); false: threshold the raw activations"
+        ),
+    )
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -120,10 +130,23 @@ class AnalysisConfig(Config):
     n_cooccurring: int = field(default=10, metadata=meta("most co-occurring latents kept per latent (dashboards)"))
     skip_subgraph_files: bool = field(default=False, metadata=meta("write no subgraph_objects/*.json"))
     include_metrics: bool = field(default=False, metadata=meta("graph metrics and structure scores in the node table"))
+    edge_threshold_method: str = field(
+        default="exact",
+        metadata=meta(
+            "exact: the smallest edge threshold whose largest subgraph has at most max_subgraph_size latents; "
+            "bisection: sae_cooccurrence's binary search (find_threshold), to reproduce its published runs"
+        ),
+    )
 
     def __post_init__(self) -> None:
         check_fields(self)
         at_least(self, 1, "min_subgraph_size", "max_subgraph_size", "n_cooccurring")
+        if self.edge_threshold_method not in EDGE_THRESHOLD_METHODS:
+            raise fail(
+                self,
+                "edge_threshold_method",
+                f"must be one of {', '.join(EDGE_THRESHOLD_METHODS)}, got {self.edge_threshold_method!r}",
+            )
         if self.min_subgraph_size > self.max_subgraph_size:
             raise ConfigError(
                 f"{label(self, 'min_subgraph_size')}={self.min_subgraph_size} is larger than "
@@ -142,7 +165,11 @@ class PCAConfig(Config):
         default_factory=lambda: [3, 4, 5], metadata=meta("subgraph sizes to run the PCA on")
     )
     candidates_per_size: int = field(
-        default=5, metadata=meta("subgraphs per size, drawn with random_seed when there are more")
+        default=5,
+        metadata=meta(
+            "subgraphs per size, drawn with random_seed when there are more; 0: every subgraph of each size, "
+            "as sae_cooccurrence's PCA script does"
+        ),
     )
     n_batches_reconstruction: int = field(
         default=4, metadata=meta("batches of batch_size_tokens rows the PCA looks at (the first)")
@@ -151,7 +178,8 @@ class PCAConfig(Config):
 
     def __post_init__(self) -> None:
         check_fields(self)
-        at_least(self, 1, "candidates_per_size", "n_batches_reconstruction", "max_examples")
+        at_least(self, 0, "candidates_per_size")
+        at_least(self, 1, "n_batches_reconstruction", "max_examples")
         if not self.candidate_sizes:
             raise fail(self, "candidate_sizes", "is empty: give the subgraph sizes to analyse, e.g. [3, 4, 5]")
         if min(self.candidate_sizes) < 2:
@@ -174,8 +202,17 @@ class CoocConfig(Config):
     results_dir: str = field(
         default="cooc_results", metadata=meta("where everything is written (a folder per hook name inside)")
     )
+    output_format: str = field(
+        default="mechscope",
+        metadata=meta(
+            "mechscope: exact sparse matrices (mechscope_cooc_*.npz); sae_cooccurrence: the reference's dense "
+            "float32 files (feature_acts_cooc_*.npz), edge_thresholds.csv and thresholded_matrices/ instead"
+        ),
+    )
 
     def __post_init__(self) -> None:
         if not isinstance(self.results_dir, str) or not self.results_dir:
             raise fail(self, "results_dir", f"must be a non-empty string, got {self.results_dir!r}")
         check_fields(self)
+        if self.output_format not in OUTPUT_FORMATS:
+            raise fail(self, "output_format", f"must be one of {', '.join(OUTPUT_FORMATS)}, got {self.output_format!r}")

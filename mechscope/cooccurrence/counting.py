@@ -6,6 +6,11 @@ threshold when the SAE has one). For each threshold, ``C[i, j]`` counts the toke
 are both active, so ``C[i, i]`` counts the tokens on which ``i`` is active. Each batch becomes a sparse boolean
 matrix ``B [tokens, d_sae]`` and ``C += B.T @ B`` is a sparse product: the work per token grows with the square of
 its number of active latents, never with ``d_sae ** 2``.
+
+The reference (``sae_cooccurrence``) folds each SAE's decoder norms into its encoder before it thresholds
+(SAELens's ``fold_W_dec_norm``): a latent's activation is then measured along its unit decoder direction.
+:func:`fold_decoder_norms` does the same to encoded latents (and the pipeline to the JumpReLU threshold), so an SAE
+whose decoder rows are not unit norm gives the reference's counts at every threshold above 0.
 """
 
 from __future__ import annotations
@@ -38,6 +43,26 @@ class CooccurrenceCounts:
     def activations(self) -> np.ndarray:
         """``[d_sae]`` int64: on how many tokens each latent is active (the diagonal of ``counts``)."""
         return self.counts.diagonal().astype(np.int64)
+
+
+def decoder_norms(W_dec: Tensor) -> Tensor:  # noqa: N803 (the weight's usual name)
+    """``[d_sae]`` float32: the norm of each decoder row of ``W_dec [d_sae, d_in]``, at least 1e-8 (as SAELens
+    clamps it, so that dividing by it is safe)."""
+    return W_dec.detach().float().norm(dim=-1).clamp_min(1e-8)
+
+
+def fold_decoder_norms(latents: LatentsLike, norms: Tensor) -> SparseLatents:
+    """``latents`` of an SAE as the same SAE gives them after its decoder norms ``norms [d_sae]`` are folded into its
+    encoder (SAELens's ``fold_W_dec_norm``): each activation times its latent's decoder-row norm, the decoder rows
+    (``W_dec / norms[:, None]``) then unit norm, so the reconstruction is unchanged.
+
+    For a ReLU SAE this is exactly the folded SAE's output; for a JumpReLU SAE also fold its threshold
+    (``threshold * norms``) to keep which latents pass; a TopK SAE keeps the latents it chose (the folded SAE's
+    own top k could differ, which is why SAELens 6 refuses to fold one).
+    """
+    sparse = as_sparse(latents)
+    scale = norms.to(sparse.values.device, sparse.values.dtype)
+    return SparseLatents(sparse.indices, sparse.values * scale[sparse.indices])
 
 
 def _active(latents: SparseLatents, threshold: Tensor, keep: Tensor | None) -> tuple[np.ndarray, np.ndarray, int]:
@@ -131,7 +156,9 @@ def count_cooccurrences(
 
 
 def jaccard(counts: CooccurrenceCounts | sp.sparray | np.ndarray) -> sp.csr_array:
-    """Jaccard ``J [d_sae, d_sae]`` (float32 CSR): ``C_ij / (C_ii + C_jj - C_ij)``, 0 where ``C_ij = 0``, diagonal 1."""
+    """Jaccard ``J [d_sae, d_sae]`` (float32 CSR): ``C_ij / (C_ii + C_jj - C_ij)``, 0 where ``C_ij = 0``; on the
+    diagonal 1 for a latent that was active and 0 for one that never was (``0 / 0``, which the reference's
+    ``calculate_jaccard_matrices_chunked`` turns into 0)."""
     c = sp.csr_array(counts.counts if isinstance(counts, CooccurrenceCounts) else counts)
     c.sum_duplicates()
     n = c.shape[0]
@@ -143,4 +170,6 @@ def jaccard(counts: CooccurrenceCounts | sp.sparray | np.ndarray) -> sp.csr_arra
     values[(rows == c.indices) | (inter == 0)] = 0.0  # the diagonal is set below; explicit zeros stay 0
     j = sp.csr_array((values.astype(np.float32), c.indices.copy(), c.indptr.copy()), shape=c.shape)
     j.eliminate_zeros()
-    return (j + sp.eye_array(n, dtype=np.float32, format="csr")).tocsr()
+    out = (j + sp.diags_array((diag > 0).astype(np.float32), dtype=np.float32, format="csr")).tocsr()
+    out.eliminate_zeros()
+    return out

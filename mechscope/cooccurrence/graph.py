@@ -8,7 +8,9 @@ and ``J_ij > 0``. Subgraphs are its connected components.
 from __future__ import annotations
 
 import itertools
+import json
 import math
+import urllib.parse
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -21,12 +23,32 @@ from tqdm.auto import tqdm
 
 from mechscope.sae.tokens import LatentTokens
 
-NEURONPEDIA = "https://www.neuronpedia.org"
+NEURONPEDIA = "https://neuronpedia.org"  # as the reference writes its links
+QUICKLIST_SIZE = 10  # latents per quick-list link, as in the reference
+METRICS = (  # graph_metrics' keys, in the reference's column order
+    "density",
+    "max_avg_degree_ratio",
+    "avg_clustering",
+    "diameter",
+    "single_node_score",
+    "hub_spoke_score",
+    "strongly_connected_score",
+    "linear_score",
+)
 
 
 def neuronpedia_link(neuronpedia_id: str, latent: int) -> str:
     """The Neuronpedia page of ``latent`` of the SAE ``neuronpedia_id`` (e.g. ``"gpt2-small/0-res-jb"``)."""
     return f"{NEURONPEDIA}/{neuronpedia_id}/{latent}"
+
+
+def quicklist_link(neuronpedia_id: str, latents: list[int], name: str = "temporary_list") -> str:
+    """A Neuronpedia quick list of ``latents`` of the SAE ``neuronpedia_id`` (``"{model}/{layer}"``), spelt as the
+    reference's ``get_neuronpedia_quick_list_no_open`` spells it (its ``modelId`` is the id's model part)."""
+    model, _, layer = neuronpedia_id.partition("/")
+    features = [{"modelId": model, "layer": layer, "index": str(latent)} for latent in latents]
+    query = f"?name={urllib.parse.quote(name)}&features={urllib.parse.quote(json.dumps(features))}"
+    return f"{NEURONPEDIA}/quick-list/{query}"
 
 
 @dataclass(frozen=True)
@@ -216,7 +238,8 @@ def subgraphs(jaccard: sp.sparray | np.ndarray, threshold: float) -> list[Subgra
 
 def graph_metrics(sub: Subgraph) -> dict[str, float]:
     """Shape of one subgraph: density, max_avg_degree_ratio (max degree / mean degree), avg_clustering, diameter,
-    and the reference's structure scores (single_node, hub_spoke, strongly_connected and linear scores).
+    and the reference's structure scores (single_node, hub_spoke, strongly_connected and linear scores), keyed in
+    the order of :data:`METRICS`.
 
     A structure score is ``1 - d_k / (d_hub + d_strong + d_linear)``, with ``d_k`` the Euclidean distance from
     ``(density, min(max_avg_degree_ratio, n - 1), avg_clustering, diameter)`` to the reference's ideal vector of
@@ -225,13 +248,7 @@ def graph_metrics(sub: Subgraph) -> dict[str, float]:
     """
     n = len(sub.nodes)
     if n == 1:
-        names = ("density", "max_avg_degree_ratio", "avg_clustering", "diameter", "hub_spoke_score")
-        return {
-            **dict.fromkeys(names, 0.0),
-            "strongly_connected_score": 0.0,
-            "linear_score": 0.0,
-            "single_node_score": 1.0,
-        }
+        return {**dict.fromkeys(METRICS, 0.0), "single_node_score": 1.0}
     g = sub.to_networkx()
     degrees = [d for _, d in g.degree()]
     metrics = {
@@ -261,10 +278,14 @@ def node_table(
     tokens: LatentTokens | None = None,
     neuronpedia_id: str | None = None,
 ) -> list[dict[str, Any]]:
-    """One row per latent, by subgraph then latent: node_id, activity_threshold, subgraph_id, subgraph_size,
-    feature_activations (tokens on which it is active; ``[d_sae]`` input); with ``tokens`` its ``top_10_tokens``
-    (``tokens.top_input``) and ``top_output_tokens`` (lists of strings); with ``neuronpedia_id`` its
-    ``neuronpedia_link``; and the graph metrics of its subgraph if asked."""
+    """One row per latent, by subgraph then latent, with the reference's columns in its order, then mechscope's:
+
+    ``node_id``, ``activity_threshold``, ``subgraph_id``, ``subgraph_size``, ``feature_activations`` (tokens on which
+    it is active; ``[d_sae]`` input); with ``tokens`` its ``top_10_tokens`` (``tokens.top_input``);
+    ``neuronpedia_link``; the graph metrics of its subgraph (:data:`METRICS`) if asked; ``quicklist_link`` (a
+    Neuronpedia quick list of its subgraph's latents, :data:`QUICKLIST_SIZE` at a time); and with ``tokens``
+    ``top_output_tokens``. Without ``neuronpedia_id`` the two links are ``""``, as the reference writes them.
+    """
     if tokens is not None and not len(tokens.top_input) == len(tokens.top_output) == len(feature_activations):
         raise ValueError(
             f"tokens cover {len(tokens.top_input)} / {len(tokens.top_output)} latents, "
@@ -273,19 +294,25 @@ def node_table(
     rows = []
     for sub in tqdm(subs, desc="node table", leave=False):
         metrics = graph_metrics(sub) if include_metrics else {}
-        for node in sub.nodes:
-            row: dict[str, Any] = {
-                "node_id": node,
-                "activity_threshold": activity_threshold,
-                "subgraph_id": sub.id,
-                "subgraph_size": len(sub.nodes),
-                "feature_activations": feature_activations[node].item(),
-            }
-            if tokens is not None:
-                row.update(top_10_tokens=tokens.top_input[node], top_output_tokens=tokens.top_output[node])
-            if neuronpedia_id:
-                row["neuronpedia_link"] = neuronpedia_link(neuronpedia_id, node)
-            rows.append({**row, **metrics})
+        for start in range(0, len(sub.nodes), QUICKLIST_SIZE):
+            batch = sub.nodes[start : start + QUICKLIST_SIZE]
+            quicklist = quicklist_link(neuronpedia_id, batch) if neuronpedia_id else ""
+            for node in batch:
+                row: dict[str, Any] = {
+                    "node_id": node,
+                    "activity_threshold": activity_threshold,
+                    "subgraph_id": sub.id,
+                    "subgraph_size": len(sub.nodes),
+                    "feature_activations": feature_activations[node].item(),
+                }
+                if tokens is not None:
+                    row["top_10_tokens"] = tokens.top_input[node]
+                row["neuronpedia_link"] = neuronpedia_link(neuronpedia_id, node) if neuronpedia_id else ""
+                row.update(metrics)
+                row["quicklist_link"] = quicklist
+                if tokens is not None:
+                    row["top_output_tokens"] = tokens.top_output[node]
+                rows.append(row)
     return rows
 
 

@@ -6,7 +6,9 @@ Layout (``t`` is the activity threshold with ``.`` as ``_``, one folder per hook
 
     count_checkpoint.npz                              partial counts of every (hook, threshold), state, settings
     summary.json                                      {hook: {threshold: graph summary}}
-    <hook>/feature_acts_cooc_{kind}_threshold_{t}.npz total, jaccard and activations matrices (the reference's)
+    <hook>/mechscope_cooc_{kind}_threshold_{t}.npz    total, jaccard (CSR) and activations, exact (the default)
+    <hook>/feature_acts_cooc_{kind}_threshold_{t}.npz the same as the reference's dense float32 files, instead
+                                                      (output_format="sae_cooccurrence")
     <hook>/feature_acts_cooc_n_tokens.json            {threshold: tokens counted}, written last
     <hook>/graph_summary_{t}.json                     the graph summary of one threshold
     <hook>/dataframes/node_info_df_{t}.csv, .parquet  the node table
@@ -14,6 +16,7 @@ Layout (``t`` is the activity threshold with ``.`` as ``_``, one folder per hook
     <hook>/subgraph_objects/activation_{t}/subgraph_{id}.json     one subgraph of more than one latent
     <hook>/subgraph_sizes_{t}.png                     the histogram of subgraph sizes
     <hook>/pca/graph_analysis_results_size_{n}_activation_{t}.h5
+    <hook>/edge_thresholds.csv, <hook>/thresholded_matrices/   the reference's, with output_format="sae_cooccurrence"
 """
 
 from __future__ import annotations
@@ -42,10 +45,11 @@ from mechscope.cooccurrence.subspace import SubspacePCA
 from mechscope.files import atomic_write, atomic_write_text
 
 KINDS = ("total", "jaccard", "activations")
+FILE_PREFIX = {"mechscope": "mechscope_cooc", "sae_cooccurrence": "feature_acts_cooc"}  # by output_format
 TOKENS_FILE = "feature_acts_cooc_n_tokens.json"
 CHECKPOINT = "count_checkpoint.npz"
 SUMMARY = "summary.json"
-STR = h5py.string_dtype("utf-8")
+EDGE_THRESHOLDS = "edge_thresholds.csv"
 NUL = "\u2400"  # written for "\0", which HDF5 strings cannot hold
 Counts = dict[str, dict[float, CooccurrenceCounts]]  # hook name -> threshold -> counts
 
@@ -56,13 +60,6 @@ Counts = dict[str, dict[float, CooccurrenceCounts]]  # hook name -> threshold ->
 def threshold_tag(threshold: float) -> str:
     """A threshold as file names spell it: ``1.5`` -> ``"1_5"``, ``0`` -> ``"0_0"``."""
     return str(float(threshold)).replace(".", "_")
-
-
-def file_name(kind: str, threshold: float) -> str:
-    """The reference's file name, e.g. ``feature_acts_cooc_total_threshold_1_5.npz`` for ``("total", 1.5)``."""
-    if kind not in KINDS:
-        raise ValueError(f"kind must be one of {KINDS}, not {kind!r}")
-    return f"feature_acts_cooc_{kind}_threshold_{threshold_tag(threshold)}.npz"
 
 
 def graph_summary_path(results_dir: str | Path, activity_threshold: float) -> Path:
@@ -95,24 +92,43 @@ def pca_results_path(results_dir: str | Path, size: int, activity_threshold: flo
 # ---- count matrices ---------------------------------------------------------------------------------------------
 
 
-def save_matrix(path: str | Path, matrix: sp.sparray | np.ndarray) -> str:
-    """Write ``matrix`` to ``path`` as a dense npz (key ``arr_0``) or a scipy sparse npz, whichever is smaller.
+def file_name(kind: str, threshold: float, output_format: str = "mechscope") -> str:
+    """The file of one count matrix: ``mechscope_cooc_{kind}_threshold_{t}.npz`` (mechscope's exact sparse files)
+    or, for ``output_format="sae_cooccurrence"``, the reference's ``feature_acts_cooc_{kind}_threshold_{t}.npz``
+    (dense float32); e.g. ``("total", 1.5)`` -> ``mechscope_cooc_total_threshold_1_5.npz``.
 
-    The size compared is the uncompressed payload: ``n * m * itemsize`` dense, ``nnz * (itemsize + index) +
-    indptr`` sparse. Returns ``"dense"`` or ``"sparse"``. (:func:`save_counts` calls it on a temporary file that it
-    then renames.)
+    The two never share a name, so the reference's loader (which takes every ``feature_acts_cooc_{kind}*.npz`` and
+    reads its first array) cannot pick up a sparse file and silently get its index vector.
     """
-    if isinstance(matrix, np.ndarray) and matrix.ndim == 1:
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {KINDS}, not {kind!r}")
+    if output_format not in FILE_PREFIX:
+        raise ValueError(f"output_format must be one of {tuple(FILE_PREFIX)}, not {output_format!r}")
+    return f"{FILE_PREFIX[output_format]}_{kind}_threshold_{threshold_tag(threshold)}.npz"
+
+
+def matrix_path(results_dir: str | Path, kind: str, threshold: float) -> Path:
+    """The count file of ``kind`` at ``threshold`` in ``results_dir``: mechscope's, else the reference's name (its
+    files, and mechscope's before the two formats had different names). A missing file is a FileNotFoundError."""
+    names = [file_name(kind, threshold, fmt) for fmt in FILE_PREFIX]
+    for name in names:
+        if (Path(results_dir) / name).exists():
+            return Path(results_dir) / name
+    raise FileNotFoundError(f"neither {' nor '.join(names)} is in {results_dir}: run the count stage first")
+
+
+def save_matrix(path: str | Path, matrix: sp.sparray | np.ndarray, dense: bool = False) -> str:
+    """Write ``matrix`` to ``path``: a 2-d one as a scipy sparse CSR npz (``scipy.sparse.save_npz``), or with
+    ``dense`` as the reference writes it (``np.savez_compressed``, one array ``arr_0``); a 1-d one always dense.
+    Returns ``"sparse"`` or ``"dense"``. (:func:`save_counts` calls it on a temporary file that it then renames.)
+    """
+    if isinstance(matrix, np.ndarray) and (dense or matrix.ndim == 1):
         np.savez_compressed(path, matrix)
         return "dense"
-    m = sp.csr_array(matrix)
-    itemsize = m.data.dtype.itemsize
-    sparse_bytes = m.nnz * (itemsize + m.indices.dtype.itemsize) + m.indptr.nbytes
-    dense_bytes = m.shape[0] * m.shape[1] * itemsize
-    if dense_bytes <= sparse_bytes:
-        np.savez_compressed(path, m.toarray())
+    if dense:
+        np.savez_compressed(path, sp.csr_array(matrix).toarray())
         return "dense"
-    sp.save_npz(path, m, compressed=True)
+    sp.save_npz(path, sp.csr_array(matrix), compressed=True)
     return "sparse"
 
 
@@ -131,34 +147,62 @@ def load_matrix(path: str | Path) -> np.ndarray | sp.csr_array:
         return data[data.files[0]]
 
 
-def save_counts(results_dir: str | Path, counts: dict[float, CooccurrenceCounts]) -> list[Path]:
+def count_files_exist(results_dir: str | Path, thresholds: Sequence[float], output_format: str) -> bool:
+    """Whether :func:`save_counts` finished writing ``output_format``'s files for every threshold."""
+    out = Path(results_dir)
+    if not (out / TOKENS_FILE).exists():
+        return False
+    return all((out / file_name(kind, t, output_format)).exists() for t in thresholds for kind in KINDS)
+
+
+def save_counts(
+    results_dir: str | Path, counts: dict[float, CooccurrenceCounts], output_format: str = "mechscope"
+) -> list[Path]:
     """Write the total, Jaccard and activations npz files per threshold, and the token counts, to ``results_dir``.
 
-    Returns the paths written. ``feature_acts_cooc_n_tokens.json`` maps each threshold to the tokens counted.
+    ``"mechscope"``: exact files, ``mechscope_cooc_{total,jaccard}_threshold_{t}.npz`` as int64 / float32 CSR and
+    ``mechscope_cooc_activations_threshold_{t}.npz`` as int64. ``"sae_cooccurrence"``: the reference's files,
+    ``feature_acts_cooc_{total,jaccard,activations}_threshold_{t}.npz``, each one dense float32 array ``arr_0`` (the
+    counts are exact below 2**24 tokens). The other format's files of the same thresholds are removed, so a folder
+    never holds two versions. ``feature_acts_cooc_n_tokens.json`` maps each threshold to the tokens counted and is
+    written last. Returns the paths written.
     """
     out = Path(results_dir)
     out.mkdir(parents=True, exist_ok=True)
+    dense = output_format == "sae_cooccurrence"
     tokens_path = out / TOKENS_FILE
     tokens_path.unlink(missing_ok=True)  # written last: while it is missing, the files are not a finished set
     written = []
     for t, c in tqdm(counts.items(), desc="saving co-occurrence", leave=False):
-        for kind, matrix in (("total", c.counts), ("jaccard", jaccard(c)), ("activations", c.activations)):
-            path = out / file_name(kind, t)
-            atomic_write(path, partial(save_matrix, matrix=matrix))
+        matrices = {"total": c.counts, "jaccard": jaccard(c), "activations": c.activations}
+        for kind, matrix in matrices.items():
+            if dense:
+                matrix = np.asarray(matrix.toarray() if sp.issparse(matrix) else matrix, dtype=np.float32)
+            path = out / file_name(kind, t, output_format)
+            atomic_write(path, partial(save_matrix, matrix=matrix, dense=dense))
             written.append(path)
+            for other in FILE_PREFIX:
+                if other != output_format:
+                    (out / file_name(kind, t, other)).unlink(missing_ok=True)
     atomic_write_text(tokens_path, json.dumps({str(t): c.n_tokens for t, c in counts.items()}, indent=2) + "\n")
     return [*written, tokens_path]
 
 
 def load_counts(results_dir: str | Path, threshold: float) -> CooccurrenceCounts:
-    """Read back the counts :func:`save_counts` wrote for ``threshold``."""
+    """Read back the counts :func:`save_counts` wrote for ``threshold`` (in either format, or mechscope's older
+    files)."""
     out = Path(results_dir)
     tokens = json.loads((out / TOKENS_FILE).read_text())
     key = str(float(threshold))
     if key not in tokens:
         raise KeyError(f"no counts for threshold {threshold} in {out / TOKENS_FILE}; found {sorted(tokens)}")
-    matrix = load_matrix(out / file_name("total", threshold))
+    matrix = load_matrix(matrix_path(out, "total", threshold))
     return CooccurrenceCounts(float(threshold), sp.csr_array(matrix, dtype=np.int64), int(tokens[key]))
+
+
+def load_jaccard(results_dir: str | Path, threshold: float) -> np.ndarray | sp.csr_array:
+    """The Jaccard matrix :func:`save_counts` wrote for ``threshold`` (in either format)."""
+    return load_matrix(matrix_path(results_dir, "jaccard", threshold))
 
 
 # ---- the count checkpoint ---------------------------------------------------------------------------------------
@@ -206,12 +250,13 @@ def load_checkpoint(path: str | Path, d_sae: dict[str, int]) -> tuple[dict[str, 
 
 
 def write_node_table(rows: list[dict[str, Any]], csv_path: str | Path, parquet_path: str | Path) -> None:
-    """Write ``node_table`` rows as CSV and as Parquet (pyarrow). List columns (the token lists) are Parquet
-    ``list<string>`` columns, and JSON arrays in the CSV (``[" the", " a"]``: ``json.loads`` reads them back)."""
+    """Write ``node_table`` rows as CSV (lines end in ``\\n``, as pandas writes them) and as Parquet (pyarrow). List
+    columns (the token lists) are Parquet ``list<string>`` columns, and JSON arrays in the CSV (``[" the", " a"]``:
+    ``json.loads`` reads them back, and so does the reference's ``ast.literal_eval``)."""
     table = pa.Table.from_pylist(rows)
     atomic_write(parquet_path, lambda tmp: pq.write_table(table, tmp))
     text = io.StringIO(newline="")
-    writer = csv.DictWriter(text, fieldnames=list(rows[0]))
+    writer = csv.DictWriter(text, fieldnames=list(rows[0]), lineterminator="\n")
     writer.writeheader()
     for row in rows:
         writer.writerow({k: json.dumps(v, ensure_ascii=False) if isinstance(v, list) else v for k, v in row.items()})
@@ -237,11 +282,42 @@ def size_histogram(sizes: Sequence[int], path: str | Path, activity_threshold: f
     return atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))
 
 
+def thresholded_matrix(graphs: GraphResults) -> np.ndarray:
+    """``[d_sae, d_sae]`` float32: the Jaccard matrix of the graph's edges, as the reference's graph stage keeps it
+    (``remove_low_weight_edges`` after ``remove_self_loops_inplace``): ``J_ij`` where ``i - j`` is an edge, else 0
+    (the diagonal too)."""
+    n = len(graphs.feature_activations)
+    out = np.zeros((n, n), dtype=np.float32)
+    for sub in graphs.subgraphs:
+        if sub.edges:
+            i, j = np.array(sub.edges, dtype=np.int64).T
+            out[i, j] = out[j, i] = np.array(sub.weights, dtype=np.float32)
+    return out
+
+
+def save_edge_thresholds(results_dir: str | Path, activity_threshold: float, edge_threshold: float) -> Path:
+    """Set the row of ``activity_threshold`` in ``results_dir/edge_thresholds.csv``, the reference's table of edge
+    thresholds (columns ``activation_threshold``, ``edge_threshold``; rows by activity threshold); return its
+    path."""
+    path = Path(results_dir) / EDGE_THRESHOLDS
+    rows = {}
+    if path.exists():
+        with path.open(newline="", encoding="utf-8") as f:
+            rows = {float(r["activation_threshold"]): float(r["edge_threshold"]) for r in csv.DictReader(f)}
+    rows[float(activity_threshold)] = float(edge_threshold)
+    text = io.StringIO(newline="")
+    writer = csv.writer(text, lineterminator="\n")
+    writer.writerow(["activation_threshold", "edge_threshold"])
+    writer.writerows([repr(t), repr(e)] for t, e in sorted(rows.items()))
+    return atomic_write_text(path, text.getvalue())
+
+
 def save_graphs(
     results_dir: str | Path,
     graphs: GraphResults,
     *,
     skip_subgraph_files: bool = False,
+    output_format: str = "mechscope",
 ) -> dict[str, Any]:
     """Write the graph stage's outputs for one activity threshold (:func:`~mechscope.cooccurrence.graph_results`)
     and return its summary, also written as JSON.
@@ -253,8 +329,13 @@ def save_graphs(
     - ``dataframes/node_info_df_{t}.csv`` and ``.parquet``: the node table (see :func:`write_node_table`);
     - ``dataframes/top_cooccurring_{t}.npz``: ``graphs.partners`` (see :func:`save_partners`), when computed;
     - ``subgraph_sizes_{t}.png``: the histogram of subgraph sizes;
-    - ``graph_summary_{t}.json``: ``graphs.summary`` plus ``histogram`` (the image's path).
+    - ``graph_summary_{t}.json``: ``graphs.summary`` plus ``histogram`` (the image's path);
+    - with ``output_format="sae_cooccurrence"`` also the reference's ``edge_thresholds.csv`` (this threshold's row,
+      :func:`save_edge_thresholds`) and ``thresholded_matrices/thresholded_matrix_{t}.npz`` (dense float32,
+      :func:`thresholded_matrix`) and ``sparse_thresholded_matrix_{t}.npz`` (the same as a scipy CSR npz).
     """
+    if output_format not in FILE_PREFIX:
+        raise ValueError(f"output_format must be one of {tuple(FILE_PREFIX)}, not {output_format!r}")
     out, t = Path(results_dir), graphs.activity_threshold
     tag = threshold_tag(t)
     subs = graphs.subgraphs
@@ -272,6 +353,14 @@ def save_graphs(
     write_node_table(graphs.node_table, tables.with_suffix(".csv"), tables)
     if graphs.partners is not None:
         save_partners(partners_path(out, t), graphs.partners)
+    if output_format == "sae_cooccurrence":
+        save_edge_thresholds(out, t, graphs.summary["edge_threshold"])
+        dense = thresholded_matrix(graphs)
+        folder = out / "thresholded_matrices"
+        folder.mkdir(exist_ok=True)
+        atomic_write(folder / f"thresholded_matrix_{tag}.npz", lambda tmp: np.savez_compressed(tmp, dense))
+        sparse = sp.csr_matrix(dense)  # the matrix class, as the reference saves it
+        atomic_write(folder / f"sparse_thresholded_matrix_{tag}.npz", lambda tmp: sp.save_npz(tmp, sparse))
     histogram = size_histogram([len(s.nodes) for s in subs], out / f"subgraph_sizes_{tag}.png", t)
     result = {**graphs.summary, "histogram": str(histogram)}
     atomic_write_text(graph_summary_path(out, t), json.dumps(result, indent=2) + "\n")
@@ -326,10 +415,15 @@ def save_summaries(results_dir: str | Path, summaries: dict[str, dict[float, dic
 
 
 def _write_strings(g: h5py.Group, name: str, data: str | list[str]) -> None:
-    """A variable-length UTF-8 string dataset (scalar for one string); NUL, which HDF5 strings cannot hold, is
-    written as U+2400 (the visible symbol for it)."""
-    clean = data.replace("\0", NUL) if isinstance(data, str) else [x.replace("\0", NUL) for x in data]
-    g.create_dataset(name, data=clean, dtype=STR)
+    """A fixed-length UTF-8 string dataset (scalar for one string), as the reference writes its strings: read with
+    h5py it gives bytes (numpy ``S``), which the reference app's readers decode to text (variable-length strings
+    come back as an object array they leave as bytes). NUL, which these strings cannot hold, is written as U+2400
+    (the visible symbol for it)."""
+    items = [data] if isinstance(data, str) else data
+    encoded = [x.replace("\0", NUL).encode("utf-8") for x in items]
+    dtype = h5py.string_dtype("utf-8", max([1, *map(len, encoded)]))
+    array = np.array(encoded[0] if isinstance(data, str) else encoded, dtype=dtype)
+    g.create_dataset(name, data=array)
 
 
 def _write_group(f: h5py.File, result: SubgraphPCAResult) -> None:
@@ -362,7 +456,8 @@ def save_pca_results(results_dir: str | Path, results: PCAResults) -> list[Path]
     """Write one HDF5 file per candidate size of ``results`` (:func:`~mechscope.cooccurrence.subgraph_pca_results`)
     to :func:`pca_results_path`, one group per subgraph, and return their paths (in size order).
 
-    Strings are variable-length UTF-8 HDF5 strings; nothing is pickled. The layout is in ``docs/cooccurrence.md``.
+    Strings are fixed-length UTF-8 HDF5 strings, as the reference writes them; nothing is pickled. The layout is in
+    ``docs/cooccurrence.md``.
     """
     paths = []
     for size, found in results.by_size.items():
@@ -414,10 +509,10 @@ def load_pca_results(path: str | Path) -> dict[int, SubgraphPCAResult]:
                 token_id=where["token_id"][()],
                 context_id=where["batch"][()],
                 position=where["pos"][()],
-                tokens=list(table["tokens"].asstr()[()]),
-                contexts=list(table["context"].asstr()[()]),
-                top_tokens=list(g["top_3_tokens"].asstr()[()]),
+                tokens=list(table["tokens"].asstr("utf-8")[()]),
+                contexts=list(table["context"].asstr("utf-8")[()]),
+                top_tokens=list(g["top_3_tokens"].asstr("utf-8")[()]),
                 top_token_counts=g["top_3_token_counts"][()].tolist(),
-                example_context=g["example_context"].asstr()[()],
+                example_context=g["example_context"].asstr("utf-8")[()],
             )
     return out

@@ -8,7 +8,8 @@ return what they computed (the graph summaries included; the command line prints
 Stages and what they leave in ``results_dir`` (one folder per hook name; the layout is in ``outputs``)::
 
     count_checkpoint.npz          partial counts of every (hook, threshold), batches done, tokens, settings
-    <hook>/feature_acts_cooc_*    counts, Jaccard and activations per threshold, and the tokens counted (count)
+    <hook>/mechscope_cooc_*       counts, Jaccard and activations per threshold, and the tokens counted (count;
+                                  feature_acts_cooc_* with output_format = "sae_cooccurrence")
     <hook>/graph_summary_*        subgraphs, node tables, partners and their summary per threshold (graphs)
     <hook>/...                    PCA results of candidate subgraphs per threshold (pca)
     summary.json                  {hook: {threshold: graph summary}}
@@ -33,18 +34,23 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from mechscope.cooccurrence.config import CoocConfig
-from mechscope.cooccurrence.counting import CooccurrenceCounts, count_cooccurrences, jaccard
+from mechscope.cooccurrence.counting import (
+    CooccurrenceCounts,
+    count_cooccurrences,
+    decoder_norms,
+    fold_decoder_norms,
+    jaccard,
+)
 from mechscope.cooccurrence.graph import Subgraph, edge_threshold, graph_results, subgraphs, top_cooccurring
 from mechscope.cooccurrence.outputs import (
     CHECKPOINT,
-    TOKENS_FILE,
     Counts,
-    file_name,
+    count_files_exist,
     graph_summary_path,
     load_checkpoint,
     load_counts,
     load_graph_summary,
-    load_matrix,
+    load_jaccard,
     read_checkpoint_state,
     save_checkpoint,
     save_counts,
@@ -128,15 +134,28 @@ def _store(config: CoocConfig, model: HookedModel, hook_names: list[str], n_rows
     return store
 
 
-def encode(sae: SparseAutoencoder, x: Tensor) -> SparseLatents:
-    """The active latents of ``x [batch, d_in]``: ``SparseLatents`` of ``[batch, k]`` each."""
+def encode(sae: SparseAutoencoder, x: Tensor, fold: bool = False) -> SparseLatents:
+    """The active latents of ``x [batch, d_in]``: ``SparseLatents`` of ``[batch, k]`` each; with ``fold``, as the
+    SAE gives them with its decoder norms folded into its encoder (:func:`~mechscope.cooccurrence.counting.
+    fold_decoder_norms`)."""
     with torch.no_grad():
-        return sae.encode_sparse(x.to(sae.W_enc.device))
+        latents = sae.encode_sparse(x.to(sae.W_enc.device))
+        return fold_decoder_norms(latents, decoder_norms(sae.W_dec)) if fold else latents
 
 
-def _sae_threshold(sae: SparseAutoencoder) -> Tensor | None:
-    """The JumpReLU threshold ``[d_sae]`` counting adds to each activity threshold, or None."""
-    return sae.threshold.detach() if sae.cfg.architecture == "jumprelu" else None
+def _sae_threshold(sae: SparseAutoencoder, fold: bool = False) -> Tensor | None:
+    """The JumpReLU threshold ``[d_sae]`` counting adds to each activity threshold (times the decoder norms with
+    ``fold``, as folding scales it), or None."""
+    if sae.cfg.architecture != "jumprelu":
+        return None
+    threshold = sae.threshold.detach().float()
+    return threshold * decoder_norms(sae.W_dec).to(threshold.device) if fold else threshold
+
+
+def _decoder(sae: SparseAutoencoder, fold: bool = False) -> Tensor:
+    """``W_dec [d_sae, d_in]``, with unit-norm rows when the decoder norms are folded into the latents."""
+    w = sae.W_dec.detach()
+    return w / decoder_norms(w).to(w.device, w.dtype)[:, None] if fold else w
 
 
 # ---- count -----------------------------------------------------------------------------------------------------
@@ -144,8 +163,10 @@ def _sae_threshold(sae: SparseAutoencoder) -> Tensor | None:
 
 def count_settings(config: CoocConfig, saes: dict[str, SparseAutoencoder]) -> dict[str, Any]:
     """What determines the counted rows and counts; a checkpoint is resumed only under identical settings (named as
-    checkpoints have always named them, so older ones still resume)."""
+    checkpoints have always named them, so older ones still resume; ``fold_decoder_norms`` appears only when it
+    is on, so a checkpoint from before it existed, which did not fold, resumes with it off)."""
     counting = config.counting
+    fold = {"fold_decoder_norms": True} if counting.fold_decoder_norms else {}
     return {
         "model_name": counting.model,
         "corpus": counting.corpus or "default",
@@ -157,6 +178,7 @@ def count_settings(config: CoocConfig, saes: dict[str, SparseAutoencoder]) -> di
         "activation_thresholds": counting.activation_thresholds,
         "activations": counting.activations_dir or "live",
         "sae_sha256": {hook: sae.fingerprint() for hook, sae in saes.items()},
+        **fold,
     }
 
 
@@ -197,7 +219,8 @@ def run_count(
     if checkpoint.exists():
         state, counts = _resume(checkpoint, state, {i: s.cfg.d_sae for i, s in saes.items()}, counting.n_batches)
     target = counting.n_batches if stop_after is None else min(stop_after, counting.n_batches)
-    if state["saved_n_batches"] == counting.n_batches and all((results / i / TOKENS_FILE).exists() for i in counts):
+    written = all(count_files_exist(results / i, thresholds, config.output_format) for i in counts)
+    if state["saved_n_batches"] == counting.n_batches and written:
         print(f"count: already done ({state['batches_done']} batches, {state['n_tokens']} tokens) in {results}")
         return counts
     store = _store(config, model, list(saes), counting.n_batches * counting.batch_size_tokens)
@@ -211,7 +234,7 @@ def run_count(
                 state["exhausted"] = True
                 break
             rows, state["next"] = item
-            _count_batch(rows, saes, thresholds, counts)
+            _count_batch(rows, saes, thresholds, counts, counting.fold_decoder_norms)
             state["batches_done"] += 1
             state["n_tokens"] += len(rows["tokens"])
             for by_t in counts.values():
@@ -236,7 +259,7 @@ def run_count(
             stacklevel=2,
         )
     for hook, by_t in counts.items():
-        save_counts(results / hook, by_t)
+        save_counts(results / hook, by_t, config.output_format)
     state["saved_n_batches"] = counting.n_batches
     save_checkpoint(checkpoint, state, counts)
     print(f"count: {state['n_tokens']} tokens in {state['batches_done']} batches; counts in {results}/<hook>/")
@@ -266,13 +289,16 @@ def _resume(path: Path, fresh: dict[str, Any], d_sae: dict[str, int], n_batches:
     return state, counts
 
 
-def _count_batch(rows: Rows, saes: dict[str, SparseAutoencoder], thresholds: list[float], counts: Counts) -> None:
-    """Add one batch's co-occurrences to ``counts`` (in place) for every hook and threshold."""
+def _count_batch(
+    rows: Rows, saes: dict[str, SparseAutoencoder], thresholds: list[float], counts: Counts, fold: bool
+) -> None:
+    """Add one batch's co-occurrences to ``counts`` (in place) for every hook and threshold; ``fold``: with each
+    SAE's decoder norms folded into its encoder."""
     for hook, sae in saes.items():
         batch = count_cooccurrences(
-            [encode(sae, rows[hook])],
+            [encode(sae, rows[hook], fold)],
             thresholds,
-            sae_threshold=_sae_threshold(sae),
+            sae_threshold=_sae_threshold(sae, fold),
             d_sae=sae.cfg.d_sae,
             progress=False,
         )
@@ -315,7 +341,7 @@ def run_graphs(
             tokens[hook] = latent_tokens(s.W_dec, model.W_E, model.W_U, model.tokenizer, k=10)
         c = _counts_for(config, hook, counts)[t]
         j = jaccard(c)
-        edge = edge_threshold(j, an.min_subgraph_size, an.max_subgraph_size)
+        edge = edge_threshold(j, an.min_subgraph_size, an.max_subgraph_size, method=an.edge_threshold_method)
         graphs = graph_results(
             subgraphs(j, edge.threshold),
             t,
@@ -328,7 +354,10 @@ def run_graphs(
             partners=top_cooccurring(j, an.n_cooccurring),
         )
         out.setdefault(hook, {})[t] = save_graphs(
-            Path(config.results_dir) / hook, graphs, skip_subgraph_files=an.skip_subgraph_files
+            Path(config.results_dir) / hook,
+            graphs,
+            skip_subgraph_files=an.skip_subgraph_files,
+            output_format=config.output_format,
         )
     save_summaries(config.results_dir, out)
     return out
@@ -344,7 +373,7 @@ def load_subgraphs(config: CoocConfig, hook: str, threshold: float) -> list[Subg
             f"{graph_summary_path(directory, threshold)} was built from {graphs.get('n_tokens')} counted tokens, "
             f"but the counts now hold {counted}: run the graphs stage again"
         )
-    return subgraphs(load_matrix(directory / file_name("jaccard", threshold)), graphs["edge_threshold"])
+    return subgraphs(load_jaccard(directory, threshold), graphs["edge_threshold"])
 
 
 # ---- pca ---------------------------------------------------------------------------------------------------------
@@ -364,8 +393,9 @@ def run_pca(config: CoocConfig, model: HookedModel | None = None, sae: SAEs = No
         raise ValueError(f"the corpus {counting.corpus or 'default'!r} gave no tokens for the PCA: use a larger corpus")
     meta = {key: torch.cat([rows[key] for rows in collected]) for key in ("tokens", "context", "position")}
     out: dict[str, dict[float, list]] = {}
+    fold = counting.fold_decoder_norms
     for hook, s in saes.items():
-        latents = [encode(s, rows[hook]) for rows in collected]
+        latents = [encode(s, rows[hook], fold) for rows in collected]
         for t in tqdm(counting.activation_thresholds, desc=f"pca {hook}", unit="threshold"):
             subs = load_subgraphs(config, hook, t)
             candidates = pca_candidates(subs, pca.candidate_sizes, pca.candidates_per_size, config.analysis.random_seed)
@@ -378,7 +408,7 @@ def run_pca(config: CoocConfig, model: HookedModel | None = None, sae: SAEs = No
                 meta["tokens"],
                 meta["context"],
                 meta["position"],
-                s.W_dec,
+                _decoder(s, fold),
                 model.tokenizer,
                 t,
                 max_examples=pca.max_examples,

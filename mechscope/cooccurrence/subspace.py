@@ -43,15 +43,18 @@ class SubspacePCA:
 
 
 def pca_candidates(subs: list[Subgraph], sizes: Sequence[int], per_size: int, seed: int) -> dict[int, list[Subgraph]]:
-    """For each size, up to ``per_size`` of the subgraphs with exactly that many latents, in id order.
+    """For each size, up to ``per_size`` of the subgraphs with exactly that many latents, in id order; every one of
+    them when ``per_size`` is 0 (as the reference's PCA script takes every subgraph of the sizes it lists).
 
     When there are more, they are drawn at random without replacement from a generator seeded with ``(seed, size)``,
     so the choice for one size does not depend on the other sizes asked for. A size without subgraphs maps to ``[]``.
     """
+    if per_size < 0:
+        raise ValueError(f"per_size must be at least 0 (0: all), got {per_size}")
     out = {}
     for size in sizes:
         pool = [s for s in subs if len(s.nodes) == size]
-        if len(pool) > per_size:
+        if 0 < per_size < len(pool):
             picked = np.random.default_rng([seed, size]).choice(len(pool), size=per_size, replace=False)
             pool = [pool[k] for k in picked]
         out[size] = sorted(pool, key=lambda s: s.id)

@@ -22,6 +22,7 @@ EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "cooc.toml"
 
 FULL = """
 results_dir = "out/cooc"
+output_format = "sae_cooccurrence"
 
 [counting]
 model = "smollm2-135m"
@@ -37,6 +38,7 @@ device = "cpu"
 activations_dir = "shards"
 text_field = "body"
 checkpoint_every = 2
+fold_decoder_norms = false
 
 [counting.sae]
 "blocks.3.hook_resid_post" = "saes/l3"
@@ -49,6 +51,7 @@ max_subgraph_size = 20
 n_cooccurring = 3
 skip_subgraph_files = true
 include_metrics = true
+edge_threshold_method = "bisection"
 
 [pca]
 candidate_sizes = [3, 4]
@@ -82,10 +85,12 @@ def test_every_field_is_read_from_toml(tmp_path: Path) -> None:
             device="cpu",
             activations_dir="shards",
             checkpoint_every=2,
+            fold_decoder_norms=False,
         ),
-        AnalysisConfig(7, 10, 20, 3, True, True),
+        AnalysisConfig(7, 10, 20, 3, True, True, "bisection"),
         PCAConfig([3, 4], 2, 1, 100),
         results_dir="out/cooc",
+        output_format="sae_cooccurrence",
     )
     assert all(isinstance(t, float) for t in config.counting.activation_thresholds)
 
@@ -107,14 +112,15 @@ def test_defaults(tmp_path: Path) -> None:
         200,
         10,
     )
-    assert (an.skip_subgraph_files, an.include_metrics) == (False, False)
+    assert (an.skip_subgraph_files, an.include_metrics, an.edge_threshold_method) == (False, False, "exact")
+    assert gen.fold_decoder_norms is True  # as the reference: decoder norms folded into the activations
     assert (pca.candidate_sizes, pca.candidates_per_size, pca.n_batches_reconstruction, pca.max_examples) == (
         [3, 4, 5],
         5,
         4,
         5000,
     )
-    assert config.results_dir == "cooc_results"
+    assert (config.results_dir, config.output_format) == ("cooc_results", "mechscope")
 
 
 def test_the_example_config_is_valid() -> None:
@@ -139,6 +145,16 @@ def test_the_example_config_is_valid() -> None:
         (("max_subgraph_size = 20", "max_subgraph_size = 5"), "[analysis].min_subgraph_size=10 is larger than"),
         (("candidate_sizes = [3, 4]", "candidate_sizes = [1, 4]"), "[pca].candidate_sizes must all be at least 2"),
         (("max_examples = 100", "max_examples = -1"), "[pca].max_examples must be at least 1, got -1"),
+        (("candidates_per_size = 2", "candidates_per_size = -1"), "[pca].candidates_per_size must be at least 0"),
+        (
+            ('edge_threshold_method = "bisection"', 'edge_threshold_method = "binary"'),
+            "[analysis].edge_threshold_method must be one of exact, bisection, got 'binary'",
+        ),
+        (
+            ('output_format = "sae_cooccurrence"', 'output_format = "dense"'),
+            "output_format must be one of mechscope, sae_cooccurrence, got 'dense'",
+        ),
+        (("fold_decoder_norms = false", "fold_decoder_norms = 0"), "[counting].fold_decoder_norms must be bool"),
         (('"blocks.5.hook_resid_post" = "saes/l5"', '"blocks.5.hook_resid_post" = 5'), "[counting].sae must be"),
         (
             ('hook_names = ["blocks.3.hook_resid_post"]', 'hook_names = ["blocks.4"]'),

@@ -12,10 +12,13 @@ from mechscope.cooccurrence import (
     file_name,
     jaccard,
     load_counts,
+    load_jaccard,
     load_matrix,
+    matrix_path,
     save_counts,
     save_matrix,
 )
+from mechscope.cooccurrence.outputs import KINDS
 from mechscope.sae import SAE, SAEConfig
 from mechscope.sae.latents import as_sparse
 
@@ -139,40 +142,64 @@ def test_jaccard_matches_formula():
     for i in range(D_SAE):
         for j in range(D_SAE):
             union = c[i, i] + c[j, j] - c[i, j]
-            expected[i, j] = 1.0 if i == j else (c[i, j] / union if union > 0 else 0.0)
+            expected[i, j] = c[i, j] / union if union > 0 else 0.0
     j = jaccard(counts)
     assert j.dtype == np.float32
     np.testing.assert_allclose(j.toarray(), expected, rtol=1e-6)
+    # a never-active latent has 0 / 0 on the diagonal, which the reference turns into 0 (nan_to_num)
     never = sp.csr_array(np.diag([0, 3, 0]).astype(np.int64))
-    np.testing.assert_array_equal(jaccard(never).toarray(), np.eye(3))  # diagonal 1 even for never-active latents
+    np.testing.assert_array_equal(jaccard(never).toarray(), np.diag([0.0, 1.0, 0.0]))
+    assert jaccard(never).nnz == 1
 
 
-def test_save_and_load_counts(tmp_path):
+def test_save_and_load_counts_in_both_formats(tmp_path):
     counts = count_cooccurrences(random_batches(seed=5), [0.0, 1.5])
-    written = save_counts(tmp_path, counts)
-    names = {p.name for p in written}
-    assert "feature_acts_cooc_total_threshold_1_5.npz" in names
-    assert "feature_acts_cooc_jaccard_threshold_0_0.npz" in names
-    assert "feature_acts_cooc_activations_threshold_1_5.npz" in names
-    for t in (0.0, 1.5):
-        back = load_counts(tmp_path, t)
-        assert back.n_tokens == 150
-        np.testing.assert_array_equal(back.counts.toarray(), counts[t].counts.toarray())
-        np.testing.assert_array_equal(load_matrix(tmp_path / file_name("activations", t)), counts[t].activations)
-        np.testing.assert_allclose(
-            np.asarray(sp.csr_array(load_matrix(tmp_path / file_name("jaccard", t))).toarray()),
-            jaccard(counts[t]).toarray(),
-        )
+    for fmt, prefix in (("mechscope", "mechscope_cooc"), ("sae_cooccurrence", "feature_acts_cooc")):
+        written = save_counts(tmp_path, counts, fmt)
+        names = {p.name for p in written}
+        expected_names = {f"{prefix}_{kind}_threshold_{t}.npz" for kind in KINDS for t in ("0_0", "1_5")}
+        assert names == expected_names | {"feature_acts_cooc_n_tokens.json"}
+        assert {p.name for p in tmp_path.iterdir()} == names  # the other format's files are gone
+        for t in (0.0, 1.5):
+            back = load_counts(tmp_path, t)
+            assert back.n_tokens == 150
+            np.testing.assert_array_equal(back.counts.toarray(), counts[t].counts.toarray())
+            activations = load_matrix(tmp_path / file_name("activations", t, fmt))
+            np.testing.assert_array_equal(activations, counts[t].activations)
+            j = load_jaccard(tmp_path, t)
+            np.testing.assert_array_equal(sp.csr_array(j).toarray(), jaccard(counts[t]).toarray())
+            with np.load(tmp_path / file_name("total", t, fmt), allow_pickle=False) as f:
+                if fmt == "mechscope":  # exact: int64 CSR
+                    assert f["format"].item() == b"csr" and f["data"].dtype == np.int64
+                else:  # the reference's: one dense float32 array
+                    assert f.files == ["arr_0"] and f["arr_0"].dtype == np.float32 and f["arr_0"].shape == (40, 40)
+            assert matrix_path(tmp_path, "total", t).name == file_name("total", t, fmt)
 
 
-def test_save_matrix_picks_the_smaller_format(tmp_path):
+def test_counts_written_by_mechscope_before_the_format_names_are_read(tmp_path):
+    """Files of earlier versions: the reference's names, each dense or scipy-sparse, whichever was smaller."""
+    counts = count_cooccurrences(random_batches(seed=5), [0.5])[0.5]
+    np.savez_compressed(tmp_path / "feature_acts_cooc_activations_threshold_0_5.npz", counts.activations)
+    sp.save_npz(tmp_path / "feature_acts_cooc_total_threshold_0_5.npz", counts.counts)
+    (tmp_path / "feature_acts_cooc_n_tokens.json").write_text('{"0.5": 150}')
+    back = load_counts(tmp_path, 0.5)
+    np.testing.assert_array_equal(back.counts.toarray(), counts.counts.toarray())
+    with pytest.raises(FileNotFoundError, match=r"mechscope_cooc_jaccard_threshold_0_5\.npz nor feature_acts_cooc_"):
+        load_jaccard(tmp_path, 0.5)
+    with pytest.raises(ValueError, match="output_format"):
+        file_name("total", 0.5, "dense")
+
+
+def test_save_matrix_writes_sparse_or_the_references_dense_array(tmp_path):
     dense = np.arange(16, dtype=np.int64).reshape(4, 4)
-    assert save_matrix(tmp_path / "d.npz", dense) == "dense"
+    assert save_matrix(tmp_path / "d.npz", dense, dense=True) == "dense"
     with np.load(tmp_path / "d.npz", allow_pickle=False) as f:
         assert f.files == ["arr_0"]  # the reference reads the first array of the file
     np.testing.assert_array_equal(load_matrix(tmp_path / "d.npz"), dense)
-    big = sp.csr_array(([7, 9], ([1, 500], [2, 3])), shape=(1000, 1000), dtype=np.int64)
-    assert save_matrix(tmp_path / "s.npz", big) == "sparse"
-    back = load_matrix(tmp_path / "s.npz")
-    assert isinstance(back, sp.csr_array)
-    np.testing.assert_array_equal(back.toarray(), big.toarray())
+    assert save_matrix(tmp_path / "v.npz", dense[0]) == "dense"  # 1-d: always an array
+    np.testing.assert_array_equal(load_matrix(tmp_path / "v.npz"), dense[0])
+    for name, matrix in (("s.npz", dense), ("b.npz", sp.csr_array(([7, 9], ([1, 500], [2, 3])), shape=(1000, 1000)))):
+        assert save_matrix(tmp_path / name, matrix) == "sparse"
+        back = load_matrix(tmp_path / name)
+        assert isinstance(back, sp.csr_array)
+        np.testing.assert_array_equal(back.toarray(), sp.csr_array(matrix).toarray())

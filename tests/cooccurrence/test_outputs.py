@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+from urllib.parse import quote
 
 import numpy as np
 import pyarrow as pa
@@ -108,19 +109,26 @@ def test_node_table_parquet_and_csv_with_tokens_and_links(tmp_path):
         subs, 2.0, EdgeThreshold(0.25, 4, True), ACTS, 8, tokens=tokens, neuronpedia_id="gpt2-small/0-res-jb"
     )
     result = save_graphs(tmp_path, graphs)
+
+    def quicklist(nodes: list[int]) -> str:  # Neuronpedia's quick-list URL: a URL-quoted JSON list of features
+        features = ", ".join(f'{{"modelId": "gpt2-small", "layer": "0-res-jb", "index": "{n}"}}' for n in nodes)
+        return "https://neuronpedia.org/quick-list/?name=temporary_list&features=" + quote(f"[{features}]")
+
     expected = [
-        {
+        {  # the reference's columns in its order, then mechscope's
             "node_id": node,
             "activity_threshold": 2.0,
             "subgraph_id": 0 if node < 4 else 1,
             "subgraph_size": 4 if node < 4 else 2,
             "feature_activations": int(ACTS[node]),
             "top_10_tokens": [HOSTILE[(node + j) % len(HOSTILE)] for j in range(3)],
+            "neuronpedia_link": f"https://neuronpedia.org/gpt2-small/0-res-jb/{node}",
+            "quicklist_link": quicklist([0, 1, 2, 3] if node < 4 else [4, 5]),
             "top_output_tokens": [f" out{node}", HOSTILE[node % len(HOSTILE)]],
-            "neuronpedia_link": f"https://www.neuronpedia.org/gpt2-small/0-res-jb/{node}",
         }
         for node in range(6)
     ]
+    assert "%22index%22%3A%20%225%22%7D%5D" in expected[5]["quicklist_link"]
     assert node_table(subs, 2.0, ACTS, tokens=tokens, neuronpedia_id="gpt2-small/0-res-jb") == expected
     table = pq.read_table(tmp_path / "dataframes" / "node_info_df_2_0.parquet")
     assert table.to_pylist() == expected
@@ -132,7 +140,7 @@ def test_node_table_parquet_and_csv_with_tokens_and_links(tmp_path):
     for row, want in zip(rows, expected, strict=True):
         assert json.loads(row["top_10_tokens"]) == want["top_10_tokens"]
         assert json.loads(row["top_output_tokens"]) == want["top_output_tokens"]
-        assert row["neuronpedia_link"] == want["neuronpedia_link"]
+        assert (row["neuronpedia_link"], row["quicklist_link"]) == (want["neuronpedia_link"], want["quicklist_link"])
         assert (int(row["node_id"]), float(row["activity_threshold"])) == (want["node_id"], 2.0)
         assert int(row["feature_activations"]) == want["feature_activations"]
     assert result["histogram"] == str(tmp_path / "subgraph_sizes_2_0.png")
@@ -148,11 +156,15 @@ def test_metric_columns_reach_the_parquet_table(tmp_path):
     assert table[0]["max_avg_degree_ratio"] == pytest.approx(3 / 2)
     assert table[0]["avg_clustering"] == pytest.approx((1 / 3 + 0 + 1 + 1) / 4)
     assert table[0]["diameter"] == 2.0
-    assert table[5]["density"] == 1.0 and "top_10_tokens" not in table[5] and "neuronpedia_link" not in table[5]
+    assert table[5]["density"] == 1.0 and "top_10_tokens" not in table[5]
+    assert table[5]["neuronpedia_link"] == table[5]["quicklist_link"] == ""  # no Neuronpedia id
     with open(tmp_path / "dataframes" / "node_info_df_1_5.csv", newline="") as f:
         rows = list(csv.DictReader(f))
+    links = ("neuronpedia_link", "quicklist_link")
     for row, want in zip(rows, table, strict=True):
-        assert {k: float(v) for k, v in row.items()} == pytest.approx({k: float(v) for k, v in want.items()})
+        assert {k: float(v) for k, v in row.items() if k not in links} == pytest.approx(
+            {k: float(v) for k, v in want.items() if k not in links}
+        )
 
 
 def test_partners_and_node_table_read_back(tmp_path):

@@ -94,7 +94,10 @@ def test_results_file_holds_pca_tokens_contexts_and_top_tokens(tmp_path):
 
             tokens = [chars[r] for r in rows]
             contexts = [expected_context(chars, ctx, pos, r) for r in rows]
-            assert grp["pca_df/tokens"].dtype == h5py.string_dtype("utf-8")
+            # fixed-length UTF-8 strings: h5py reads bytes (numpy "S"), as the reference app's readers expect
+            assert grp["pca_df/tokens"].dtype.kind == "S"
+            assert grp["pca_df/tokens"].id.get_type().get_cset() == h5py.h5t.CSET_UTF8
+            assert [b.decode() for b in grp["pca_df/tokens"][()]] == tokens
             assert list(grp["pca_df/tokens"].asstr()[()]) == tokens
             assert list(grp["pca_df/context"].asstr()[()]) == contexts
             counts: dict[str, int] = {}
@@ -122,6 +125,23 @@ def test_results_file_holds_pca_tokens_contexts_and_top_tokens(tmp_path):
         assert result.example_context == grp["example_context"].asstr()[()]
     pair = load_pca_results(paths[0])[11].pca
     assert pair.coords.shape[1] == 3 and np.all(pair.coords[:, 2] == 0)  # a 2-latent subspace has 2 dimensions
+
+    # files of earlier versions, with variable-length strings, read back the same
+    with h5py.File(paths[1], "r+") as f:
+        for grp in f.values():
+            for name in ("pca_df/tokens", "pca_df/context", "top_3_tokens", "example_context"):
+                text = grp[name].asstr()[()]
+                del grp[name]
+                grp.create_dataset(
+                    name, data=text.tolist() if isinstance(text, np.ndarray) else text, dtype=h5py.string_dtype()
+                )
+            assert grp["pca_df/tokens"].dtype == h5py.string_dtype()
+    old = load_pca_results(paths[1])
+    for sid in (4, 9):
+        got, want = old[sid], loaded[sid]
+        assert (got.tokens, got.contexts, got.top_tokens, got.example_context) == (
+            want.tokens, want.contexts, want.top_tokens, want.example_context
+        )  # fmt: skip
 
 
 def test_context_marks_the_token_that_completes_a_character_and_rejects_unordered_rows():

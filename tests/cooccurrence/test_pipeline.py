@@ -3,6 +3,7 @@ model's own activations, resuming after an interruption, the stages in sequence,
 
 from __future__ import annotations
 
+import csv
 import json
 import warnings
 from pathlib import Path
@@ -14,8 +15,9 @@ import torch
 import mechscope.cooccurrence.pipeline as pipeline
 from mechscope import HookedModel
 from mechscope.apps.tables import format_graph_summary
-from mechscope.cooccurrence import load_counts
+from mechscope.cooccurrence import edge_threshold, jaccard, load_counts, subgraphs
 from mechscope.cooccurrence.config import AnalysisConfig, CoocConfig, CountingConfig, PCAConfig
+from mechscope.cooccurrence.outputs import KINDS
 from mechscope.cooccurrence.pipeline import CHECKPOINT, run_all, run_count
 from mechscope.data import ActivationStore, iter_texts, pack_contexts
 from mechscope.sae import SAEConfig, SparseAutoencoder
@@ -81,11 +83,14 @@ def _reference_rows(model: HookedModel, corpus: str, hook: str, n_rows: int) -> 
     return torch.cat(rows)[:n_rows]
 
 
-def _reference_counts(sae: SparseAutoencoder, rows: torch.Tensor, t: float) -> np.ndarray:
-    """Dense ``B.T @ B`` with ``B = latents > t (+ JumpReLU threshold)``, encoding batch by batch."""
+def _reference_counts(sae: SparseAutoencoder, rows: torch.Tensor, t: float, fold: bool = True) -> np.ndarray:
+    """Dense ``B.T @ B`` with ``B = latents > t (+ JumpReLU threshold)``, encoding batch by batch; with ``fold`` the
+    latents and the threshold are those of the SAE with its decoder norms folded into its encoder (each latent's
+    activation and threshold times its decoder row's norm)."""
     latents = torch.cat([sae.encode(x) for x in rows.split(BATCH_ROWS)])
-    base = sae.threshold.detach() if sae.cfg.architecture == "jumprelu" else 0.0
-    b = (latents > t + base).long()
+    base = sae.threshold.detach() if sae.cfg.architecture == "jumprelu" else torch.zeros(sae.cfg.d_sae)
+    norms = sae.W_dec.detach().norm(dim=-1) if fold else torch.ones(sae.cfg.d_sae)
+    b = (latents * norms > t + base * norms).long()
     return (b.T @ b).numpy()
 
 
@@ -93,8 +98,9 @@ def test_counts_equal_a_dense_reference_of_the_models_activations(llama, saes, c
     config = _config(tmp_path, corpus)
     counts = run_count(config, llama, saes)
     n_rows = N_BATCHES * BATCH_ROWS
+    reference_rows = {hook: _reference_rows(llama, corpus, hook, n_rows) for hook in saes}
     for hook, sae in saes.items():
-        rows = _reference_rows(llama, corpus, hook, n_rows)
+        rows = reference_rows[hook]
         assert len(rows) == n_rows
         for t in THRESHOLDS:
             expected = _reference_counts(sae, rows, t)
@@ -110,6 +116,12 @@ def test_counts_equal_a_dense_reference_of_the_models_activations(llama, saes, c
     # special tokens kept: more rows per context, so other rows and other counts
     kept = run_count(_config(tmp_path, corpus, "kept", remove_special_tokens=False), llama, saes)
     assert not np.array_equal(kept[HOOKS[0]][0.0].counts.toarray(), counts[HOOKS[0]][0.0].counts.toarray())
+    # without folding the decoder norms (these decoder rows have norms 0.8 to 1.2): the raw activations' counts
+    raw = run_count(_config(tmp_path, corpus, "raw", fold_decoder_norms=False), llama, saes)
+    for hook, sae in saes.items():
+        expected = _reference_counts(sae, reference_rows[hook], 0.3, fold=False)
+        np.testing.assert_array_equal(raw[hook][0.3].counts.toarray(), expected)
+        assert not np.array_equal(raw[hook][0.3].counts.toarray(), counts[hook][0.3].counts.toarray())
 
 
 class CountedBatches:
@@ -231,12 +243,12 @@ def test_saes_load_from_paths_by_hook_name(llama, saes, corpus, tmp_path) -> Non
 
 
 def test_run_all_runs_the_stages_in_order_and_prints_where_the_results_are(llama, saes, corpus, tmp_path, capsys):
-    from mechscope.cooccurrence import edge_threshold, jaccard, load_partners, subgraphs, summary, top_cooccurring
+    from mechscope.cooccurrence import load_partners, summary, top_cooccurring
     from mechscope.cooccurrence.outputs import load_pca_results, partners_path, pca_results_path
 
     config = _config(tmp_path, corpus)
     config.analysis = AnalysisConfig(min_subgraph_size=3, max_subgraph_size=6, n_cooccurring=4)
-    config.pca = PCAConfig(candidate_sizes=[2, 6, 40], candidates_per_size=2, n_batches_reconstruction=2)
+    config.pca = PCAConfig(candidate_sizes=[2, 5, 6, 40], candidates_per_size=2, n_batches_reconstruction=2)
     with pytest.warns(UserWarning) as caught:
         out = run_all(config, llama, saes)
     no_subgraph = [str(w.message) for w in caught if "for the PCA" in str(w.message)]
@@ -265,11 +277,33 @@ def test_run_all_runs_the_stages_in_order_and_prints_where_the_results_are(llama
             partners = load_partners(partners_path(results / hook, t))
             assert np.array_equal(partners.latents, top_cooccurring(j, 4).latents)
             assert pipeline.load_subgraphs(config, hook, t) == subs
-            assert out["pca"][hook][t] == [pca_results_path(results / hook, size, t) for size in (2, 6, 40)]
-            for size in (2, 6, 40):
+            assert out["pca"][hook][t] == [pca_results_path(results / hook, size, t) for size in (2, 5, 6, 40)]
+            for size in (2, 5, 6, 40):
                 found = load_pca_results(pca_results_path(results / hook, size, t))
                 assert set(found) <= {s.id for s in subs if len(s.nodes) == size}
                 n_found += len(found)
     assert n_found >= 3  # the tiny random model's latents form few subgraphs, but some get a PCA
     table = printed.split("Co-occurrence graphs")[1].splitlines()[1 : 3 + 2 * len(THRESHOLDS)]
     assert len({len(line) for line in table}) == 1, "summary table columns are not aligned"
+
+    # the reference's edge threshold search and files, on the same results folder
+    config.analysis = AnalysisConfig(min_subgraph_size=3, max_subgraph_size=6, edge_threshold_method="bisection")
+    config.output_format = "sae_cooccurrence"
+    counted = CountedBatches()
+    again = run_count(config, llama, saes, on_batch=counted)  # counted already: the reference's files are written
+    assert counted.calls == []  # and nothing is counted again
+    _assert_same(again, out["counts"])
+    graphs = pipeline.run_graphs(config, llama, saes)
+    for hook in HOOKS:
+        names = {p.name for p in (results / hook).glob("*.npz")}
+        assert names == {f"feature_acts_cooc_{k}_threshold_{t}.npz" for k in KINDS for t in ("0_0", "0_3")}
+        with (results / hook / "edge_thresholds.csv").open() as f:
+            edges = {float(a): float(e) for a, e in list(csv.reader(f))[1:]}
+        for t in THRESHOLDS:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                bisection = edge_threshold(jaccard(out["counts"][hook][t]), 3, 6, method="bisection")
+            assert graphs[hook][t]["edge_threshold"] == edges[t] == bisection.threshold
+            tag = str(t).replace(".", "_")
+            assert (results / hook / "thresholded_matrices" / f"sparse_thresholded_matrix_{tag}.npz").exists()
+            assert pipeline.load_subgraphs(config, hook, t) == subgraphs(jaccard(out["counts"][hook][t]), edges[t])
