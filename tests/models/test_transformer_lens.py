@@ -15,7 +15,8 @@ import torch
 from mechscope import HookedModel, get_act_name
 from mechscope.models.names import OPT_IN_POINTS, block_hook, parse_hook
 from tests.conftest import FAMILIES, build_pair, torch_hook_count
-from tests.models.transformer_lens_reference import apply_edit, reference_values
+from tests.models.edits import edit_fn
+from tests.models.transformer_lens_reference import reference_values
 
 ATOL = 2e-5
 #: TransformerLens hook points mechscope does not serve: Qwen 3's per-head q/k-norms (TransformerLens hooks them on
@@ -247,7 +248,7 @@ def test_edits_reach_the_logits_as_in_transformer_lens(reference, family, option
     unedited = model(tokens)
     for label, (edit, needs) in edits_of(model).items():
         options(model, needs)
-        logits = model.run_with_hooks(tokens, fwd_hooks=[(edit["hook"], apply_edit(edit))])
+        logits = model.run_with_hooks(tokens, fwd_hooks=[(edit["hook"], edit_fn(edit))])
         close(logits, reference.values[f"{family}/edit/{label}/out"], f"logits after the {label} edit", atol=5e-5)
         changed = (logits - unedited).abs().max().item()
         assert (changed == 0.0) == (label == "attn_in_and_split"), (label, changed)

@@ -32,6 +32,7 @@ from importlib.metadata import version
 from pathlib import Path
 
 import torch
+from edits import edit_fn  # this folder's edits.py (the worker runs as a script from here)
 from safetensors.torch import load_file, save_file
 from transformer_lens import HookedTransformer, HookedTransformerConfig
 from transformer_lens import loading_from_pretrained as loading
@@ -86,21 +87,6 @@ def build(folder: str) -> HookedTransformer:
         state_dict, fold_ln=False, center_writing_weights=False, center_unembed=False, fold_value_biases=False
     )
     return model.eval()
-
-
-def edit_fn(edit: dict):
-    """``x * scale + shift`` on one head (dim 2 of ``[batch, pos, head, ...]``) or on the whole activation; the same
-    edit as ``tests/models/transformer_lens_reference.apply_edit``."""
-    head, scale, shift = edit.get("head"), edit["scale"], edit["shift"]
-
-    def fn(x: torch.Tensor, hook) -> torch.Tensor:
-        if head is None:
-            return x * scale + shift
-        x = x.clone()
-        x[:, :, head] = x[:, :, head] * scale + shift
-        return x
-
-    return fn
 
 
 def run_one(model: HookedTransformer, run: dict, inputs: dict[str, torch.Tensor]) -> tuple[dict, list[str]]:

@@ -46,21 +46,6 @@ def reference_python() -> str:
     pytest.fail(VENV_HINT)
 
 
-def apply_edit(edit: dict):
-    """The hook function of one edit spec: ``x * scale + shift`` on head ``edit["head"]`` (dim 2 of
-    ``[batch, pos, head, ...]``) or on the whole activation; the same edit as ``tl_worker.edit_fn``."""
-    head, scale, shift = edit.get("head"), edit["scale"], edit["shift"]
-
-    def fn(x: torch.Tensor, hook) -> torch.Tensor:
-        if head is None:
-            return x * scale + shift
-        x = x.clone()
-        x[:, :, head] = x[:, :, head] * scale + shift
-        return x
-
-    return fn
-
-
 def save_for_reference(hf: PreTrainedModel, folder: Path) -> None:
     """``save_pretrained`` with the one field real GPT-2 checkpoints carry and random configs lack (``n_ctx``, which
     TransformerLens's GPT-2 config conversion reads)."""
