@@ -192,7 +192,7 @@ class BaseInterpretabilityBench:
             return _decode(record["result"], tensors)
         except KeyError as e:
             raise ValueError(f"{tensors_file} lacks the tensor {_safe_str(e)} that run.json refers to: {fix}") from None
-        except (TypeError, ValueError) as e:
+        except (TypeError, ValueError, RuntimeError) as e:  # RuntimeError: sparse indices out of range
             raise ValueError(f"{folder / 'run.json'} has a malformed result ({_problem(e)}): {fix}") from None
 
     # ---- recording ---------------------------------------------------------------------------------
@@ -560,9 +560,12 @@ def _decode(node: Any, tensors: dict[str, torch.Tensor]) -> Any:
     if kind == "sparse":
         layout = getattr(torch, node["layout"])
         if layout == torch.sparse_coo:
-            return torch.sparse_coo_tensor(tensors[node["indices"]], tensors[node["values"]], node["size"]).coalesce()
+            indices, values = tensors[node["indices"]], tensors[node["values"]]
+            return torch.sparse_coo_tensor(indices, values, node["size"], check_invariants=True).coalesce()
         compressed, plain, values = (tensors[node[k]] for k in ("compressed", "plain", "values"))
-        return torch.sparse_compressed_tensor(compressed, plain, values, node["size"], layout=layout)
+        return torch.sparse_compressed_tensor(
+            compressed, plain, values, node["size"], layout=layout, check_invariants=True
+        )  # invariants checked: damaged indices raise here instead of crashing later
     if kind == "ndarray":
         return tensors[node["key"]].numpy()
     if kind == "float":
