@@ -28,6 +28,8 @@ import inspect
 import json
 import math
 import os
+import shutil
+import socket
 import time
 import uuid
 import warnings
@@ -41,7 +43,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save, save_file
 
-from mechscope.files import atomic_write, atomic_write_text
+from mechscope.files import _alive, atomic_write, atomic_write_text
 from mechscope.tools import available_tools, get_tool_class
 
 _TAG = "__mechscope__"  # key marking an encoded (non-plain-JSON) value in result.json
@@ -120,6 +122,7 @@ class BaseInterpretabilityBench:
         self.tools = ToolBox(model)
         self.hash_weights = hash_weights
         self._weights_hash: tuple[tuple, str] | None = None
+        self._swept: set[str] = set()  # functions whose folder was cleared of killed runs' leftovers
 
     # ---- decorators --------------------------------------------------------------------------------
     def use_tools(self, *names: str) -> Callable[[Callable], Callable]:
@@ -244,14 +247,20 @@ class BaseInterpretabilityBench:
 
     def _new_run_dir(self, name: str, started: datetime) -> tuple[Path, str]:
         parent = self.save_dir / name
+        if parent.exists() and not parent.is_dir():
+            raise NotADirectoryError(f"{parent} is a file, not a folder of runs: move it or choose another save_dir")
         parent.mkdir(parents=True, exist_ok=True)
+        if name not in self._swept:
+            _remove_killed_runs(parent)
+            self._swept.add(name)
         while True:
             run_id = f"{started:%Y%m%dT%H%M%S.%fZ}-{uuid.uuid4().hex[:8]}"
             try:
                 (parent / run_id).mkdir()  # exclusive: never reuses a folder, whichever process made it
-                return parent / run_id, run_id
             except FileExistsError:
                 continue
+            _writer_marker(parent / run_id).touch()
+            return parent / run_id, run_id
 
     def model_identity(self) -> dict[str, Any]:
         """Name, family, config, parameter count and hashes of the bench's model (what ``run.json`` records).
@@ -618,6 +627,7 @@ def _write_record(folder: Path, record: dict[str, Any], tensors: dict[str, torch
         if tensors:
             atomic_write(folder / "result.safetensors", lambda tmp: save_file(tensors, str(tmp)))
         atomic_write_text(folder / "run.json", text)
+        _writer_marker(folder).unlink(missing_ok=True)
     except Exception as e:
         warnings.warn(
             f"run {record['run_id']} could not be recorded in {folder} ({_problem(e)}); the call's outcome is "
@@ -625,6 +635,27 @@ def _write_record(folder: Path, record: dict[str, Any], tensors: dict[str, torch
             ExperimentRecordWarning,
             stacklevel=4,
         )
+
+
+def _writer_marker(folder: Path) -> Path:
+    """The empty file that says which process is recording the run in ``folder`` (removed once it is recorded)."""
+    return folder / f".writer-{socket.gethostname()}-{os.getpid()}"
+
+
+def _remove_killed_runs(parent: Path) -> list[Path]:
+    """Remove the run folders under ``parent`` whose writer, a process of this host, died before it recorded
+    the run (killed, or its record could not be written): a kill leaves no litter behind for long."""
+    removed = []
+    for marker in parent.glob("*/.writer-*"):
+        host, _, pid = marker.name.removeprefix(".writer-").rpartition("-")
+        if host != socket.gethostname() or not pid.isdigit() or int(pid) == os.getpid() or _alive(int(pid)):
+            continue
+        if (marker.parent / "run.json").exists():  # killed just after recording: only the marker is left over
+            marker.unlink(missing_ok=True)
+        else:
+            shutil.rmtree(marker.parent, ignore_errors=True)
+            removed.append(marker.parent)
+    return removed
 
 
 def _read_record(path: Path) -> dict[str, Any]:

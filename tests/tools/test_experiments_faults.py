@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -201,7 +202,8 @@ def test_a_failed_write_leaves_no_partial_file_and_still_returns_the_result(exp,
     with pytest.warns(ExperimentRecordWarning, match=r"could not be recorded in .*No space left on device"):
         assert big() is value
     (folder,) = (exp.save_dir / "big").iterdir()
-    assert list(folder.iterdir()) == [] and exp.runs("big") == []
+    assert [p.name for p in folder.iterdir()] == [f".writer-{socket.gethostname()}-{os.getpid()}"]  # no partial file
+    assert exp.runs("big") == []
 
 
 _KILLED_WRITER = """
@@ -245,3 +247,28 @@ def test_a_killed_writer_never_leaves_a_half_record(tmp_path):
         assert torch.equal(back["x"], torch.full((2_000_000,), float(back["i"])))
     for tensors in tmp_path.glob("big/*/result.safetensors"):  # also the killed run's, if it got that far
         assert load_file(str(tensors))["result.x"].shape == (2_000_000,)
+    torn = tmp_path / "big" / "20000101T000000.000000Z-0badf00d"  # as a kill mid-write leaves it, made sure of
+    torn.mkdir()
+    (torn / f".writer-{socket.gethostname()}-{proc.pid}").touch()
+    (torn / ".result.tmp1.safetensors").write_bytes(b"half")
+
+    @exp.log_experiment
+    def big(i):
+        return i
+
+    assert big(-1) == -1  # the next run of the same function clears what the killed writer left
+    assert {p.name for p in tmp_path.glob("big/*")} == {r["run_id"] for r in exp.runs("big")}
+    assert [p.name for p in tmp_path.glob("big/*/.*")] == []  # no temporary file, no writer marker
+
+
+def test_a_save_dir_that_is_a_file_is_refused_before_the_run(tmp_path):
+    (tmp_path / "f").write_text("not a folder")
+    calls = []
+
+    def f():
+        calls.append(1)
+
+    exp = Experiment(object(), save_dir=tmp_path)
+    with pytest.raises(NotADirectoryError, match=r"f is a file, not a folder of runs: move it or choose another"):
+        exp.log_experiment(f)()
+    assert calls == []
