@@ -89,7 +89,8 @@ def recover_dir(path: str | Path) -> Path | None:
     return path if path.exists() else None
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether a process ``pid`` runs on this host (the writer of a temp file, before it is cleaned)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -113,7 +114,7 @@ def remove_stale_temps(path: str | Path) -> list[Path]:
         if match is None:
             continue
         pid = int(match.group(1) or match.group(2))
-        if pid == os.getpid() or _alive(pid):
+        if pid == os.getpid() or process_alive(pid):
             continue
         if candidate.is_dir():
             shutil.rmtree(candidate, ignore_errors=True)

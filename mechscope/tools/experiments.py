@@ -43,7 +43,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save, save_file
 
-from mechscope.files import _alive, atomic_write, atomic_write_text
+from mechscope.files import atomic_write, atomic_write_text, process_alive
 from mechscope.tools import available_tools, get_tool_class
 
 _TAG = "__mechscope__"  # key marking an encoded (non-plain-JSON) value in result.json
@@ -648,7 +648,7 @@ def _remove_killed_runs(parent: Path) -> list[Path]:
     removed = []
     for marker in parent.glob("*/.writer-*"):
         host, _, pid = marker.name.removeprefix(".writer-").rpartition("-")
-        if host != socket.gethostname() or not pid.isdigit() or int(pid) == os.getpid() or _alive(int(pid)):
+        if host != socket.gethostname() or not pid.isdigit() or int(pid) == os.getpid() or process_alive(int(pid)):
             continue
         if (marker.parent / "run.json").exists():  # killed just after recording: only the marker is left over
             marker.unlink(missing_ok=True)
