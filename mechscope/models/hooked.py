@@ -26,7 +26,7 @@ from mechscope.models.hooks import HookFn, HookRegistry, read_only
 from mechscope.models.loading import load_hf
 from mechscope.models.names import OPT_IN_POINTS, POINT_DIMS, ModulePoint, module_hook, parse_hook, stop_layer_for
 from mechscope.models.points import PointSet
-from mechscope.models.sampling import sample_next
+from mechscope.models.sampling import check_sampling, sample_next
 from mechscope.models.tokenizer import Input, byte_tokenizer, check_ids, tokenize
 from mechscope.models.weights import WeightViews
 
@@ -374,6 +374,11 @@ class HookedModel(WeightViews, nn.Module):
         self, tokens: torch.Tensor, mask: torch.Tensor | None, positions: torch.Tensor | None, stop_at_layer: int
     ) -> torch.Tensor:
         n = self.cfg.n_layers
+        if isinstance(stop_at_layer, bool) or not isinstance(stop_at_layer, int):
+            raise TypeError(
+                f"stop_at_layer must be an int in {-n}..{n} (or None for the whole model), got "
+                f"{type(stop_at_layer).__name__} {stop_at_layer!r}"
+            )
         layer = stop_at_layer + n if stop_at_layer < 0 else stop_at_layer
         if not 0 <= layer <= n:
             raise ValueError(f"stop_at_layer={stop_at_layer} is out of range: valid values are {-n}..{n}")
@@ -457,6 +462,9 @@ class HookedModel(WeightViews, nn.Module):
         Hooks see every step's activations: the whole prompt on the first step, then one new position
         (``hook_rot_k`` sees every key position, cached ones included; ``hook_k`` / ``hook_v`` the new ones).
         """
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+        check_sampling(temperature, top_k, top_p)
         tokens, mask = self._tokens(input, prepend_bos, "left", extra=max_new_tokens)
         generator = torch.Generator(device=self.device).manual_seed(seed) if seed is not None else None
         eos = self.tokenizer.eos_token_id
