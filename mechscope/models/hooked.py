@@ -26,8 +26,8 @@ from mechscope.models.hooks import HookFn, HookRegistry, read_only
 from mechscope.models.loading import load_hf
 from mechscope.models.names import OPT_IN_POINTS, POINT_DIMS, ModulePoint, module_hook, parse_hook, stop_layer_for
 from mechscope.models.points import PointSet
-from mechscope.models.sampling import sample_next
-from mechscope.models.tokenizer import Input, byte_tokenizer, tokenize
+from mechscope.models.sampling import check_sampling, sample_next
+from mechscope.models.tokenizer import Input, byte_tokenizer, check_ids, tokenize
 from mechscope.models.weights import WeightViews
 
 HookSpec: TypeAlias = tuple[str | Callable[[str], bool], HookFn]
@@ -193,9 +193,30 @@ class HookedModel(WeightViews, nn.Module):
         return stop_layer_for(names, self.cfg.n_layers, self.adapter.layers)
 
     # ---- tokens ------------------------------------------------------------------------------------
+    def _tokens(
+        self, input: Input, prepend_bos: bool | None, padding_side: str, extra: int | None = 0
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(tokens [batch, pos], mask [batch, pos] or None)`` of ``input`` on the model's device, ids checked against
+        the vocabulary and, unless ``extra`` is None, ``pos + extra`` against ``n_ctx``."""
+        tokens, mask = tokenize(self.tokenizer, input, prepend_bos, padding_side)
+        check_ids(tokens, self.cfg.d_vocab)
+        n_ctx = self.cfg.n_ctx
+        if extra is not None and tokens.shape[-1] + extra > n_ctx:
+            fix = (
+                f"lower max_new_tokens or keep the last {n_ctx - extra} prompt tokens (tokens[:, -{n_ctx - extra}:])"
+                if extra
+                else f"truncate it (tokens[:, :{n_ctx}]) or split it into windows of {n_ctx}"
+            )
+            more = f" + {extra} new tokens" if extra else ""
+            raise ValueError(
+                f"input of {tokens.shape[-1]} tokens{more} is longer than the model's context n_ctx = {n_ctx}; {fix}"
+            )
+        return tokens.to(self.device), mask.to(self.device) if mask is not None else None
+
     def to_tokens(self, input: Input, prepend_bos: bool | None = None, padding_side: str = "right") -> torch.Tensor:
-        """Token ids ``[batch, pos]`` on the model's device (padded with the pad/EOS token)."""
-        return tokenize(self.tokenizer, input, prepend_bos, padding_side)[0].to(self.device)
+        """Token ids ``[batch, pos]`` on the model's device (padded with the pad/EOS token); texts longer than
+        ``n_ctx`` are kept whole (split them before running them)."""
+        return self._tokens(input, prepend_bos, padding_side, extra=None)[0]
 
     def to_string(self, tokens: torch.Tensor | list[int]) -> str | list[str]:
         """Decode one id or ``[pos]`` to a string, ``[batch, pos]`` to a list of strings."""
@@ -208,8 +229,8 @@ class HookedModel(WeightViews, nn.Module):
 
     def to_str_tokens(self, input: Input, prepend_bos: bool | None = None) -> list[str]:
         """Each token of one sequence as its own string."""
-        tokens = self.to_tokens(input, prepend_bos) if not isinstance(input, torch.Tensor) else input
-        if not (tokens.ndim == 1 or tokens.shape[0] == 1):
+        tokens = self.to_tokens(input, prepend_bos)
+        if tokens.shape[0] != 1:
             raise ValueError("to_str_tokens takes a single sequence; index the batch first")
         return self.tokenizer.batch_decode([[t] for t in tokens.reshape(-1).tolist()])
 
@@ -338,10 +359,8 @@ class HookedModel(WeightViews, nn.Module):
         """
         if return_type not in ("logits", "loss", "both", None):
             raise ValueError(f"return_type must be 'logits', 'loss', 'both' or None, got {return_type!r}")
-        tokens, mask = tokenize(self.tokenizer, input, prepend_bos, padding_side)
-        tokens = tokens.to(self.device)
-        mask = attention_mask if attention_mask is not None else mask
-        mask = mask.to(self.device) if mask is not None else None
+        tokens, mask = self._tokens(input, prepend_bos, padding_side)
+        mask = attention_mask.to(self.device) if attention_mask is not None else mask
         positions = positions_from_mask(mask) if mask is not None else None
         if stop_at_layer is not None:
             return self._run_until(tokens, mask, positions, stop_at_layer)
@@ -355,6 +374,11 @@ class HookedModel(WeightViews, nn.Module):
         self, tokens: torch.Tensor, mask: torch.Tensor | None, positions: torch.Tensor | None, stop_at_layer: int
     ) -> torch.Tensor:
         n = self.cfg.n_layers
+        if isinstance(stop_at_layer, bool) or not isinstance(stop_at_layer, int):
+            raise TypeError(
+                f"stop_at_layer must be an int in {-n}..{n} (or None for the whole model), got "
+                f"{type(stop_at_layer).__name__} {stop_at_layer!r}"
+            )
         layer = stop_at_layer + n if stop_at_layer < 0 else stop_at_layer
         if not 0 <= layer <= n:
             raise ValueError(f"stop_at_layer={stop_at_layer} is out of range: valid values are {-n}..{n}")
@@ -438,12 +462,14 @@ class HookedModel(WeightViews, nn.Module):
         Hooks see every step's activations: the whole prompt on the first step, then one new position
         (``hook_rot_k`` sees every key position, cached ones included; ``hook_k`` / ``hook_v`` the new ones).
         """
-        tokens, mask = tokenize(self.tokenizer, input, prepend_bos, padding_side="left")
-        tokens = tokens.to(self.device)
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+        check_sampling(temperature, top_k, top_p)
+        tokens, mask = self._tokens(input, prepend_bos, "left", extra=max_new_tokens)
         generator = torch.Generator(device=self.device).manual_seed(seed) if seed is not None else None
         eos = self.tokenizer.eos_token_id
         batch = tokens.shape[0]
-        full_mask = mask.to(self.device) if mask is not None else torch.ones_like(tokens)
+        full_mask = mask if mask is not None else torch.ones_like(tokens)
         positions = positions_from_mask(full_mask)
         kv = self.new_kv_cache()
         finished = torch.zeros(batch, dtype=torch.bool, device=self.device)

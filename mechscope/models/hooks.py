@@ -107,11 +107,7 @@ class HookRegistry:
                         f"hook {getattr(fn, '__name__', fn)!r} on {name} returned {type(out).__name__}; "
                         "a hook returns a tensor (the replacement) or None"
                     )
-                if out.shape != tensor.shape:
-                    raise ValueError(
-                        f"hook {getattr(fn, '__name__', fn)!r} on {name} returned shape {tuple(out.shape)}, "
-                        f"but the activation has shape {tuple(tensor.shape)}"
-                    )
+                _check_like(fn, name, out, tensor, "activation")
                 tensor, edited = out, True
             elif not read_only and (version is None or tensor._version != version):
                 edited = True
@@ -121,11 +117,30 @@ class HookRegistry:
         return tensor, edited
 
 
+def _check_like(fn: HookFn, name: str, out: torch.Tensor, value: torch.Tensor, what: str) -> None:
+    """Refuse a hook's replacement ``out`` whose shape, dtype or device differ from the ``value`` it replaces."""
+    for prop in ("shape", "dtype", "device"):
+        got, want = getattr(out, prop), getattr(value, prop)
+        if got != want:
+            got, want = (tuple(got), tuple(want)) if prop == "shape" else (got, want)
+            fix = f"return a tensor of the same {prop}" + (f" (out.to({want}))" if prop != "shape" else "")
+            raise ValueError(
+                f"hook {getattr(fn, '__name__', fn)!r} on {name} returned {prop} {got}, "
+                f"but the {what} has {prop} {want}: {fix}"
+            )
+
+
 def _grad_hook(fns: list[HookFn], hook: HookPoint) -> Callable[[torch.Tensor], torch.Tensor]:
     def run(grad: torch.Tensor) -> torch.Tensor:
         for fn in fns:
             out = fn(grad, hook)
             if out is not None:
+                if not isinstance(out, torch.Tensor):
+                    raise TypeError(
+                        f"backward hook {getattr(fn, '__name__', fn)!r} on {hook.name} returned "
+                        f"{type(out).__name__}; a backward hook returns a tensor (the new gradient) or None"
+                    )
+                _check_like(fn, hook.name, out, grad, "gradient")
                 grad = out
         return grad
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import difflib
 import hashlib
+import inspect
 import os
 import shutil
 import warnings
@@ -59,6 +61,15 @@ def HookedAutoConfig(name: str = "llama", **overrides) -> PretrainedConfig:  # n
     """
     if name not in RANDOM_DEFAULTS:
         raise ValueError(f"unknown family {name!r}; HookedAutoConfig knows {', '.join(sorted(RANDOM_DEFAULTS))}")
+    base = AutoConfig.for_model(name)
+    known = set(base.to_dict()) | set(base.attribute_map) | set(inspect.signature(type(base).__init__).parameters)
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        hints = [f"{u} (did you mean {', '.join(difflib.get_close_matches(u, known, n=3))}?)" for u in unknown]
+        raise TypeError(
+            f"HookedAutoConfig({name!r}): transformers' {type(base).__name__} has no field "
+            + "; ".join(h.replace(" (did you mean ?)", "") for h in hints)
+        )
     return AutoConfig.for_model(name, **{**RANDOM_DEFAULTS[name], **overrides})
 
 

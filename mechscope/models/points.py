@@ -494,7 +494,15 @@ class PointSet:
         A predicate is tested against the canonical names (generic module points are selected by name).
         """
         if callable(name_or_pred):
-            return [n for n in self.names if name_or_pred(n)]
+            names = [n for n in self.names if name_or_pred(n)]
+            if not names:
+                label = getattr(name_or_pred, "__name__", repr(name_or_pred))
+                examples = ", ".join(self.names[i] for i in sorted({0, 1, len(self.names) // 2, len(self.names) - 1}))
+                raise ValueError(
+                    f"the hook predicate {label!r} matches no hook point of this model (names look like {examples}); "
+                    "fix the predicate (see model.hook_names() for every name; opt-in points need their option on)"
+                )
+            return names
         name = name_or_pred
         if not isinstance(name, str):
             raise TypeError(f"a hook point is a name or a predicate on names, got {type(name).__name__}")

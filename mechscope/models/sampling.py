@@ -2,7 +2,20 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
+
+
+def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
+    """Refuse sampling settings no sampler can use (checked even for greedy decoding, so a typo is not hidden):
+    ``temperature`` must be a finite number >= 0, ``top_k`` an int >= 1, ``top_p`` in (0, 1]."""
+    if not math.isfinite(temperature) or temperature < 0:
+        raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+        raise ValueError(f"top_k must be an int >= 1 or None (no top-k filter), got {top_k!r}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1] or None (no nucleus filter), got {top_p}")
 
 
 def sample_next(
@@ -19,19 +32,14 @@ def sample_next(
     likely tokens; ``top_p`` keeps the smallest set whose probability reaches p (the most likely token
     is always kept).
     """
+    check_sampling(temperature, top_k, top_p)
     if not do_sample or temperature == 0:
         return logits.argmax(-1)
-    if temperature < 0:
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
     logits = logits.float() / temperature
     if top_k is not None:
-        if top_k < 1:
-            raise ValueError(f"top_k must be >= 1, got {top_k}")
         kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p is not None:
-        if not 0 < top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
         sorted_logits, order = logits.sort(dim=-1, descending=True)
         probs = sorted_logits.softmax(-1)
         # drop a token when the mass before it already reaches top_p

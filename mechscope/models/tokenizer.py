@@ -10,6 +10,9 @@ from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 Input = str | Sequence[str] | torch.Tensor | np.ndarray | Sequence[int]
 
+#: the token input forms every model method accepts, for error messages
+ACCEPTED = "accepted: a str, a list of str, an integer torch tensor or numpy array [pos] or [batch, pos], a list of int"
+
 
 def byte_tokenizer() -> PreTrainedTokenizerFast:
     """A tokenizer with one token per byte (ids 0-255) and ``<|endoftext|>`` (256) as BOS/EOS/PAD.
@@ -43,24 +46,46 @@ def tokenize(
     BOS; ``False`` adds no special tokens. Texts of different lengths are padded on ``padding_side``
     and get a mask (1 = real token); equal lengths get ``None``.
     """
+    if isinstance(input, (bytes, bytearray, memoryview)):
+        raise TypeError(f"{type(input).__name__} is not token input ({ACCEPTED}); decode the bytes to a str first")
     if isinstance(input, np.ndarray):
+        if input.dtype.kind not in "iu":
+            raise TypeError(f"a numpy array of dtype {input.dtype} is not token ids ({ACCEPTED})")
         input = torch.from_numpy(input)
     if isinstance(input, torch.Tensor):
-        tokens = input if input.ndim == 2 else input.reshape(1, -1)
+        if input.dtype == torch.bool or input.is_floating_point() or input.is_complex():
+            raise TypeError(f"a tensor of dtype {input.dtype} is not token ids ({ACCEPTED}); convert with .long()")
+        if input.ndim not in (1, 2):
+            raise ValueError(
+                f"token ids have 1 dim [pos] or 2 dims [batch, pos], got shape {tuple(input.shape)}"
+                + ("; index the batch or reshape to [batch, pos]" if input.ndim > 2 else "; use tokens.reshape(1, 1)")
+            )
+        tokens = input if input.ndim == 2 else input[None]
+        _check_not_empty(tokens)
         return tokens.long(), None
     if isinstance(input, str):
         input = [input]
-    if not isinstance(input, Sequence) or len(input) == 0:
-        raise TypeError("input must be a string, a non-empty list of strings, or token ids")
-    if all(isinstance(t, int) for t in input):
-        return torch.tensor([list(input)], dtype=torch.long), None
+    if not isinstance(input, Sequence):
+        raise TypeError(f"{type(input).__name__} is not token input ({ACCEPTED})")
+    if len(input) == 0:
+        raise ValueError(f"the input is an empty {type(input).__name__}; pass at least one text or token id")
+    if all(_is_id(t) for t in input):
+        return torch.tensor([[int(t) for t in input]], dtype=torch.long), None
     if not all(isinstance(t, str) for t in input):
-        raise TypeError("a list input must hold only strings or only token ids")
+        raise TypeError(
+            f"a list input holds only strings or only integer token ids ({ACCEPTED}), got {_describe(input)}"
+        )
     ids = [tokenizer(t, add_special_tokens=prepend_bos is None)["input_ids"] for t in input]
     if prepend_bos:
         if tokenizer.bos_token_id is None:
             raise ValueError("prepend_bos=True but this tokenizer has no BOS token; pass prepend_bos=None")
         ids = [s if s[:1] == [tokenizer.bos_token_id] else [tokenizer.bos_token_id, *s] for s in ids]
+    for i, s in enumerate(ids):
+        if not s:
+            raise ValueError(
+                f"text {i} ({input[i]!r}) has no tokens (this tokenizer adds no BOS); pass a non-empty text"
+                + (" or prepend_bos=True" if tokenizer.bos_token_id is not None else "")
+            )
     longest = max(len(s) for s in ids)
     if all(len(s) == longest for s in ids):
         return torch.tensor(ids, dtype=torch.long), None
@@ -72,6 +97,30 @@ def tokenize(
         tokens[i, sl] = torch.tensor(s, dtype=torch.long)
         mask[i, sl] = 1
     return tokens, mask
+
+
+def check_ids(tokens: torch.Tensor, d_vocab: int) -> None:
+    """Refuse ids ``[batch, pos]`` outside ``0..d_vocab-1``, naming the first bad id and where it is."""
+    bad = (tokens < 0) | (tokens >= d_vocab)
+    if bool(bad.any()):
+        b, p = (int(i) for i in bad.nonzero()[0])
+        raise ValueError(
+            f"token id {int(tokens[b, p])} at [batch {b}, pos {p}] is out of range: this model's vocabulary has "
+            f"{d_vocab} ids, valid ids are 0..{d_vocab - 1}"
+        )
+
+
+def _check_not_empty(tokens: torch.Tensor) -> None:
+    if tokens.numel() == 0:
+        raise ValueError(f"token input of shape {tuple(tokens.shape)} is empty; pass at least one token per sequence")
+
+
+def _is_id(t: object) -> bool:
+    return isinstance(t, (int, np.integer)) and not isinstance(t, (bool, np.bool_))
+
+
+def _describe(input: Sequence) -> str:
+    return f"a {type(input).__name__} of {', '.join(sorted({type(t).__name__ for t in input}))}"
 
 
 def token_strings(tokenizer: PreTrainedTokenizerBase, d_vocab: int) -> list[str]:

@@ -80,7 +80,7 @@ def test_tokens_and_strings(llama):
     bos = llama.to_tokens("ab", prepend_bos=True)
     assert bos[0, 0].item() == llama.tokenizer.bos_token_id and bos.shape == (1, 3)
     assert torch.equal(llama.to_tokens([5, 6, 7]), torch.tensor([[5, 6, 7]]))
-    with pytest.raises(TypeError, match="only strings or only token ids"):
+    with pytest.raises(TypeError, match="only strings or only integer token ids"):
         llama.to_tokens(["a", 3])
 
 
