@@ -248,5 +248,5 @@ def test_cli_cooc_stages_on_a_local_model_and_sae(tmp_path: Path, capsys) -> Non
     err = capsys.readouterr().err
     assert err == (
         f"mechscope cooc run: error: {toml}: unknown key [counting].n_batchs in [counting]; "
-        "did you mean [counting].n_batches?\n"
+        "did you mean [counting].n_batches?\n(rerun with --debug to see the traceback)\n"
     )
