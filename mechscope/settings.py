@@ -345,10 +345,13 @@ def load(cls: type[C], path: str | Path | None = None, overrides: Mapping[str, A
     from_file: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
+        if not path.is_file():
+            what = "is a directory" if path.is_dir() else "does not exist"
+            raise ConfigError(f"config file {path} {what}: give the path of a TOML file")
         with open(path, "rb") as f:
             try:
                 from_file = tomllib.load(f)
-            except tomllib.TOMLDecodeError as e:
+            except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
                 raise ConfigError(f"{path} is not valid TOML: {e}") from None
         try:
             from_file = _renamed(cls, from_file, f"{path}: ")
