@@ -202,13 +202,15 @@ def check_output_dir(path: str | Path, setting: str) -> None:
     the nearest existing folder on the way gets a probe file, removed at once."""
     path = Path(path)
     existing = path
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if not existing.is_dir():
-        where = "is a file" if existing == path else f"is under the file {existing}"
-        raise NotADirectoryError(f"{setting} {path} {where}, not a directory: choose another {setting}")
     try:
+        while not existing.exists() and existing != existing.parent:
+            existing = existing.parent
+        if not existing.is_dir():
+            where = "is a file" if existing == path else f"is under the file {existing}"
+            raise NotADirectoryError(f"{setting} {path} {where}, not a directory: choose another {setting}")
         handle, probe = tempfile.mkstemp(dir=existing, prefix=".mechscope-write-check-")
+    except NotADirectoryError:
+        raise
     except OSError as e:
         raise PermissionError(
             f"{setting} {path} is not writable ({e.strerror} in {existing}): choose another {setting}, "
