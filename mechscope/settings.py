@@ -345,9 +345,10 @@ def load(cls: type[C], path: str | Path | None = None, overrides: Mapping[str, A
     from_file: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
+        if path.is_dir():
+            raise IsADirectoryError(f"config file {path} is a directory: give the path of a TOML file")
         if not path.is_file():
-            what = "is a directory" if path.is_dir() else "does not exist"
-            raise ConfigError(f"config file {path} {what}: give the path of a TOML file")
+            raise FileNotFoundError(f"config file {path} does not exist: give the path of a TOML file")
         with open(path, "rb") as f:
             try:
                 from_file = tomllib.load(f)
