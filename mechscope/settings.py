@@ -30,15 +30,17 @@ else:  # pragma: no cover - Python 3.10
 import argparse
 import dataclasses
 import difflib
+import math
 import types
 import typing
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import MISSING, dataclass
 from pathlib import Path
 from typing import Any, ClassVar, TypeGuard, TypeVar
 
 import tomli_w
+import torch
 
 from mechscope.files import atomic_write_text
 
@@ -119,12 +121,84 @@ def fail(config: Any, name: str, text: str) -> ConfigError:
     return ConfigError(f"{label(config, name)} {text}", field=name)
 
 
-def at_least(config: Any, low: int, *names: str) -> None:
-    """Fail on the first of the fields ``names`` of ``config`` that is below ``low``."""
+def at_least(config: Any, low: float, *names: str) -> None:
+    """Fail on the first of the fields ``names`` of ``config`` that is below ``low`` or not a finite number (nan,
+    inf); a field left at None (not set) passes."""
     for name in names:
-        value = getattr(config, name)
-        if value < low:
-            raise fail(config, name, f"must be at least {low}, got {value}")
+        _check_number(config, name, lambda v: v >= low, f"at least {low}")
+
+
+def above(config: Any, low: float, *names: str) -> None:
+    """Fail on the first of the fields ``names`` of ``config`` that is not a finite number greater than ``low``
+    (a learning rate, a kernel width); a field left at None passes."""
+    for name in names:
+        _check_number(config, name, lambda v: v > low, f"greater than {low}")
+
+
+def between(config: Any, low: float, high: float, *names: str, high_open: bool = False) -> None:
+    """Fail on the first of the fields ``names`` of ``config`` outside ``[low, high]`` (``[low, high)`` with
+    ``high_open``: Adam's betas) or not a finite number; a field left at None passes."""
+    shown = f"in [{low}, {high}{')' if high_open else ']'}"
+    for name in names:
+        _check_number(config, name, lambda v: low <= v and (v < high if high_open else v <= high), shown)
+
+
+def _check_number(config: Any, name: str, ok: Callable[[float], bool], wanted: str) -> None:
+    value = getattr(config, name)
+    if value is None:
+        return
+    if not math.isfinite(value):
+        raise fail(config, name, f"must be a finite number {wanted}, got {value}")
+    if not ok(value):
+        raise fail(config, name, f"must be {wanted}, got {value}")
+
+
+def device_problem(name: str) -> str | None:
+    """Why the torch device ``name`` cannot be used on this machine (not a device, no such accelerator, an index
+    past the last one), or None when it can: ``"cpu"``, and ``"cuda"``/``"cuda:1"``/``"mps"``/... when torch sees
+    that device."""
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        return f"{name!r} is not a torch device: use one of {', '.join(available_devices())}"
+    if device.type == "cpu":
+        return None
+    count = _device_count(device.type)
+    if count == 0:
+        return (
+            f"{name!r} is not available on this machine (torch {torch.__version__} sees no {device.type} device): "
+            f"use one of {', '.join(available_devices())}"
+        )
+    if device.index is not None and device.index >= count:
+        return f"{name!r} does not exist: this machine has {count} {device.type} device(s); use one of " + ", ".join(
+            available_devices()
+        )
+    return None
+
+
+def _device_count(kind: str) -> int:
+    """How many ``kind`` devices torch sees (0 for meta and other kinds without devices of their own)."""
+    backend = getattr(torch, kind, None)
+    count = getattr(backend, "device_count", None)
+    return int(count()) if callable(count) else 0
+
+
+def available_devices() -> list[str]:
+    """The devices of this machine as a config names them: ``["cpu", "cuda", "cuda:0", "cuda:1"]``."""
+    out = ["cpu"]
+    for kind in ("cuda", "mps", "xpu"):
+        count = _device_count(kind)
+        if count:
+            out += [kind, *(f"{kind}:{i}" for i in range(count))]
+    return out
+
+
+def check_device(config: Any, *names: str) -> None:
+    """Fail on the first of the fields ``names`` of ``config`` that names a device this machine does not have."""
+    for name in names:
+        problem = device_problem(getattr(config, name))
+        if problem is not None:
+            raise fail(config, name, problem)
 
 
 def check_fields(config: Any) -> None:
@@ -271,10 +345,14 @@ def load(cls: type[C], path: str | Path | None = None, overrides: Mapping[str, A
     from_file: dict[str, Any] = {}
     if path is not None:
         path = Path(path)
+        if path.is_dir():
+            raise IsADirectoryError(f"config file {path} is a directory: give the path of a TOML file")
+        if not path.is_file():
+            raise FileNotFoundError(f"config file {path} does not exist: give the path of a TOML file")
         with open(path, "rb") as f:
             try:
                 from_file = tomllib.load(f)
-            except tomllib.TOMLDecodeError as e:
+            except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
                 raise ConfigError(f"{path} is not valid TOML: {e}") from None
         try:
             from_file = _renamed(cls, from_file, f"{path}: ")

@@ -4,25 +4,32 @@ names with a warning, nested configs, derived settings, and the TOML writer; on 
 from __future__ import annotations
 
 import argparse
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
 import pytest
+import torch
 
 from mechscope.apps.main_job import MainJobConfig
 from mechscope.cooccurrence import ConfigError as CoocConfigError
 from mechscope.cooccurrence.config import CoocConfig
+from mechscope.dashboards.pipeline import DashboardsConfig
 from mechscope.sae.train import TrainConfig
 from mechscope.settings import (
     Config,
     ConfigError,
     DeprecatedSetting,
+    above,
     add_flags,
     at_least,
+    available_devices,
+    between,
     check_fields,
     derive,
+    device_problem,
     flag_values,
     load,
     meta,
@@ -179,3 +186,47 @@ def test_every_package_config_has_a_flag_with_help_per_setting() -> None:
 
     with pytest.raises(TypeError, match=r"NoHelp.size has no help: declare it with metadata=meta"):
         add_flags(argparse.ArgumentParser(), NoHelp)
+
+
+@pytest.mark.parametrize(
+    ("path", "text", "message"),
+    [
+        ("cooc.toml", '[counting]\nmodel = "m"\nsae = "s"\ndevice = "cuda:7"\n', "[counting].device 'cuda:7' is not"),
+        ("cooc.toml", '[counting]\nmodel = "m"\nsae = "s"\nn_batches = nan\n', "[counting].n_batches must be int"),
+        ("dash.toml", 'sae = "s"\ncheckpoint_seconds = nan\n', "checkpoint_seconds must be a finite number at least 0"),
+        ("dash.toml", 'sae = "s"\ncheckpoint_seconds = -1.0\n', "checkpoint_seconds must be at least 0, got -1.0"),
+        ("dash.toml", 'sae = "s"\ndevice = "foo"\n', "device 'foo' is not a torch device: use one of cpu"),
+        ("job.toml", "[train]\nlr = inf\n", "TrainConfig.lr must be a finite number greater than 0, got inf"),
+        ("job.toml", '[dashboards]\ndevice = "mps:3"\n', "device 'mps:3' is not"),
+    ],
+)
+def test_every_config_refuses_nan_negative_and_missing_devices_the_same_way(
+    tmp_path: Path, path: str, text: str, message: str
+) -> None:
+    cls = {"cooc.toml": CoocConfig, "dash.toml": DashboardsConfig, "job.toml": MainJobConfig}[path]
+    file = tmp_path / path
+    file.write_text(text)
+    with pytest.raises(ConfigError) as caught:
+        load(cls, file)
+    assert str(caught.value).startswith(f"{file}: {message}")
+
+
+def test_the_number_checks_refuse_nan_and_inf_and_skip_unset_fields() -> None:
+    @dataclass
+    class Numbers(Config):
+        rate: float | None = field(default=None, metadata=meta("a rate"))
+
+    for value, check, message in [
+        (math.nan, lambda c: at_least(c, 0, "rate"), "rate must be a finite number at least 0, got nan"),
+        (-math.inf, lambda c: above(c, 0, "rate"), "rate must be a finite number greater than 0, got -inf"),
+        (1.0, lambda c: between(c, 0, 1, "rate", high_open=True), "rate must be in [0, 1), got 1.0"),
+        (0.0, lambda c: above(c, 0, "rate"), "rate must be greater than 0, got 0.0"),
+    ]:
+        with pytest.raises(ConfigError, match=f"^{re.escape(message)}$"):
+            check(Numbers(rate=value))
+    for check in (lambda c: at_least(c, 0, "rate"), lambda c: above(c, 0, "rate"), lambda c: between(c, 0, 1, "rate")):
+        check(Numbers())  # None: not set, nothing to check
+    assert device_problem("cpu") is None and device_problem("cpu:0") is None
+    assert device_problem("meta") == f"'meta' is not available on this machine (torch {torch.__version__} sees no " + (
+        f"meta device): use one of {', '.join(available_devices())}"
+    )

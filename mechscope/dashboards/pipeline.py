@@ -43,7 +43,7 @@ from mechscope.models.tokenizer import token_strings
 from mechscope.sae.formats import WriteFile
 from mechscope.sae.model import SparseAutoencoder
 from mechscope.sae.splice import resolve_hook_name
-from mechscope.settings import Config, ConfigError, at_least, check_fields, meta
+from mechscope.settings import Config, ConfigError, at_least, check_device, check_fields, meta
 
 
 @dataclass
@@ -78,6 +78,7 @@ class DashboardsConfig(Config):
         check_fields(self)
         at_least(self, 1, "n_tokens", "context_length", "batch_contexts")
         at_least(self, 0, "checkpoint_every", "checkpoint_seconds")
+        check_device(self, "device")
 
 
 def _source(config: DashboardsConfig, hook_name: str, store: ActivationStore, sae: SparseAutoencoder) -> dict[str, Any]:

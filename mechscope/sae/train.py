@@ -57,7 +57,18 @@ from mechscope.sae.formats import WriteFile
 from mechscope.sae.kernels import JumpReLU, SelectedPreActs, SparseDecode, Step
 from mechscope.sae.latents import SparseLatents
 from mechscope.sae.model import SparseAutoencoder
-from mechscope.settings import Config, ConfigError, at_least, check_fields, fail, label, meta
+from mechscope.settings import (
+    Config,
+    ConfigError,
+    above,
+    at_least,
+    between,
+    check_device,
+    check_fields,
+    fail,
+    label,
+    meta,
+)
 
 CHECKPOINT_DIR = "checkpoint"
 TRAINER_TENSORS = "trainer.safetensors"
@@ -119,12 +130,26 @@ class TrainConfig(Config):
         check_fields(self)
         if self.architecture not in ARCHITECTURES:
             raise fail(self, "architecture", f"{self.architecture!r} is not one of: {', '.join(ARCHITECTURES)}")
-        if self.architecture == "topk" and (self.k is None or self.k != int(self.k)):
-            raise fail(self, "k", f"must be a whole number for a topk SAE, got {self.k!r}")
-        if self.architecture in ("relu", "jumprelu"):
-            self.k = None  # only topk/batchtopk use k, and SAEConfig refuses it elsewhere
         at_least(self, 1, "n_tokens", "batch_size_tokens", "context_length", "batch_contexts")
-        at_least(self, 1, "expansion_factor", "log_every")
+        at_least(self, 1, "expansion_factor", "log_every", "d_sae", "aux_k", "dead_tokens_threshold")
+        at_least(self, 0, "warmup_steps", "checkpoint_every", "shuffle_buffer")
+        at_least(self, 0, "l1_coefficient", "l0_coefficient", "aux_k_coefficient", "jumprelu_init_threshold")
+        above(self, 0, "lr", "jumprelu_bandwidth", "batchtopk_threshold_lr")
+        between(self, 0, 1, "batchtopk_threshold_lr")
+        between(self, 0, 1, "adam_beta1", "adam_beta2", high_open=True)
+        if self.architecture in ("topk", "batchtopk"):
+            if self.k is None:
+                raise fail(self, "k", f"is required for a {self.architecture} SAE: give the latents per token, e.g. 32")
+            above(self, 0, "k")
+            if self.architecture == "topk" and self.k != int(self.k):
+                raise fail(self, "k", f"must be a whole number for a topk SAE, got {self.k!r}")
+            if self.d_sae is not None and self.k > self.d_sae:
+                raise fail(self, "k", f"is {self.k}, more than d_sae={self.d_sae}: lower k or raise d_sae")
+        else:
+            self.k = None  # only topk/batchtopk use k, and SAEConfig refuses it elsewhere
+        if not self.out_dir:
+            raise fail(self, "out_dir", "is empty: give the directory the run writes to")
+        check_device(self, "device")
         if self.n_tokens < self.batch_size_tokens:
             raise ConfigError(
                 f"{label(self, 'n_tokens')}={self.n_tokens} is less than one batch ({self.batch_size_tokens})",
@@ -450,9 +475,17 @@ def train_sae(
     if config.architecture == "topk":
         assert k is not None  # TrainConfig checks that it is a whole number
         k = int(k)
+    d_sae = config.expansion_factor * d_in if config.d_sae is None else config.d_sae
+    if k is not None and k > d_sae:
+        raise fail(
+            config,
+            "k",
+            f"is {k}, more than the SAE's {d_sae} latents (expansion_factor {config.expansion_factor} * d_in {d_in}): "
+            "lower k, or raise expansion_factor or d_sae",
+        )
     sae_cfg = SAEConfig(
         d_in=d_in,
-        d_sae=config.d_sae or config.expansion_factor * d_in,
+        d_sae=d_sae,
         architecture=config.architecture,
         k=k,
         model_name=config.model,

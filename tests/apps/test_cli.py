@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 from pathlib import Path
 
 import huggingface_hub.constants
@@ -12,7 +14,7 @@ from transformers import AutoModelForCausalLM
 
 import mechscope.models.loading as loading
 from mechscope import ActivationCache, HookedAutoConfig, HookedModel
-from mechscope.apps.cli import build_parser, main
+from mechscope.apps.cli import build_parser, error_line, main
 from mechscope.apps.first_look import logit_lens, run_first_look
 from mechscope.apps.main_job import MainJobConfig
 from mechscope.apps.tables import format_table
@@ -20,6 +22,7 @@ from mechscope.models.tokenizer import byte_tokenizer
 from mechscope.settings import DeprecatedSetting, flag_values, load
 
 PROMPT = "The capital of France is"
+HOOK = "blocks.1.hook_resid_post"
 
 
 def _random_model(family: str, **overrides) -> HookedModel:
@@ -248,5 +251,114 @@ def test_cli_cooc_stages_on_a_local_model_and_sae(tmp_path: Path, capsys) -> Non
     err = capsys.readouterr().err
     assert err == (
         f"mechscope cooc run: error: {toml}: unknown key [counting].n_batchs in [counting]; "
-        "did you mean [counting].n_batches?\n"
+        "did you mean [counting].n_batches?\n(rerun with --debug to see the traceback)\n"
     )
+
+
+HINT = "(rerun with --debug to see the traceback)\n"
+
+
+def test_sae_train_takes_its_config_positionally_and_still_reads_the_old_flag(tmp_path: Path, capsys) -> None:
+    path = tmp_path / "run.toml"
+    path.write_text("lr = -1.0\n")  # refused when the config is built, so no model is loaded
+    message = f"mechscope sae train: error: {path}: TrainConfig.lr must be greater than 0, got -1.0\n" + HINT
+    assert main(["sae", "train", str(path), "--model", str(tmp_path / "no-model")]) == 1
+    assert capsys.readouterr().err == message
+    with pytest.warns(
+        DeprecatedSetting, match=rf"--config is deprecated: give the file as the first argument .*{path}"
+    ):
+        assert main(["sae", "train", "--config", str(path), "--model", str(tmp_path / "no-model")]) == 1
+    assert capsys.readouterr().err == message
+    assert main(["sae", "train", str(path), "--config", str(path)]) == 1
+    assert "two config files given" in capsys.readouterr().err
+    assert main(["sae", "train", str(tmp_path / "missing.toml")]) == 1
+    assert capsys.readouterr().err == (
+        f"mechscope sae train: error: config file {tmp_path / 'missing.toml'} does not exist: "
+        "give the path of a TOML file\n" + HINT
+    )
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["sae", "train", "--device", "cuda:3"], "TrainConfig.device 'cuda:3' is not available on this machine"),
+        (["sae", "train", "--warmup-steps", "-5"], "TrainConfig.warmup_steps must be at least 0, got -5"),
+        (["sae", "train", "--lr", "nan"], "TrainConfig.lr must be a finite number greater than 0, got nan"),
+        (["sae", "train", "--out-dir", "{file}"], "out_dir {file} is a file, not a directory: choose another out_dir"),
+        (["sae", "train", "--out-dir", "{file}/run"], "out_dir {file}/run is under the file {file}, not a directory"),
+        (["sae", "train", "--activations-dir", "{file}"], "activations_dir {file} is a file, not a directory"),
+        (["demo", "--out-dir", "{file}", "--stages", "look"], "out_dir {file} is a file, not a directory"),
+        (["export", "neuronpedia", "{tmp}", "--out", "{file}"], "--out {file} is a file, not a directory"),
+    ],
+)
+def test_bad_settings_and_output_dirs_are_refused_before_any_model_loads(
+    tmp_path: Path, argv: list[str], message: str, capsys
+) -> None:
+    file = tmp_path / "a_file"
+    file.write_text("not a directory")
+    fill = {"file": str(file), "tmp": str(tmp_path)}
+    model = ["--model", str(tmp_path / "no-model")] if argv[0] in ("sae", "demo") else []  # would fail to load
+    assert main([a.format(**fill) for a in argv] + model) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"mechscope {' '.join(argv[:2]) if argv[0] != 'demo' else 'demo'}: error: ")
+    assert message.format(**fill) in err and err.endswith(HINT) and err.count("\n") == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a_file"]  # nothing created, no probe left
+
+
+def test_an_unwritable_output_dir_is_refused_and_left_as_it_was(tmp_path: Path, capsys) -> None:
+    locked = Path(tempfile.mkdtemp(prefix="mechscope-locked-"))  # under /tmp, which every user may traverse
+    try:
+        locked.chmod(0o555)
+        argv = ["sae", "train", "--out-dir", str(locked / "run"), "--model", str(tmp_path / "no-model")]
+        if os.geteuid() == 0:  # root writes anywhere: check as an ordinary user (nobody), then become root again
+            os.seteuid(65534)
+            try:
+                status = main(argv)
+            finally:
+                os.seteuid(0)
+        else:
+            status = main(argv)
+        assert status == 1
+        err = capsys.readouterr().err
+        assert err.startswith(
+            f"mechscope sae train: error: out_dir {locked / 'run'} is not writable (Permission denied"
+        )
+        assert "choose another out_dir, or make it writable" in err and err.endswith(HINT)
+        assert list(locked.iterdir()) == []
+    finally:
+        locked.chmod(0o755)
+        locked.rmdir()
+
+
+def test_every_error_is_one_line_and_a_hint_and_debug_shows_the_traceback(tmp_path: Path, capsys) -> None:
+    from mechscope.sae import SAEConfig, SparseAutoencoder
+
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(HookedAutoConfig("llama")).save_pretrained(tmp_path / "model")
+    byte_tokenizer().save_pretrained(tmp_path / "model")
+    SparseAutoencoder(SAEConfig(d_in=64, d_sae=32, architecture="topk", k=4, hook_name=HOOK)).save(tmp_path / "sae")
+    capsys.readouterr()  # the progress bars of saving the model
+    config = tmp_path / "dash.toml"
+    common = f'sae = "{tmp_path / "sae"}"\nmodel = "{tmp_path / "model"}"\nout_dir = "{tmp_path / "out"}"\n'
+    for hook, kind, shown in [
+        ("blocks.1.hook_nonsense", KeyError, "unknown hook point 'blocks.1.hook_nonsense'. Closest valid names: "),
+        ("blocks.1.attn.hook_pattern", IndexError, "IndexError: The shape of the mask"),  # no message of ours
+    ]:
+        config.write_text(common + f'hook_name = "{hook}"\nn_tokens = 64\ncontext_length = 16\n')
+        assert main(["dashboards", str(config), "--no-progress"]) == 1
+        out = capsys.readouterr().err  # after transformers' "Loading weights" bar
+        assert "Traceback" not in out
+        err = out[out.index("mechscope dashboards: error: ") :]
+        assert err.startswith(f"mechscope dashboards: error: {shown}") and err.endswith(HINT) and err.count("\n") == 2
+        with pytest.raises(kind) as raised:  # --debug, anywhere on the line: the error itself, with its traceback
+            main(["dashboards", "--debug", str(config), "--no-progress"])
+        assert raised.value.__traceback__ is not None
+        assert err == f"mechscope dashboards: error: {error_line(raised.value)}\n{HINT}"
+
+
+def test_error_lines_name_the_problem_without_quotes_or_blanks() -> None:
+    assert error_line(KeyError("no latent 7: the SAE has 4")) == "no latent 7: the SAE has 4"  # str() adds quotes
+    assert error_line(KeyError(7)) == "7"
+    assert error_line(ValueError("bad k\n")) == "bad k"
+    assert error_line(RuntimeError("CUDA out of memory")) == "RuntimeError: CUDA out of memory"
+    assert error_line(AssertionError()) == "AssertionError"

@@ -443,7 +443,7 @@ def test_cli_trains_an_sae_that_loads(corpus: Path, tmp_path: Path, capsys) -> N
     AutoModelForCausalLM.from_config(HookedAutoConfig("llama")).save_pretrained(model_dir)
     byte_tokenizer().save_pretrained(model_dir)
     (tmp_path / "run.toml").write_text('architecture = "topk"\nk = 4\nbatch_size_tokens = 32\nlr = 0.5\n')
-    argv = ["sae", "train", "--config", str(tmp_path / "run.toml"), "--model", str(model_dir), "--hook-name", HOOK]
+    argv = ["sae", "train", str(tmp_path / "run.toml"), "--model", str(model_dir), "--hook-name", HOOK]
     argv += ["--corpus", str(corpus), "--context-length", "32", "--n-tokens", "320", "--lr", "1e-3"]
     argv += ["--expansion-factor", "2", "--out-dir", str(tmp_path / "out"), "--no-progress", "--log-every", "5"]
     assert main(argv) == 0
@@ -463,7 +463,7 @@ def test_cli_flags_mirror_the_config_fields() -> None:
     flags = {option for action in train._actions for option in action.option_strings}
     expected = {"--" + f.name.replace("_", "-") for f in dataclasses.fields(TrainConfig)}
     old_names = {"--source", "--shard-dir", "--batch-size"}  # still read, with a DeprecatedSetting warning
-    assert flags == expected | old_names | {"--no-resume", "--no-progress", "--config", "-h", "--help"}
+    assert flags == expected | old_names | {"--no-resume", "--no-progress", "--config", "-h", "--help"}  # --config: old
     args = parser.parse_args(["sae", "train", "--k", "2.5", "--d-sae", "7", "--no-progress", "--lr", "1e-3"])
     assert (args.k, args.d_sae, args.progress, args.lr) == (2.5, 7, False, 1e-3)
     assert not hasattr(args, "batch_size_tokens")  # flags not given stay unset: a TOML file's value is not overridden
