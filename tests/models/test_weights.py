@@ -96,6 +96,7 @@ def test_hook_values_from_weight_views(model, tokens):
 def test_views_follow_the_parameters_and_carry_gradients(llama):
     """A view is read on access: editing a parameter shows up, and gradients reach the parameter."""
     o_proj = llama.model.model.layers[1].self_attn.o_proj
+    llama.zero_grad(set_to_none=True)  # the model is shared by the session: start from no gradient
     W_O = llama.W_O  # noqa: N806
     W_O[1, 2].sum().backward()
     expected = torch.zeros_like(o_proj.weight)
