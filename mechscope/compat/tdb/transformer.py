@@ -353,7 +353,10 @@ class Transformer(torch.nn.Module):
         """
         active = [location for location, fwd_bwd in hooks.locations() if not fwd_bwd.is_empty()]
         if "attn.qk_softmax_denominator" in active:
-            raise NotImplementedError("attn.qk_softmax_denominator hooks are not supported by mechscope.compat.tdb")
+            raise NotImplementedError(
+                "attn.qk_softmax_denominator hooks are not supported by mechscope.compat.tdb: hook attn.qk_logits "
+                "(the scores) or attn.qk_probs (the pattern) instead"
+            )
         if "resid.torso.post_attn" in active and self.cfg.parallel_attn_mlp:
             raise ValueError(
                 f"resid.torso.post_attn does not exist in {self.cfg.family}: attention and MLP run in parallel "
