@@ -4,7 +4,10 @@ Every file mechscope writes goes through :func:`atomic_write` (or :func:`atomic_
 :func:`atomic_write_json`), every directory that is replaced as a whole (checkpoints, model conversions)
 through :func:`atomic_dir`, so an interruption never leaves a partial file or directory behind under the
 final name. A job that resumes from saved state calls :func:`check_settings` first, so "refuse to resume
-under other settings, and show what differs" is written once.
+under other settings, and show what differs" is written once. A job's start calls :func:`clean_directory` on its
+output folder (temporary files of killed writers, interrupted swaps), and its checkpoints and stored state are read
+with :func:`read_json`, :func:`read_npz` and :func:`read_safetensors`, which turn a damaged file into one
+:class:`DamagedFile` error naming the file and the fix.
 """
 
 from __future__ import annotations
@@ -13,13 +16,87 @@ import json
 import os
 import re
 import shutil
-from collections.abc import Callable, Iterable, Mapping
+import zipfile
+import zlib
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+import numpy as np
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from torch import Tensor
 
 
 class SettingsMismatch(ValueError):
     """Saved state was written under other settings than the ones asked for now."""
+
+
+class DamagedFile(ValueError):
+    """A file mechscope wrote earlier cannot be read back (truncated, overwritten, not the format its name says)."""
+
+
+DAMAGED_FIX = "delete it (a checkpoint: the job starts that part over), or choose another output directory"
+
+
+def _reason(error: BaseException) -> str:
+    """What is wrong with a file, from the error its reader raised (never numpy's advice to unpickle)."""
+    if isinstance(error, json.JSONDecodeError):
+        return f"not valid JSON: {error.msg} at line {error.lineno}"
+    if isinstance(error, UnicodeDecodeError):
+        return "not text"
+    if isinstance(error, (zipfile.BadZipFile, EOFError, zlib.error)):
+        return "a truncated or damaged npz archive"
+    if isinstance(error, SafetensorError):
+        return f"a truncated or damaged safetensors file ({error})"
+    if isinstance(error, ValueError) and ("pickle" in str(error) or "npz" in str(error)):
+        return "not an npz archive"
+    if isinstance(error, KeyError):
+        return f"it lacks the entry {error}"
+    return f"{type(error).__name__}: {error}"
+
+
+@contextmanager
+def reading(path: str | Path, fix: str = DAMAGED_FIX) -> Iterator[Path]:
+    """Read ``path`` inside the ``with`` block (parse it too): any failure but a missing file is raised as one
+    :class:`DamagedFile` naming ``path``, what is wrong and ``fix``. The readers below use it; so does a loader
+    that checks what it parsed (a missing entry is a ``KeyError``: the file is damaged)."""
+    path = Path(path)
+    try:
+        yield path
+    except FileNotFoundError:
+        raise
+    except (OSError, ValueError, EOFError, KeyError, TypeError, zlib.error, zipfile.BadZipFile, SafetensorError) as e:
+        if isinstance(e, DamagedFile):
+            raise
+        raise DamagedFile(f"{path} cannot be read ({_reason(e)}): {fix}") from e
+
+
+def read_json(path: str | Path, fix: str = DAMAGED_FIX) -> Any:
+    """The JSON in ``path``; a damaged file raises :class:`DamagedFile` (``fix`` says what to do)."""
+    with reading(path, fix):
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+
+
+def read_npz(path: str | Path, fix: str = DAMAGED_FIX) -> dict[str, np.ndarray]:
+    """Every array of the ``.npz`` file ``path``, read at once (no pickled objects); a damaged file raises
+    :class:`DamagedFile` (``fix`` says what to do)."""
+
+    with reading(path, fix):
+        data = np.load(path, allow_pickle=False)
+        if not isinstance(data, np.lib.npyio.NpzFile):
+            raise ValueError("not an npz archive")
+        with data:
+            return {name: data[name] for name in data.files}
+
+
+def read_safetensors(path: str | Path, device: str = "cpu", fix: str = DAMAGED_FIX) -> dict[str, Tensor]:
+    """The tensors of the safetensors file ``path`` on ``device``; a damaged file raises :class:`DamagedFile`
+    (``fix`` says what to do)."""
+    with reading(path, fix):
+        tensors: dict[str, Tensor] = load_file(str(path), device=device)
+        return tensors
 
 
 def atomic_write(path: str | Path, write: Callable[[Path], object]) -> Path:
@@ -113,14 +190,40 @@ def remove_stale_temps(path: str | Path) -> list[Path]:
         match = pattern.fullmatch(candidate.name)
         if match is None:
             continue
-        pid = int(match.group(1) or match.group(2))
-        if pid == os.getpid() or process_alive(pid):
+        if _remove_if_dead(candidate, int(match.group(1) or match.group(2))):
+            removed.append(candidate)
+    return removed
+
+
+_TEMP = re.compile(r"\.(?P<name>.+?)\.tmp(?P<pid>\d+)(?:\.[^.]+)?")
+
+
+def _remove_if_dead(candidate: Path, pid: int) -> bool:
+    """Remove the temporary ``candidate`` (a file or folder) when its writer ``pid`` no longer runs."""
+    if pid == os.getpid() or process_alive(pid):
+        return False
+    if candidate.is_dir():
+        shutil.rmtree(candidate, ignore_errors=True)
+    else:
+        candidate.unlink(missing_ok=True)
+    return True
+
+
+def clean_directory(directory: str | Path) -> list[Path]:
+    """What killed runs left in ``directory``: remove every temporary file or folder of :func:`atomic_write` /
+    :func:`atomic_dir` whose process no longer runs, and finish every interrupted swap (:func:`recover_dir`).
+    Returns what it removed. A job calls this on its output folder when it starts."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    removed = []
+    for candidate in sorted(directory.glob(".*")):
+        if candidate.name.endswith(".old"):
+            recover_dir(directory / candidate.name[1:-4])
             continue
-        if candidate.is_dir():
-            shutil.rmtree(candidate, ignore_errors=True)
-        else:
-            candidate.unlink(missing_ok=True)
-        removed.append(candidate)
+        match = _TEMP.fullmatch(candidate.name)
+        if match is not None and _remove_if_dead(candidate, int(match["pid"])):
+            removed.append(candidate)
     return removed
 
 

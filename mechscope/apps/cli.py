@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 import tempfile
 import warnings
@@ -24,6 +25,7 @@ from mechscope.apps.tables import format_graph_summary
 from mechscope.cooccurrence import pipeline
 from mechscope.cooccurrence.config import CoocConfig
 from mechscope.dashboards.pipeline import DashboardsConfig, export_neuronpedia, run_dashboards
+from mechscope.interrupts import Interrupted
 from mechscope.sae.train import TrainConfig, train_sae
 from mechscope.settings import DeprecatedSetting, add_flags, flag_values, load
 
@@ -234,12 +236,20 @@ def error_line(error: BaseException) -> str:
     return f"{type(error).__name__}: {message}"
 
 
+def resume_command(argv: Sequence[str], interrupted: Interrupted) -> str:
+    """The command line that continues an interrupted run: ``argv`` again, plus a flag per setting the rerun must
+    change (``--resume`` for ``sae train``)."""
+    flags = [f"--{name.replace('_', '-')}" for name, value in interrupted.resume.items() if value is True]
+    return shlex.join(["mechscope", *argv, *(f for f in flags if f not in argv)])
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line with ``argv`` (default ``sys.argv[1:]``); returns the exit status.
 
     Any error (a model that cannot be loaded, an unwritable output directory, a bad setting, a bug) ends with
     ``mechscope COMMAND: error: MESSAGE`` and a hint on stderr and status 1, not a traceback; Ctrl-C ends with status
-    130. ``--debug`` (anywhere on the line) lets the error propagate, with its traceback.
+    130; a long stage stopped by Ctrl-C / SIGTERM writes its checkpoint and ends with one line saying how to resume and
+status 128 + the signal. ``--debug`` (anywhere on the line) lets the error propagate, with its traceback.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
@@ -248,6 +258,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = " ".join(filter(None, (args.command, sub)))
     try:
         args.run(args)
+    except Interrupted as e:
+        if debug:
+            raise
+        print(f"mechscope {command}: {e} (checkpoint written); resume: {resume_command(argv, e)}", file=sys.stderr)
+        return 128 + e.signum
     except KeyboardInterrupt:
         if debug:
             raise

@@ -42,7 +42,7 @@ from mechscope.cooccurrence.counting import CooccurrenceCounts, jaccard
 from mechscope.cooccurrence.graph import GraphResults, Partners
 from mechscope.cooccurrence.pca_results import MARK, PCAResults, SubgraphPCAResult
 from mechscope.cooccurrence.subspace import SubspacePCA
-from mechscope.files import atomic_write, atomic_write_text
+from mechscope.files import DamagedFile, atomic_write, atomic_write_text, read_json, read_npz, reading
 
 KINDS = ("total", "jaccard", "activations")
 FILE_PREFIX = {"mechscope": "mechscope_cooc", "sae_cooccurrence": "feature_acts_cooc"}  # by output_format
@@ -52,6 +52,8 @@ SUMMARY = "summary.json"
 EDGE_THRESHOLDS = "edge_thresholds.csv"
 NUL = "\u2400"  # written for "\0", which HDF5 strings cannot hold
 Counts = dict[str, dict[float, CooccurrenceCounts]]  # hook name -> threshold -> counts
+CHECKPOINT_FIX = "delete it to count from scratch, or choose another results_dir"
+MATRIX_FIX = "delete it and run the count stage again, or choose another results_dir"
 
 
 # ---- names ------------------------------------------------------------------------------------------------------
@@ -133,9 +135,11 @@ def save_matrix(path: str | Path, matrix: sp.sparray | np.ndarray, dense: bool =
 
 
 def load_matrix(path: str | Path) -> np.ndarray | sp.csr_array:
-    """Read a file :func:`save_matrix` (or the reference) wrote: an ndarray when dense, a CSR array when sparse."""
-    with np.load(path, allow_pickle=False) as data:
-        if "format" in data.files:
+    """Read a file :func:`save_matrix` (or the reference) wrote: an ndarray when dense, a CSR array when sparse. A
+    damaged file raises :class:`~mechscope.files.DamagedFile` naming it."""
+    data = read_npz(path, MATRIX_FIX)
+    with reading(path, MATRIX_FIX):
+        if "format" in data:
             fmt = data["format"].item()
             fmt = fmt.decode() if isinstance(fmt, bytes) else fmt
             shape = tuple(int(s) for s in data["shape"])
@@ -144,15 +148,32 @@ def load_matrix(path: str | Path) -> np.ndarray | sp.csr_array:
             if fmt == "coo":
                 return sp.csr_array(sp.coo_array((data["data"], (data["row"], data["col"])), shape=shape))
             raise ValueError(f"{path}: unsupported sparse format {fmt!r}; save it as csr or coo")
-        return data[data.files[0]]
+        return next(iter(data.values()))
 
 
-def count_files_exist(results_dir: str | Path, thresholds: Sequence[float], output_format: str) -> bool:
-    """Whether :func:`save_counts` finished writing ``output_format``'s files for every threshold."""
+def count_files_problem(
+    results_dir: str | Path, thresholds: Sequence[float], output_format: str, d_sae: int, n_tokens: int
+) -> str | None:
+    """What is wrong with the files :func:`save_counts` wrote for ``thresholds`` in ``results_dir`` (missing, not
+    readable, not ``[d_sae, d_sae]`` / ``[d_sae]``, or from another count than ``n_tokens`` tokens), or None when
+    they are a whole set."""
     out = Path(results_dir)
-    if not (out / TOKENS_FILE).exists():
-        return False
-    return all((out / file_name(kind, t, output_format)).exists() for t in thresholds for kind in KINDS)
+    try:
+        tokens = read_json(out / TOKENS_FILE, MATRIX_FIX)
+        for t in thresholds:
+            if not isinstance(tokens, dict) or tokens.get(str(float(t))) != n_tokens:
+                return f"{out / TOKENS_FILE} does not record {n_tokens} tokens at threshold {t}"
+            for kind in KINDS:
+                path = out / file_name(kind, t, output_format)
+                shape = load_matrix(path).shape
+                want = (d_sae,) if kind == "activations" else (d_sae, d_sae)
+                if shape != want:
+                    return f"{path} holds a {list(shape)} matrix, not {list(want)}"
+    except FileNotFoundError as e:
+        return f"{e.filename or e} is missing"
+    except DamagedFile as e:
+        return str(e)
+    return None
 
 
 def save_counts(
@@ -222,15 +243,21 @@ def save_checkpoint(path: str | Path, state: dict[str, Any], counts: Counts) -> 
 
 
 def read_checkpoint_state(path: str | Path) -> dict[str, Any]:
-    """The ``state`` of a checkpoint :func:`save_checkpoint` wrote, without its matrices."""
-    with np.load(path, allow_pickle=False) as data:
+    """The ``state`` of a checkpoint :func:`save_checkpoint` wrote, without its matrices; a damaged file raises
+    :class:`~mechscope.files.DamagedFile` naming it."""
+    with reading(path, CHECKPOINT_FIX), np.load(path, allow_pickle=False) as data:
         state: dict[str, Any] = json.loads(data["state"].item())
+        missing = {"settings", "sae_ids", "thresholds", "batches_done", "n_tokens", "next"} - set(state)
+        if missing:
+            raise KeyError(f"state {sorted(missing)}")
     return state
 
 
 def load_checkpoint(path: str | Path, d_sae: dict[str, int]) -> tuple[dict[str, Any], Counts]:
-    """``(state, counts)`` of a checkpoint :func:`save_checkpoint` wrote; ``d_sae`` sizes each hook's matrices."""
-    with np.load(path, allow_pickle=False) as data:
+    """``(state, counts)`` of a checkpoint :func:`save_checkpoint` wrote; ``d_sae`` sizes each hook's matrices. A
+    damaged file raises :class:`~mechscope.files.DamagedFile` naming it."""
+    data = read_npz(path, CHECKPOINT_FIX)
+    with reading(path, CHECKPOINT_FIX):
         state = json.loads(data["state"].item())
         counts: Counts = {}
         for s, hook in enumerate(state["sae_ids"]):

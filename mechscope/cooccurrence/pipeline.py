@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
+from contextlib import closing
 from itertools import islice
 from pathlib import Path
 from typing import Any
@@ -45,7 +46,7 @@ from mechscope.cooccurrence.graph import Subgraph, edge_threshold, graph_results
 from mechscope.cooccurrence.outputs import (
     CHECKPOINT,
     Counts,
-    count_files_exist,
+    count_files_problem,
     graph_summary_path,
     load_checkpoint,
     load_counts,
@@ -61,7 +62,8 @@ from mechscope.cooccurrence.outputs import (
 from mechscope.cooccurrence.pca_results import subgraph_pca_results
 from mechscope.cooccurrence.subspace import pca_candidates
 from mechscope.data.store import ActivationStore, Rows
-from mechscope.files import check_settings
+from mechscope.files import check_settings, clean_directory
+from mechscope.interrupts import stop_on_signals
 from mechscope.models.hooked import HookedModel
 from mechscope.sae import SparseAutoencoder, SparseLatents, load_sae
 from mechscope.sae.tokens import latent_tokens
@@ -216,18 +218,30 @@ def run_count(
     }
     counts: Counts = {}
     checkpoint = results / CHECKPOINT
+    for folder in (results, *(results / hook for hook in saes)):
+        clean_directory(folder)  # what killed runs left
+    d_sae = {i: s.cfg.d_sae for i, s in saes.items()}
     if checkpoint.exists():
-        state, counts = _resume(checkpoint, state, {i: s.cfg.d_sae for i, s in saes.items()}, counting.n_batches)
+        state, counts = _resume(checkpoint, state, d_sae, counting.n_batches)
     target = counting.n_batches if stop_after is None else min(stop_after, counting.n_batches)
-    written = all(count_files_exist(results / i, thresholds, config.output_format) for i in counts)
-    if state["saved_n_batches"] == counting.n_batches and written:
-        print(f"count: already done ({state['batches_done']} batches, {state['n_tokens']} tokens) in {results}")
+    if state["saved_n_batches"] == counting.n_batches:
+        problems = [
+            p
+            for i in counts
+            if (p := count_files_problem(results / i, thresholds, config.output_format, d_sae[i], state["n_tokens"]))
+        ]
+        if not problems:
+            print(f"count: already done ({state['batches_done']} batches, {state['n_tokens']} tokens) in {results}")
+            return counts
+        print(f"count: done, but {problems[0]}: writing the counts again from {checkpoint}")
+        for hook, by_t in counts.items():
+            save_counts(results / hook, by_t, config.output_format)
         return counts
     store = _store(config, model, list(saes), counting.n_batches * counting.batch_size_tokens)
     key, skip = state["next"]
     batches = store.resumable_batches(counting.batch_size_tokens, (key, skip))
     bar = tqdm(total=counting.n_batches, initial=state["batches_done"], unit="batch", desc="count")
-    try:
+    with stop_on_signals() as stop, closing(bar):
         while state["batches_done"] < target and not state["exhausted"]:
             item = next(batches, None)
             if item is None:
@@ -243,10 +257,11 @@ def run_count(
             bar.update(1)
             if on_batch is not None:
                 on_batch(state["batches_done"], rows)
-            if state["batches_done"] % counting.checkpoint_every == 0:
+            if state["batches_done"] % counting.checkpoint_every == 0 or stop:
                 save_checkpoint(checkpoint, state, counts)
-    finally:
-        bar.close()
+            if stop and state["batches_done"] < counting.n_batches:
+                where = f"batch {state['batches_done']} of {counting.n_batches}"
+                raise stop.interrupted("cooc count", checkpoint, where)
     if not counts:
         raise ValueError(f"the corpus {counting.corpus or 'default'!r} gave no tokens to count: use a larger corpus")
     if state["batches_done"] < counting.n_batches and not state["exhausted"]:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +36,7 @@ from mechscope.dashboards.outputs import (
 )
 from mechscope.data.store import ActivationStore
 from mechscope.files import atomic_write, check_settings
+from mechscope.interrupts import Cadence, stop_on_signals
 from mechscope.models.hooked import HookedModel
 from mechscope.models.names import parse_hook
 from mechscope.models.tokenizer import token_strings
@@ -91,23 +91,6 @@ def _source(config: DashboardsConfig, hook_name: str, store: ActivationStore, sa
         "neuronpedia_id": sae.cfg.neuronpedia_id,
         "activations": store.settings(),
     }
-
-
-class _Due:
-    """Whether a checkpoint is due after a chunk: ``every`` chunks or ``seconds`` seconds since the last (0: never
-    by that measure)."""
-
-    def __init__(self, every: int, seconds: float) -> None:
-        self.every, self.seconds = every, seconds
-        self.chunks, self.since = 0, time.monotonic()
-
-    def __call__(self) -> bool:
-        self.chunks += 1
-        now = time.monotonic()
-        due = (self.every > 0 and self.chunks >= self.every) or (self.seconds > 0 and now - self.since >= self.seconds)
-        if due:
-            self.chunks, self.since = 0, now
-        return due
 
 
 def _resume(config: DashboardsConfig, about: dict[str, Any]) -> DashboardState | None:
@@ -181,27 +164,31 @@ def run_dashboards(
         store.harvest(config.n_tokens, progress=config.progress)
     about = {"source": source, "stored_tokens": store.stored_tokens()}
     resume = _resume(config, about)
-    due = _Due(config.checkpoint_every, config.checkpoint_seconds)
+    due = Cadence(config.checkpoint_every, config.checkpoint_seconds)
+    with stop_on_signals() as stop:  # Ctrl-C / SIGTERM: finish the chunk, write a checkpoint, raise Interrupted
 
-    def after_chunk(state: DashboardState) -> None:
-        if on_chunk is not None:
-            on_chunk(state)
-        if due():
-            save_checkpoint(out_dir, state, about, write_file)
+        def after_chunk(state: DashboardState) -> None:
+            if on_chunk is not None:
+                on_chunk(state)
+            if due() or stop:
+                save_checkpoint(out_dir, state, about, write_file)
+            if stop:
+                where = f"pass {state.pass_number} of 3, chunk {state.key}"
+                raise stop.interrupted("dashboards", out_dir / CHECKPOINT, where)
 
-    dash = compute_dashboards(
-        sae,
-        hook_name,
-        store.chunks,
-        model.W_U,
-        model.ln_final_w,
-        config.dashboards,
-        progress=config.progress,
-        resume=resume,
-        on_chunk=after_chunk,
-    )
-    save_dashboards(out_dir, dash, source, token_strings(model.tokenizer, model.cfg.d_vocab), write_file)
-    remove_checkpoint(out_dir)
+        dash = compute_dashboards(
+            sae,
+            hook_name,
+            store.chunks,
+            model.W_U,
+            model.ln_final_w,
+            config.dashboards,
+            progress=config.progress,
+            resume=resume,
+            on_chunk=after_chunk,
+        )
+        save_dashboards(out_dir, dash, source, token_strings(model.tokenizer, model.cfg.d_vocab), write_file)
+        remove_checkpoint(out_dir)
     return dash
 
 

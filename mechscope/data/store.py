@@ -15,7 +15,6 @@ shard covers: nothing is lost or stored twice.
 
 from __future__ import annotations
 
-import json
 import warnings
 from collections.abc import Callable, Iterable, Iterator
 from itertools import islice, repeat
@@ -23,18 +22,30 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from mechscope.data.corpus import iter_texts, pack_contexts
-from mechscope.files import atomic_write, atomic_write_json, check_settings
+from mechscope.files import (
+    DamagedFile,
+    atomic_write,
+    atomic_write_json,
+    check_settings,
+    clean_directory,
+    read_json,
+    read_safetensors,
+    reading,
+)
+from mechscope.interrupts import Cadence, stop_on_signals
 from mechscope.models.hooked import HookedModel
 from mechscope.models.points import token_vectors
 from mechscope.settings import DeprecatedSetting
 
 MANIFEST = "manifest.json"
+PENDING = "pending.safetensors"  # the rows of the shard being filled, saved by a stopped harvest
+HARVEST_AGAIN = "delete {directory} to harvest again, or choose another activations_dir"
 Rows = dict[str, Tensor]  # hook name -> [rows, d], and "tokens" / "context" / "position" -> [rows]
 Position = tuple[int, int]  # where a batch starts: (key of a chunk, rows of it already served)
 _RENAMED = {"source": "corpus", "shard_dir": "activations_dir"}  # keyword arguments it had before -> now
@@ -151,7 +162,11 @@ class ActivationStore:
         under other settings raises :class:`~mechscope.files.SettingsMismatch` naming them."""
         if self.activations_dir is None or not (self.activations_dir / MANIFEST).exists():
             return None
-        manifest: dict[str, Any] = json.loads((self.activations_dir / MANIFEST).read_text())
+        path = self.activations_dir / MANIFEST
+        manifest: dict[str, Any] = read_json(path, HARVEST_AGAIN.format(directory=self.activations_dir))
+        if not isinstance(manifest, dict) or not {"settings", "shards"} <= manifest.keys():
+            fix = HARVEST_AGAIN.format(directory=self.activations_dir)
+            raise DamagedFile(f"{path} cannot be read (it lacks the settings or the shards): {fix}")
         check_settings(
             manifest["settings"],
             self.settings(),
@@ -177,53 +192,92 @@ class ActivationStore:
         return int(last["first_context"] + last["n_contexts"])
 
     def harvest(
-        self, n_tokens: int, progress: bool = True, *, on_batch: Callable[[int, int], object] | None = None
+        self,
+        n_tokens: int,
+        progress: bool = True,
+        *,
+        on_batch: Callable[[int, int], object] | None = None,
+        checkpoint_seconds: float = 300.0,
     ) -> int:
         """Harvest into ``activations_dir`` until it holds at least ``n_tokens`` rows (resuming what is there).
 
-        Returns the rows stored. The corpus running out first is not an error; the count says so.
+        Returns the rows stored. The corpus running out first is not an error; the count says so. Every
+        ``checkpoint_seconds`` (0: never) the rows of the shard being filled are saved to ``pending.safetensors``,
+        and on Ctrl-C / SIGTERM too, after the forward pass under way, before :class:`~mechscope.interrupts.
+        Interrupted` is raised; the next harvest continues from them, so its shards equal an uninterrupted harvest's.
         ``on_batch(first_context, n_contexts)`` is called after every forward pass, before its rows are stored;
-        an exception it raises stops the harvest as a kill would (rows not yet in a finished shard are lost, the
-        finished shards and the manifest stay), so a test can check that the next harvest resumes exactly.
+        an exception it raises stops the harvest as a kill would (rows in no finished shard or saved pending rows
+        are lost, the finished shards and the manifest stay), so a test can check that the next harvest resumes
+        exactly. Temporary files of killed harvests are removed when a harvest starts.
         """
         directory = self.activations_dir
         if directory is None:
             raise ValueError("harvest() writes shards: create the store with activations_dir=...")
         directory.mkdir(parents=True, exist_ok=True)
+        clean_directory(directory)
         manifest = self.manifest() or {"version": 1, "settings": self.settings(), "shards": []}
         shards = manifest["shards"]
         stored = sum(s["n_tokens"] for s in shards)
-        next_context = self.harvested_contexts()
-        pending: list[Rows] = []
-        first = next_context
+        first = self.harvested_contexts()
+        pending, n_contexts = self._pending(first)
 
-        def flush(n_contexts: int) -> None:
-            nonlocal first, stored
+        def flush() -> None:
+            nonlocal first, stored, n_contexts
             merged = _cat(pending)
             name = f"shard_{len(shards):05d}.safetensors"
             atomic_write(directory / name, lambda tmp: save_file(merged, str(tmp)))
             n = len(merged["tokens"])
             shards.append({"file": name, "first_context": first, "n_contexts": n_contexts, "n_tokens": n})
             atomic_write_json(directory / MANIFEST, manifest)
+            (directory / PENDING).unlink(missing_ok=True)
             stored += n
             first += n_contexts
+            n_contexts = 0
             pending.clear()
 
-        n_contexts = 0
-        remaining = max(n_tokens - stored, 0)
-        for first_context, count, rows in self.stream(
-            remaining, skip_contexts=next_context, progress=progress and remaining > 0
-        ):
-            if on_batch is not None:
-                on_batch(first_context, count)
-            pending.append(rows)
-            n_contexts += count
-            if sum(len(p["tokens"]) for p in pending) >= self.shard_tokens:
-                flush(n_contexts)
-                n_contexts = 0
-        if pending:
-            flush(n_contexts)
+        def save_pending() -> None:
+            if not (directory / MANIFEST).exists():
+                atomic_write_json(directory / MANIFEST, manifest)  # the settings the pending rows were harvested with
+            pending[:] = [_cat(pending)]
+            meta = {"first_context": str(first), "n_contexts": str(n_contexts)}
+            atomic_write(directory / PENDING, lambda tmp: save_file(pending[0], str(tmp), metadata=meta))
+
+        remaining = max(n_tokens - stored - _rows(pending), 0)
+        due = Cadence(seconds=checkpoint_seconds)
+        with stop_on_signals() as stop:  # Ctrl-C / SIGTERM: finish the pass, save the pending rows, raise
+            for first_context, count, rows in self.stream(
+                remaining, skip_contexts=first + n_contexts, progress=progress and remaining > 0
+            ):
+                if on_batch is not None:
+                    on_batch(first_context, count)
+                pending.append(rows)
+                n_contexts += count
+                if _rows(pending) >= self.shard_tokens:
+                    flush()
+                elif due() or stop:
+                    save_pending()
+                if stop:
+                    where = f"{stored + _rows(pending)} of {n_tokens} rows"
+                    raise stop.interrupted("harvest", directory, where)
+            if pending:
+                flush()
         return stored
+
+    def _pending(self, first_context: int) -> tuple[list[Rows], int]:
+        """The rows a stopped harvest saved for the shard starting at context ``first_context`` and the contexts
+        they cover (``([], 0)`` when there are none; a file left from before a finished shard is removed)."""
+        assert self.activations_dir is not None
+        path = self.activations_dir / PENDING
+        if not path.exists():
+            return [], 0
+        with reading(path, "delete it (its rows are harvested again), or choose another activations_dir"):
+            with safe_open(str(path), "pt") as f:
+                meta = f.metadata() or {}
+            start, n_contexts = int(meta["first_context"]), int(meta["n_contexts"])
+        if start != first_context:  # a kill came after its shard was written, before it was removed
+            path.unlink()
+            return [], 0
+        return [read_safetensors(path, fix="delete it (its rows are harvested again)")], n_contexts
 
     def _shards(self, start: int = 0) -> Iterator[Rows]:
         """The stored shards from the ``start``-th on, one at a time, in corpus order."""
@@ -232,10 +286,9 @@ class ActivationStore:
             raise FileNotFoundError(f"no harvested shards in {directory}; call harvest(n_tokens) first")
         for shard in manifest["shards"][start:]:
             path = directory / shard["file"]
-            try:
-                yield load_file(str(path))
-            except (SafetensorError, FileNotFoundError) as e:
-                raise OSError(f"shard {path} cannot be read ({e}); delete it and its manifest entry") from e
+            if not path.exists():
+                raise FileNotFoundError(f"shard {path} is missing: {HARVEST_AGAIN.format(directory=directory)}")
+            yield read_safetensors(path, fix=HARVEST_AGAIN.format(directory=directory))
 
     def shard_rows(self) -> Iterator[Rows]:
         """The stored shards one at a time, in corpus order."""
@@ -297,6 +350,11 @@ class ActivationStore:
 
 def _n_rows(rows: Rows) -> int:
     return len(next(iter(rows.values())))
+
+
+def _rows(pieces: list[Rows]) -> int:
+    """Rows in all ``pieces``."""
+    return sum(len(p["tokens"]) for p in pieces)
 
 
 def _cat(pieces: list[Rows]) -> Rows:

@@ -45,12 +45,23 @@ from pathlib import Path
 from typing import Any, ClassVar, Protocol, cast
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from mechscope.data.store import ActivationStore
-from mechscope.files import atomic_dir, atomic_write, atomic_write_text, check_settings, recover_dir
+from mechscope.files import (
+    atomic_dir,
+    atomic_write,
+    atomic_write_text,
+    check_settings,
+    clean_directory,
+    read_json,
+    read_safetensors,
+    reading,
+    recover_dir,
+)
+from mechscope.interrupts import Cadence, stop_on_signals
 from mechscope.models.hooked import HookedModel
 from mechscope.sae.config import ARCHITECTURES, DTYPES, SAEConfig
 from mechscope.sae.formats import WriteFile
@@ -77,7 +88,7 @@ METRICS_FILE = "metrics.jsonl"
 TRAIN_CONFIG_FILE = "train_config.json"
 SAE_DIR = "sae"
 # Fields a resumed run may change: they do not affect the weights it produces.
-RESUMABLE_CHANGES = {"resume", "progress", "log_every", "checkpoint_every", "out_dir"}
+RESUMABLE_CHANGES = {"resume", "progress", "log_every", "checkpoint_every", "checkpoint_seconds", "out_dir"}
 
 
 @dataclass
@@ -117,7 +128,10 @@ class TrainConfig(Config):
     seed: int = field(default=0, metadata=meta("seeds the SAE initialisation and the data order"))
     shuffle_buffer: int = field(default=65536, metadata=meta("rows mixed at a time (0: corpus order)"))
     out_dir: str = field(default="sae_runs/run", metadata=meta("where sae/, metrics.jsonl and checkpoint/ go"))
-    checkpoint_every: int = field(default=0, metadata=meta("steps between checkpoints (0: only at the end)"))
+    checkpoint_every: int = field(default=200, metadata=meta("steps between checkpoints (0: not by steps)"))
+    checkpoint_seconds: float = field(
+        default=300.0, metadata=meta("seconds between checkpoints (0: not by time); Ctrl-C writes one too")
+    )
     log_every: int = field(default=50, metadata=meta("steps between metrics lines"))
     resume: bool = field(default=False, metadata=meta("continue from out_dir/checkpoint"))
     progress: bool = field(default=True, metadata=meta("show a progress bar"))
@@ -132,7 +146,7 @@ class TrainConfig(Config):
             raise fail(self, "architecture", f"{self.architecture!r} is not one of: {', '.join(ARCHITECTURES)}")
         at_least(self, 1, "n_tokens", "batch_size_tokens", "context_length", "batch_contexts")
         at_least(self, 1, "expansion_factor", "log_every", "d_sae", "aux_k", "dead_tokens_threshold")
-        at_least(self, 0, "warmup_steps", "checkpoint_every", "shuffle_buffer")
+        at_least(self, 0, "warmup_steps", "checkpoint_every", "checkpoint_seconds", "shuffle_buffer")
         at_least(self, 0, "l1_coefficient", "l0_coefficient", "aux_k_coefficient", "jumprelu_init_threshold")
         above(self, 0, "lr", "jumprelu_bandwidth", "batchtopk_threshold_lr")
         between(self, 0, 1, "batchtopk_threshold_lr")
@@ -359,7 +373,11 @@ class Trainer:
         """Restore what ``save_checkpoint`` wrote (the SAE's weights, Adam, RNG, counters, step); a checkpoint of a
         run with other settings (outside ``RESUMABLE_CHANGES``) raises a :class:`~mechscope.files.SettingsMismatch`
         listing them."""
-        meta = json.loads((directory / TRAINER_JSON).read_text())
+        fix = f"delete {directory} to train from scratch, or choose another out_dir"
+        meta = read_json(directory / TRAINER_JSON, fix)
+        with reading(directory / TRAINER_JSON, fix):
+            if not {"config", "step", "param_groups"} <= set(meta):
+                raise KeyError("config, step or param_groups")
         check_settings(
             current_names(meta["config"]),
             dataclasses.asdict(self.config),
@@ -371,7 +389,7 @@ class Trainer:
         )
         saved = SparseAutoencoder.load(directory / SAE_DIR, device=self.sae.W_dec.device, dtype=self.sae.W_dec.dtype)
         self.sae.load_state_dict(saved.state_dict())
-        tensors = load_file(str(directory / TRAINER_TENSORS), device=str(self.sae.W_dec.device))
+        tensors = read_safetensors(directory / TRAINER_TENSORS, str(self.sae.W_dec.device), fix)
         adam_state: dict[int, dict[str, Tensor]] = {}
         for name, value in tensors.items():
             if name.startswith("adam."):
@@ -447,12 +465,16 @@ def train_sae(
     ``ActivationStore`` over ``model`` (a ``HookedModel``; loaded from ``config.model`` when None), which first
     harvests to ``config.activations_dir`` when that is set and otherwise streams live from the model. ``stop_after``
     ends the run after that many steps in total (with a checkpoint), keeping the schedule of the full run, so a
-    later ``resume=True`` run continues exactly where it stopped. ``write_file(path, write)`` writes each file of the
+    later ``resume=True`` run continues exactly where it stopped. A checkpoint is written every
+    ``checkpoint_every`` steps and ``checkpoint_seconds`` seconds, and on Ctrl-C / SIGTERM after the step under way,
+    which then raises :class:`~mechscope.interrupts.Interrupted` (the command line prints how to resume).
+    ``write_file(path, write)`` writes each file of the
     checkpoints, of the saved SAE and ``train_config.json``: :func:`mechscope.files.atomic_write` (``write(tmp)``,
     then a rename to ``path``) by default; the tests pass one that fails half-way, as a kill would.
     """
     out_dir = Path(config.out_dir)
     checkpoint = out_dir / CHECKPOINT_DIR
+    clean_directory(out_dir)  # what killed runs left (temporary files, an interrupted checkpoint swap)
     found = find_checkpoint(out_dir)
     if found is not None and not config.resume:
         raise FileExistsError(
@@ -511,32 +533,41 @@ def train_sae(
 
     last = config.n_steps if stop_after is None else min(stop_after, config.n_steps)
     bar = tqdm(total=last, initial=trainer.step, unit="step", desc="train sae", disable=not config.progress)
-    try:
-        with open(out_dir / METRICS_FILE, "a") as log:
-            for x in batches:
-                if trainer.step >= last:
-                    break
-                metrics = trainer.train_step(x)
-                bar.update(1)
-                if trainer.step % config.log_every == 0 or trainer.step == config.n_steps:
-                    log.write(json.dumps(metrics) + "\n")
-                    log.flush()
-                    bar.set_postfix(
-                        l0=f"{metrics['l0']:.1f}", fvu=f"{metrics['fvu']:.3f}", dead=f"{metrics['dead']:.1%}"
-                    )
-                if config.checkpoint_every and trainer.step % config.checkpoint_every == 0:
-                    trainer.save_checkpoint(checkpoint, write_file)
-    finally:
-        bar.close()
-    if trainer.step < last:
-        warnings.warn(
-            f"the activations ran out after {trainer.step} of {last} steps ({trainer.step * config.batch_size_tokens} "
-            "tokens): lower n_tokens, or use a larger corpus",
-            stacklevel=2,
-        )
-    trainer.save_checkpoint(checkpoint, write_file)
-    if trainer.step >= config.n_steps or stop_after is None:
-        sae.save(out_dir / SAE_DIR, overwrite=True, write_file=write_file)
+    by_time = Cadence(seconds=config.checkpoint_seconds)
+    with stop_on_signals() as stop:  # Ctrl-C / SIGTERM: finish the step, write a checkpoint, raise Interrupted
+        try:
+            with open(out_dir / METRICS_FILE, "a") as log:
+                for x in batches:
+                    if trainer.step >= last:
+                        break
+                    metrics = trainer.train_step(x)
+                    bar.update(1)
+                    if trainer.step % config.log_every == 0 or trainer.step == config.n_steps:
+                        log.write(json.dumps(metrics) + "\n")
+                        log.flush()
+                        bar.set_postfix(
+                            l0=f"{metrics['l0']:.1f}", fvu=f"{metrics['fvu']:.3f}", dead=f"{metrics['dead']:.1%}"
+                        )
+                    if trainer.step >= last:
+                        continue  # the last checkpoint is written below
+                    every = config.checkpoint_every and trainer.step % config.checkpoint_every == 0
+                    if by_time() or every or stop:
+                        trainer.save_checkpoint(checkpoint, write_file)
+                        by_time.restart()
+                    if stop:
+                        where = f"step {trainer.step} of {config.n_steps}"
+                        raise stop.interrupted("sae train", checkpoint, where, resume=True)
+        finally:
+            bar.close()
+        if trainer.step < last:
+            warnings.warn(
+                f"the activations ran out after {trainer.step} of {last} steps "
+                f"({trainer.step * config.batch_size_tokens} tokens): lower n_tokens, or use a larger corpus",
+                stacklevel=2,
+            )
+        trainer.save_checkpoint(checkpoint, write_file)
+        if trainer.step >= config.n_steps or stop_after is None:
+            sae.save(out_dir / SAE_DIR, overwrite=True, write_file=write_file)
     return sae.eval()
 
 
