@@ -248,8 +248,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     Any error (a model that cannot be loaded, an unwritable output directory, a bad setting, a bug) ends with
     ``mechscope COMMAND: error: MESSAGE`` and a hint on stderr and status 1, not a traceback; Ctrl-C ends with status
-    130; a long stage stopped by Ctrl-C / SIGTERM writes its checkpoint and ends with one line saying how to resume and
-status 128 + the signal. ``--debug`` (anywhere on the line) lets the error propagate, with its traceback.
+    130; a long stage stopped by Ctrl-C / SIGTERM writes its checkpoint and ends with one line saying how to resume
+    and status 128 + the signal. ``--debug`` (anywhere on the line) lets the error propagate, with its traceback.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
