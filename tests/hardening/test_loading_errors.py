@@ -9,11 +9,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 from transformers import AutoModelForSeq2SeqLM, T5Config
 
 from mechscope import HookedAutoConfig, HookedModel
 from mechscope.models import loading
 from mechscope.models.tokenizer import byte_tokenizer
+from mechscope.sae import SAEConfig, SparseAutoencoder, load_sae, save_sae
+from mechscope.sae.formats import SAEFormatError
 
 
 @pytest.fixture(scope="module")
@@ -127,3 +130,28 @@ def test_an_attention_mask_of_the_wrong_shape_or_values_is_refused(llama):
     with pytest.raises(TypeError, match="attention_mask must be a torch tensor"):
         llama(tokens, attention_mask=[[1, 1, 1]])
     assert torch.equal(llama(tokens, attention_mask=torch.ones(1, 3, dtype=torch.bool)), llama(tokens))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("tensor", ["W_enc", "b_dec"])
+def test_sae_weights_with_nan_or_inf_are_refused_on_load_naming_tensor_and_file(tmp_path, bad, tensor):
+    sae = SparseAutoencoder(SAEConfig(d_in=8, d_sae=16, hook_name="blocks.0.hook_resid_post"))
+    folder = save_sae(sae, tmp_path / "sae")
+    weights = folder / "sae_weights.safetensors"
+    tensors = load_file(weights)
+    tensors[tensor].view(-1)[3] = bad
+    save_file(tensors, weights)
+    with pytest.raises(SAEFormatError, match=f"{re.escape(str(weights))}: {tensor} holds 1 NaN or infinite values"):
+        load_sae(folder)
+
+
+def test_a_truncated_sae_file_is_named_with_the_fix(tmp_path):
+    sae = SparseAutoencoder(SAEConfig(d_in=8, d_sae=16, hook_name="blocks.0.hook_resid_post"))
+    folder = save_sae(sae, tmp_path / "sae")
+    for file in (folder / "sae_weights.safetensors", folder / "cfg.json"):
+        data = file.read_bytes()
+        file.write_bytes(data[: len(data) // 2])
+        with pytest.raises(SAEFormatError, match=f"{re.escape(str(file))} .*truncated.*: download, copy or save the"):
+            load_sae(folder)
+        file.write_bytes(data)
+    assert torch.equal(load_sae(folder).W_enc, sae.W_enc)
