@@ -64,6 +64,7 @@ from mechscope.data.store import ActivationStore, Rows
 from mechscope.files import check_settings
 from mechscope.models.hooked import HookedModel
 from mechscope.sae import SparseAutoencoder, SparseLatents, load_sae
+from mechscope.sae.splice import check_trained_hook
 from mechscope.sae.tokens import latent_tokens
 
 SAEs = SparseAutoencoder | dict[str, SparseAutoencoder] | None
@@ -107,6 +108,7 @@ def load_saes(config: CoocConfig, model: HookedModel, sae: SAEs = None) -> dict[
         saes = {i: sae[i] for i in ids}
     for hook, s in saes.items():
         width = model.hook_width(hook)  # an unknown hook name fails here, with the closest valid names
+        check_trained_hook(s, hook, counting.allow_hook_mismatch)
         if s.cfg.d_in != width:
             raise ValueError(
                 f"the SAE for {hook!r} has d_in={s.cfg.d_in} but that hook of {counting.model!r} is {width} wide: "
