@@ -6,6 +6,7 @@ a cache asks for them, plus one attention function (see :mod:`mechscope.models.a
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -124,6 +125,18 @@ class HookedModel(WeightViews, nn.Module):
         options = {flag: bool(hf_kwargs.pop(flag)) for flag in OPT_IN_POINTS if flag in hf_kwargs}
         model, tokenizer = load_hf(name_or_path, dtype=dtype, device=device, **hf_kwargs)
         return cls(model, tokenizer, name=name_or_path)._set_flags(options)
+
+    def fingerprint(self, samples: int = 64) -> str:
+        """SHA-256 of the model's weights, cheaply: the family, every parameter and buffer's name, shape and dtype,
+        and ``samples`` evenly spaced values of each (as float64). Caches keyed by it (activation shards,
+        co-occurrence counts) tell two models of the same name apart (every random model is ``random-<family>``)."""
+        digest = hashlib.sha256(self.cfg.family.encode())
+        for name, tensor in sorted(self.model.state_dict().items()):
+            flat = tensor.detach().reshape(-1)
+            picks = torch.linspace(0, max(flat.numel() - 1, 0), min(samples, flat.numel())).long().to(flat.device)
+            digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
+            digest.update(flat[picks].double().cpu().numpy().tobytes())
+        return digest.hexdigest()
 
     @property
     def device(self) -> torch.device:
