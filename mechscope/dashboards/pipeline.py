@@ -153,7 +153,8 @@ def run_dashboards(
         raise ConfigError('sae is required: the SAE\'s directory (sae = "path" in the file, or --sae)', field="sae")
     sae = sae if sae is not None else SparseAutoencoder.load(str(config.sae), device=config.device)
     hook_name = resolve_hook_name(sae, config.hook_name)
-    check_trained_hook(sae, hook_name, config.allow_hook_mismatch)
+    model = model if model is not None else HookedModel.from_pretrained(config.model, device=config.device)
+    model.points.resolve(hook_name)  # an unknown name raises here, listing the closest valid ones
     if is_attention_map(hook_name):
         raise ValueError(
             f"dashboards cannot be built at {hook_name!r}: it is an attention map [batch, head, query_pos, key_pos], "
@@ -161,7 +162,7 @@ def run_dashboards(
             "(hook_resid_pre/mid/post), hook_attn_out, hook_mlp_out, mlp.hook_pre/post, attn.hook_z/q/k/v (heads "
             "flattened): train the SAE on one of those"
         )
-    model = model if model is not None else HookedModel.from_pretrained(config.model, device=config.device)
+    check_trained_hook(sae, hook_name, config.allow_hook_mismatch)
     activations = Path(config.activations_dir or Path(config.out_dir) / "activations")
     store = ActivationStore(
         model,
