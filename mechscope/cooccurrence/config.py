@@ -63,6 +63,10 @@ class CountingConfig(Config):
         default=None, metadata=meta("ActivationStore shards to read (and extend) instead of the model")
     )
     checkpoint_every: int = field(default=1, metadata=meta("batches between count checkpoints"))
+    allow_hook_mismatch: bool = field(
+        default=False,
+        metadata=meta("count an SAE at a hook other than the one its config says it was trained on (on purpose)"),
+    )
     fold_decoder_norms: bool = field(
         default=True,
         metadata=meta(

@@ -66,6 +66,7 @@ from mechscope.files import check_settings, clean_directory
 from mechscope.interrupts import stop_on_signals
 from mechscope.models.hooked import HookedModel
 from mechscope.sae import SparseAutoencoder, SparseLatents, load_sae
+from mechscope.sae.splice import check_trained_hook
 from mechscope.sae.tokens import latent_tokens
 
 SAEs = SparseAutoencoder | dict[str, SparseAutoencoder] | None
@@ -109,6 +110,7 @@ def load_saes(config: CoocConfig, model: HookedModel, sae: SAEs = None) -> dict[
         saes = {i: sae[i] for i in ids}
     for hook, s in saes.items():
         width = model.hook_width(hook)  # an unknown hook name fails here, with the closest valid names
+        check_trained_hook(s, hook, counting.allow_hook_mismatch)
         if s.cfg.d_in != width:
             raise ValueError(
                 f"the SAE for {hook!r} has d_in={s.cfg.d_in} but that hook of {counting.model!r} is {width} wide: "
@@ -163,14 +165,16 @@ def _decoder(sae: SparseAutoencoder, fold: bool = False) -> Tensor:
 # ---- count -----------------------------------------------------------------------------------------------------
 
 
-def count_settings(config: CoocConfig, saes: dict[str, SparseAutoencoder]) -> dict[str, Any]:
+def count_settings(config: CoocConfig, saes: dict[str, SparseAutoencoder], model: HookedModel) -> dict[str, Any]:
     """What determines the counted rows and counts; a checkpoint is resumed only under identical settings (named as
     checkpoints have always named them, so older ones still resume; ``fold_decoder_norms`` appears only when it
-    is on, so a checkpoint from before it existed, which did not fold, resumes with it off)."""
+    is on, so a checkpoint from before it existed, which did not fold, resumes with it off); the model is named and
+    fingerprinted (:meth:`~mechscope.models.HookedModel.fingerprint`): another model of the same name is noticed."""
     counting = config.counting
     fold = {"fold_decoder_norms": True} if counting.fold_decoder_norms else {}
     return {
         "model_name": counting.model,
+        "model_fingerprint": model.fingerprint(),
         "corpus": counting.corpus or "default",
         "text_field": counting.text_field,
         "context_length": counting.context_length,
@@ -204,7 +208,7 @@ def run_count(
     model = load_model(config, model)
     saes = load_saes(config, model, sae)
     results = Path(config.results_dir)
-    settings = count_settings(config, saes)
+    settings = count_settings(config, saes, model)
     thresholds = counting.activation_thresholds
     state: dict[str, Any] = {
         "settings": settings,

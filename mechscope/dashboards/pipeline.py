@@ -38,11 +38,11 @@ from mechscope.data.store import ActivationStore
 from mechscope.files import atomic_write, check_settings
 from mechscope.interrupts import Cadence, stop_on_signals
 from mechscope.models.hooked import HookedModel
-from mechscope.models.names import parse_hook
+from mechscope.models.names import is_attention_map, parse_hook
 from mechscope.models.tokenizer import token_strings
 from mechscope.sae.formats import WriteFile
 from mechscope.sae.model import SparseAutoencoder
-from mechscope.sae.splice import resolve_hook_name
+from mechscope.sae.splice import check_trained_hook, resolve_hook_name
 from mechscope.settings import Config, ConfigError, at_least, check_device, check_fields, meta
 
 
@@ -53,6 +53,9 @@ class DashboardsConfig(Config):
     sae: str | None = field(default=None, metadata=meta("the SAE: a directory in any supported format", required=True))
     model: str = field(default="smollm2-135m", metadata=meta("model: short name, hub id, local dir or .gguf"))
     hook_name: str | None = field(default=None, metadata=meta("hook point of the SAE; default: the SAE's own"))
+    allow_hook_mismatch: bool = field(
+        default=False, metadata=meta("run the SAE at a hook_name other than the one it was trained on (on purpose)")
+    )
     activations_dir: str | None = field(
         default=None, metadata=meta("harvested activations to read (harvested there first when missing)")
     )
@@ -131,9 +134,18 @@ def run_dashboards(
     """
     if config.sae is None and sae is None:
         raise ConfigError('sae is required: the SAE\'s directory (sae = "path" in the file, or --sae)', field="sae")
-    model = model if model is not None else HookedModel.from_pretrained(config.model, device=config.device)
     sae = sae if sae is not None else SparseAutoencoder.load(str(config.sae), device=config.device)
     hook_name = resolve_hook_name(sae, config.hook_name)
+    model = model if model is not None else HookedModel.from_pretrained(config.model, device=config.device)
+    model.points.resolve(hook_name)  # an unknown name raises here, listing the closest valid ones
+    if is_attention_map(hook_name):
+        raise ValueError(
+            f"dashboards cannot be built at {hook_name!r}: it is an attention map [batch, head, query_pos, key_pos], "
+            "with no vector per token. Dashboards support the hooks with one vector per token: the residual stream "
+            "(hook_resid_pre/mid/post), hook_attn_out, hook_mlp_out, mlp.hook_pre/post, attn.hook_z/q/k/v (heads "
+            "flattened): train the SAE on one of those"
+        )
+    check_trained_hook(sae, hook_name, config.allow_hook_mismatch)
     activations = Path(config.activations_dir or Path(config.out_dir) / "activations")
     store = ActivationStore(
         model,

@@ -17,6 +17,7 @@ import ast
 import json
 import sys
 import sysconfig
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -43,8 +44,16 @@ def default_texts() -> Iterator[str]:
     for text in _build_default_texts():
         lines.append(json.dumps({"text": text}) + "\n")
         yield text
-    saved.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(saved, "".join(lines))  # only a complete pass is saved
+    try:
+        saved.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(saved, "".join(lines))  # only a complete pass is saved
+    except OSError as e:  # a cache location that is a file or read-only: the texts were read in memory anyway
+        warnings.warn(
+            f"could not save the default corpus under {saved.parent} ({e}); it is rebuilt in memory on every pass. "
+            "Set MECHSCOPE_CACHE to a writable folder to keep it",
+            UserWarning,
+            stacklevel=2,
+        )
 
 
 def _build_default_texts() -> Iterator[str]:

@@ -105,6 +105,7 @@ class ActivationStore:
         manifest's names: ``source`` is the corpus)."""
         return {
             "model": self.model.name,
+            "model_fingerprint": self.model.fingerprint(),
             "family": self.model.cfg.family,
             "hook_names": self.hook_names,
             "source": "default" if self.corpus is None else str(self.corpus),

@@ -6,12 +6,14 @@ a cache asks for them, plus one attention function (see :mod:`mechscope.models.a
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TypeAlias
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -123,6 +125,18 @@ class HookedModel(WeightViews, nn.Module):
         options = {flag: bool(hf_kwargs.pop(flag)) for flag in OPT_IN_POINTS if flag in hf_kwargs}
         model, tokenizer = load_hf(name_or_path, dtype=dtype, device=device, **hf_kwargs)
         return cls(model, tokenizer, name=name_or_path)._set_flags(options)
+
+    def fingerprint(self, samples: int = 64) -> str:
+        """SHA-256 of the model's weights, cheaply: the family, every parameter and buffer's name, shape and dtype,
+        and ``samples`` evenly spaced values of each (as float64). Caches keyed by it (activation shards,
+        co-occurrence counts) tell two models of the same name apart (every random model is ``random-<family>``)."""
+        digest = hashlib.sha256(self.cfg.family.encode())
+        for name, tensor in sorted(self.model.state_dict().items()):
+            flat = tensor.detach().reshape(-1)
+            picks = torch.linspace(0, max(flat.numel() - 1, 0), min(samples, flat.numel())).long().to(flat.device)
+            digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
+            digest.update(flat[picks].double().cpu().numpy().tobytes())
+        return digest.hexdigest()
 
     @property
     def device(self) -> torch.device:
@@ -360,7 +374,7 @@ class HookedModel(WeightViews, nn.Module):
         if return_type not in ("logits", "loss", "both", None):
             raise ValueError(f"return_type must be 'logits', 'loss', 'both' or None, got {return_type!r}")
         tokens, mask = self._tokens(input, prepend_bos, padding_side)
-        mask = attention_mask.to(self.device) if attention_mask is not None else mask
+        mask = _user_mask(attention_mask, tokens).to(self.device) if attention_mask is not None else mask
         positions = positions_from_mask(mask) if mask is not None else None
         if stop_at_layer is not None:
             return self._run_until(tokens, mask, positions, stop_at_layer)
@@ -374,11 +388,17 @@ class HookedModel(WeightViews, nn.Module):
         self, tokens: torch.Tensor, mask: torch.Tensor | None, positions: torch.Tensor | None, stop_at_layer: int
     ) -> torch.Tensor:
         n = self.cfg.n_layers
-        if isinstance(stop_at_layer, bool) or not isinstance(stop_at_layer, int):
+        integer = isinstance(stop_at_layer, (int, np.integer)) or (
+            isinstance(stop_at_layer, torch.Tensor)
+            and stop_at_layer.numel() == 1
+            and not stop_at_layer.is_floating_point()
+        )
+        if isinstance(stop_at_layer, bool) or getattr(stop_at_layer, "dtype", None) == torch.bool or not integer:
             raise TypeError(
                 f"stop_at_layer must be an int in {-n}..{n} (or None for the whole model), got "
-                f"{type(stop_at_layer).__name__} {stop_at_layer!r}"
+                f"{type(stop_at_layer).__name__} {stop_at_layer!r}: pass int(value)"
             )
+        stop_at_layer = int(stop_at_layer)
         layer = stop_at_layer + n if stop_at_layer < 0 else stop_at_layer
         if not 0 <= layer <= n:
             raise ValueError(f"stop_at_layer={stop_at_layer} is out of range: valid values are {-n}..{n}")
@@ -497,6 +517,20 @@ class HookedModel(WeightViews, nn.Module):
             new_tokens=new_tokens,
             new_strings=decode(new_tokens.tolist(), skip_special_tokens=True),
         )
+
+
+def _user_mask(mask: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """A user's ``attention_mask``, checked against ``tokens`` ``[batch, pos]``: same shape, 0/1 values."""
+    if not isinstance(mask, torch.Tensor):
+        raise TypeError(f"attention_mask must be a torch tensor [batch, pos] of 0/1, got {type(mask).__name__}")
+    if tuple(mask.shape) != tuple(tokens.shape):
+        raise ValueError(
+            f"attention_mask has shape {tuple(mask.shape)} but the tokens have shape {tuple(tokens.shape)}: "
+            "pass a mask [batch, pos] of the tokens' shape (1 = real token, 0 = padding)"
+        )
+    if mask.dtype != torch.bool and not ((mask == 0) | (mask == 1)).all():
+        raise ValueError("attention_mask holds values other than 0 and 1: pass 1 for real tokens, 0 for padding")
+    return mask
 
 
 def positions_from_mask(mask: torch.Tensor) -> torch.Tensor:

@@ -7,10 +7,12 @@ import hashlib
 import inspect
 import os
 import shutil
+import struct
 import warnings
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError, safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
 
 from mechscope.models.adapters import ADAPTERS
@@ -96,12 +98,71 @@ def smollm2_gguf_path() -> Path | None:
     return None
 
 
+#: the dtype strings ``from_pretrained`` accepts (also with a ``torch.`` prefix)
+DTYPES = {
+    name: getattr(torch, name) for name in ("float32", "float", "float64", "double", "float16", "half", "bfloat16")
+}
+
+
 def _dtype(dtype: torch.dtype | str | None) -> torch.dtype:
+    """``dtype`` as a torch floating dtype (``None``: float32); a clear error listing the accepted names."""
     if dtype is None:
         return torch.float32
-    if isinstance(dtype, str):
-        return getattr(torch, dtype)
-    return dtype
+    if isinstance(dtype, torch.dtype) and dtype.is_floating_point:
+        return dtype
+    if isinstance(dtype, str) and dtype.removeprefix("torch.") in DTYPES:
+        return DTYPES[dtype.removeprefix("torch.")]
+    raise ValueError(
+        f"unknown dtype {dtype!r}: pass a floating torch.dtype or one of {', '.join(map(repr, DTYPES))} "
+        "(e.g. dtype='bfloat16')"
+    )
+
+
+def _check_gguf(path: Path) -> None:
+    """Read the GGUF header and tensor table, refusing a truncated or damaged file with its name."""
+    from gguf import GGUFReader
+
+    try:
+        GGUFReader(path)
+    except (ValueError, OSError, IndexError, KeyError, struct.error) as e:
+        raise ValueError(
+            f"{path} is not a readable GGUF file ({type(e).__name__}: {e}); it is truncated or damaged: "
+            "download or convert it again"
+        ) from e
+
+
+def _check_folder(folder: Path) -> None:
+    """Refuse a folder that is not a saved causal LM of a supported family, or whose safetensors are damaged."""
+    if not (folder / "config.json").is_file():
+        found = ", ".join(sorted(p.name for p in folder.iterdir())[:8]) or "nothing"
+        raise FileNotFoundError(
+            f"{folder} has no config.json (it holds {found}), so it is not a saved model: pass the folder that "
+            "model.save_pretrained(folder) wrote (config.json + model.safetensors), a .gguf file or a hub id"
+        )
+    _check_family(AutoConfig.from_pretrained(str(folder)), str(folder))
+    for file in sorted(folder.glob("*.safetensors")):
+        try:
+            safe_open(str(file), "pt").keys()
+        except (SafetensorError, OSError) as e:
+            raise ValueError(f"{file} is truncated or damaged ({e}): save or download the model again") from e
+
+
+def _check_family(config: PretrainedConfig, name: str) -> None:
+    """Refuse an architecture mechscope has no adapter for, before its weights are loaded."""
+    family = getattr(config, "model_type", None)
+    if family not in ADAPTERS:
+        kind = "an encoder-decoder" if getattr(config, "is_encoder_decoder", False) else "a"
+        raise ValueError(
+            f"{name} is {kind} {family!r} model ({type(config).__name__}); mechscope supports the decoder-only "
+            f"families {', '.join(sorted(ADAPTERS))}: load a model of one of them (or add an adapter in "
+            "mechscope/models/adapters.py)"
+        )
+
+
+def _looks_local(name: str) -> bool:
+    """Whether ``name`` is meant as a path (absolute, ``./``, ``~``, a Windows drive, or more than one ``/``)
+    rather than a hub id ``namespace/name``."""
+    return name.startswith(("/", ".", "~", "\\")) or name.count("/") > 1 or (len(name) > 1 and name[1] == ":")
 
 
 def _gguf_cache_path(path: Path) -> Path:
@@ -114,6 +175,7 @@ def load_gguf(path: Path, dtype: torch.dtype, device: str | torch.device | None,
     """Load a GGUF file, dequantised once into a safetensors directory in :func:`cache_dir` and reused."""
     cached = _gguf_cache_path(path)
     if not (cached / "config.json").exists():
+        _check_gguf(path)
         model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
         # the weights are dequantised float32 already; transformers still marks the model as GGUF-quantised
@@ -161,7 +223,9 @@ def _tokenizer(name: str, d_vocab: int) -> PreTrainedTokenizerBase:
 
 
 def _load_dir(name: str, dtype: torch.dtype, device, **hf_kwargs):
-    model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype, **hf_kwargs)
+    config = AutoConfig.from_pretrained(name)
+    _check_family(config, name)
+    model = AutoModelForCausalLM.from_pretrained(name, config=config, dtype=dtype, **hf_kwargs)
     tokenizer = _tokenizer(name, model.config.vocab_size)
     if device is not None:
         model = model.to(device)
@@ -177,10 +241,22 @@ def load_hf(name_or_path: str, dtype=None, device=None, **hf_kwargs):
     path = Path(name_or_path).expanduser()
     if path.suffix == ".gguf":
         if not path.exists():
-            raise FileNotFoundError(f"GGUF file {path} does not exist")
+            raise FileNotFoundError(f"GGUF file {path} does not exist: check the path")
         return load_gguf(path, dtype, device, **hf_kwargs)
+    if path.is_file() and path.name == "config.json":  # the config of a saved model: load its folder
+        path = path.parent
+    elif path.is_file():
+        raise ValueError(
+            f"{path} is a file: pass the folder holding config.json and the weights ({path.parent}) or a .gguf file"
+        )
     if path.is_dir():
+        _check_folder(path)
         return _load_dir(str(path), dtype, device, **hf_kwargs)
+    if _looks_local(name_or_path):
+        raise FileNotFoundError(
+            f"{name_or_path} does not exist: pass an existing model folder, a .gguf file, a hub id "
+            f"('namespace/name') or a short name ({', '.join(SHORT_NAMES)})"
+        )
     hub_id = SHORT_NAMES.get(key, name_or_path)
     try:
         return _load_dir(hub_id, dtype, device, **hf_kwargs)

@@ -65,6 +65,10 @@ SAETensors = tuple[SAEConfig, dict[str, Tensor]]
 WriteFile = Callable[[Path, Callable[[Path], object]], object]
 
 
+#: the fix every "truncated or damaged file" error ends with
+REFETCH = ": download, copy or save the SAE again (or pass another path)"
+
+
 class SAEFormatError(ValueError):
     """A path that holds no loadable SAE: the message names the file and what is wrong with it."""
 
@@ -99,7 +103,7 @@ def detect_format(path: str | Path) -> str:
             with zipfile.ZipFile(path) as archive:
                 names = archive.namelist()
         except zipfile.BadZipFile as e:
-            raise SAEFormatError(f"{path} is a truncated or corrupt zip archive ({e})") from e
+            raise SAEFormatError(f"{path} is a truncated or corrupt zip archive ({e}){REFETCH}") from e
         if names and all(name.endswith(".npy") for name in names):
             return "gemma_scope"
         if any(name.endswith("data.pkl") for name in names):
@@ -136,7 +140,7 @@ def _read_json(file: Path) -> dict[str, Any]:
     except FileNotFoundError as e:
         raise SAEFormatError(f"{file} is missing: an SAE directory needs its {file.name} beside the weights") from e
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise SAEFormatError(f"{file} is not valid JSON, perhaps truncated ({e})") from e
+        raise SAEFormatError(f"{file} is not valid JSON, perhaps truncated ({e}){REFETCH}") from e
     if not isinstance(data, dict):
         raise SAEFormatError(f"{file} holds a JSON {type(data).__name__}, not an object of config fields")
     return data
@@ -148,7 +152,7 @@ def _read_safetensors(file: Path) -> dict[str, Tensor]:
     try:
         return load_file(file)
     except SafetensorError as e:
-        raise SAEFormatError(f"{file} is truncated or not a safetensors file ({e})") from e
+        raise SAEFormatError(f"{file} is truncated or not a safetensors file ({e}){REFETCH}") from e
 
 
 def _field(raw: dict[str, Any], name: str, source: Path) -> Any:
@@ -171,7 +175,8 @@ def _check_tensors(
     why: str,
     optional: dict[str, tuple[int, ...]] | None = None,
 ) -> None:
-    """Raise an SAEFormatError unless ``tensors`` holds exactly ``expected`` (plus any of ``optional``), shaped so.
+    """Raise an SAEFormatError unless ``tensors`` holds exactly ``expected`` (plus any of ``optional``), shaped so,
+    with finite values in the ``expected`` ones.
 
     ``why`` says where the expected shapes come from (e.g. ``"cfg.json gives d_in=64, d_sae=256"``).
     """
@@ -192,6 +197,12 @@ def _check_tensors(
             )
         if tuple(value.shape) != shape:
             raise SAEFormatError(f"{source}: {name} has shape {list(value.shape)}, expected {list(shape)} ({why})")
+        if name in expected and value.is_floating_point() and not torch.isfinite(value).all():
+            bad = value.numel() - int(torch.isfinite(value).sum())
+            raise SAEFormatError(
+                f"{source}: {name} holds {bad} NaN or infinite values of {value.numel()}; the SAE is damaged "
+                "(a diverged training run or a broken conversion): retrain it or load another copy"
+            )
 
 
 def _sae_shapes(d_in: int, d_sae: int, architecture: str) -> dict[str, tuple[int, ...]]:
@@ -467,7 +478,7 @@ def read_gemma_scope(path: str | Path, *, model_name: str | None = None, hook_na
         with np.load(file, allow_pickle=False) as npz:
             arrays = {canonical.get(name.lower(), name): torch.from_numpy(npz[name]) for name in npz.files}
     except (zipfile.BadZipFile, ValueError, OSError, EOFError) as e:
-        raise SAEFormatError(f"{file} is truncated or not a plain npz archive of arrays ({e})") from e
+        raise SAEFormatError(f"{file} is truncated or not a plain npz archive of arrays ({e}){REFETCH}") from e
     w_enc = arrays.get("W_enc")
     if w_enc is None or w_enc.ndim != 2:
         raise SAEFormatError(f"{file}: needs a 2-d W_enc [d_in, d_sae] (found {sorted(arrays)})")
@@ -516,7 +527,9 @@ def read_openai(path: str | Path, *, layer_norm: bool | None = None) -> SAETenso
             f"(torch.load weights_only=True refused: {str(e).splitlines()[0]})"
         ) from e
     except (RuntimeError, EOFError, OSError, ValueError) as e:
-        raise SAEFormatError(f"{path} is truncated or not a torch state dict ({str(e).splitlines()[0]})") from e
+        raise SAEFormatError(
+            f"{path} is truncated or not a torch state dict ({str(e).splitlines()[0]}){REFETCH}"
+        ) from e
     return read_openai_state_dict(state, source=path, layer_norm=layer_norm)
 
 

@@ -41,6 +41,18 @@ def resolve_hook_name(sae: SparseAutoencoder, hook_name: str | None) -> str:
     return name
 
 
+def check_trained_hook(sae: SparseAutoencoder, hook_name: str, allow_hook_mismatch: bool = False) -> None:
+    """Refuse to run ``sae`` at ``hook_name`` when its config says it was trained on another hook (widths can match by
+    chance: every residual-stream hook of a model is as wide), unless ``allow_hook_mismatch`` says it is on purpose."""
+    trained = sae.cfg.hook_name
+    if trained is not None and trained != hook_name and not allow_hook_mismatch:
+        raise ValueError(
+            f"the SAE was trained on {trained!r} but is asked to run at {hook_name!r}: use the hook it was trained "
+            "on (leave the hook name unset), or, to run it elsewhere on purpose, pass allow_hook_mismatch=True "
+            "(allow_hook_mismatch = true in a config file)"
+        )
+
+
 def check_width(sae: SparseAutoencoder, x: Tensor, hook_name: str) -> None:
     """Fail, naming both sizes, when the activation ``x [..., d]`` at ``hook_name`` is not ``sae.cfg.d_in`` wide."""
     d_in = sae.cfg.d_in
@@ -147,15 +159,18 @@ def splice_sae(
     include_error: bool = False,
     latent_hooks: Iterable[LatentHookFn] = (),
     cache: bool = False,
+    allow_hook_mismatch: bool = False,
 ) -> SAESplice:
     """The hooks that splice ``sae`` into ``model`` at ``hook_name`` (default ``sae.cfg.hook_name``).
 
     Returns an :class:`SAESplice`: pass it as ``fwd_hooks`` (alone, or ``[*splice, other_hook]``), add latent hooks
     with ``latent_hooks=[fn]`` or ``splice.add_latent_hook(fn)``, and read ``splice.cache`` when ``cache=True``.
-    The hook name is checked against the model now; the SAE's ``d_in`` against the activation when it runs.
+    The hook name is checked against the model now (and against the SAE's own ``cfg.hook_name``: a different one
+    needs ``allow_hook_mismatch=True``); the SAE's ``d_in`` against the activation when it runs.
     """
     name = resolve_hook_name(sae, hook_name)
     model.points.resolve(name)  # an unknown name raises here, listing the closest valid ones
+    check_trained_hook(sae, name, allow_hook_mismatch)
     return SAESplice(sae, name, include_error=include_error, latent_hooks=latent_hooks, cache=cache)
 
 
@@ -167,6 +182,7 @@ def spliced(
     include_error: bool = False,
     latent_hooks: Iterable[LatentHookFn] = (),
     cache: bool = False,
+    allow_hook_mismatch: bool = False,
 ) -> Iterator[SAESplice]:
     """Context manager: every forward pass of ``model`` inside the block runs with ``sae`` spliced in.
 
@@ -177,9 +193,25 @@ def spliced(
             splice.add_latent_hook(lambda z, hook: z.index_fill_(-1, torch.tensor([7]), 0.0))  # ablate latent 7
             logits = model(tokens)
     """
-    splice = splice_sae(model, sae, hook_name, include_error=include_error, latent_hooks=latent_hooks, cache=cache)
+    splice = splice_sae(
+        model,
+        sae,
+        hook_name,
+        include_error=include_error,
+        latent_hooks=latent_hooks,
+        cache=cache,
+        allow_hook_mismatch=allow_hook_mismatch,
+    )
     with model.hooks(splice.fwd_hooks):
         yield splice
 
 
-__all__ = ["LatentHookFn", "SAESplice", "check_width", "resolve_hook_name", "splice_sae", "spliced"]
+__all__ = [
+    "LatentHookFn",
+    "SAESplice",
+    "check_trained_hook",
+    "check_width",
+    "resolve_hook_name",
+    "splice_sae",
+    "spliced",
+]
