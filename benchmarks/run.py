@@ -1,6 +1,6 @@
 """Time mechscope side by side with its peers and regenerate docs/benchmarks.md.
 
-    python benchmarks/run.py [--repeats N] [--only NAME] [--no-write] [--threads N]
+    python benchmarks/run.py [--repeats N] [--only NAME | --update NAME...] [--no-write] [--threads N]
 
 To add a benchmark, write a module whose function returns a :class:`harness.Benchmark` and register it in
 ``BENCHMARKS``.
@@ -20,6 +20,7 @@ from pathlib import Path
 
 import cache_overhead
 import cooccurrence
+import counting_kernel
 import sae_training
 import torch
 from harness import Benchmark, Ratio, median_interval, time_round_robin
@@ -27,6 +28,7 @@ from harness import Benchmark, Ratio, median_interval, time_round_robin
 BENCHMARKS: dict[str, Callable[[], Benchmark]] = {
     "cache_overhead": cache_overhead.setup,
     "cooccurrence": cooccurrence.setup,
+    "counting_kernel": counting_kernel.setup,
     "sae_training": sae_training.setup,
 }
 PAGE = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
@@ -39,16 +41,25 @@ def main() -> None:
         "--repeats", type=int, default=None, help="timed rounds per benchmark (default: each benchmark's own)"
     )
     parser.add_argument("--only", choices=sorted(BENCHMARKS), help="run one benchmark (implies --no-write)")
+    parser.add_argument(
+        "--update",
+        nargs="+",
+        choices=sorted(BENCHMARKS),
+        metavar="NAME",
+        help=f"run these benchmarks and replace (or add) only their sections of {PAGE.name}",
+    )
     parser.add_argument("--no-write", action="store_true", help=f"print only; leave {PAGE.name} alone")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1, see README.md)")
     args = parser.parse_args()
     if args.repeats is not None and args.repeats < 1:
         parser.error("--repeats must be at least 1")
+    if args.only and args.update:
+        parser.error("--only and --update exclude each other")
     torch.set_num_threads(args.threads)
     load = os.getloadavg()
 
     sections = []
-    for name in [args.only] if args.only else BENCHMARKS:
+    for name in [args.only] if args.only else args.update or BENCHMARKS:
         print(f"{name}: setting up", file=sys.stderr)
         bench = BENCHMARKS[name]()
         repeats = args.repeats or bench.repeats
@@ -57,16 +68,38 @@ def main() -> None:
         sections.append(report(name, bench, times, repeats))
         print(sections[-1] + "\n")
 
-    if not (args.only or args.no_write):
-        command = " ".join(["python benchmarks/run.py", *sys.argv[1:]])
+    if args.only or args.no_write:
+        return
+    command = " ".join(["python benchmarks/run.py", *sys.argv[1:]])
+    if args.update:
+        PAGE.write_text(replace_sections(PAGE.read_text(), dict(zip(args.update, sections, strict=True))))
+    else:
         PAGE.write_text(page(command, load, sections))
-        print(f"wrote {PAGE}", file=sys.stderr)
+    print(f"wrote {PAGE}", file=sys.stderr)
+
+
+def replace_sections(text: str, sections: dict[str, str]) -> str:
+    """``text`` (the page) with the ``## name`` section of each of ``sections`` replaced, or appended if absent."""
+    parts = text.split("\n## ")
+    names = [part.split("\n", 1)[0] for part in parts]
+    for name, section in sections.items():
+        body = section.removeprefix("## ") + "\n"
+        if name in names[1:]:
+            parts[names.index(name, 1)] = body
+        else:
+            parts.append(body)
+            names.append(name)
+    return "\n## ".join(parts)
 
 
 def report(name: str, bench: Benchmark, times: dict[str, list[float]], repeats: int) -> str:
     """A markdown section: what is measured, setup notes, times per contender and the ratios."""
     median = {label: statistics.median(ts) for label, ts in times.items()}
-    rounds = f"- {repeats} timed rounds after {bench.warmup} warm-up rounds."
+    load = " / ".join(f"{x:.2f}" for x in os.getloadavg())
+    rounds = (
+        f"- {repeats} timed rounds after {bench.warmup} warm-up rounds; measured "
+        f"{datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC, load average (1/5/15 min) after them: {load}."
+    )
     lines = [f"## {name}", "", bench.description, "", *(f"- {note}" for note in bench.notes), rounds, ""]
     lines += ["| contender | median (ms) | min (ms) | max (ms) |", "|---|---:|---:|---:|"]
     lines += [f"| {k} | {median[k] * 1e3:.0f} | {min(ts) * 1e3:.0f} | {max(ts) * 1e3:.0f} |" for k, ts in times.items()]
@@ -92,7 +125,8 @@ def page(command: str, load: tuple[float, float, float], sections: list[str]) ->
     header = [
         "# Benchmarks",
         "",
-        f"Measured on {today} with `{command}`, from the repository root.",
+        f"Measured on {today} with `{command}`, from the repository root; a section re-measured since "
+        "(`--update NAME`) gives its own time and load.",
         "",
         "Times are wall time per call: the median over timed rounds (each section says how many). Each round "
         "calls every contender once, starting one further along the list each time, so machine noise falls on "

@@ -4,8 +4,8 @@
 A latent is active on a token when its activation exceeds the activity threshold ``t`` (plus its own JumpReLU
 threshold when the SAE has one). For each threshold, ``C[i, j]`` counts the tokens on which latents ``i`` and ``j``
 are both active, so ``C[i, i]`` counts the tokens on which ``i`` is active. Each batch becomes a sparse boolean
-matrix ``B [tokens, d_sae]`` and ``C += B.T @ B`` is a sparse product: the work per token grows with the square of
-its number of active latents, never with ``d_sae ** 2``.
+matrix ``B [tokens, d_sae]`` and ``C += B.T @ B``, a sparse product computed by a numba kernel: the work per token
+grows with the square of its number of active latents, never with ``d_sae ** 2``.
 
 The reference (``sae_cooccurrence``) folds each SAE's decoder norms into its encoder before it thresholds
 (SAELens's ``fold_W_dec_norm``): a latent's activation is then measured along its unit decoder direction.
@@ -18,6 +18,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
+import numba
 import numpy as np
 import scipy.sparse as sp
 import torch
@@ -85,13 +86,97 @@ def _active(latents: SparseLatents, threshold: Tensor, keep: Tensor | None) -> t
     return rows.numpy(), indices[rows, pos].numpy(), values.shape[0]
 
 
+@numba.njit(cache=True, nogil=True)
+def _token_lists(
+    rows: np.ndarray, cols: np.ndarray, n_tokens: int, d_sae: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]:
+    """Both sides of the boolean ``B [n_tokens, d_sae]`` (1 at ``(rows, cols)``, rows ascending), a latent listed
+    twice for one token kept once: ``(tok_ptr [n_tokens + 1], tok_cols [nnz])``, each token's latents;
+    ``(lat_ptr [d_sae + 1], lat_tok [nnz])``, each latent's tokens, ascending; and ``sum_t |t|**2``, the number of
+    pair increments of ``B.T @ B`` (an upper bound of its non-zeros)."""
+    tok_ptr = np.zeros(n_tokens + 1, np.int64)
+    tok_cols = np.empty(len(cols), np.int32)
+    seen = np.full(d_sae, -1, np.int64)  # the last token that listed each latent
+    nnz = 0
+    for e in range(len(rows)):
+        t, j = rows[e], cols[e]
+        if seen[j] != t:
+            seen[j] = t
+            tok_cols[nnz] = j
+            nnz += 1
+            tok_ptr[t + 1] += 1
+    lat_ptr = np.zeros(d_sae + 1, np.int64)
+    for e in range(nnz):
+        lat_ptr[tok_cols[e] + 1] += 1
+    for t in range(n_tokens):
+        tok_ptr[t + 1] += tok_ptr[t]
+    for i in range(d_sae):
+        lat_ptr[i + 1] += lat_ptr[i]
+    fill = lat_ptr[:-1].copy()
+    lat_tok = np.empty(nnz, np.int32)
+    pairs = 0
+    for t in range(n_tokens):
+        pairs += (tok_ptr[t + 1] - tok_ptr[t]) ** 2
+        for e in range(tok_ptr[t], tok_ptr[t + 1]):
+            lat_tok[fill[tok_cols[e]]] = t
+            fill[tok_cols[e]] += 1
+    return tok_ptr, tok_cols[:nnz], lat_ptr, lat_tok, pairs
+
+
+@numba.njit(cache=True, nogil=True)
+def _fill_rows(
+    tok_ptr: np.ndarray,
+    tok_cols: np.ndarray,
+    lat_ptr: np.ndarray,
+    lat_tok: np.ndarray,
+    indptr: np.ndarray,
+    indices: np.ndarray,
+    data: np.ndarray,
+) -> int:
+    """Write ``B.T @ B`` row by row into the CSR arrays ``indptr [d_sae + 1]`` (``indptr[0] == 0``), ``indices`` and
+    ``data`` (each at least ``sum_t |t|**2`` long); return its number of non-zeros. Row ``i`` sums the latent lists
+    of the tokens where ``i`` is active; ``where[j]``, the position of column ``j`` in the output when it is at or
+    after the current row's start, finds a repeat in one look-up (columns stay in first-seen order)."""
+    where = np.full(len(lat_ptr) - 1, -1, indptr.dtype)
+    pos = indptr[0]
+    for i in range(len(lat_ptr) - 1):
+        start = pos
+        for a in range(lat_ptr[i], lat_ptr[i + 1]):
+            t = lat_tok[a]
+            for e in range(tok_ptr[t], tok_ptr[t + 1]):
+                j = tok_cols[e]
+                w = where[j]
+                if w >= start:
+                    data[w] += 1
+                else:
+                    where[j] = pos
+                    indices[pos] = j
+                    data[pos] = 1
+                    pos += 1
+        indptr[i + 1] = pos
+    return pos
+
+
 def _batch_cooccurrence(rows: np.ndarray, cols: np.ndarray, n_tokens: int, d_sae: int) -> sp.csr_array:
-    """``B.T @ B`` (int64 CSR ``[d_sae, d_sae]``) of the boolean ``B [n_tokens, d_sae]``, 1 at ``(rows, cols)``."""
-    itype = np.int32 if max(n_tokens, d_sae, len(rows)) < 2**31 else np.int64  # int32 indices: less memory traffic
-    ones = np.ones(len(rows), dtype=np.int64)
-    b = sp.csr_array((ones, (rows.astype(itype), cols.astype(itype))), shape=(n_tokens, d_sae))
-    b.data[:] = 1  # a latent listed twice for one token is still one activation
-    return (b.T.tocsr() @ b).tocsr()
+    """``B.T @ B`` (int64 CSR ``[d_sae, d_sae]``, column indices unsorted within a row) of the boolean
+    ``B [n_tokens, d_sae]``, 1 at ``(rows, cols)`` (rows ascending); a latent listed twice for one token is one
+    activation.
+
+    A numba kernel: one pass over the ``sum_t |t|**2`` pair increments with a ``[d_sae]`` look-up table, memory
+    ``O(pairs + d_sae)``, never ``d_sae ** 2``. The output buffers are allocated by numpy (which asks the kernel
+    for huge pages on large arrays, sparing most page faults) rather than inside the kernel.
+    """
+    tok_ptr, tok_cols, lat_ptr, lat_tok, pairs = _token_lists(
+        rows.astype(np.int64, copy=False), cols.astype(np.int64, copy=False), n_tokens, d_sae
+    )
+    itype = np.int32 if max(pairs, d_sae) < 2**31 else np.int64  # int32 indices: less memory traffic
+    indptr = np.zeros(d_sae + 1, itype)
+    indices, data = np.empty(pairs, itype), np.empty(pairs, np.int64)
+    nnz = _fill_rows(tok_ptr, tok_cols, lat_ptr, lat_tok, indptr, indices, data)
+    indices, data = indices[:nnz], data[:nnz]
+    if 2 * nnz < pairs:  # mostly repeated pairs: do not keep the unused buffer alive
+        indices, data = indices.copy(), data.copy()
+    return sp.csr_array((data, indices, indptr), shape=(d_sae, d_sae))
 
 
 def count_cooccurrences(

@@ -203,3 +203,34 @@ def test_save_matrix_writes_sparse_or_the_references_dense_array(tmp_path):
         back = load_matrix(tmp_path / name)
         assert isinstance(back, sp.csr_array)
         np.testing.assert_array_equal(back.toarray(), sp.csr_array(matrix).toarray())
+
+
+def brute_force_counts(indices: torch.Tensor, values: torch.Tensor, d_sae: int) -> np.ndarray:
+    """Loop over tokens and over every pair of their distinct active latents: the plainest count there is."""
+    expected = np.zeros((d_sae, d_sae), dtype=np.int64)
+    for token_indices, token_values in zip(indices.tolist(), values.tolist(), strict=True):
+        active = sorted({i for i, v in zip(token_indices, token_values, strict=True) if v > 0})
+        for a in active:
+            for b in active:
+                expected[a, b] += 1
+    return expected
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_kernel_matches_brute_force_at_odd_shapes(seed):
+    """Random sparse batches with repeated latents in a token, empty tokens (all values 0), a latent shared by every
+    token and one batch where all tokens list the same latents, at shapes that are not powers of two."""
+    g = torch.Generator().manual_seed(seed)
+    tokens, k, d_sae = int(torch.randint(1, 60, (1,), generator=g)), int(torch.randint(1, 9, (1,), generator=g)), 37
+    indices = torch.randint(0, d_sae, (tokens, k), generator=g)
+    indices[:, 0] = 7  # every token shares latent 7 ...
+    values = torch.rand(tokens, k, generator=g) * (torch.rand(tokens, k, generator=g) > 0.3)
+    values[: tokens // 5] = 0.0  # ... except the empty ones
+    if seed % 3 == 0:
+        indices[:] = indices[0]  # all tokens list the same latents
+    expected = brute_force_counts(indices, values, d_sae)
+    for n_batches in (1, 2):
+        counts = count_cooccurrences([(indices, values)] * n_batches, [0.0], d_sae=d_sae)[0.0].counts
+        assert counts.dtype == np.int64 and counts.shape == (d_sae, d_sae)
+        np.testing.assert_array_equal(counts.toarray(), n_batches * expected)
+        assert counts.nnz == np.count_nonzero(expected)  # no explicit zeros, no duplicate entries
