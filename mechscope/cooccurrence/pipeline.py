@@ -33,6 +33,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from mechscope import distributed
 from mechscope.cooccurrence.config import CoocConfig
 from mechscope.cooccurrence.counting import (
     CooccurrenceCounts,
@@ -130,7 +131,9 @@ def _store(config: CoocConfig, model: HookedModel, hook_names: list[str], n_rows
         activations_dir=counting.activations_dir,
     )
     if store.activations_dir is not None:
-        store.harvest(n_rows)
+        if distributed.is_main():  # the other ranks read the shards rank 0 harvests
+            store.harvest(n_rows)
+        distributed.barrier()
     return store
 
 
@@ -218,15 +221,20 @@ def run_count(
     checkpoint = results / CHECKPOINT
     if checkpoint.exists():
         state, counts = _resume(checkpoint, state, {i: s.cfg.d_sae for i, s in saes.items()}, counting.n_batches)
+        if not distributed.is_main():
+            counts = {}  # rank 0 holds the checkpoint's counts; the others add only the batches they count
     target = counting.n_batches if stop_after is None else min(stop_after, counting.n_batches)
     written = all(count_files_exist(results / i, thresholds, config.output_format) for i in counts)
-    if state["saved_n_batches"] == counting.n_batches and written:
-        print(f"count: already done ({state['batches_done']} batches, {state['n_tokens']} tokens) in {results}")
+    if distributed.broadcast(state["saved_n_batches"] == counting.n_batches and written):  # rank 0 holds the counts
+        done = f"{state['batches_done']} batches, {state['n_tokens']} tokens"
+        distributed.print_main(f"count: already done ({done}) in {results}")
         return counts
     store = _store(config, model, list(saes), counting.n_batches * counting.batch_size_tokens)
     key, skip = state["next"]
     batches = store.resumable_batches(counting.batch_size_tokens, (key, skip))
-    bar = tqdm(total=counting.n_batches, initial=state["batches_done"], unit="batch", desc="count")
+    bar = tqdm(
+        total=counting.n_batches, initial=state["batches_done"], unit="batch", desc="count", disable=distributed.quiet()
+    )
     try:
         while state["batches_done"] < target and not state["exhausted"]:
             item = next(batches, None)
@@ -234,7 +242,8 @@ def run_count(
                 state["exhausted"] = True
                 break
             rows, state["next"] = item
-            _count_batch(rows, saes, thresholds, counts, counting.fold_decoder_norms)
+            if distributed.owns(state["batches_done"]):  # batch i is counted by rank i % world_size
+                _count_batch(rows, saes, thresholds, counts, counting.fold_decoder_norms)
             state["batches_done"] += 1
             state["n_tokens"] += len(rows["tokens"])
             for by_t in counts.values():
@@ -244,9 +253,12 @@ def run_count(
             if on_batch is not None:
                 on_batch(state["batches_done"], rows)
             if state["batches_done"] % counting.checkpoint_every == 0:
-                save_checkpoint(checkpoint, state, counts)
+                counts = _save_checkpoint(checkpoint, state, counts)
     finally:
         bar.close()
+    counts = _sum_ranks(counts, state["n_tokens"])
+    if not distributed.is_main():
+        return {}  # rank 0 returns and writes the counts
     if not counts:
         raise ValueError(f"the corpus {counting.corpus or 'default'!r} gave no tokens to count: use a larger corpus")
     if state["batches_done"] < counting.n_batches and not state["exhausted"]:
@@ -262,7 +274,8 @@ def run_count(
         save_counts(results / hook, by_t, config.output_format)
     state["saved_n_batches"] = counting.n_batches
     save_checkpoint(checkpoint, state, counts)
-    print(f"count: {state['n_tokens']} tokens in {state['batches_done']} batches; counts in {results}/<hook>/")
+    done = f"{state['n_tokens']} tokens in {state['batches_done']} batches"
+    distributed.print_main(f"count: {done}; counts in {results}/<hook>/")
     return counts
 
 
@@ -302,11 +315,44 @@ def _count_batch(
             d_sae=sae.cfg.d_sae,
             progress=False,
         )
-        if hook not in counts:
-            counts[hook] = batch
+        _add_counts(counts, {hook: batch})
+
+
+def _add_counts(into: Counts, more: Counts) -> Counts:
+    """``into`` with ``more``'s counts added (in place, and returned), hook by hook and threshold by threshold."""
+    for hook, by_t in more.items():
+        if hook not in into:
+            into[hook] = by_t
             continue
-        for t, c in batch.items():
-            counts[hook][t].counts = (counts[hook][t].counts + c.counts).tocsr()
+        for t, c in by_t.items():
+            into[hook][t].counts = (into[hook][t].counts + c.counts).tocsr()
+    return into
+
+
+def _sum_ranks(counts: Counts, n_tokens: int) -> Counts:
+    """On rank 0, the counts of every rank summed (the others' are the batches they counted since the last sum);
+    ``{}`` on the other ranks, which start again from nothing. One process: ``counts`` as they are.
+
+    The sparse matrices are sent to rank 0 and summed there, not all-reduced: a dense ``[d_sae, d_sae]`` int64
+    all-reduce would need 137 GB per matrix at 131k latents, the sparse counts a small part of it."""
+    if distributed.world_size() == 1:
+        return counts
+    summed = distributed.gather_to_main(counts, _add_counts)
+    if summed is None:
+        return {}
+    for by_t in summed.values():
+        for c in by_t.values():
+            c.n_tokens = n_tokens
+    return summed
+
+
+def _save_checkpoint(path: Path, state: dict[str, Any], counts: Counts) -> Counts:
+    """Sum the ranks' counts on rank 0 and write the checkpoint there (the same file one process writes); returns
+    this rank's counts after the sum (the total on rank 0, nothing on the others)."""
+    counts = _sum_ranks(counts, state["n_tokens"])
+    if distributed.is_main():
+        save_checkpoint(path, state, counts)
+    return counts
 
 
 def _counts_for(config: CoocConfig, hook: str, counts: Counts | None) -> dict[float, CooccurrenceCounts]:
