@@ -196,7 +196,10 @@ def run_count(
     """Count co-occurrences of every hook's latents over ``n_batches`` batches; resume a checkpoint if present.
 
     Returns ``{hook: {threshold: CooccurrenceCounts}}`` and writes them with ``save_counts`` to
-    ``results_dir/<hook>``. ``stop_after`` stops (with a checkpoint) once that many batches are done in all, as
+    ``results_dir/<hook>``. Under torchrun (:mod:`mechscope.distributed`) batch ``i`` is counted by rank
+    ``i % world_size``, every checkpoint sums the ranks' sparse counts on rank 0, which writes it (the same file one
+    process writes, so a count resumes under any number of ranks), and rank 0 returns and writes the counts (the
+    other ranks return ``{}``). ``stop_after`` stops (with a checkpoint) once that many batches are done in all, as
     an interruption would. ``on_batch(batches_done, rows)`` is called after each batch is counted, before it is
     checkpointed; an exception it raises ends the run as a kill would (batches since the last checkpoint are lost
     and counted again by the next run), so a test can check that a resumed count equals an uninterrupted one.
@@ -469,11 +472,15 @@ def run_pca(config: CoocConfig, model: HookedModel | None = None, sae: SAEs = No
 def run_all(config: CoocConfig, model: HookedModel | None = None, sae: SAEs = None) -> dict[str, Any]:
     """Count (resuming), graphs and PCA, loading the model and SAEs once; prints where the results are.
 
-    Returns ``{"counts": ..., "graphs": ..., "pca": ...}`` as the stages return them.
+    Returns ``{"counts": ..., "graphs": ..., "pca": ...}`` as the stages return them. Under torchrun every rank
+    counts its share and rank 0 alone builds the graphs and the PCA; the other ranks return after the count, with
+    empty ``graphs`` and ``pca``.
     """
     model = load_model(config, model)
     saes = load_saes(config, model, sae)
     counts = run_count(config, model, saes)
+    if not distributed.is_main():
+        return {"counts": counts, "graphs": {}, "pca": {}}
     graphs = run_graphs(config, model, saes, counts=counts)
     pca = run_pca(config, model, saes)
     print(f"Results in {Path(config.results_dir).resolve()}")
