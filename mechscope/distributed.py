@@ -2,8 +2,8 @@
 
 A stage asks this module who it is (:func:`rank`, :func:`world_size`, :func:`is_main`), which share of the work is
 its own (:func:`share`, :func:`owns`), and to combine what the ranks computed (:func:`all_reduce_sum`,
-:func:`all_gather`, :func:`gather_to_main`, :func:`broadcast`); it prints and shows progress bars on rank 0 only
-(:func:`print_main`, :func:`quiet`). No stage imports :mod:`torch.distributed` itself.
+:func:`all_gather`, :func:`gather_to_main`, :func:`combine_all`, :func:`broadcast`); it prints and shows progress
+bars on rank 0 only (:func:`print_main`, :func:`quiet`). No stage imports :mod:`torch.distributed` itself.
 
 Without ``torchrun`` (no ``RANK``/``WORLD_SIZE`` in the environment) nothing changes: :func:`session` creates no
 process group, the rank is 0 of 1, every item is this process's share and every reduction returns its input. Under
@@ -190,6 +190,12 @@ def gather_to_main(obj: T, combine: Callable[[T, T], T]) -> T | None:
     for other in gathered[1:]:
         out = combine(out, other)
     return out
+
+
+def combine_all(obj: T, combine: Callable[[T, T], T]) -> T:
+    """Every rank's ``obj`` folded in rank order with ``combine`` (:func:`gather_to_main`), on every rank."""
+    folded = gather_to_main(obj, combine)
+    return broadcast(folded if folded is not None else obj)  # the others' ``obj`` is a placeholder rank 0 replaces
 
 
 def broadcast(obj: T) -> T:

@@ -4,6 +4,7 @@ list on this rank, on the same tiny random llama and SAEs the single-process sid
 
 Tasks: ``{"kind": "count", "config": {CoocConfig fields}, "kill": [rank, batch]}``; with ``kill``, that rank ends
 itself with ``os._exit(1)`` after counting that batch (once rank 0 has written a checkpoint), as a kill would.
+``{"kind": "evaluate" | "collectives", "out": PATH}`` write what each rank got to ``PATH.RANK.json``.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import torch
 from mechscope import HookedModel, distributed
 from mechscope.cooccurrence.config import CoocConfig, CountingConfig
 from mechscope.cooccurrence.pipeline import CHECKPOINT, run_count
-from mechscope.sae import SAEConfig, SparseAutoencoder
+from mechscope.sae import SAEConfig, SparseAutoencoder, evaluate_sae
 from tests.conftest import build_pair
 from tests.sae_utils import random_weights
 
@@ -82,6 +83,22 @@ def _killer(results_dir: str, kill: list[int] | None):
     return on_batch
 
 
+def eval_tokens() -> torch.Tensor:
+    """``[5, 12]`` token ids: three batches of 2 for two ranks, one of them short."""
+    return torch.randint(3, 1000, (5, 12), generator=torch.Generator().manual_seed(3))
+
+
+def evaluation(model: HookedModel, saes: dict[str, SparseAutoencoder]) -> dict[str, Any]:
+    """The figures of ``evaluate_sae`` of the TopK SAE, with the firing counts, as JSON."""
+    result = evaluate_sae(model, saes[HOOKS[0]], tokens=eval_tokens(), batch_size=2, progress=False)
+    return {**result.to_dict(), "firing_counts": result.firing_counts.tolist()}
+
+
+def _write_rank(out: str, value: Any) -> None:
+    """Write this rank's ``value`` to ``out.RANK.json``."""
+    Path(f"{out}.{distributed.rank()}.json").write_text(json.dumps(value))
+
+
 def _collectives(out: str) -> None:
     """Write what each helper of :mod:`mechscope.distributed` gives this rank to ``out.RANK.json``."""
     r = distributed.rank()
@@ -97,7 +114,7 @@ def _collectives(out: str) -> None:
         "to_main": distributed.gather_to_main([r], lambda a, b: a + b),
     }
     distributed.barrier()
-    Path(f"{out}.{r}.json").write_text(json.dumps(result))
+    _write_rank(out, result)
 
 
 def main(tasks_file: str) -> None:
@@ -109,6 +126,8 @@ def main(tasks_file: str) -> None:
             if task["kind"] == "count":
                 config = cooc_config(**task["config"])
                 run_count(config, model, saes, on_batch=_killer(config.results_dir, task.get("kill")))
+            elif task["kind"] == "evaluate":
+                _write_rank(task["out"], evaluation(model, saes))
             elif task["kind"] == "collectives":
                 _collectives(task["out"])
             else:
