@@ -22,7 +22,7 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
-from mechscope import distributed
+import mechscope.distributed as distributed
 from mechscope.apps.explorer.launch import run_app
 from mechscope.apps.main_job import MainJobConfig, run_main_job
 from mechscope.apps.tables import format_graph_summary

@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from mechscope import distributed
+import mechscope.distributed as distributed
 from mechscope.cooccurrence.config import CoocConfig
 from mechscope.cooccurrence.counting import (
     CooccurrenceCounts,

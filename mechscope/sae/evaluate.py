@@ -30,7 +30,7 @@ from matplotlib.figure import Figure
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from mechscope import distributed
+import mechscope.distributed as distributed
 from mechscope.models.hooked import HookedModel, lm_loss
 from mechscope.models.hooks import HookPoint
 from mechscope.models.points import token_vectors
