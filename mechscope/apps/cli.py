@@ -6,6 +6,10 @@ Every command reads its config the same way (:func:`mechscope.settings.load`): t
 file, then the flags, one per setting, with the setting's help as its ``--help`` text. Its output directory is
 checked (:func:`check_output_dir`) before any model loads. A failure ends with one line on stderr (the error) and a
 hint to rerun with ``--debug``, which shows the traceback instead.
+
+``cooc run`` and ``cooc count`` run data-parallel under ``torchrun --nproc-per-node N -m mechscope ...``, or with
+``--nproc N``, which launches that torchrun itself (:mod:`mechscope.distributed`, docs/distributed.md); the other
+commands refuse to run in several processes.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
+import mechscope.distributed as distributed
 from mechscope.apps.explorer.launch import run_app
 from mechscope.apps.main_job import MainJobConfig, run_main_job
 from mechscope.apps.tables import format_graph_summary
@@ -95,6 +100,7 @@ def _add_dashboards_parser(commands: argparse._SubParsersAction) -> None:
 
 
 def _run_dashboards(args: argparse.Namespace) -> None:
+    _single_process("dashboards")
     config = load(DashboardsConfig, args.config, flag_values(args, DashboardsConfig))
     check_output_dir(config.out_dir, "out_dir")
     dash = run_dashboards(config)
@@ -125,6 +131,42 @@ COOC_STAGES = {
 }
 
 
+DATA_PARALLEL_COOC = ("run", "count")  # the stages that share their work among torchrun's processes
+
+
+def _add_nproc_flag(parser: argparse.ArgumentParser) -> None:
+    """``--nproc N``: run the command under torchrun in N processes on this machine (docs/distributed.md)."""
+    parser.add_argument(
+        "--nproc",
+        type=int,
+        default=1,
+        metavar="N",
+        help="run data-parallel in N processes on this machine (launches torchrun; see docs/distributed.md)",
+    )
+
+
+def _single_process(command: str) -> None:
+    """Refuse to run ``command``, which does not share its work yet, in several torchrun processes."""
+    if distributed.launched() and int(os.environ["WORLD_SIZE"]) > 1:
+        raise ValueError(
+            f"mechscope {command} does not run data-parallel yet: run it in one process (without torchrun); "
+            f"the stages that do: cooc {', '.join(DATA_PARALLEL_COOC)}"
+        )
+
+
+def _without_nproc(argv: list[str]) -> list[str]:
+    """``argv`` without its ``--nproc N`` (or ``--nproc=N``)."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--nproc":
+            skip = True
+        elif not arg.startswith("--nproc="):
+            out.append(arg)
+    return out
+
+
 def _add_cooc_parser(commands: argparse._SubParsersAction) -> None:
     """``cooc run|count|graphs|pca CONFIG``: the co-occurrence pipeline, or one of its stages, on a TOML config whose
     settings the flags override."""
@@ -137,6 +179,8 @@ def _add_cooc_parser(commands: argparse._SubParsersAction) -> None:
     for name, (_, text) in COOC_STAGES.items():
         stage = stages.add_parser(name, help=text, description=text[0].upper() + text[1:] + ".")
         stage.add_argument("config", metavar="CONFIG", help="the pipeline's TOML file")
+        if name in DATA_PARALLEL_COOC:
+            _add_nproc_flag(stage)
         add_flags(stage, CoocConfig)
         stage.set_defaults(run=_run_cooc)
 
@@ -178,6 +222,7 @@ def _train_config_file(args: argparse.Namespace) -> str | None:
 
 def _run_train(args: argparse.Namespace) -> None:
     """``sae train``: the TOML file's fields (if any), overridden by the flags given, then ``train_sae``."""
+    _single_process("sae train")
     config = load(TrainConfig, _train_config_file(args), flag_values(args, TrainConfig))
     check_output_dir(config.out_dir, "out_dir")
     if config.activations_dir is not None:
@@ -191,10 +236,14 @@ def _run_cooc(args: argparse.Namespace) -> None:
     stages that build graphs (``graphs``, ``run``)."""
     stage = args.cooc_command
     run, _ = COOC_STAGES[stage]
+    if stage not in DATA_PARALLEL_COOC:
+        _single_process(f"cooc {stage}")
     config = load(CoocConfig, args.config, flag_values(args, CoocConfig))
     check_output_dir(config.results_dir, "results_dir")
-    result = run(config)
-    if stage in ("graphs", "run"):
+    with distributed.session(config.counting.device):
+        result = run(config)
+        main_rank = distributed.is_main()
+    if stage in ("graphs", "run") and main_rank:
         print(format_graph_summary(result if stage == "graphs" else result["graphs"]))
 
 
@@ -257,6 +306,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub = next((getattr(args, a) for a in ("sae_command", "cooc_command", "export_command") if hasattr(args, a)), None)
     command = " ".join(filter(None, (args.command, sub)))
     try:
+        if getattr(args, "nproc", 1) != 1 and not distributed.launched():
+            return distributed.launch(args.nproc, _without_nproc(argv))
         args.run(args)
     except Interrupted as e:
         if debug:

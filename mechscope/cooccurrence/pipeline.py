@@ -23,6 +23,7 @@ starts are written atomically to ``count_checkpoint.npz``; a rerun with the same
 
 from __future__ import annotations
 
+import operator
 import warnings
 from collections.abc import Callable
 from contextlib import closing
@@ -34,6 +35,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+import mechscope.distributed as distributed
 from mechscope.cooccurrence.config import CoocConfig
 from mechscope.cooccurrence.counting import (
     CooccurrenceCounts,
@@ -134,7 +136,9 @@ def _store(config: CoocConfig, model: HookedModel, hook_names: list[str], n_rows
         activations_dir=counting.activations_dir,
     )
     if store.activations_dir is not None:
-        store.harvest(n_rows)
+        if distributed.is_main():  # the other ranks read the shards rank 0 harvests
+            store.harvest(n_rows)
+        distributed.barrier()
     return store
 
 
@@ -199,7 +203,10 @@ def run_count(
     """Count co-occurrences of every hook's latents over ``n_batches`` batches; resume a checkpoint if present.
 
     Returns ``{hook: {threshold: CooccurrenceCounts}}`` and writes them with ``save_counts`` to
-    ``results_dir/<hook>``. ``stop_after`` stops (with a checkpoint) once that many batches are done in all, as
+    ``results_dir/<hook>``. Under torchrun (:mod:`mechscope.distributed`) batch ``i`` is counted by rank
+    ``i % world_size``, every checkpoint sums the ranks' sparse counts on rank 0, which writes it (the same file one
+    process writes, so a count resumes under any number of ranks), and rank 0 returns and writes the counts (the
+    other ranks return ``{}``). ``stop_after`` stops (with a checkpoint) once that many batches are done in all, as
     an interruption would. ``on_batch(batches_done, rows)`` is called after each batch is counted, before it is
     checkpointed; an exception it raises ends the run as a kill would (batches since the last checkpoint are lost
     and counted again by the next run), so a test can check that a resumed count equals an uninterrupted one.
@@ -227,15 +234,18 @@ def run_count(
     d_sae = {i: s.cfg.d_sae for i, s in saes.items()}
     if checkpoint.exists():
         state, counts = _resume(checkpoint, state, d_sae, counting.n_batches)
+        if not distributed.is_main():
+            counts = {}  # rank 0 holds the checkpoint's counts; the others add only the batches they count
     target = counting.n_batches if stop_after is None else min(stop_after, counting.n_batches)
-    if state["saved_n_batches"] == counting.n_batches:
+    if distributed.broadcast(state["saved_n_batches"] == counting.n_batches):  # rank 0 holds the counts
         problems = [
             p
             for i in counts
             if (p := count_files_problem(results / i, thresholds, config.output_format, d_sae[i], state["n_tokens"]))
         ]
         if not problems:
-            print(f"count: already done ({state['batches_done']} batches, {state['n_tokens']} tokens) in {results}")
+            done = f"{state['batches_done']} batches, {state['n_tokens']} tokens"
+            distributed.print_main(f"count: already done ({done}) in {results}")
             return counts
         print(f"count: done, but {problems[0]}: writing the counts again from {checkpoint}")
         for hook, by_t in counts.items():
@@ -244,7 +254,9 @@ def run_count(
     store = _store(config, model, list(saes), counting.n_batches * counting.batch_size_tokens)
     key, skip = state["next"]
     batches = store.resumable_batches(counting.batch_size_tokens, (key, skip))
-    bar = tqdm(total=counting.n_batches, initial=state["batches_done"], unit="batch", desc="count")
+    bar = tqdm(
+        total=counting.n_batches, initial=state["batches_done"], unit="batch", desc="count", disable=distributed.quiet()
+    )
     with stop_on_signals() as stop, closing(bar):
         while state["batches_done"] < target and not state["exhausted"]:
             item = next(batches, None)
@@ -252,7 +264,8 @@ def run_count(
                 state["exhausted"] = True
                 break
             rows, state["next"] = item
-            _count_batch(rows, saes, thresholds, counts, counting.fold_decoder_norms)
+            if distributed.owns(state["batches_done"]):  # batch i is counted by rank i % world_size
+                _count_batch(rows, saes, thresholds, counts, counting.fold_decoder_norms)
             state["batches_done"] += 1
             state["n_tokens"] += len(rows["tokens"])
             for by_t in counts.values():
@@ -261,11 +274,15 @@ def run_count(
             bar.update(1)
             if on_batch is not None:
                 on_batch(state["batches_done"], rows)
-            if state["batches_done"] % counting.checkpoint_every == 0 or stop:
-                save_checkpoint(checkpoint, state, counts)
-            if stop and state["batches_done"] < counting.n_batches:
+            stopping = distributed.combine_all(bool(stop), operator.or_)  # every rank stops at the same batch
+            if state["batches_done"] % counting.checkpoint_every == 0 or stopping:
+                counts = _save_checkpoint(checkpoint, state, counts)
+            if stopping and state["batches_done"] < counting.n_batches:
                 where = f"batch {state['batches_done']} of {counting.n_batches}"
                 raise stop.interrupted("cooc count", checkpoint, where)
+    counts = _sum_ranks(counts, state["n_tokens"])
+    if not distributed.is_main():
+        return {}  # rank 0 returns and writes the counts
     if not counts:
         raise ValueError(f"the corpus {counting.corpus or 'default'!r} gave no tokens to count: use a larger corpus")
     if state["batches_done"] < counting.n_batches and not state["exhausted"]:
@@ -281,7 +298,8 @@ def run_count(
         save_counts(results / hook, by_t, config.output_format)
     state["saved_n_batches"] = counting.n_batches
     save_checkpoint(checkpoint, state, counts)
-    print(f"count: {state['n_tokens']} tokens in {state['batches_done']} batches; counts in {results}/<hook>/")
+    done = f"{state['n_tokens']} tokens in {state['batches_done']} batches"
+    distributed.print_main(f"count: {done}; counts in {results}/<hook>/")
     return counts
 
 
@@ -321,11 +339,44 @@ def _count_batch(
             d_sae=sae.cfg.d_sae,
             progress=False,
         )
-        if hook not in counts:
-            counts[hook] = batch
+        _add_counts(counts, {hook: batch})
+
+
+def _add_counts(into: Counts, more: Counts) -> Counts:
+    """``into`` with ``more``'s counts added (in place, and returned), hook by hook and threshold by threshold."""
+    for hook, by_t in more.items():
+        if hook not in into:
+            into[hook] = by_t
             continue
-        for t, c in batch.items():
-            counts[hook][t].counts = (counts[hook][t].counts + c.counts).tocsr()
+        for t, c in by_t.items():
+            into[hook][t].counts = (into[hook][t].counts + c.counts).tocsr()
+    return into
+
+
+def _sum_ranks(counts: Counts, n_tokens: int) -> Counts:
+    """On rank 0, the counts of every rank summed (the others' are the batches they counted since the last sum);
+    ``{}`` on the other ranks, which start again from nothing. One process: ``counts`` as they are.
+
+    The sparse matrices are sent to rank 0 and summed there, not all-reduced: a dense ``[d_sae, d_sae]`` int64
+    all-reduce would need 137 GB per matrix at 131k latents, the sparse counts a small part of it."""
+    if distributed.world_size() == 1:
+        return counts
+    summed = distributed.gather_to_main(counts, _add_counts)
+    if summed is None:
+        return {}
+    for by_t in summed.values():
+        for c in by_t.values():
+            c.n_tokens = n_tokens
+    return summed
+
+
+def _save_checkpoint(path: Path, state: dict[str, Any], counts: Counts) -> Counts:
+    """Sum the ranks' counts on rank 0 and write the checkpoint there (the same file one process writes); returns
+    this rank's counts after the sum (the total on rank 0, nothing on the others)."""
+    counts = _sum_ranks(counts, state["n_tokens"])
+    if distributed.is_main():
+        save_checkpoint(path, state, counts)
+    return counts
 
 
 def _counts_for(config: CoocConfig, hook: str, counts: Counts | None) -> dict[float, CooccurrenceCounts]:
@@ -442,11 +493,15 @@ def run_pca(config: CoocConfig, model: HookedModel | None = None, sae: SAEs = No
 def run_all(config: CoocConfig, model: HookedModel | None = None, sae: SAEs = None) -> dict[str, Any]:
     """Count (resuming), graphs and PCA, loading the model and SAEs once; prints where the results are.
 
-    Returns ``{"counts": ..., "graphs": ..., "pca": ...}`` as the stages return them.
+    Returns ``{"counts": ..., "graphs": ..., "pca": ...}`` as the stages return them. Under torchrun every rank
+    counts its share and rank 0 alone builds the graphs and the PCA; the other ranks return after the count, with
+    empty ``graphs`` and ``pca``.
     """
     model = load_model(config, model)
     saes = load_saes(config, model, sae)
     counts = run_count(config, model, saes)
+    if not distributed.is_main():
+        return {"counts": counts, "graphs": {}, "pca": {}}
     graphs = run_graphs(config, model, saes, counts=counts)
     pca = run_pca(config, model, saes)
     print(f"Results in {Path(config.results_dir).resolve()}")

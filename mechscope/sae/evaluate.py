@@ -30,6 +30,7 @@ from matplotlib.figure import Figure
 from torch import Tensor
 from tqdm.auto import tqdm
 
+import mechscope.distributed as distributed
 from mechscope.models.hooked import HookedModel, lm_loss
 from mechscope.models.hooks import HookPoint
 from mechscope.models.points import token_vectors
@@ -126,9 +127,18 @@ class _Totals:
     def add_activations(self, x: Tensor, x_hat: Tensor, latents: Tensor) -> None:
         """``x``, ``x_hat [tokens, d_in]`` and ``latents [tokens, d_sae]`` of one batch's real tokens."""
         x, x_hat = x.double(), x_hat.double()
-        n_b = x.shape[0]
         mean_b = x.mean(dim=0)
-        m2_b = float((x - mean_b).pow(2).sum())
+        self._add_moments(x.shape[0], mean_b.cpu(), float((x - mean_b).pow(2).sum()))
+        self.sq_err += float((x - x_hat).pow(2).sum())
+        self.cos += float(F.cosine_similarity(x, x_hat, dim=-1).sum())
+        active = latents != 0
+        self.l0 += float(active.sum())
+        self.firing += active.sum(dim=0).cpu()
+
+    def _add_moments(self, n_b: int, mean_b: Tensor | None, m2_b: float) -> None:
+        """Add ``n_b`` tokens of mean ``mean_b [d_in]`` and sum of squared deviations ``m2_b`` (Chan et al.)."""
+        if mean_b is None:
+            return
         if self.mean is None:
             self.mean, self.m2 = mean_b, m2_b
         else:
@@ -137,11 +147,19 @@ class _Totals:
             self.m2 += m2_b + float(delta.pow(2).sum()) * self.n * n_b / total
             self.mean = self.mean + delta * n_b / total
         self.n += n_b
-        self.sq_err += float((x - x_hat).pow(2).sum())
-        self.cos += float(F.cosine_similarity(x, x_hat, dim=-1).sum())
-        active = latents != 0
-        self.l0 += float(active.sum())
-        self.firing += active.sum(dim=0).cpu()
+
+    def merged(self, other: _Totals) -> _Totals:
+        """These totals with ``other``'s (another rank's batches) added; ``self`` is updated and returned."""
+        self._add_moments(other.n, other.mean, other.m2)
+        self.sq_err += other.sq_err
+        self.cos += other.cos
+        self.l0 += other.l0
+        self.kl += other.kl
+        self.firing += other.firing
+        self.ce = {k: v + other.ce[k] for k, v in self.ce.items()}
+        self.n_pred += other.n_pred
+        self.n_kl += other.n_kl
+        return self
 
 
 def _put(where: Tensor, value: Tensor | float) -> Callable[[Tensor, HookPoint], Tensor]:
@@ -208,6 +226,10 @@ def evaluate_sae(
     the KL are over every prediction. ``dense_threshold`` is the firing
     frequency above which a latent counts as dense; ``bins`` the number of bins of the density histogram. The SAE
     runs in eval mode (its mode is restored afterwards). Returns an :class:`SAEEvaluation`.
+
+    Under torchrun (:mod:`mechscope.distributed`) rank ``r`` runs every ``world_size``-th batch from the ``r``-th
+    and the sums are combined, so every rank returns the figures one process gives (the counts exactly, the float
+    sums up to their order of addition, ~1e-15 relative).
     """
     name = resolve_hook_name(sae, hook_name)
     if tokens is None:
@@ -225,9 +247,11 @@ def evaluate_sae(
     special_ids = {tok.bos_token_id, tok.eos_token_id, tok.pad_token_id} - {None} if exclude_special else set()
     special = torch.tensor(sorted(special_ids), dtype=torch.long, device=ids.device)
     totals = _Totals(sae.cfg.d_sae)
-    starts = range(0, ids.shape[0], batch_size)
+    every = range(0, ids.shape[0], batch_size)
+    starts = [every[i] for i in distributed.share(len(every))]  # under torchrun, this rank's batches
+    quiet = not progress or len(starts) < 2 or distributed.quiet()
     with _eval_mode(sae):
-        for start in tqdm(starts, desc="evaluate SAE", unit="batch", disable=not progress or len(starts) < 2):
+        for start in tqdm(starts, desc="evaluate SAE", unit="batch", disable=quiet):
             batch = ids[start : start + batch_size]
             batch_mask = mask[start : start + batch_size] if mask is not None else None
             real = batch_mask.bool() if batch_mask is not None else torch.ones_like(batch, dtype=torch.bool)
@@ -254,6 +278,7 @@ def evaluate_sae(
             kl = F.kl_div(log_q, log_p, reduction="none", log_target=True).sum(dim=-1)  # KL(p || q) [batch, pos]
             totals.kl += float(kl[real].double().sum())
             totals.n_kl += int(real.sum())
+    totals = distributed.combine_all(totals, _Totals.merged)  # under torchrun, every rank's sums, on every rank
     return _summarise(totals, name, dense_threshold, bins)
 
 

@@ -1,0 +1,221 @@
+"""Data-parallel runs under ``torchrun``: the one module that talks to :mod:`torch.distributed`.
+
+A stage asks this module who it is (:func:`rank`, :func:`world_size`, :func:`is_main`), which share of the work is
+its own (:func:`share`, :func:`owns`), and to combine what the ranks computed (:func:`all_reduce_sum`,
+:func:`all_gather`, :func:`gather_to_main`, :func:`combine_all`, :func:`broadcast`); it prints and shows progress
+bars on rank 0 only (:func:`print_main`, :func:`quiet`). No stage imports :mod:`torch.distributed` itself.
+
+Without ``torchrun`` (no ``RANK``/``WORLD_SIZE`` in the environment) nothing changes: :func:`session` creates no
+process group, the rank is 0 of 1, every item is this process's share and every reduction returns its input. Under
+``torchrun`` (``torchrun --nproc-per-node N -m mechscope STAGE CONFIG``, or ``mechscope STAGE CONFIG --nproc N``,
+which runs that command, see :func:`launch`) :func:`session` joins the process group: backend ``gloo`` on CPU and
+``nccl`` on CUDA (``MECHSCOPE_DIST_BACKEND`` overrides it), each rank on ``cuda:LOCAL_RANK`` when on CUDA, and every
+collective times out after ``MECHSCOPE_DIST_TIMEOUT`` seconds (default 1800) instead of hanging.
+
+Python objects (sparse count matrices, top-k lists) always travel over a ``gloo`` group on CPU, also when the main
+group is NCCL, so they never need a GPU copy.
+"""
+
+from __future__ import annotations
+
+import builtins
+import os
+import subprocess
+import sys
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from datetime import timedelta
+from typing import Any, TypeVar
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+T = TypeVar("T")
+BACKEND_ENV = "MECHSCOPE_DIST_BACKEND"
+TIMEOUT_ENV = "MECHSCOPE_DIST_TIMEOUT"
+DEFAULT_TIMEOUT = 1800.0  # seconds
+_objects_group: Any = None  # the gloo group Python objects travel over (the default group when that is gloo)
+
+
+def launched() -> bool:
+    """Whether this process was started by ``torchrun`` (``RANK`` and ``WORLD_SIZE`` are set)."""
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def active() -> bool:
+    """Whether a process group is up (:func:`session` under ``torchrun``, or one a caller initialised)."""
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank() -> int:
+    """This process's rank, 0 without a process group."""
+    return dist.get_rank() if active() else 0
+
+
+def world_size() -> int:
+    """The number of processes, 1 without a process group."""
+    return dist.get_world_size() if active() else 1
+
+
+def local_rank() -> int:
+    """This process's rank on its node (``LOCAL_RANK``), 0 without ``torchrun``."""
+    return int(os.environ.get("LOCAL_RANK", "0")) if launched() else 0
+
+
+def is_main() -> bool:
+    """Whether this is rank 0, the process that prints, shows progress and writes the shared files."""
+    return rank() == 0
+
+
+def quiet() -> bool:
+    """True on every rank but 0: pass as ``tqdm(disable=...)`` so that only rank 0 shows a bar."""
+    return not is_main()
+
+
+def print_main(*args: Any, **kwargs: Any) -> None:
+    """``print`` on rank 0 only."""
+    if is_main():
+        builtins.print(*args, **kwargs)
+
+
+def backend_for(device: str | torch.device) -> str:
+    """The backend for ``device``: ``MECHSCOPE_DIST_BACKEND`` if set, else ``nccl`` on CUDA and ``gloo`` otherwise."""
+    override = os.environ.get(BACKEND_ENV)
+    if override:
+        return override
+    return "nccl" if torch.device(device).type == "cuda" else "gloo"
+
+
+def local_device(device: str | torch.device) -> torch.device:
+    """``device`` for this rank: a bare ``cuda`` becomes ``cuda:LOCAL_RANK``; anything else stays as it is."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", local_rank())
+    return device
+
+
+def timeout() -> timedelta:
+    """How long a collective waits for the other ranks: ``MECHSCOPE_DIST_TIMEOUT`` seconds (default 1800)."""
+    value = os.environ.get(TIMEOUT_ENV, str(DEFAULT_TIMEOUT))
+    try:
+        seconds = float(value)
+    except ValueError:
+        raise ValueError(f"{TIMEOUT_ENV}={value!r} is not a number of seconds: set it to e.g. 600") from None
+    return timedelta(seconds=seconds)
+
+
+@contextmanager
+def session(device: str | torch.device = "cpu", backend: str | None = None) -> Iterator[None]:
+    """Join the ``torchrun`` process group for the block, and leave it after (also on an error).
+
+    Without ``torchrun``, or when a group is already up, it does nothing. ``backend`` overrides
+    :func:`backend_for`; on CUDA each rank's current device becomes ``cuda:LOCAL_RANK``, so a bare ``cuda`` in a
+    config means this rank's GPU.
+    """
+    global _objects_group
+    if not launched() or active():
+        yield
+        return
+    chosen = backend or backend_for(device)
+    if chosen == "nccl":
+        torch.cuda.set_device(local_device("cuda"))
+    dist.init_process_group(chosen, timeout=timeout())
+    _objects_group = None if chosen == "gloo" else dist.new_group(backend="gloo", timeout=timeout())
+    try:
+        yield
+    finally:
+        _objects_group = None
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    """Wait until every rank gets here (nothing without a process group)."""
+    if active():
+        dist.barrier(group=_objects_group)
+
+
+def share(n: int, of_rank: int | None = None, world: int | None = None) -> range:
+    """The items of ``range(n)`` that are ``of_rank``'s (default this rank's) among ``world`` ranks: every
+    ``world``-th one from ``of_rank`` on. The shares are disjoint, cover ``range(n)``, and depend only on
+    ``(n, rank, world)``."""
+    r = rank() if of_rank is None else of_rank
+    w = world_size() if world is None else world
+    if not 0 <= r < w:
+        raise ValueError(f"rank {r} is not one of {w} ranks")
+    return range(r, n, w)
+
+
+def owns(index: int) -> bool:
+    """Whether item ``index`` of a sequence dealt round-robin (:func:`share`) is this rank's."""
+    return index % world_size() == rank()
+
+
+def all_reduce_sum(tensor: Tensor) -> Tensor:
+    """The element-wise sum of ``tensor`` over all ranks (a new tensor, on every rank; ``tensor`` itself without a
+    process group). Integer tensors sum exactly."""
+    if not active():
+        return tensor
+    out = tensor.clone()
+    dist.all_reduce(out, op=dist.ReduceOp.SUM)
+    return out
+
+
+def all_gather(tensor: Tensor) -> list[Tensor]:
+    """Every rank's ``tensor``, in rank order, on every rank (``[tensor]`` without a process group). The tensors may
+    differ in their first dimension."""
+    if not active():
+        return [tensor]
+    sizes = [torch.zeros(1, dtype=torch.long, device=tensor.device) for _ in range(world_size())]
+    dist.all_gather(sizes, torch.tensor([tensor.shape[0]], device=tensor.device))
+    longest = int(max(s.item() for s in sizes))
+    padded = torch.zeros((longest, *tensor.shape[1:]), dtype=tensor.dtype, device=tensor.device)
+    padded[: tensor.shape[0]] = tensor
+    pieces = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(pieces, padded)
+    return [piece[: int(s.item())] for piece, s in zip(pieces, sizes, strict=True)]
+
+
+def gather_to_main(obj: T, combine: Callable[[T, T], T]) -> T | None:
+    """On rank 0, every rank's ``obj`` folded in rank order with ``combine(left, right)``; None on the others.
+    Without a process group, ``obj`` itself. The objects travel pickled over the CPU group, so rank 0 holds all
+    of them at once: use it for sparse or small values (a dense tensor is summed better by :func:`all_reduce_sum`)."""
+    if not active():
+        return obj
+    gathered: list[Any] | None = [None] * world_size() if is_main() else None
+    dist.gather_object(obj, gathered, dst=0, group=_objects_group)
+    if gathered is None:
+        return None
+    out: T = gathered[0]
+    for other in gathered[1:]:
+        out = combine(out, other)
+    return out
+
+
+def combine_all(obj: T, combine: Callable[[T, T], T]) -> T:
+    """Every rank's ``obj`` folded in rank order with ``combine`` (:func:`gather_to_main`), on every rank."""
+    folded = gather_to_main(obj, combine)
+    return broadcast(folded if folded is not None else obj)  # the others' ``obj`` is a placeholder rank 0 replaces
+
+
+def broadcast(obj: T) -> T:
+    """Rank 0's ``obj`` on every rank (``obj`` itself without a process group)."""
+    if not active():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0, group=_objects_group)
+    return box[0]
+
+
+def launch_command(nproc: int, args: Sequence[str]) -> list[str]:
+    """The ``torchrun`` command that runs ``python -m mechscope ARGS`` in ``nproc`` processes on this machine."""
+    if nproc < 1:
+        raise ValueError(f"--nproc {nproc}: give at least 1 process")
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "-m",
+            "mechscope", *args]  # fmt: skip
+
+
+def launch(nproc: int, args: Sequence[str]) -> int:
+    """Run ``mechscope ARGS`` under ``torchrun`` in ``nproc`` processes (:func:`launch_command`); returns its exit
+    status (torchrun ends every rank when one fails)."""
+    return subprocess.run(launch_command(nproc, args), check=False).returncode

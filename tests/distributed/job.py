@@ -1,0 +1,138 @@
+"""The work the distributed tests run under ``torchrun``: ``python job.py TASKS.json`` runs each task of the JSON
+list on this rank, on the same tiny random llama and SAEs the single-process side of the tests builds
+(:func:`tiny_model`, :func:`tiny_saes`), inside :func:`mechscope.distributed.session`.
+
+Tasks: ``{"kind": "count", "config": {CoocConfig fields}, "kill": [rank, batch]}``; with ``kill``, that rank ends
+itself with ``os._exit(1)`` after counting that batch (once rank 0 has written a checkpoint), as a kill would.
+``{"kind": "evaluate" | "collectives", "out": PATH}`` write what each rank got to ``PATH.RANK.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mechscope import HookedModel, distributed
+from mechscope.cooccurrence.config import CoocConfig, CountingConfig
+from mechscope.cooccurrence.pipeline import CHECKPOINT, run_count
+from mechscope.sae import SAEConfig, SparseAutoencoder, evaluate_sae
+from tests.conftest import build_pair
+from tests.sae_utils import random_weights
+
+HOOKS = ["blocks.1.hook_resid_post", "blocks.0.hook_resid_post"]
+TEXT = (
+    "Sparse autoencoders split a model's activations into many latents, few of them active on any one token. "
+    "Latents that fire together on the same tokens form groups, and the groups span small subspaces whose "
+    "geometry tells us how the model composes features. Counting which latents fire together is exact here: "
+    "each batch of tokens becomes a sparse boolean matrix and its product with itself adds to the counts. "
+)
+
+
+def tiny_model() -> HookedModel:
+    """The random llama of the tests (the same weights in every process)."""
+    return build_pair("llama", seed=1)[0]
+
+
+def tiny_saes() -> dict[str, SparseAutoencoder]:
+    """A TopK SAE on block 1 and a JumpReLU SAE on block 0, 48 latents each."""
+    saes = {}
+    for seed, (hook, arch) in enumerate(zip(HOOKS, ["topk", "jumprelu"], strict=True)):
+        sae = SparseAutoencoder(
+            SAEConfig(d_in=64, d_sae=48, architecture=arch, k=6 if arch == "topk" else None, hook_name=hook)
+        )
+        weights = random_weights(64, 48, seed, threshold=arch == "jumprelu")
+        sae.load_state_dict({name: weights[name] for name in sae.state_dict()})
+        saes[hook] = sae.eval()
+    return saes
+
+
+def cooc_config(results_dir: str | Path, corpus: str | Path, **counting: Any) -> CoocConfig:
+    """Counting of 7 batches of 23 rows (batches end inside forward passes of 3 contexts of 16 tokens)."""
+    settings = {
+        "model": "random-llama",
+        "corpus": str(corpus),
+        "context_length": 16,
+        "batch_contexts": 3,
+        "batch_size_tokens": 23,
+        "n_batches": 7,
+        "checkpoint_every": 2,
+        "activation_thresholds": [0.0, 0.3],
+        **counting,
+    }
+    return CoocConfig(CountingConfig(**settings), results_dir=str(results_dir))
+
+
+def _killer(results_dir: str, kill: list[int] | None):
+    """The ``on_batch`` that ends rank ``kill[0]`` after batch ``kill[1]``, once a checkpoint is on disk."""
+    if kill is None or distributed.rank() != kill[0]:
+        return None
+
+    def on_batch(done: int, rows: object) -> None:
+        if done == kill[1]:
+            deadline = time.monotonic() + 20
+            while not (Path(results_dir) / CHECKPOINT).exists() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            os._exit(1)
+
+    return on_batch
+
+
+def eval_tokens() -> torch.Tensor:
+    """``[5, 12]`` token ids: three batches of 2 for two ranks, one of them short."""
+    return torch.randint(3, 1000, (5, 12), generator=torch.Generator().manual_seed(3))
+
+
+def evaluation(model: HookedModel, saes: dict[str, SparseAutoencoder]) -> dict[str, Any]:
+    """The figures of ``evaluate_sae`` of the TopK SAE, with the firing counts, as JSON."""
+    result = evaluate_sae(model, saes[HOOKS[0]], tokens=eval_tokens(), batch_size=2, progress=False)
+    return {**result.to_dict(), "firing_counts": result.firing_counts.tolist()}
+
+
+def _write_rank(out: str, value: Any) -> None:
+    """Write this rank's ``value`` to ``out.RANK.json``."""
+    Path(f"{out}.{distributed.rank()}.json").write_text(json.dumps(value))
+
+
+def _collectives(out: str) -> None:
+    """Write what each helper of :mod:`mechscope.distributed` gives this rank to ``out.RANK.json``."""
+    r = distributed.rank()
+    ints = torch.arange(4, dtype=torch.int64) * (r + 1) + 2**40  # sums past 2**32 stay exact
+    gathered = distributed.all_gather(torch.full((r + 1, 2), float(r)))  # ranks give different lengths
+    result = {
+        "rank": r,
+        "world": distributed.world_size(),
+        "share": list(distributed.share(7)),
+        "sum": distributed.all_reduce_sum(ints).tolist(),
+        "gathered": [g.tolist() for g in gathered],
+        "broadcast": distributed.broadcast({"from": r}),
+        "to_main": distributed.gather_to_main([r], lambda a, b: a + b),
+    }
+    distributed.barrier()
+    _write_rank(out, result)
+
+
+def main(tasks_file: str) -> None:
+    torch.set_num_threads(1)
+    tasks = json.loads(Path(tasks_file).read_text())
+    model, saes = tiny_model(), tiny_saes()
+    with distributed.session():
+        for task in tasks:
+            if task["kind"] == "count":
+                config = cooc_config(**task["config"])
+                run_count(config, model, saes, on_batch=_killer(config.results_dir, task.get("kill")))
+            elif task["kind"] == "evaluate":
+                _write_rank(task["out"], evaluation(model, saes))
+            elif task["kind"] == "collectives":
+                _collectives(task["out"])
+            else:
+                raise ValueError(f"unknown task {task['kind']!r}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
