@@ -58,7 +58,7 @@ def test_the_rules_are_read_from_real_imports():
     """The graph this module checks is the package's: a known import is in it (so an empty graph cannot pass)."""
     graph, _ = import_graph()
     assert graph.has_edge("mechscope.cooccurrence.pipeline", "mechscope.cooccurrence.outputs")
-    assert graph.has_edge("mechscope.apps.cli", "mechscope.apps.main_job")
+    assert graph.has_edge("mechscope.apps.commands", "mechscope.apps.main_job")
     assert graph.number_of_nodes() > 80
 
 
