@@ -90,8 +90,10 @@ def click_button(driver: webdriver.Chrome, label_start: str) -> str:
 
 
 def pca_points(driver: webdriver.Chrome) -> list:
-    chart = driver.find_elements(By.CSS_SELECTOR, ".js-plotly-plot")[0]
-    return chart.find_elements(By.CSS_SELECTOR, ".scatterlayer .trace .point")
+    """The PCA scatter's points, once plotly has drawn them (it can lag the page's text on a loaded machine)."""
+    selector = ".js-plotly-plot .scatterlayer .trace .point"
+    wait_until(lambda: bool(driver.find_elements(By.CSS_SELECTOR, selector)))
+    return driver.find_elements(By.CSS_SELECTOR, ".js-plotly-plot")[0].find_elements(By.CSS_SELECTOR, selector[15:])
 
 
 def healthy(url: str) -> bool:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 from streamlit.web import cli as streamlit_cli
@@ -24,11 +23,6 @@ def streamlit_args(host: str = "127.0.0.1", port: int = 8501) -> list[str]:
         "--global.developmentMode", "false",
         "--client.toolbarMode", "viewer",
     ]  # fmt: skip
-
-
-def app_command(host: str = "127.0.0.1", port: int = 8501) -> list[str]:
-    """The same server as a ``python -m streamlit run`` command line (with ``RESULTS_ENV`` in its environment)."""
-    return [sys.executable, "-m", "streamlit", *streamlit_args(host, port)]
 
 
 def run_app(results_dir: str | Path = "demo_output", host: str = "127.0.0.1", port: int = 8501) -> int:
