@@ -13,15 +13,18 @@ import warnings
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 from torch import Tensor
 from tqdm.auto import tqdm
-from transformers import PreTrainedTokenizerBase
 
 from mechscope.cooccurrence.graph import Subgraph
 from mechscope.cooccurrence.subspace import SubspacePCA, subgraph_pcas
 from mechscope.sae.latents import LatentsLike, as_sparse
+
+if TYPE_CHECKING:  # annotations only: importing transformers takes seconds, and reading results needs none of it
+    from transformers import PreTrainedTokenizerBase
 
 MARK = "|"  # put around the point's token in its context string, as the reference does
 

@@ -1,6 +1,19 @@
-"""Corpora, token packing and the activation store."""
+"""Corpora, token packing and the activation store (names imported on first use: :mod:`mechscope._lazy`)."""
 
-from mechscope.data.corpus import default_texts, iter_texts, pack_contexts
-from mechscope.data.store import ActivationStore
+from typing import TYPE_CHECKING
+
+from mechscope._lazy import lazy_exports
+
+if TYPE_CHECKING:
+    from mechscope.data.corpus import default_texts, iter_texts, pack_contexts
+    from mechscope.data.store import ActivationStore
+else:
+    __getattr__, __dir__ = lazy_exports(
+        __name__,
+        {
+            "mechscope.data.corpus": ["default_texts", "iter_texts", "pack_contexts"],
+            "mechscope.data.store": ["ActivationStore"],
+        },
+    )
 
 __all__ = ["ActivationStore", "default_texts", "iter_texts", "pack_contexts"]

@@ -8,6 +8,7 @@ import os
 import shutil
 import socket
 import subprocess
+import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -21,7 +22,6 @@ from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.support.ui import WebDriverWait
 
 from mechscope import HookedModel
-from mechscope.apps.explorer.launch import RESULTS_ENV, app_command
 from mechscope.dashboards.outputs import load_dashboards
 from mechscope.sae import SAE
 from mechscope.sae.attribution import ablate, attribute_latents
@@ -39,8 +39,8 @@ def free_port() -> int:
 @pytest.fixture(scope="module")
 def server(results):  # noqa: F811
     port = free_port()
-    env = {**os.environ, RESULTS_ENV: str(results)}
-    proc = subprocess.Popen(app_command("127.0.0.1", port), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    command = [sys.executable, "-m", "mechscope", "app", str(results), "--port", str(port)]  # what a user types
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:

@@ -2,15 +2,26 @@
 
 from __future__ import annotations
 
+import importlib
+from collections.abc import Callable
+from pathlib import Path
+
 import streamlit as st
 
-from mechscope.apps.explorer import cooc_view, inspector_view, latent_view, results, state
+from mechscope.apps.explorer import cooc_view, latent_view, results, state
 from mechscope.apps.explorer.render import style
 
-VIEWS = {
+
+def inspector(root: Path) -> None:
+    """The prompt inspector, its module imported when the view is first opened: it needs the model stack
+    (transformers, seconds to import), which the other views and a start of the app do not."""
+    importlib.import_module("mechscope.apps.explorer.inspector_view").show(root)
+
+
+VIEWS: dict[str, tuple[str, Callable[[Path], None]]] = {
     "cooc": ("Co-occurrence explorer", cooc_view.show),
     "latent": ("Latent dashboard", latent_view.show),
-    "inspector": ("Prompt inspector", inspector_view.show),
+    "inspector": ("Prompt inspector", inspector),
 }
 
 

@@ -5,31 +5,73 @@
 :class:`~mechscope.sae.model.SparseAutoencoder` (``to_sae`` / ``from_sae``).
 """
 
-from mechscope.compat.tdb.autoencoder import Autoencoder, TiedTranspose, TopK
-from mechscope.compat.tdb.context import (
-    AutoencoderConfig,
-    AutoencoderContext,
-    Dimension,
-    ModelContext,
-    StandardModelContext,
-    WeightLocationType,
-    weight_shape_by_location_type,
-)
-from mechscope.compat.tdb.hooks import (
-    AtLayers,
-    AttentionHooks,
-    AutoencoderHooks,
-    ConditionalHooks,
-    FwdBwdHooks,
-    HookCollection,
-    Hooks,
-    MLPHooks,
-    NormalizationHooks,
-    ResidualStreamHooks,
-    ResidualStreamTorsoHooks,
-    TransformerHooks,
-)
-from mechscope.compat.tdb.transformer import Encoding, HiddenState, Transformer, get_default_device, nucleus_sample
+from typing import TYPE_CHECKING
+
+from mechscope._lazy import lazy_exports
+
+if TYPE_CHECKING:
+    from mechscope.compat.tdb.autoencoder import Autoencoder, TiedTranspose, TopK
+    from mechscope.compat.tdb.context import (
+        AutoencoderConfig,
+        AutoencoderContext,
+        Dimension,
+        ModelContext,
+        StandardModelContext,
+        WeightLocationType,
+        weight_shape_by_location_type,
+    )
+    from mechscope.compat.tdb.hooks import (
+        AtLayers,
+        AttentionHooks,
+        AutoencoderHooks,
+        ConditionalHooks,
+        FwdBwdHooks,
+        HookCollection,
+        Hooks,
+        MLPHooks,
+        NormalizationHooks,
+        ResidualStreamHooks,
+        ResidualStreamTorsoHooks,
+        TransformerHooks,
+    )
+    from mechscope.compat.tdb.transformer import Encoding, HiddenState, Transformer, get_default_device, nucleus_sample
+else:
+    __getattr__, __dir__ = lazy_exports(
+        __name__,
+        {
+            "mechscope.compat.tdb.autoencoder": ["Autoencoder", "TiedTranspose", "TopK"],
+            "mechscope.compat.tdb.context": [
+                "AutoencoderConfig",
+                "AutoencoderContext",
+                "Dimension",
+                "ModelContext",
+                "StandardModelContext",
+                "WeightLocationType",
+                "weight_shape_by_location_type",
+            ],
+            "mechscope.compat.tdb.hooks": [
+                "AtLayers",
+                "AttentionHooks",
+                "AutoencoderHooks",
+                "ConditionalHooks",
+                "FwdBwdHooks",
+                "HookCollection",
+                "Hooks",
+                "MLPHooks",
+                "NormalizationHooks",
+                "ResidualStreamHooks",
+                "ResidualStreamTorsoHooks",
+                "TransformerHooks",
+            ],
+            "mechscope.compat.tdb.transformer": [
+                "Encoding",
+                "HiddenState",
+                "Transformer",
+                "get_default_device",
+                "nucleus_sample",
+            ],
+        },
+    )
 
 __all__ = [
     "AtLayers",
