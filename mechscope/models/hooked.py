@@ -16,7 +16,7 @@ from typing import TypeAlias
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.cache_utils import DynamicCache
 
@@ -57,6 +57,13 @@ class Generation:
     strings: list[str]
     new_tokens: torch.Tensor
     new_strings: list[str]
+
+
+def sample_positions(numel: int, samples: int) -> Tensor:
+    """``min(samples, numel)`` evenly spaced positions in ``[0, numel)``, the first and the last included: int64
+    ``[n]``, computed in integers (a float32 ``linspace`` rounds past the end above 2**24 elements)."""
+    n = min(samples, numel)
+    return torch.arange(n, dtype=torch.int64) * max(numel - 1, 0) // max(n - 1, 1)
 
 
 class HookedModel(WeightViews, nn.Module):
@@ -133,7 +140,7 @@ class HookedModel(WeightViews, nn.Module):
         digest = hashlib.sha256(self.cfg.family.encode())
         for name, tensor in sorted(self.model.state_dict().items()):
             flat = tensor.detach().reshape(-1)
-            picks = torch.linspace(0, max(flat.numel() - 1, 0), min(samples, flat.numel())).long().to(flat.device)
+            picks = sample_positions(flat.numel(), samples).to(flat.device)
             digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
             digest.update(flat[picks].double().cpu().numpy().tobytes())
         return digest.hexdigest()

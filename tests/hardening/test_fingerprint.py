@@ -10,6 +10,7 @@ from mechscope.cooccurrence import CoocConfig, CountingConfig
 from mechscope.cooccurrence.pipeline import count_settings
 from mechscope.data.store import ActivationStore
 from mechscope.files import SettingsMismatch
+from mechscope.models.hooked import sample_positions
 from mechscope.sae import SAEConfig, SparseAutoencoder
 
 HOOK = "blocks.0.hook_resid_post"
@@ -45,3 +46,13 @@ def test_two_models_of_the_same_name_do_not_share_cooccurrence_counts(tmp_path):
     sae = {HOOK: SparseAutoencoder(SAEConfig(d_in=32, d_sae=16, hook_name=HOOK))}
     assert count_settings(config, sae, _model(0)) == count_settings(config, sae, _model(0))
     assert count_settings(config, sae, _model(0)) != count_settings(config, sae, _model(1))
+
+
+@pytest.mark.parametrize("numel", [1, 2, 63, 64, 65, 28_311_552, 2**25 + 3])
+def test_fingerprint_positions_stay_inside_big_tensors(numel):
+    """SmolLM2's embedding has 28,311,552 values: the sampled positions run from the first to the last, never past
+    it (a float32 linspace rounded the last to 28,311,552)."""
+    picks = sample_positions(numel, 64)
+    n = min(64, numel)
+    assert picks.tolist() == [i * (numel - 1) // max(n - 1, 1) for i in range(n)]
+    assert picks[0] == 0 and picks[-1] == numel - 1 and len(set(picks.tolist())) == n
