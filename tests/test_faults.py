@@ -158,6 +158,39 @@ def test_training_checkpoints_by_default_and_by_time(tmp_path):
     assert len(writes) == 24  # steps 1-23 by time, then the final one
 
 
+#: how a file gets damaged: overwritten with random bytes, cut in half (a write torn by a full disk), emptied
+DAMAGES = {
+    "random bytes": lambda data: os.urandom(500),
+    "truncated": lambda data: data[: len(data) // 2],
+    "empty": lambda data: b"",
+}
+
+
+def test_a_damaged_trainer_checkpoint_is_one_error_naming_the_file_and_the_fix(tmp_path):
+    """Before, a damaged file of the SAE inside the checkpoint said to download or save the SAE again."""
+    config = train_config(tmp_path / "run")
+    train_sae(config, store=Batches(), stop_after=10)
+    checkpoint = tmp_path / "run" / "checkpoint"
+    files = sorted(p for p in checkpoint.rglob("*") if p.is_file())
+    assert [str(p.relative_to(checkpoint)) for p in files] == [
+        "sae/cfg.json", "sae/sae_weights.safetensors", "trainer.json", "trainer.safetensors",
+    ]  # fmt: skip
+    fix = f"delete {checkpoint} to train from scratch, or choose another out_dir"
+    for file in files:
+        intact = file.read_bytes()
+        for damage, damaged in DAMAGES.items():
+            file.write_bytes(damaged(intact))
+            with pytest.raises(DamagedFile) as e:
+                train_sae(dataclasses.replace(config, resume=True), store=Batches())
+            message = str(e.value)
+            assert message.startswith(str(file)) and message.endswith(fix), (file.name, damage, message)
+            assert "pickle" not in message and "download" not in message, message
+        file.write_bytes(intact)
+    resumed = train_sae(dataclasses.replace(config, resume=True), store=Batches())  # whole again: it resumes
+    full_sae = train_sae(train_config(tmp_path / "full"), store=Batches())
+    assert all(torch.equal(resumed.state_dict()[k], v) for k, v in full_sae.state_dict().items())
+
+
 # ---- harvest -------------------------------------------------------------------------------------------------------
 
 HARVEST = dict(context_length=16, batch_contexts=2, shard_tokens=60)
@@ -197,6 +230,24 @@ def test_a_harvest_killed_or_interrupted_resumes_to_the_same_shards(llama, text,
         want, got = load_file(tmp_path / "full" / shard["file"]), load_file(tmp_path / "run" / shard["file"])
         assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want), shard["file"]
     assert not pending.exists() and temporaries(tmp_path / "run") == []
+
+
+def test_a_damaged_activation_manifest_is_one_error_naming_the_file_and_the_fix(llama, text, tmp_path):
+    out = tmp_path / "shards"
+    harvest_store(llama, text, out).harvest(120, progress=False)
+    manifest = out / "manifest.json"
+    intact = manifest.read_bytes()
+    fix = f"delete {out} to harvest again, or choose another activations_dir"
+    damages = {**DAMAGES, "not the manifest": lambda data: b"[1, 2]", "no shards": lambda data: b'{"settings": {}}'}
+    for damage, damaged in damages.items():
+        manifest.write_bytes(damaged(intact))
+        with pytest.raises(DamagedFile) as e:
+            harvest_store(llama, text, out).harvest(300, progress=False)
+        message = str(e.value)
+        assert message.startswith(f"{manifest} cannot be read") and message.endswith(fix), (damage, message)
+        assert "pickle" not in message
+    manifest.write_bytes(intact)
+    assert harvest_store(llama, text, out).harvest(120, progress=False) >= 120
 
 
 # ---- count ---------------------------------------------------------------------------------------------------------
