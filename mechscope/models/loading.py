@@ -176,9 +176,9 @@ GGUF_CONVERSION = 2
 #: the file in a converted folder recording its source GGUF and the converter (written last, before the rename)
 GGUF_SOURCE = "mechscope_gguf_source.json"
 #: the name of a converted folder: ``<stem of the GGUF file>-<16 hex digits of its key>``
-_CONVERTED = re.compile(r"(?P<stem>.+)-[0-9a-f]{16}")
+_CONVERTED = re.compile(r".+-[0-9a-f]{16}")
 #: the temporary folder of a conversion by an older mechscope: ``<name>.tmp<pid>`` (now ``.<name>.tmp<pid>``)
-_OLD_TEMP = re.compile(r"(?P<name>.+)\.tmp(?P<pid>\d+)")
+_OLD_TEMP = re.compile(r".+\.tmp(?P<pid>\d+)")
 
 
 def _gguf_source(path: Path) -> dict[str, str | int]:
