@@ -18,7 +18,8 @@ from mechscope.apps.cli import main
 from mechscope.apps.explorer.launch import RESULTS_ENV, SCRIPT
 from mechscope.apps.explorer.render import context_html
 from mechscope.cooccurrence.config import AnalysisConfig, CoocConfig, CountingConfig, PCAConfig
-from mechscope.cooccurrence.outputs import file_name, load_matrix, load_pca_results, pca_results_path
+from mechscope.cooccurrence.layout import file_name, load_pca_results, pca_results_path
+from mechscope.cooccurrence.outputs import load_matrix
 from mechscope.cooccurrence.pipeline import run_all
 from mechscope.dashboards.build import DashboardSettings
 from mechscope.dashboards.outputs import load_dashboards
