@@ -10,7 +10,7 @@ import numpy as np
 import streamlit as st
 
 from mechscope.apps.explorer import cooc_view, figures, results, state
-from mechscope.apps.explorer.render import context_html
+from mechscope.apps.explorer.render import context_html, effects_html
 from mechscope.cooccurrence.links import neuronpedia_link
 from mechscope.dashboards.layout import NO_TOKEN
 
@@ -125,7 +125,7 @@ def show(root: Path) -> None:
             ids = results.array(ds, f"logits.{kind}_tokens")[latent].tolist()
             vals = results.array(ds, f"logits.{kind}_values")[latent].tolist()
             st.markdown(f"**{title}** (logit effect)")
-            st.dataframe({"token": [repr(vocab[i]) for i in ids], "effect": vals}, hide_index=True)
+            st.html(effects_html([vocab[i] for i in ids], vals))  # HTML, not st.dataframe: that imports pandas
         show_cooccurring(root, source.get("hook_name", ""), latent)
 
 
