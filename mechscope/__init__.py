@@ -18,25 +18,7 @@ if TYPE_CHECKING:
     from mechscope.tools.experiments import BaseInterpretabilityBench, Experiment
     from mechscope.tools.svd import SVDInterpreter
 else:
-    __getattr__, __dir__ = lazy_exports(
-        __name__,
-        {
-            "mechscope.models": [
-                "Generation",
-                "HookedAutoConfig",
-                "HookedAutoModel",
-                "HookedConfig",
-                "HookedModel",
-                "HookPoint",
-            ],
-            "mechscope.models.cache": ["ActivationCache"],
-            "mechscope.models.factored": ["FactoredMatrix"],
-            "mechscope.models.names": ["get_act_name"],
-            "mechscope.sae": ["SAE", "SparseAutoencoder"],
-            "mechscope.tools.experiments": ["BaseInterpretabilityBench", "Experiment"],
-            "mechscope.tools.svd": ["SVDInterpreter"],
-        },
-    )
+    __getattr__, __dir__ = lazy_exports(__name__)
 
 __all__ = [
     "SAE",

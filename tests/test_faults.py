@@ -24,7 +24,7 @@ import torch
 from safetensors.torch import load_file
 
 from mechscope.cooccurrence.config import CountingConfig
-from mechscope.cooccurrence.outputs import CHECKPOINT, file_name
+from mechscope.cooccurrence.layout import CHECKPOINT, file_name
 from mechscope.cooccurrence.pipeline import run_count
 from mechscope.dashboards.pipeline import run_dashboards
 from mechscope.data import ActivationStore

@@ -22,21 +22,18 @@ PACKAGES = sorted(
 )
 
 
-def static_exports(package: str) -> tuple[dict[str, str], dict[str, str], list[str]]:
-    """From the ``__init__`` source: ``name -> module`` of its ``if TYPE_CHECKING:`` imports, the same of its
-    ``lazy_exports`` table, and its ``__all__``."""
+def static_exports(package: str) -> tuple[dict[str, str], list[str]]:
+    """From the ``__init__`` source, read plainly here: ``name -> module`` of its ``if TYPE_CHECKING:`` imports (the
+    names the lazy namespace serves) and its ``__all__``."""
     tree = ast.parse((ROOT.parent / package.replace(".", "/") / "__init__.py").read_text(encoding="utf-8"))
-    checking, table, names = {}, {}, []
+    checking, names = {}, []
     for node in tree.body:
         if isinstance(node, ast.If) and ast.unparse(node.test) == "TYPE_CHECKING":
             checking = {a.asname or a.name: n.module for n in node.body for a in n.names}
-            call = node.orelse[0].value
-            assert ast.unparse(call.func) == "lazy_exports"
-            modules = ast.literal_eval(call.args[1])
-            table = {name: module for module, names in modules.items() for name in names}
+            assert ast.unparse(node.orelse[0].value) == "lazy_exports(__name__)"
         elif isinstance(node, ast.Assign) and ast.unparse(node.targets[0]) == "__all__":
             names = ast.literal_eval(node.value)
-    return checking, table, names
+    return checking, names
 
 
 def fresh(code: str) -> str:
@@ -50,11 +47,10 @@ def test_every_package_with_exports_is_checked():
 
 
 @pytest.mark.parametrize("package", PACKAGES)
-def test_the_lazy_table_the_static_imports_and_all_agree(package: str) -> None:
-    checking, table, names = static_exports(package)
-    assert checking == table  # mypy and IDEs see the names the package serves at run time, from the same modules
-    eager = {n for n in names if n not in table}
-    assert set(table) | eager == set(names)
+def test_the_static_imports_and_all_agree(package: str) -> None:
+    checking, names = static_exports(package)
+    eager = {n for n in names if n not in checking}
+    assert set(checking) | eager == set(names)
     module = importlib.import_module(package)
     for name in eager:  # a name imported eagerly (``__version__``) is in the namespace already
         assert name in vars(module)
@@ -63,7 +59,7 @@ def test_the_lazy_table_the_static_imports_and_all_agree(package: str) -> None:
 def test_every_public_name_imports_from_the_module_that_defines_it():
     """``from package import name`` for every name of every package's ``__all__``, in a fresh interpreter: the
     object is the one its module defines, and ``dir(package)`` listed it before the name was asked for."""
-    tables = {package: static_exports(package)[1:] for package in PACKAGES}
+    tables = {package: static_exports(package) for package in PACKAGES}
     code = f"""
 import importlib, json
 seen = {{}}
@@ -90,23 +86,27 @@ def test_an_unknown_name_is_an_attribute_error_and_submodules_stay_reachable():
     assert mechscope.cooccurrence.counting.jaccard is mechscope.cooccurrence.jaccard
 
 
-LIGHT = [
-    "mechscope.cooccurrence.outputs",
-    "mechscope.dashboards.outputs",
+LIGHT = [  # modules that import neither transformers nor torch (seconds, and a second, to import)
+    "mechscope.cooccurrence.layout",
+    "mechscope.cooccurrence.records",
+    "mechscope.dashboards.layout",
     "mechscope.apps.explorer.results",
     "mechscope.apps.explorer.cooc_view",
     "mechscope.apps.explorer.latent_view",
     "mechscope.apps.cli",
 ]
+NO_TRANSFORMERS = ["mechscope.cooccurrence.outputs", "mechscope.dashboards.outputs"]  # torch, but no model stack
 
 
-def test_reading_results_and_the_explorers_first_pages_import_no_transformers():
+def test_reading_results_and_the_explorers_first_pages_import_no_transformers_and_no_torch():
     """The modules the explorer's co-occurrence and latent pages import, and the command line that starts it, leave
-    transformers (seconds to import) unimported; the prompt inspector, which loads the model, imports it."""
+    transformers and torch unimported; the writers of results import torch but not transformers; the prompt
+    inspector, which loads the model, imports both (so the checks can see them)."""
+    modules = LIGHT + NO_TRANSFORMERS + ["mechscope.apps.explorer.inspector_view"]  # in this order, in one process
     code = "import importlib, sys\n" + "".join(
-        f"importlib.import_module({m!r}); print({m!r}, 'transformers' in sys.modules)\n" for m in LIGHT
+        f"importlib.import_module({m!r}); print({m!r}, 'transformers' in sys.modules, 'torch' in sys.modules)\n"
+        for m in modules
     )
-    shown = dict(line.rsplit(" ", 1) for line in fresh(code).splitlines())
-    assert shown == {m: "False" for m in LIGHT}
-    inspector = "import sys, mechscope.apps.explorer.inspector_view; print('transformers' in sys.modules)"
-    assert fresh(inspector).strip() == "True"  # the check above can see transformers when it is imported
+    shown = {line.split(" ", 1)[0]: line.split(" ", 1)[1] for line in fresh(code).splitlines()}
+    expected = {m: "False False" for m in LIGHT} | {m: "False True" for m in NO_TRANSFORMERS}
+    assert shown == expected | {"mechscope.apps.explorer.inspector_view": "True True"}

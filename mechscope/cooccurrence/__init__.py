@@ -23,29 +23,23 @@ if TYPE_CHECKING:
     from mechscope.cooccurrence.graph import (
         EdgeThreshold,
         GraphResults,
-        Partners,
         Subgraph,
         components,
         edge_threshold,
         graph_metrics,
         graph_results,
         largest_component_size,
-        neuronpedia_link,
         node_table,
-        quicklist_link,
         subgraphs,
         summary,
         top_cooccurring,
     )
+    from mechscope.cooccurrence.layout import file_name, load_partners, load_pca_results, matrix_path, pca_results_path
+    from mechscope.cooccurrence.links import neuronpedia_link, quicklist_link
     from mechscope.cooccurrence.outputs import (
-        file_name,
         load_counts,
         load_jaccard,
         load_matrix,
-        load_partners,
-        load_pca_results,
-        matrix_path,
-        pca_results_path,
         save_counts,
         save_edge_thresholds,
         save_graphs,
@@ -55,75 +49,13 @@ if TYPE_CHECKING:
         size_histogram,
         write_node_table,
     )
-    from mechscope.cooccurrence.pca_results import PCAResults, SubgraphPCAResult, context_strings, subgraph_pca_results
+    from mechscope.cooccurrence.pca_results import PCAResults, context_strings, subgraph_pca_results
     from mechscope.cooccurrence.pipeline import run_all, run_count, run_graphs, run_pca
-    from mechscope.cooccurrence.subspace import SubspacePCA, pca_candidates, subgraph_pca, subgraph_pcas
+    from mechscope.cooccurrence.records import Partners, SubgraphPCAResult, SubspacePCA
+    from mechscope.cooccurrence.subspace import pca_candidates, subgraph_pca, subgraph_pcas
     from mechscope.sae.tokens import LatentTokens, latent_tokens
 else:
-    __getattr__, __dir__ = lazy_exports(
-        __name__,
-        {
-            "mechscope.cooccurrence.config": [
-                "AnalysisConfig",
-                "ConfigError",
-                "CoocConfig",
-                "CountingConfig",
-                "GenerationConfig",
-                "PCAConfig",
-            ],
-            "mechscope.cooccurrence.counting": [
-                "CooccurrenceCounts",
-                "count_cooccurrences",
-                "decoder_norms",
-                "fold_decoder_norms",
-                "jaccard",
-            ],
-            "mechscope.cooccurrence.graph": [
-                "EdgeThreshold",
-                "GraphResults",
-                "Partners",
-                "Subgraph",
-                "components",
-                "edge_threshold",
-                "graph_metrics",
-                "graph_results",
-                "largest_component_size",
-                "neuronpedia_link",
-                "node_table",
-                "quicklist_link",
-                "subgraphs",
-                "summary",
-                "top_cooccurring",
-            ],
-            "mechscope.cooccurrence.outputs": [
-                "file_name",
-                "load_counts",
-                "load_jaccard",
-                "load_matrix",
-                "load_partners",
-                "load_pca_results",
-                "matrix_path",
-                "pca_results_path",
-                "save_counts",
-                "save_edge_thresholds",
-                "save_graphs",
-                "save_matrix",
-                "save_partners",
-                "save_pca_results",
-                "size_histogram",
-                "write_node_table",
-            ],
-            "mechscope.cooccurrence.pca_results": [
-                "PCAResults",
-                "SubgraphPCAResult",
-                "context_strings",
-                "subgraph_pca_results",
-            ],
-            "mechscope.cooccurrence.pipeline": ["run_all", "run_count", "run_graphs", "run_pca"],
-            "mechscope.cooccurrence.subspace": ["SubspacePCA", "pca_candidates", "subgraph_pca", "subgraph_pcas"],
-            "mechscope.sae.tokens": ["LatentTokens", "latent_tokens"],
-        },
-    )
+    __getattr__, __dir__ = lazy_exports(__name__)
 
 __all__ = [
     "AnalysisConfig",

@@ -8,9 +8,7 @@ and ``J_ij > 0``. Subgraphs are its connected components.
 from __future__ import annotations
 
 import itertools
-import json
 import math
-import urllib.parse
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -21,9 +19,10 @@ import scipy.sparse as sp
 from scipy.sparse.csgraph import connected_components
 from tqdm.auto import tqdm
 
+from mechscope.cooccurrence.links import neuronpedia_link, quicklist_link
+from mechscope.cooccurrence.records import Partners
 from mechscope.sae.tokens import LatentTokens
 
-NEURONPEDIA = "https://neuronpedia.org"  # as the reference writes its links
 QUICKLIST_SIZE = 10  # latents per quick-list link, as in the reference
 METRICS = (  # graph_metrics' keys, in the reference's column order
     "density",
@@ -35,20 +34,6 @@ METRICS = (  # graph_metrics' keys, in the reference's column order
     "strongly_connected_score",
     "linear_score",
 )
-
-
-def neuronpedia_link(neuronpedia_id: str, latent: int) -> str:
-    """The Neuronpedia page of ``latent`` of the SAE ``neuronpedia_id`` (e.g. ``"gpt2-small/0-res-jb"``)."""
-    return f"{NEURONPEDIA}/{neuronpedia_id}/{latent}"
-
-
-def quicklist_link(neuronpedia_id: str, latents: list[int], name: str = "temporary_list") -> str:
-    """A Neuronpedia quick list of ``latents`` of the SAE ``neuronpedia_id`` (``"{model}/{layer}"``), spelt as the
-    reference's ``get_neuronpedia_quick_list_no_open`` spells it (its ``modelId`` is the id's model part)."""
-    model, _, layer = neuronpedia_id.partition("/")
-    features = [{"modelId": model, "layer": layer, "index": str(latent)} for latent in latents]
-    query = f"?name={urllib.parse.quote(name)}&features={urllib.parse.quote(json.dumps(features))}"
-    return f"{NEURONPEDIA}/quick-list/{query}"
 
 
 @dataclass(frozen=True)
@@ -329,15 +314,6 @@ def summary(subs: list[Subgraph], n_tokens: int, feature_activations: np.ndarray
         "mean_subgraph_size": float(big.mean()) if len(big) else 0.0,
         "mean_active_per_token": float(np.sum(feature_activations) / n_tokens) if n_tokens else 0.0,
     }
-
-
-@dataclass(frozen=True)
-class Partners:
-    """Each latent's most co-occurring latents: ``latents [d_sae, n]`` (int64, by Jaccard, largest first, ties by
-    smaller index; ``-1`` past a latent's last partner) and their ``jaccard [d_sae, n]`` (float32, 0 past it)."""
-
-    latents: np.ndarray
-    jaccard: np.ndarray
 
 
 def top_cooccurring(jaccard: sp.sparray | np.ndarray, n: int = 10) -> Partners:

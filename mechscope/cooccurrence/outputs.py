@@ -1,22 +1,7 @@
-"""Every file the co-occurrence pipeline reads or writes: its layout under ``results_dir``, the formats, and the
-readers. The compute modules return values; only this module touches disk, and only through
-:mod:`mechscope.files` (atomic writes), so an interruption never leaves a partial file under its final name.
-
-Layout (``t`` is the activity threshold with ``.`` as ``_``, one folder per hook name inside ``results_dir``)::
-
-    count_checkpoint.npz                              partial counts of every (hook, threshold), state, settings
-    summary.json                                      {hook: {threshold: graph summary}}
-    <hook>/mechscope_cooc_{kind}_threshold_{t}.npz    total, jaccard (CSR) and activations, exact (the default)
-    <hook>/feature_acts_cooc_{kind}_threshold_{t}.npz the same as the reference's dense float32 files, instead
-                                                      (output_format="sae_cooccurrence")
-    <hook>/feature_acts_cooc_n_tokens.json            {threshold: tokens counted}, written last
-    <hook>/graph_summary_{t}.json                     the graph summary of one threshold
-    <hook>/dataframes/node_info_df_{t}.csv, .parquet  the node table
-    <hook>/dataframes/top_cooccurring_{t}.npz         each latent's most co-occurring latents and their Jaccard
-    <hook>/subgraph_objects/activation_{t}/subgraph_{id}.json     one subgraph of more than one latent
-    <hook>/subgraph_sizes_{t}.png                     the histogram of subgraph sizes
-    <hook>/pca/graph_analysis_results_size_{n}_activation_{t}.h5
-    <hook>/edge_thresholds.csv, <hook>/thresholded_matrices/   the reference's, with output_format="sae_cooccurrence"
+"""Every file the co-occurrence pipeline writes, and the readers of its count matrices and checkpoints. The compute
+modules return values; only this module touches disk, and only through :mod:`mechscope.files` (atomic writes), so an
+interruption never leaves a partial file under its final name. Where each file lives (the layout) and the readers of
+the graphs and PCA stages' files are in :mod:`mechscope.cooccurrence.layout`.
 """
 
 from __future__ import annotations
@@ -39,84 +24,33 @@ from matplotlib.figure import Figure
 from tqdm.auto import tqdm
 
 from mechscope.cooccurrence.counting import CooccurrenceCounts, jaccard
-from mechscope.cooccurrence.graph import GraphResults, Partners
-from mechscope.cooccurrence.pca_results import MARK, PCAResults, SubgraphPCAResult
-from mechscope.cooccurrence.subspace import SubspacePCA
+from mechscope.cooccurrence.graph import GraphResults
+from mechscope.cooccurrence.layout import (
+    EDGE_THRESHOLDS,
+    FILE_PREFIX,
+    KINDS,
+    SUMMARY,
+    TOKENS_FILE,
+    file_name,
+    graph_summary_path,
+    matrix_path,
+    node_table_path,
+    partners_path,
+    pca_results_path,
+    subgraph_object_path,
+    threshold_tag,
+)
+from mechscope.cooccurrence.pca_results import PCAResults
+from mechscope.cooccurrence.records import MARK, Partners, SubgraphPCAResult
 from mechscope.files import DamagedFile, atomic_write, atomic_write_text, read_json, read_npz, reading
 
-KINDS = ("total", "jaccard", "activations")
-FILE_PREFIX = {"mechscope": "mechscope_cooc", "sae_cooccurrence": "feature_acts_cooc"}  # by output_format
-TOKENS_FILE = "feature_acts_cooc_n_tokens.json"
-CHECKPOINT = "count_checkpoint.npz"
-SUMMARY = "summary.json"
-EDGE_THRESHOLDS = "edge_thresholds.csv"
 NUL = "\u2400"  # written for "\0", which HDF5 strings cannot hold
 Counts = dict[str, dict[float, CooccurrenceCounts]]  # hook name -> threshold -> counts
 CHECKPOINT_FIX = "delete it to count from scratch, or choose another results_dir"
 MATRIX_FIX = "delete it and run the count stage again, or choose another results_dir"
 
 
-# ---- names ------------------------------------------------------------------------------------------------------
-
-
-def threshold_tag(threshold: float) -> str:
-    """A threshold as file names spell it: ``1.5`` -> ``"1_5"``, ``0`` -> ``"0_0"``."""
-    return str(float(threshold)).replace(".", "_")
-
-
-def graph_summary_path(results_dir: str | Path, activity_threshold: float) -> Path:
-    """``results_dir/graph_summary_{t}.json``."""
-    return Path(results_dir) / f"graph_summary_{threshold_tag(activity_threshold)}.json"
-
-
-def subgraph_object_path(results_dir: str | Path, activity_threshold: float, subgraph_id: int) -> Path:
-    """``results_dir/subgraph_objects/activation_{t}/subgraph_{id}.json``."""
-    tag = threshold_tag(activity_threshold)
-    return Path(results_dir) / "subgraph_objects" / f"activation_{tag}" / f"subgraph_{subgraph_id}.json"
-
-
-def node_table_path(results_dir: str | Path, activity_threshold: float) -> Path:
-    """``results_dir/dataframes/node_info_df_{t}.parquet`` (the CSV beside it has the same rows)."""
-    return Path(results_dir) / "dataframes" / f"node_info_df_{threshold_tag(activity_threshold)}.parquet"
-
-
-def partners_path(results_dir: str | Path, activity_threshold: float) -> Path:
-    """``results_dir/dataframes/top_cooccurring_{t}.npz``."""
-    return Path(results_dir) / "dataframes" / f"top_cooccurring_{threshold_tag(activity_threshold)}.npz"
-
-
-def pca_results_path(results_dir: str | Path, size: int, activity_threshold: float) -> Path:
-    """``results_dir/pca/graph_analysis_results_size_{size}_activation_{t}.h5`` (``t`` with ``.`` as ``_``)."""
-    tag = threshold_tag(activity_threshold)
-    return Path(results_dir) / "pca" / f"graph_analysis_results_size_{size}_activation_{tag}.h5"
-
-
 # ---- count matrices ---------------------------------------------------------------------------------------------
-
-
-def file_name(kind: str, threshold: float, output_format: str = "mechscope") -> str:
-    """The file of one count matrix: ``mechscope_cooc_{kind}_threshold_{t}.npz`` (mechscope's exact sparse files)
-    or, for ``output_format="sae_cooccurrence"``, the reference's ``feature_acts_cooc_{kind}_threshold_{t}.npz``
-    (dense float32); e.g. ``("total", 1.5)`` -> ``mechscope_cooc_total_threshold_1_5.npz``.
-
-    The two never share a name, so the reference's loader (which takes every ``feature_acts_cooc_{kind}*.npz`` and
-    reads its first array) cannot pick up a sparse file and silently get its index vector.
-    """
-    if kind not in KINDS:
-        raise ValueError(f"kind must be one of {KINDS}, not {kind!r}")
-    if output_format not in FILE_PREFIX:
-        raise ValueError(f"output_format must be one of {tuple(FILE_PREFIX)}, not {output_format!r}")
-    return f"{FILE_PREFIX[output_format]}_{kind}_threshold_{threshold_tag(threshold)}.npz"
-
-
-def matrix_path(results_dir: str | Path, kind: str, threshold: float) -> Path:
-    """The count file of ``kind`` at ``threshold`` in ``results_dir``: mechscope's, else the reference's name (its
-    files, and mechscope's before the two formats had different names). A missing file is a FileNotFoundError."""
-    names = [file_name(kind, threshold, fmt) for fmt in FILE_PREFIX]
-    for name in names:
-        if (Path(results_dir) / name).exists():
-            return Path(results_dir) / name
-    raise FileNotFoundError(f"neither {' nor '.join(names)} is in {results_dir}: run the count stage first")
 
 
 def save_matrix(path: str | Path, matrix: sp.sparray | np.ndarray, dense: bool = False) -> str:
@@ -395,41 +329,9 @@ def save_graphs(
 
 
 def save_partners(path: str | Path, partners: Partners) -> Path:
-    """Write :class:`~mechscope.cooccurrence.graph.Partners` as an ``.npz`` of ``latents`` and ``jaccard``
+    """Write :class:`~mechscope.cooccurrence.records.Partners` as an ``.npz`` of ``latents`` and ``jaccard``
     ``[d_sae, n]`` (no pickled objects); return ``path``."""
     return atomic_write(path, lambda tmp: np.savez(tmp, latents=partners.latents, jaccard=partners.jaccard))
-
-
-def load_partners(path: str | Path) -> Partners:
-    """The :class:`~mechscope.cooccurrence.graph.Partners` that :func:`save_partners` wrote."""
-    with np.load(path, allow_pickle=False) as data:
-        return Partners(data["latents"], data["jaccard"])
-
-
-def read_node_table(results_dir: str | Path, activity_threshold: float, columns: Sequence[str]) -> dict[str, list]:
-    """The ``columns`` of the node table :func:`save_graphs` wrote in ``results_dir`` (``{column: values}``, one
-    value per latent, in the table's order)."""
-    path = node_table_path(results_dir, activity_threshold)
-    return pq.read_table(path, columns=list(columns)).to_pydict()
-
-
-def load_graph_summary(results_dir: str | Path, activity_threshold: float) -> dict[str, Any]:
-    """The summary :func:`save_graphs` wrote in ``results_dir`` for ``activity_threshold``."""
-    path = graph_summary_path(results_dir, activity_threshold)
-    if not path.exists():
-        raise FileNotFoundError(f"{path} is missing: run the graphs stage first")
-    summary: dict[str, Any] = json.loads(path.read_text())
-    return summary
-
-
-def load_subgraph(results_dir: str | Path, activity_threshold: float, subgraph_id: int) -> dict[str, Any]:
-    """The record :func:`save_graphs` wrote for one subgraph of more than one latent: ``{"id", "nodes", "edges",
-    "weights"}`` (edges as ``[i, j]`` lists)."""
-    path = subgraph_object_path(results_dir, activity_threshold, subgraph_id)
-    if not path.exists():
-        raise FileNotFoundError(f"{path} is missing: run the graphs stage (without skip_subgraph_files)")
-    record: dict[str, Any] = json.loads(path.read_text())
-    return record
 
 
 def save_summaries(results_dir: str | Path, summaries: dict[str, dict[float, dict[str, Any]]]) -> Path:
@@ -506,40 +408,3 @@ def save_pca_results(results_dir: str | Path, results: PCAResults) -> list[Path]
 
         paths.append(atomic_write(path, write))
     return paths
-
-
-def load_pca_results(path: str | Path) -> dict[int, SubgraphPCAResult]:
-    """Read a file written by :func:`save_pca_results`: subgraph id -> its :class:`SubgraphPCAResult`."""
-    out = {}
-    with h5py.File(path, "r") as f:
-        for g in f.values():
-            table, where = g["pca_df"], g["all_token_dfs"]
-            n_pcs = sum(1 for key in table if key.startswith("PC"))
-            info = g["all_max_feature_info"][()]
-            nodes = g["nodes"][()]
-            top_index = info[:, 1].astype(np.int64)
-            pca = SubspacePCA(
-                nodes=nodes.tolist(),
-                token_index=table["point_id"][()],
-                activations=g["all_graph_feature_acts"][()],
-                coords=np.stack([table[f"PC{k + 1}"][()] for k in range(n_pcs)], axis=1),
-                components=g["components"][()],
-                explained_variance_ratio=g["explained_variance_ratio"][()],
-                top_value=info[:, 0].astype(np.float32),
-                top_index=top_index,
-                top_in_subgraph=info[:, 2].astype(bool),
-            )
-            subgraph_id = int(g.attrs["subgraph_id"])
-            out[subgraph_id] = SubgraphPCAResult(
-                subgraph_id=subgraph_id,
-                pca=pca,
-                token_id=where["token_id"][()],
-                context_id=where["batch"][()],
-                position=where["pos"][()],
-                tokens=list(table["tokens"].asstr("utf-8")[()]),
-                contexts=list(table["context"].asstr("utf-8")[()]),
-                top_tokens=list(g["top_3_tokens"].asstr("utf-8")[()]),
-                top_token_counts=g["top_3_token_counts"][()].tolist(),
-                example_context=g["example_context"].asstr("utf-8")[()],
-            )
-    return out

@@ -20,36 +20,12 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from mechscope.cooccurrence.graph import Subgraph
-from mechscope.cooccurrence.subspace import SubspacePCA, subgraph_pcas
+from mechscope.cooccurrence.records import MARK, SubgraphPCAResult, SubspacePCA
+from mechscope.cooccurrence.subspace import subgraph_pcas
 from mechscope.sae.latents import LatentsLike, as_sparse
 
 if TYPE_CHECKING:  # annotations only: importing transformers takes seconds, and reading results needs none of it
     from transformers import PreTrainedTokenizerBase
-
-MARK = "|"  # put around the point's token in its context string, as the reference does
-
-
-@dataclass
-class SubgraphPCAResult:
-    """What the results file holds for one subgraph: its PCA and, per point, where the token is and what it reads.
-
-    ``pca.token_index [n]`` is the point id (row in the concatenated batches); ``token_id``, ``context_id`` and
-    ``position`` ``[n]`` locate each token in the corpus; ``tokens [n]`` are the decoded tokens, ``contexts [n]``
-    the decoded windows around them with the token between ``|`` marks; ``top_tokens`` / ``top_token_counts``: the
-    (at most) 3 most frequent tokens among the points and how often each occurs; ``example_context``: the context
-    of the first point whose token is the most frequent one.
-    """
-
-    subgraph_id: int
-    pca: SubspacePCA
-    token_id: np.ndarray
-    context_id: np.ndarray
-    position: np.ndarray
-    tokens: list[str]
-    contexts: list[str]
-    top_tokens: list[str]
-    top_token_counts: list[int]
-    example_context: str
 
 
 def _windows(context: np.ndarray, position: np.ndarray, rows: np.ndarray, window: int) -> tuple[np.ndarray, np.ndarray]:

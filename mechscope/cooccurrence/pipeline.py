@@ -45,14 +45,12 @@ from mechscope.cooccurrence.counting import (
     jaccard,
 )
 from mechscope.cooccurrence.graph import Subgraph, edge_threshold, graph_results, subgraphs, top_cooccurring
+from mechscope.cooccurrence.layout import CHECKPOINT, graph_summary_path, load_graph_summary
 from mechscope.cooccurrence.outputs import (
-    CHECKPOINT,
     Counts,
     count_files_problem,
-    graph_summary_path,
     load_checkpoint,
     load_counts,
-    load_graph_summary,
     load_jaccard,
     read_checkpoint_state,
     save_checkpoint,

@@ -8,7 +8,6 @@ and project it onto its first principal components.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 
 import numpy as np
 import scipy.sparse as sp
@@ -17,29 +16,8 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from mechscope.cooccurrence.graph import Subgraph
+from mechscope.cooccurrence.records import SubspacePCA
 from mechscope.sae.latents import LatentsLike, as_sparse
-
-
-@dataclass
-class SubspacePCA:
-    """PCA of one subgraph's reconstructions over the ``n`` tokens where it fires.
-
-    ``token_index [n]``: row of each token in the concatenated batches; ``activations [n, len(nodes)]``: the
-    subgraph latents' activations; ``coords [n, n_components]``; ``components [n_components, d_in]`` (unit rows, each
-    signed so its largest-magnitude entry is positive; zero rows beyond ``len(nodes)``, the most dimensions the
-    subspace has); ``explained_variance_ratio [n_components]``; per token the strongest latent of the whole SAE:
-    ``top_value [n]``, ``top_index [n]``, ``top_in_subgraph [n]`` (bool).
-    """
-
-    nodes: list[int]
-    token_index: np.ndarray
-    activations: np.ndarray
-    coords: np.ndarray
-    components: np.ndarray
-    explained_variance_ratio: np.ndarray
-    top_value: np.ndarray
-    top_index: np.ndarray
-    top_in_subgraph: np.ndarray
 
 
 def pca_candidates(subs: list[Subgraph], sizes: Sequence[int], per_size: int, seed: int) -> dict[int, list[Subgraph]]:

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from mechscope.dashboards.build import Dashboards
-from mechscope.dashboards.windows import NO_TOKEN
+from mechscope.dashboards.layout import NO_TOKEN
 
 MAX_FEATURES, MAX_TOKENS, MAX_LOGITS = 128, 1024, 20
 DIGITS = 5  # SAEDashboard rounds every float to 5 decimals

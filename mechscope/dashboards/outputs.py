@@ -1,6 +1,7 @@
 """Dashboards on disk: ``dashboards.safetensors`` (every tensor of :class:`~mechscope.dashboards.build.Dashboards`)
 and ``dashboards.json`` (the settings, token count and what they were computed from). Both are written atomically;
-safetensors can be read one tensor at a time (:func:`read_tensor`), which is how the explorer reads them.
+safetensors can be read one tensor at a time (:func:`mechscope.dashboards.layout.read_array`, which is how the
+explorer reads them, without torch). The file names are :mod:`mechscope.dashboards.layout`'s.
 
 While a run is under way its ``out_dir`` holds ``checkpoint/``: ``state.safetensors`` (every tensor of a
 :class:`~mechscope.dashboards.build.DashboardState`) and ``state.json`` (its pass and chunk key, and the settings and
@@ -16,23 +17,25 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from safetensors import SafetensorError, safe_open
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from mechscope.dashboards.build import Dashboards, DashboardSettings, DashboardState, Examples
+from mechscope.dashboards.layout import (
+    CHECKPOINT,
+    CHECKPOINT_META,
+    CHECKPOINT_TENSORS,
+    FORMAT_VERSION,
+    META,
+    TENSORS,
+    VOCAB,
+    read_meta,
+)
 from mechscope.dashboards.logit_effects import LogitEffects
 from mechscope.dashboards.neuronpedia import MAX_FEATURES, saedashboard_batches, skipped_indexes, upload_batch
 from mechscope.files import atomic_dir, atomic_write, atomic_write_json, recover_dir, remove_stale_temps
 from mechscope.sae.formats import WriteFile
-
-TENSORS = "dashboards.safetensors"
-META = "dashboards.json"
-VOCAB = "vocab.json"  # the token strings, so nothing that shows dashboards needs the tokenizer
-FORMAT_VERSION = 1
-CHECKPOINT = "checkpoint"  # the folder of a run under way
-CHECKPOINT_TENSORS = "state.safetensors"
-CHECKPOINT_META = "state.json"
 
 
 def _flat(dash: Dashboards) -> dict[str, Tensor]:
@@ -141,35 +144,6 @@ def load_checkpoint(directory: str | Path) -> DashboardState:
 def remove_checkpoint(directory: str | Path) -> None:
     """Delete the checkpoint in ``directory`` (once the dashboards it led to are written)."""
     shutil.rmtree(Path(directory) / CHECKPOINT, ignore_errors=True)
-
-
-def find_dashboards(root: str | Path, depth: int = 3) -> list[Path]:
-    """Every folder at most ``depth`` levels under ``root`` that holds finished dashboards, sorted."""
-    root = Path(root)
-    return sorted(p.parent for d in range(depth + 1) for p in root.glob("*/" * d + META))
-
-
-def read_meta(directory: str | Path) -> dict[str, Any] | None:
-    """``dashboards.json`` of ``directory``, or None when there is none (the tensors file is written first, so the
-    metadata's presence means the run finished)."""
-    path = Path(directory) / META
-    if not path.exists():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON ({e}); delete the folder and run the dashboards stage again") from e
-
-
-def read_vocab(directory: str | Path) -> list[str]:
-    """The token strings saved with the dashboards (index: token id)."""
-    return json.loads((Path(directory) / VOCAB).read_text())
-
-
-def read_tensor(directory: str | Path, name: str) -> Tensor:
-    """One tensor of the dashboards file (``"top.values"``, ``"firing"``, ...), without reading the others."""
-    with safe_open(str(Path(directory) / TENSORS), framework="pt") as f:
-        return f.get_tensor(name)
 
 
 def load_dashboards(directory: str | Path) -> Dashboards:

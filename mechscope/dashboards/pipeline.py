@@ -20,14 +20,11 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from mechscope.dashboards.build import Dashboards, DashboardSettings, DashboardState, compute_dashboards
+from mechscope.dashboards.layout import CHECKPOINT, find_dashboards, read_meta, read_vocab
 from mechscope.dashboards.outputs import (
-    CHECKPOINT,
-    find_dashboards,
     load_checkpoint,
     load_dashboards,
     read_checkpoint_meta,
-    read_meta,
-    read_vocab,
     remove_checkpoint,
     remove_stale_files,
     save_checkpoint,

@@ -17,10 +17,9 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
+from mechscope.dashboards.layout import NO_TOKEN
 from mechscope.dashboards.selection import active_entries
 from mechscope.sae.latents import SparseLatents
-
-NO_TOKEN = -1
 
 
 def _matches(sorted_keys: Tensor, keys: Tensor) -> tuple[Tensor, Tensor]:

@@ -8,12 +8,6 @@ if TYPE_CHECKING:
     from mechscope.data.corpus import default_texts, iter_texts, pack_contexts
     from mechscope.data.store import ActivationStore
 else:
-    __getattr__, __dir__ = lazy_exports(
-        __name__,
-        {
-            "mechscope.data.corpus": ["default_texts", "iter_texts", "pack_contexts"],
-            "mechscope.data.store": ["ActivationStore"],
-        },
-    )
+    __getattr__, __dir__ = lazy_exports(__name__)
 
 __all__ = ["ActivationStore", "default_texts", "iter_texts", "pack_contexts"]

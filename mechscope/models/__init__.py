@@ -14,14 +14,6 @@ if TYPE_CHECKING:
     from mechscope.models.hooks import HookPoint
     from mechscope.models.loading import HookedAutoConfig
 else:
-    __getattr__, __dir__ = lazy_exports(
-        __name__,
-        {
-            "mechscope.models.config": ["HookedConfig"],
-            "mechscope.models.hooked": ["Generation", "HookedAutoModel", "HookedModel"],
-            "mechscope.models.hooks": ["HookPoint"],
-            "mechscope.models.loading": ["HookedAutoConfig"],
-        },
-    )
+    __getattr__, __dir__ = lazy_exports(__name__)
 
 __all__ = ["Generation", "HookPoint", "HookedAutoConfig", "HookedAutoModel", "HookedConfig", "HookedModel"]

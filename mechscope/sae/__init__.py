@@ -15,19 +15,7 @@ if TYPE_CHECKING:
     from mechscope.sae.splice import SAESplice, splice_sae, spliced
     from mechscope.sae.train import TrainConfig, train_sae
 else:
-    __getattr__, __dir__ = lazy_exports(
-        __name__,
-        {
-            "mechscope.sae.config": ["SAEConfig"],
-            "mechscope.sae.evaluate": ["LatentDensity", "SAEEvaluation", "evaluate_sae", "plot_latent_density"],
-            "mechscope.sae.formats": ["SAEFormatError", "detect_format"],
-            "mechscope.sae.io": ["load_sae", "save_sae"],
-            "mechscope.sae.latents": ["SparseLatents"],
-            "mechscope.sae.model": ["SAE", "SAEOutput", "SparseAutoencoder"],
-            "mechscope.sae.splice": ["SAESplice", "splice_sae", "spliced"],
-            "mechscope.sae.train": ["TrainConfig", "train_sae"],
-        },
-    )
+    __getattr__, __dir__ = lazy_exports(__name__)
 
 __all__ = [
     "SAE",

@@ -4,7 +4,9 @@ random model: harvested activations, an SAE, its dashboards."""
 from __future__ import annotations
 
 import dataclasses
+import html
 import json
+import re
 import warnings
 from pathlib import Path
 
@@ -16,11 +18,13 @@ from transformers import AutoModelForCausalLM
 from mechscope import HookedAutoConfig, HookedModel
 from mechscope.apps.cli import main
 from mechscope.apps.explorer.launch import RESULTS_ENV, SCRIPT
-from mechscope.apps.explorer.render import context_html
+from mechscope.apps.explorer.render import context_html, effects_html
 from mechscope.cooccurrence.config import AnalysisConfig, CoocConfig, CountingConfig, PCAConfig
-from mechscope.cooccurrence.outputs import file_name, load_matrix, load_pca_results, pca_results_path
+from mechscope.cooccurrence.layout import file_name, load_pca_results, pca_results_path
+from mechscope.cooccurrence.outputs import load_matrix
 from mechscope.cooccurrence.pipeline import run_all
 from mechscope.dashboards.build import DashboardSettings
+from mechscope.dashboards.layout import read_vocab
 from mechscope.dashboards.outputs import load_dashboards
 from mechscope.dashboards.pipeline import DashboardsConfig, run_dashboards
 from mechscope.files import SettingsMismatch
@@ -100,6 +104,13 @@ def test_latent_view_shows_the_top_examples_of_the_latent_in_the_url(results, mo
     assert len(shown) >= n_top
     values = [c.value for c in at.caption[:n_top]]  # each example's activation, most active first
     assert values == [f"{float(v):.2f}" for v in dash.top.values[latent, :n_top]]
+    tables = [b for b in shown if b.startswith('<table class="ms-effects"')]  # promoted, then suppressed tokens
+    vocab = read_vocab(results / "dashboards")
+    for table, kind in zip(tables, ("top", "bottom"), strict=True):
+        ids, effects = getattr(dash.logits, f"{kind}_tokens")[latent], getattr(dash.logits, f"{kind}_values")[latent]
+        cells = re.findall(r'ms-effect-token">(.*?)</td>.*?</span>([-+][0-9.]+)</td>', table)
+        want = [(html.escape(repr(vocab[int(i)])), f"{float(v):+.3f}") for i, v in zip(ids, effects, strict=True)]
+        assert cells == want
 
 
 def test_out_of_range_latent_in_the_url_shows_the_nearest(results, monkeypatch):
@@ -135,6 +146,9 @@ def test_inspector_ablation_shows_the_numbers_of_ablate(results, monkeypatch):
 def test_hostile_tokens_are_rendered_as_text():
     page = context_html(["<script>alert(1)</script>", '"&'], [1.0, 0.5], 1.0, centre=0)
     assert "<script>" not in page and "&lt;script&gt;" in page and "&quot;&amp;" in page
+    table = effects_html(["<script>alert(1)</script>", "&"], [2.0, -1.0])
+    assert "<script>" not in table and "&#x27;&lt;script&gt;alert(1)&lt;/script&gt;&#x27;" in table
+    assert "width: 100.0%; background-color: #1f77b4" in table and "width: 50.0%; background-color: #d62728" in table
 
 
 def test_the_stage_reuses_its_results_and_refuses_other_settings(results):

@@ -55,8 +55,12 @@ def server(results):  # noqa: F811
         proc.kill()
         raise RuntimeError("the app did not answer on /_stcore/health within 60 s")
     yield url
-    proc.terminate()
-    proc.wait(timeout=10)
+    proc.terminate()  # the app stops on SIGTERM (generous timeout: the machine may be loaded)
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise
 
 
 @pytest.fixture(scope="module")

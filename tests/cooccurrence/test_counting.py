@@ -18,7 +18,7 @@ from mechscope.cooccurrence import (
     save_counts,
     save_matrix,
 )
-from mechscope.cooccurrence.outputs import KINDS
+from mechscope.cooccurrence.layout import KINDS
 from mechscope.sae import SAE, SAEConfig
 from mechscope.sae.latents import as_sparse
 

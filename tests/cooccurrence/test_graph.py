@@ -28,7 +28,7 @@ from mechscope.cooccurrence import (
     summary,
     top_cooccurring,
 )
-from mechscope.cooccurrence.outputs import load_graph_summary, load_subgraph
+from mechscope.cooccurrence.layout import load_graph_summary, load_subgraph
 
 
 def symmetric(n: int, edges: dict[tuple[int, int], float]) -> sp.csr_array:

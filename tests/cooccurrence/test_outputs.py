@@ -26,7 +26,7 @@ from mechscope.cooccurrence import (
     subgraphs,
     top_cooccurring,
 )
-from mechscope.cooccurrence.outputs import partners_path, read_node_table
+from mechscope.cooccurrence.layout import partners_path, read_node_table
 from mechscope.sae import SAE, SAEConfig, load_sae
 from tests.sae_utils import random_weights
 

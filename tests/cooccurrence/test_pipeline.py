@@ -17,7 +17,7 @@ from mechscope import HookedModel
 from mechscope.apps.tables import format_graph_summary
 from mechscope.cooccurrence import edge_threshold, jaccard, load_counts, subgraphs
 from mechscope.cooccurrence.config import AnalysisConfig, CoocConfig, CountingConfig, PCAConfig
-from mechscope.cooccurrence.outputs import KINDS
+from mechscope.cooccurrence.layout import KINDS
 from mechscope.cooccurrence.pipeline import CHECKPOINT, run_all, run_count
 from mechscope.data import ActivationStore, iter_texts, pack_contexts
 from mechscope.sae import SAEConfig, SparseAutoencoder
@@ -244,7 +244,7 @@ def test_saes_load_from_paths_by_hook_name(llama, saes, corpus, tmp_path) -> Non
 
 def test_run_all_runs_the_stages_in_order_and_prints_where_the_results_are(llama, saes, corpus, tmp_path, capsys):
     from mechscope.cooccurrence import load_partners, summary, top_cooccurring
-    from mechscope.cooccurrence.outputs import load_pca_results, partners_path, pca_results_path
+    from mechscope.cooccurrence.layout import load_pca_results, partners_path, pca_results_path
 
     config = _config(tmp_path, corpus)
     config.analysis = AnalysisConfig(min_subgraph_size=3, max_subgraph_size=6, n_cooccurring=4)

@@ -9,7 +9,8 @@ import torch
 from torch.testing import assert_close
 
 from mechscope.dashboards.build import DashboardSettings, chunk_list, compute_dashboards
-from mechscope.dashboards.outputs import load_dashboards, read_meta, read_tensor, read_vocab, save_dashboards
+from mechscope.dashboards.layout import read_array, read_meta, read_vocab
+from mechscope.dashboards.outputs import load_dashboards, save_dashboards
 from mechscope.sae import SAE, SAEConfig
 from mechscope.settings import ConfigError
 from tests.sae_utils import random_weights
@@ -87,7 +88,7 @@ def test_saved_dashboards_read_back_equal(tmp_path):
         for field in ("values", "context", "position", "tokens", "activations"):
             assert torch.equal(getattr(getattr(back, group), field), getattr(getattr(dash, group), field))
     assert torch.equal(back.logits.bottom_tokens, dash.logits.bottom_tokens)
-    assert torch.equal(read_tensor(tmp_path, "top.context"), dash.top.context)
+    assert torch.equal(torch.from_numpy(read_array(tmp_path, "top.context")), dash.top.context)
     assert read_meta(tmp_path)["source"] == {"hook_name": HOOK}
     assert read_vocab(tmp_path)[7] == "<7>"
 

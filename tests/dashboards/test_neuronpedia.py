@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from mechscope.dashboards.build import DashboardSettings, chunk_list, compute_dashboards
+from mechscope.dashboards.layout import NO_TOKEN
 from mechscope.dashboards.neuronpedia import MAX_FEATURES, MAX_LOGITS, MAX_TOKENS, saedashboard_batches
 from mechscope.dashboards.outputs import write_neuronpedia_export
-from mechscope.dashboards.windows import NO_TOKEN
 from mechscope.sae import SAE, SAEConfig
 from tests.dashboards.test_build import D_IN, D_SAE, HOOK, stored_rows
 from tests.sae_utils import random_weights

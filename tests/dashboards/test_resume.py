@@ -19,7 +19,8 @@ from mechscope.dashboards.build import (
     compute_dashboards,
     run_pass,
 )
-from mechscope.dashboards.outputs import CHECKPOINT, CHECKPOINT_META, CHECKPOINT_TENSORS, load_dashboards
+from mechscope.dashboards.layout import CHECKPOINT, CHECKPOINT_META, CHECKPOINT_TENSORS
+from mechscope.dashboards.outputs import load_dashboards
 from mechscope.dashboards.pipeline import DashboardsConfig, run_dashboards
 from mechscope.data.store import ActivationStore
 from mechscope.files import SettingsMismatch, atomic_write

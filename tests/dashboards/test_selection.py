@@ -6,9 +6,10 @@ import pytest
 import torch
 
 from mechscope.dashboards.density import ActivationHistograms, FiringCounts
+from mechscope.dashboards.layout import NO_TOKEN
 from mechscope.dashboards.logit_effects import logit_effects
 from mechscope.dashboards.selection import EMPTY, BinSamples, TopExamples, priority
-from mechscope.dashboards.windows import NO_TOKEN, Windows
+from mechscope.dashboards.windows import Windows
 from mechscope.sae.latents import SparseLatents
 
 D_SAE, N_CONTEXTS, CONTEXT_LENGTH = 12, 9, 14

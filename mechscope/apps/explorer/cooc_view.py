@@ -12,7 +12,7 @@ from typing import Any
 import streamlit as st
 
 from mechscope.apps.explorer import figures, results, state
-from mechscope.cooccurrence.outputs import load_graph_summary, load_pca_results, load_subgraph
+from mechscope.cooccurrence.layout import load_graph_summary, load_pca_results, load_subgraph
 
 PCA_FILE = re.compile(r"graph_analysis_results_size_(\d+)_activation_(.+)\.h5$")
 
@@ -174,9 +174,9 @@ def densities(root: Path, nodes: list[int]) -> dict[int, float] | None:
     sets = results.dashboard_sets(root)
     if not sets:
         return None
-    firing = results.tensor(sets[0], "firing")
+    firing = results.array(sets[0], "firing")
     n = max(int(results.meta(sets[0])["n_tokens"]), 1)
-    return {i: float(firing[i]) / n for i in nodes if i < firing.numel()}
+    return {i: float(firing[i]) / n for i in nodes if i < firing.size}
 
 
 def _picked_point(event: Any) -> int | None:

@@ -127,7 +127,7 @@ def show(root: Path) -> None:
     with left:
         st.markdown("**SAE latents per token** (each token's top 5; activation / the latent's max over the corpus)")
         if chosen:
-            scale = results.tensor(sets[0], "max_activation")[chosen].clamp_min(1e-6)
+            scale = torch.from_numpy(results.array(sets[0], "max_activation")[chosen]).clamp_min(1e-6)
             z = (latents[:, chosen] / scale).clamp(0, 1).T.tolist()
             st.plotly_chart(figures.heatmap(z, labels, [f"latent {i}" for i in chosen], ""), key="latent_heatmap")
         else:

@@ -6,13 +6,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import streamlit as st
-import torch
 
 from mechscope.apps.explorer import cooc_view, figures, results, state
-from mechscope.apps.explorer.render import context_html
-from mechscope.cooccurrence.graph import neuronpedia_link
-from mechscope.dashboards.windows import NO_TOKEN
+from mechscope.apps.explorer.render import context_html, effects_html
+from mechscope.cooccurrence.links import neuronpedia_link
+from mechscope.dashboards.layout import NO_TOKEN
 
 
 def pick_set(root: Path) -> results.DashboardSet:
@@ -26,7 +26,7 @@ def pick_set(root: Path) -> results.DashboardSet:
     return sets[names.index(name)]
 
 
-def token_strings(vocab: list[str], ids: torch.Tensor) -> list[str | None]:
+def token_strings(vocab: list[str], ids: np.ndarray) -> list[str | None]:
     return [None if int(i) == NO_TOKEN else vocab[int(i)] for i in ids]
 
 
@@ -34,24 +34,24 @@ def latents_firing_on(ds: results.DashboardSet, token: str, limit: int = 20) -> 
     """``(latent, count)``: latents whose top examples sit on a token equal to ``token`` (stripped, any case)."""
     vocab = results.vocab(ds)
     wanted = token.strip().lower()
-    ids = torch.tensor([i for i, t in enumerate(vocab) if t.strip().lower() == wanted], dtype=torch.long)
-    if ids.numel() == 0:
+    ids = np.array([i for i, t in enumerate(vocab) if t.strip().lower() == wanted], dtype=np.int64)
+    if ids.size == 0:
         return []
-    tokens = results.tensor(ds, "top.tokens")
+    tokens = results.array(ds, "top.tokens")
     centre = tokens[:, :, tokens.shape[2] // 2]
-    counts = torch.isin(centre, ids).sum(dim=1)
-    order = counts.argsort(descending=True)[:limit]
+    counts = np.isin(centre, ids).sum(axis=1)
+    order = np.argsort(-counts, kind="stable")[:limit]
     return [(int(i), int(counts[i])) for i in order if counts[i] > 0]
 
 
 def show_examples(ds: results.DashboardSet, group: str, row: int, scale: float, vocab: list[str]) -> int:
     """The examples of row ``row`` of ``group`` (``"top"`` or ``"bins"``), shaded; returns how many were shown."""
-    context = results.tensor(ds, f"{group}.context")[row]
-    tokens = results.tensor(ds, f"{group}.tokens")[row]
-    acts = results.tensor(ds, f"{group}.activations")[row]
-    values = results.tensor(ds, f"{group}.values")[row]
+    context = results.array(ds, f"{group}.context")[row]
+    tokens = results.array(ds, f"{group}.tokens")[row]
+    acts = results.array(ds, f"{group}.activations")[row]
+    values = results.array(ds, f"{group}.values")[row]
     shown = 0
-    for slot in range(context.numel()):
+    for slot in range(context.size):
         if int(context[slot]) < 0:
             continue
         centre = tokens.shape[1] // 2
@@ -85,8 +85,8 @@ def show(root: Path) -> None:
     state.put(view="latent", sae=ds.name)
 
     vocab = results.vocab(ds)
-    firing = int(results.tensor(ds, "firing")[latent])
-    max_act = float(results.tensor(ds, "max_activation")[latent])
+    firing = int(results.array(ds, "firing")[latent])
+    max_act = float(results.array(ds, "max_activation")[latent])
     source = meta.get("source", {})
     st.subheader(f"Latent {latent} of {d_sae} · {source.get('hook_name', '')}")
     cols = st.columns(4)
@@ -104,7 +104,7 @@ def show(root: Path) -> None:
         st.markdown("**Top activations**")
         show_examples(ds, "top", latent, max_act, vocab)
         settings = meta["settings"]
-        edges = results.tensor(ds, "bin_edges")[latent]
+        edges = results.array(ds, "bin_edges")[latent]
         st.markdown("**Samples from activation bins**")
         for b in reversed(range(settings["n_bins"])):
             with st.expander(
@@ -115,17 +115,17 @@ def show(root: Path) -> None:
     with right:
         st.plotly_chart(
             figures.histogram(
-                results.tensor(ds, "histogram_edges")[latent].tolist(),
-                results.tensor(ds, "histogram")[latent].tolist(),
+                results.array(ds, "histogram_edges")[latent].tolist(),
+                results.array(ds, "histogram")[latent].tolist(),
                 "activation histogram (non-zero)",
             ),
             key="histogram",
         )
         for kind, title in (("top", "promoted tokens"), ("bottom", "suppressed tokens")):
-            ids = results.tensor(ds, f"logits.{kind}_tokens")[latent].tolist()
-            vals = results.tensor(ds, f"logits.{kind}_values")[latent].tolist()
+            ids = results.array(ds, f"logits.{kind}_tokens")[latent].tolist()
+            vals = results.array(ds, f"logits.{kind}_values")[latent].tolist()
             st.markdown(f"**{title}** (logit effect)")
-            st.dataframe({"token": [repr(vocab[i]) for i in ids], "effect": vals}, hide_index=True)
+            st.html(effects_html([vocab[i] for i in ids], vals))  # HTML, not st.dataframe: that imports pandas
         show_cooccurring(root, source.get("hook_name", ""), latent)
 
 

@@ -1,4 +1,5 @@
-"""Token contexts as shaded text: the HTML lives in ``templates/``; Python only fills in escaped values."""
+"""Token contexts as shaded text and logit-effect tables: the HTML lives in ``templates/``; Python only fills in
+escaped values."""
 
 from __future__ import annotations
 
@@ -46,3 +47,21 @@ def context_html(tokens: Sequence[str | None], values: Sequence[float], scale: f
             .strip()
         )
     return template("context.html").substitute(tokens="".join(parts)).strip()
+
+
+def effects_html(tokens: Sequence[str], values: Sequence[float]) -> str:
+    """A table of tokens and their logit effects, each row with a bar as long as ``|value|`` relative to the
+    largest (blue when positive, red when negative). Every token is shown as its ``repr`` and HTML-escaped."""
+    scale = max((abs(v) for v in values), default=0.0) or 1.0
+    rows = "".join(
+        template("effect_row.html")
+        .substitute(
+            token=html.escape(repr(tok)),
+            width=f"{100 * abs(value) / scale:.1f}",
+            colour="#1f77b4" if value >= 0 else "#d62728",
+            value=f"{value:+.3f}",
+        )
+        .strip()
+        for tok, value in zip(tokens, values, strict=True)
+    )
+    return template("effects.html").substitute(rows=rows).strip()

@@ -13,13 +13,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import streamlit as st
-import torch
 
 from mechscope.apps.explorer.launch import RESULTS_ENV
-from mechscope.cooccurrence.graph import Partners
-from mechscope.cooccurrence.outputs import load_partners, partners_path, read_node_table
-from mechscope.dashboards.outputs import META, find_dashboards, read_meta, read_tensor, read_vocab
+from mechscope.cooccurrence.layout import load_partners, partners_path, read_node_table
+from mechscope.cooccurrence.records import Partners
+from mechscope.dashboards.layout import META, find_dashboards, read_array, read_meta, read_vocab
 
 
 class MissingResults(Exception):
@@ -67,14 +67,14 @@ def _stamp(path: Path) -> float:
 
 
 @st.cache_resource(show_spinner=False, max_entries=64)
-def _tensor(path: str, name: str, stamp: float) -> torch.Tensor:
-    return read_tensor(path, name)
+def _array(path: str, name: str, stamp: float) -> np.ndarray:
+    return read_array(path, name)
 
 
-def tensor(ds: DashboardSet, name: str) -> torch.Tensor:
-    """One tensor of the dashboards (``"top.values"`` ...), read once and cached."""
+def array(ds: DashboardSet, name: str) -> np.ndarray:
+    """One tensor of the dashboards (``"top.values"`` ...) as a numpy array, read once and cached."""
     try:
-        return _tensor(str(ds.path), name, _stamp(ds.path))
+        return _array(str(ds.path), name, _stamp(ds.path))
     except Exception as e:  # a corrupt or truncated file: name it
         raise MissingResults(
             f"{ds.path / 'dashboards.safetensors'} cannot be read ({e}); run the dashboards stage again"

@@ -36,42 +36,7 @@ if TYPE_CHECKING:
     )
     from mechscope.compat.tdb.transformer import Encoding, HiddenState, Transformer, get_default_device, nucleus_sample
 else:
-    __getattr__, __dir__ = lazy_exports(
-        __name__,
-        {
-            "mechscope.compat.tdb.autoencoder": ["Autoencoder", "TiedTranspose", "TopK"],
-            "mechscope.compat.tdb.context": [
-                "AutoencoderConfig",
-                "AutoencoderContext",
-                "Dimension",
-                "ModelContext",
-                "StandardModelContext",
-                "WeightLocationType",
-                "weight_shape_by_location_type",
-            ],
-            "mechscope.compat.tdb.hooks": [
-                "AtLayers",
-                "AttentionHooks",
-                "AutoencoderHooks",
-                "ConditionalHooks",
-                "FwdBwdHooks",
-                "HookCollection",
-                "Hooks",
-                "MLPHooks",
-                "NormalizationHooks",
-                "ResidualStreamHooks",
-                "ResidualStreamTorsoHooks",
-                "TransformerHooks",
-            ],
-            "mechscope.compat.tdb.transformer": [
-                "Encoding",
-                "HiddenState",
-                "Transformer",
-                "get_default_device",
-                "nucleus_sample",
-            ],
-        },
-    )
+    __getattr__, __dir__ = lazy_exports(__name__)
 
 __all__ = [
     "AtLayers",
