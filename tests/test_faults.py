@@ -23,6 +23,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from mechscope.cooccurrence.config import CountingConfig
 from mechscope.cooccurrence.layout import CHECKPOINT, file_name
 from mechscope.cooccurrence.pipeline import run_count
 from mechscope.dashboards.pipeline import run_dashboards
@@ -30,6 +31,7 @@ from mechscope.data import ActivationStore
 from mechscope.files import DamagedFile, atomic_write, clean_directory
 from mechscope.interrupts import Interrupted, stop_on_signals
 from mechscope.sae.train import TrainConfig, train_sae
+from mechscope.settings import ConfigError
 from tests.cooccurrence.test_pipeline import THRESHOLDS, _assert_same, _config, saes  # noqa: F401 (a fixture)
 from tests.dashboards.test_resume import assert_identical, config, full, setup  # noqa: F401 (fixtures)
 
@@ -156,6 +158,39 @@ def test_training_checkpoints_by_default_and_by_time(tmp_path):
     assert len(writes) == 24  # steps 1-23 by time, then the final one
 
 
+#: how a file gets damaged: overwritten with random bytes, cut in half (a write torn by a full disk), emptied
+DAMAGES = {
+    "random bytes": lambda data: os.urandom(500),
+    "truncated": lambda data: data[: len(data) // 2],
+    "empty": lambda data: b"",
+}
+
+
+def test_a_damaged_trainer_checkpoint_is_one_error_naming_the_file_and_the_fix(tmp_path):
+    """Before, a damaged file of the SAE inside the checkpoint said to download or save the SAE again."""
+    config = train_config(tmp_path / "run")
+    train_sae(config, store=Batches(), stop_after=10)
+    checkpoint = tmp_path / "run" / "checkpoint"
+    files = sorted(p for p in checkpoint.rglob("*") if p.is_file())
+    assert [str(p.relative_to(checkpoint)) for p in files] == [
+        "sae/cfg.json", "sae/sae_weights.safetensors", "trainer.json", "trainer.safetensors",
+    ]  # fmt: skip
+    fix = f"delete {checkpoint} to train from scratch, or choose another out_dir"
+    for file in files:
+        intact = file.read_bytes()
+        for damage, damaged in DAMAGES.items():
+            file.write_bytes(damaged(intact))
+            with pytest.raises(DamagedFile) as e:
+                train_sae(dataclasses.replace(config, resume=True), store=Batches())
+            message = str(e.value)
+            assert message.startswith(str(file)) and message.endswith(fix), (file.name, damage, message)
+            assert "pickle" not in message and "download" not in message, message
+        file.write_bytes(intact)
+    resumed = train_sae(dataclasses.replace(config, resume=True), store=Batches())  # whole again: it resumes
+    full_sae = train_sae(train_config(tmp_path / "full"), store=Batches())
+    assert all(torch.equal(resumed.state_dict()[k], v) for k, v in full_sae.state_dict().items())
+
+
 # ---- harvest -------------------------------------------------------------------------------------------------------
 
 HARVEST = dict(context_length=16, batch_contexts=2, shard_tokens=60)
@@ -197,6 +232,24 @@ def test_a_harvest_killed_or_interrupted_resumes_to_the_same_shards(llama, text,
     assert not pending.exists() and temporaries(tmp_path / "run") == []
 
 
+def test_a_damaged_activation_manifest_is_one_error_naming_the_file_and_the_fix(llama, text, tmp_path):
+    out = tmp_path / "shards"
+    harvest_store(llama, text, out).harvest(120, progress=False)
+    manifest = out / "manifest.json"
+    intact = manifest.read_bytes()
+    fix = f"delete {out} to harvest again, or choose another activations_dir"
+    damages = {**DAMAGES, "not the manifest": lambda data: b"[1, 2]", "no shards": lambda data: b'{"settings": {}}'}
+    for damage, damaged in damages.items():
+        manifest.write_bytes(damaged(intact))
+        with pytest.raises(DamagedFile) as e:
+            harvest_store(llama, text, out).harvest(300, progress=False)
+        message = str(e.value)
+        assert message.startswith(f"{manifest} cannot be read") and message.endswith(fix), (damage, message)
+        assert "pickle" not in message
+    manifest.write_bytes(intact)
+    assert harvest_store(llama, text, out).harvest(120, progress=False) >= 120
+
+
 # ---- count ---------------------------------------------------------------------------------------------------------
 
 
@@ -217,6 +270,45 @@ def test_a_count_killed_or_interrupted_resumes_to_the_same_counts(llama, saes, t
         assert done == 2
     _assert_same(run_count(config, llama, saes), full_counts)
     assert temporaries(tmp_path / "run") == []
+
+
+class Killed(Exception):
+    """Raised from ``on_batch``: ends a count as a kill would (the batches since the last checkpoint are lost)."""
+
+
+def test_a_count_checkpoints_by_batches_and_by_time(llama, saes, text, tmp_path):  # noqa: F811
+    """Before, every batch was checkpointed (at d_sae 16384 a checkpoint of a few hundred MB takes about as long as
+    counting a batch); now every ``checkpoint_every`` batches or ``checkpoint_seconds``, whichever comes first."""
+    defaults = CountingConfig(model="m")
+    assert (defaults.checkpoint_every, defaults.checkpoint_seconds) == (50, 300.0)
+    for bad in (-1, float("nan")):
+        wanted = rf"\[counting\]\.checkpoint_seconds must be (a finite number )?at least 0, got {bad}"
+        with pytest.raises(ConfigError, match=wanted):
+            CountingConfig(model="m", checkpoint_seconds=bad)
+    with pytest.raises(ConfigError, match=r"\[counting\]\.checkpoint_every must be at least 0, got -2"):
+        CountingConfig(model="m", checkpoint_every=-2)
+    full_counts = run_count(_config(tmp_path, str(text), "full"), llama, saes)
+
+    def kill_at(done: int) -> Callable[[int, object], None]:
+        def on_batch(batches_done: int, rows: object) -> None:
+            if batches_done == done:
+                raise Killed
+
+        return on_batch
+
+    cadences = {"time": (0, 1e-9), "batches": (3, 0.0), "batches, not yet by time": (3, 300.0), "never": (0, 0.0)}
+    for name, (every, seconds) in cadences.items():
+        config = _config(tmp_path, str(text), name, checkpoint_every=every, checkpoint_seconds=seconds)
+        with pytest.raises(Killed):
+            run_count(config, llama, saes, on_batch=kill_at(5))  # killed counting batch 5: 4 are done
+        checkpoint = tmp_path / name / CHECKPOINT
+        if name == "never":
+            assert not checkpoint.exists()
+            continue
+        with np.load(checkpoint) as data:
+            assert json.loads(data["state"].item())["batches_done"] == (4 if name == "time" else 3), name
+        _assert_same(run_count(config, llama, saes), full_counts)
+        assert temporaries(tmp_path / name) == []
 
 
 def test_a_done_count_with_a_missing_or_damaged_file_writes_it_again(llama, saes, text, tmp_path, capsys):  # noqa: F811

@@ -6,8 +6,9 @@ renamed (``model_name`` -> ``model``, ``sae_ids`` -> ``hook_names``); files and 
 still read, with a :class:`~mechscope.settings.DeprecatedSetting` warning naming the new ones.
 
 The fields follow the ``sae_cooccurrence`` reference's config, plus what mechscope needs to stream activations
-(``context_length``, ``batch_contexts``, ``device``, ``activations_dir``, ``text_field``, ``checkpoint_every``) and
-``results_dir``. Every error names the field as ``[table].field`` (and the file, when read from one).
+(``context_length``, ``batch_contexts``, ``device``, ``activations_dir``, ``text_field``, ``checkpoint_every``,
+``checkpoint_seconds``) and ``results_dir``. Every error names the field as ``[table].field`` (and the file,
+when read from one).
 """
 
 from __future__ import annotations
@@ -62,7 +63,16 @@ class CountingConfig(Config):
     activations_dir: str | None = field(
         default=None, metadata=meta("ActivationStore shards to read (and extend) instead of the model")
     )
-    checkpoint_every: int = field(default=1, metadata=meta("batches between count checkpoints"))
+    checkpoint_every: int = field(
+        default=50, metadata=meta("batches between count checkpoints (0: not by batches); Ctrl-C writes one too")
+    )
+    checkpoint_seconds: float = field(
+        default=300.0,
+        metadata=meta(
+            "seconds between count checkpoints, whichever of the two comes first (0: not by time); a checkpoint "
+            "at a large d_sae takes seconds, so every batch would slow the count down"
+        ),
+    )
     allow_hook_mismatch: bool = field(
         default=False,
         metadata=meta("count an SAE at a hook other than the one its config says it was trained on (on purpose)"),
@@ -78,7 +88,8 @@ class CountingConfig(Config):
     def __post_init__(self) -> None:
         check_fields(self)
         self.activation_thresholds = [float(t) for t in self.activation_thresholds]
-        at_least(self, 1, "n_batches", "batch_size_tokens", "batch_contexts", "checkpoint_every")
+        at_least(self, 1, "n_batches", "batch_size_tokens", "batch_contexts")
+        at_least(self, 0, "checkpoint_every", "checkpoint_seconds")
         at_least(self, 2, "context_length")
         check_device(self, "device")
         if not self.model:

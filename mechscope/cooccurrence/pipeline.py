@@ -15,15 +15,15 @@ Stages and what they leave in ``results_dir`` (one folder per hook name; the lay
     summary.json                  {hook: {threshold: graph summary}}
 
 Counting reads the model's activations at every hook in one pass per batch of contexts (streamed live, or from
-``activations_dir`` shards), cut into batches of ``batch_size_tokens`` rows. After every
-``checkpoint_every`` batches the exact int64 counts, the batches done, the tokens counted and where the next batch
-starts are written atomically to ``count_checkpoint.npz``; a rerun with the same settings continues from there
-(recounting nothing and losing nothing), and a finished count is skipped. Raising ``n_batches`` later extends it.
+``activations_dir`` shards), cut into batches of ``batch_size_tokens`` rows. After every ``checkpoint_every``
+batches or ``checkpoint_seconds`` seconds, whichever comes first, and on SIGINT / SIGTERM, the exact int64 counts,
+the batches done, the tokens counted and where the next batch starts are written atomically to
+``count_checkpoint.npz``; a rerun with the same settings continues from there (recounting nothing and losing
+nothing), and a finished count is skipped. Raising ``n_batches`` later extends it.
 """
 
 from __future__ import annotations
 
-import operator
 import warnings
 from collections.abc import Callable
 from contextlib import closing
@@ -63,7 +63,7 @@ from mechscope.cooccurrence.pca_results import subgraph_pca_results
 from mechscope.cooccurrence.subspace import pca_candidates
 from mechscope.data.store import ActivationStore, Rows
 from mechscope.files import check_settings, clean_directory
-from mechscope.interrupts import stop_on_signals
+from mechscope.interrupts import Cadence, stop_on_signals
 from mechscope.models.hooked import HookedModel
 from mechscope.sae import SparseAutoencoder, SparseLatents, load_sae
 from mechscope.sae.splice import check_trained_hook
@@ -255,6 +255,7 @@ def run_count(
     bar = tqdm(
         total=counting.n_batches, initial=state["batches_done"], unit="batch", desc="count", disable=distributed.quiet()
     )
+    due = Cadence(counting.checkpoint_every, counting.checkpoint_seconds)
     with stop_on_signals() as stop, closing(bar):
         while state["batches_done"] < target and not state["exhausted"]:
             item = next(batches, None)
@@ -272,8 +273,9 @@ def run_count(
             bar.update(1)
             if on_batch is not None:
                 on_batch(state["batches_done"], rows)
-            stopping = distributed.combine_all(bool(stop), operator.or_)  # every rank stops at the same batch
-            if state["batches_done"] % counting.checkpoint_every == 0 or stopping:
+            # every rank stops, and checkpoints (a collective), at the same batch, although their clocks differ
+            stopping, checkpoint_due = distributed.combine_all((bool(stop), due()), _either)
+            if checkpoint_due or stopping:
                 counts = _save_checkpoint(checkpoint, state, counts)
             if stopping and state["batches_done"] < counting.n_batches:
                 where = f"batch {state['batches_done']} of {counting.n_batches}"
@@ -338,6 +340,11 @@ def _count_batch(
             progress=False,
         )
         _add_counts(counts, {hook: batch})
+
+
+def _either(a: tuple[bool, bool], b: tuple[bool, bool]) -> tuple[bool, bool]:
+    """Two ranks' ``(stop, checkpoint due)`` combined: each true when it is true on either."""
+    return a[0] or b[0], a[1] or b[1]
 
 
 def _add_counts(into: Counts, more: Counts) -> Counts:

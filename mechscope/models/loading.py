@@ -5,16 +5,21 @@ from __future__ import annotations
 import difflib
 import hashlib
 import inspect
+import json
 import os
+import re
 import shutil
 import struct
 import warnings
+from importlib import metadata
 from pathlib import Path
 
 import torch
+import transformers
 from safetensors import SafetensorError, safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
 
+from mechscope.files import atomic_write_json, clean_directory, process_alive
 from mechscope.models.adapters import ADAPTERS
 from mechscope.models.tokenizer import byte_tokenizer
 
@@ -165,31 +170,90 @@ def _looks_local(name: str) -> bool:
     return name.startswith(("/", ".", "~", "\\")) or name.count("/") > 1 or (len(name) > 1 and name[1] == ":")
 
 
-def _gguf_cache_path(path: Path) -> Path:
+#: mechscope's side of a GGUF conversion; bump it when what :func:`load_gguf` writes changes. With transformers' and
+#: gguf's versions it is part of a conversion's key, so a new converter supersedes the copies an old one made.
+GGUF_CONVERSION = 2
+#: the file in a converted folder recording its source GGUF and the converter (written last, before the rename)
+GGUF_SOURCE = "mechscope_gguf_source.json"
+#: the name of a converted folder: ``<stem of the GGUF file>-<16 hex digits of its key>``
+_CONVERTED = re.compile(r".+-[0-9a-f]{16}")
+#: the temporary folder of a conversion by an older mechscope: ``<name>.tmp<pid>`` (now ``.<name>.tmp<pid>``)
+_OLD_TEMP = re.compile(r".+\.tmp(?P<pid>\d+)")
+
+
+def _gguf_source(path: Path) -> dict[str, str | int]:
+    """What a conversion of ``path`` depends on: the file (resolved path, size, modification time) and the
+    converter (mechscope's :data:`GGUF_CONVERSION`, transformers' and gguf's versions)."""
     stat = path.stat()
-    key = hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    converter = f"mechscope-{GGUF_CONVERSION} transformers-{transformers.__version__} gguf-{metadata.version('gguf')}"
+    return {"source": str(path.resolve()), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "converter": converter}
+
+
+def _gguf_cache_path(path: Path) -> Path:
+    """The folder in :func:`cache_dir` that holds ``path`` dequantised (by this converter)."""
+    key = hashlib.sha256(json.dumps(_gguf_source(path), sort_keys=True).encode()).hexdigest()[:16]
     return cache_dir() / "gguf" / f"{path.stem}-{key}"
 
 
+def _superseded(folder: Path) -> bool:
+    """Whether the converted ``folder`` can never be used again: its source GGUF is gone or changed, or another
+    converter made it (a folder without a :data:`GGUF_SOURCE` record comes from an older mechscope)."""
+    try:
+        source = Path(json.loads((folder / GGUF_SOURCE).read_text(encoding="utf-8"))["source"])
+        return not source.is_file() or _gguf_cache_path(source).name != folder.name
+    except (OSError, ValueError, KeyError, TypeError):
+        return True
+
+
+def clean_gguf_cache(folder: Path | None = None) -> list[Path]:
+    """Remove what killed or superseded conversions left in the GGUF cache ``folder`` (default
+    ``cache_dir()/"gguf"``): the temporary folders of conversions whose process no longer runs, and every converted
+    folder that :func:`load_gguf` will never use again (its GGUF file changed or is gone, or an older converter made
+    it). :func:`load_gguf` calls it before each conversion, so old copies are superseded, not accumulated. Returns
+    what it removed."""
+    folder = cache_dir() / "gguf" if folder is None else folder
+    removed = clean_directory(folder)
+    for candidate in sorted(folder.iterdir()) if folder.is_dir() else []:
+        if not candidate.is_dir() or candidate.name.startswith("."):
+            continue
+        old_temp = _OLD_TEMP.fullmatch(candidate.name)
+        if old_temp is not None:
+            stale = int(old_temp["pid"]) != os.getpid() and not process_alive(int(old_temp["pid"]))
+        else:
+            stale = _CONVERTED.fullmatch(candidate.name) is not None and _superseded(candidate)
+        if stale:
+            shutil.rmtree(candidate, ignore_errors=True)
+            removed.append(candidate)
+    return removed
+
+
 def load_gguf(path: Path, dtype: torch.dtype, device: str | torch.device | None, **hf_kwargs):
-    """Load a GGUF file, dequantised once into a safetensors directory in :func:`cache_dir` and reused."""
+    """Load a GGUF file, dequantised once into a safetensors directory in :func:`cache_dir` and reused.
+
+    The conversion is written to a temporary folder that is renamed into place when complete, so a killed
+    conversion never leaves a partial folder under the final name; the next conversion removes it, and the copies
+    older conversions of the same file made (:func:`clean_gguf_cache`)."""
     cached = _gguf_cache_path(path)
-    if not (cached / "config.json").exists():
+    if not (cached / GGUF_SOURCE).exists():
         _check_gguf(path)
+        clean_gguf_cache(cached.parent)
         model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
         # the weights are dequantised float32 already; transformers still marks the model as GGUF-quantised
         # and refuses to save it, so drop that marker
         del model.hf_quantizer
         del model.config.quantization_config
-        tmp = cached.with_name(cached.name + f".tmp{os.getpid()}")
+        tmp = cached.with_name(f".{cached.name}.tmp{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        cached.parent.mkdir(parents=True, exist_ok=True)
         try:
-            tmp.rename(cached)
-        except OSError:  # another process finished first
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            atomic_write_json(tmp / GGUF_SOURCE, _gguf_source(path))
+            os.rename(tmp, cached)
+        except OSError:
+            if not (cached / GGUF_SOURCE).exists():  # not: another process finished first
+                raise
+        finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return _load_dir(str(cached), dtype, device, **hf_kwargs)
 

@@ -36,7 +36,7 @@ from mechscope.models.hooks import HookPoint
 from mechscope.models.points import token_vectors
 from mechscope.models.tokenizer import tokenize
 from mechscope.sae.model import SparseAutoencoder
-from mechscope.sae.splice import check_width, resolve_hook_name
+from mechscope.sae.splice import check_trained_hook, check_width, resolve_hook_name
 
 
 @dataclass
@@ -182,6 +182,7 @@ def evaluate_sae(
     bins: int = 50,
     exclude_special: bool = True,
     progress: bool = True,
+    allow_hook_mismatch: bool = False,
 ) -> SAEEvaluation: ...
 
 
@@ -197,6 +198,7 @@ def evaluate_sae(
     bins: int = 50,
     exclude_special: bool = True,
     progress: bool = True,
+    allow_hook_mismatch: bool = False,
 ) -> SAEEvaluation: ...
 
 
@@ -212,6 +214,7 @@ def evaluate_sae(
     bins: int = 50,
     exclude_special: bool = True,
     progress: bool = True,
+    allow_hook_mismatch: bool = False,
 ) -> SAEEvaluation:
     """Evaluate ``sae`` at ``hook_name`` (default ``sae.cfg.hook_name``) of ``model`` on ``tokens``:
     ``evaluate_sae(model, sae, hook_name, tokens)`` or ``evaluate_sae(model, sae, tokens=tokens)``.
@@ -225,13 +228,16 @@ def evaluate_sae(
     stream at BOS is typically hundreds of times larger than elsewhere and would dominate them. The CE losses and
     the KL are over every prediction. ``dense_threshold`` is the firing
     frequency above which a latent counts as dense; ``bins`` the number of bins of the density histogram. The SAE
-    runs in eval mode (its mode is restored afterwards). Returns an :class:`SAEEvaluation`.
+    runs in eval mode (its mode is restored afterwards). An SAE whose ``cfg.hook_name`` is another hook than
+    ``hook_name`` is refused (a hook of the same width would give figures of the wrong thing) unless
+    ``allow_hook_mismatch`` says it is on purpose. Returns an :class:`SAEEvaluation`.
 
     Under torchrun (:mod:`mechscope.distributed`) rank ``r`` runs every ``world_size``-th batch from the ``r``-th
     and the sums are combined, so every rank returns the figures one process gives (the counts exactly, the float
     sums up to their order of addition, ~1e-15 relative).
     """
     name = resolve_hook_name(sae, hook_name)
+    check_trained_hook(sae, name, allow_hook_mismatch)
     if tokens is None:
         raise TypeError("evaluate_sae needs tokens: pass tokens=[batch, pos] token ids or a list of texts")
     if not 0 < dense_threshold < 1:

@@ -51,6 +51,7 @@ from tqdm.auto import tqdm
 
 from mechscope.data.store import ActivationStore
 from mechscope.files import (
+    DamagedFile,
     atomic_dir,
     atomic_write,
     atomic_write_text,
@@ -64,7 +65,7 @@ from mechscope.files import (
 from mechscope.interrupts import Cadence, stop_on_signals
 from mechscope.models.hooked import HookedModel
 from mechscope.sae.config import ARCHITECTURES, DTYPES, SAEConfig
-from mechscope.sae.formats import WriteFile
+from mechscope.sae.formats import REFETCH, SAEFormatError, WriteFile
 from mechscope.sae.kernels import JumpReLU, SelectedPreActs, SparseDecode, Step
 from mechscope.sae.latents import SparseLatents
 from mechscope.sae.model import SparseAutoencoder
@@ -387,7 +388,11 @@ class Trainer:
             labels="checkpoint, now",
             ignore=RESUMABLE_CHANGES,
         )
-        saved = SparseAutoencoder.load(directory / SAE_DIR, device=self.sae.W_dec.device, dtype=self.sae.W_dec.dtype)
+        device, dtype = self.sae.W_dec.device, self.sae.W_dec.dtype
+        try:
+            saved = SparseAutoencoder.load(directory / SAE_DIR, device=device, dtype=dtype)
+        except SAEFormatError as e:  # the loader's fix is for a downloaded SAE; a checkpoint's is to start over
+            raise DamagedFile(f"{str(e).removesuffix(REFETCH)}: {fix}") from e
         self.sae.load_state_dict(saved.state_dict())
         tensors = read_safetensors(directory / TRAINER_TENSORS, str(self.sae.W_dec.device), fix)
         adam_state: dict[int, dict[str, Tensor]] = {}

@@ -100,12 +100,8 @@ def test_defaults(tmp_path: Path) -> None:
     gen, an, pca = config.counting, config.analysis, config.pca
     assert (gen.sae, gen.hook_names, gen.corpus, gen.activations_dir) == ("my_sae", None, None, None)
     assert (gen.n_batches, gen.batch_size_tokens, gen.activation_thresholds) == (100, 4096, [0.0])
-    assert (gen.remove_special_tokens, gen.context_length, gen.batch_contexts, gen.checkpoint_every) == (
-        True,
-        128,
-        8,
-        1,
-    )
+    assert (gen.remove_special_tokens, gen.context_length, gen.batch_contexts) == (True, 128, 8)
+    assert (gen.checkpoint_every, gen.checkpoint_seconds) == (50, 300.0)
     assert (an.random_seed, an.min_subgraph_size, an.max_subgraph_size, an.n_cooccurring) == (
         42,
         150,

@@ -3,6 +3,7 @@ user says so explicitly; dashboards refuse attention maps naming the hooks they 
 
 from __future__ import annotations
 
+import dataclasses
 import re
 
 import pytest
@@ -12,6 +13,7 @@ from mechscope.cooccurrence import CoocConfig, CountingConfig
 from mechscope.cooccurrence.pipeline import load_saes
 from mechscope.dashboards.pipeline import DashboardsConfig, run_dashboards
 from mechscope.sae import SAEConfig, SparseAutoencoder
+from mechscope.sae.evaluate import evaluate_sae
 from mechscope.sae.splice import splice_sae
 
 TRAINED, OTHER = "blocks.0.hook_resid_post", "blocks.1.hook_resid_post"
@@ -57,3 +59,16 @@ def test_dashboards_refuse_another_hook_and_attention_maps(llama, tmp_path):
     with pytest.raises(ValueError, match=r"hook_pattern'.* is an attention map .*Dashboards support .*hook_resid_pre"):
         run_dashboards(DashboardsConfig(**base), model=llama, sae=_sae(1, pattern))
     assert not (tmp_path / "out").exists()  # refused before anything was written
+
+
+def test_evaluate_sae_refuses_another_hook_unless_allowed(llama):
+    """Before, ``evaluate_sae(model, sae, OTHER, ...)`` gave figures of the SAE at a hook it was not trained on."""
+    sae = _sae(llama.cfg.d_model)
+    tokens = torch.randint(0, 256, (2, 8), generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match=BOTH):
+        evaluate_sae(llama, sae, OTHER, tokens, progress=False)
+    allowed = evaluate_sae(llama, sae, OTHER, tokens, progress=False, allow_hook_mismatch=True).to_dict()
+    moved = SparseAutoencoder(dataclasses.replace(sae.cfg, hook_name=OTHER))  # the same weights, "trained" at OTHER
+    moved.load_state_dict(sae.state_dict())
+    assert allowed == evaluate_sae(llama, moved, tokens=tokens, progress=False).to_dict()
+    assert evaluate_sae(llama, sae, TRAINED, tokens, progress=False).to_dict() != allowed
