@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Iterable, Iterator
-from itertools import islice, repeat
+from itertools import count, islice, repeat
 from pathlib import Path
 from typing import Any
 
@@ -246,13 +246,13 @@ class ActivationStore:
         remaining = max(n_tokens - stored - _rows(pending), 0)
         due = Cadence(seconds=checkpoint_seconds)
         with stop_on_signals() as stop:  # Ctrl-C / SIGTERM: finish the pass, save the pending rows, raise
-            for first_context, count, rows in self.stream(
+            for first_context, n_passed, rows in self.stream(
                 remaining, skip_contexts=first + n_contexts, progress=progress and remaining > 0
             ):
                 if on_batch is not None:
-                    on_batch(first_context, count)
+                    on_batch(first_context, n_passed)
                 pending.append(rows)
-                n_contexts += count
+                n_contexts += n_passed
                 if _rows(pending) >= self.shard_tokens:
                     flush()
                 elif due() or stop:
@@ -280,12 +280,12 @@ class ActivationStore:
             return [], 0
         return [read_safetensors(path, fix="delete it (its rows are harvested again)")], n_contexts
 
-    def _shards(self, start: int = 0) -> Iterator[Rows]:
-        """The stored shards from the ``start``-th on, one at a time, in corpus order."""
+    def _shards(self, start: int = 0, step: int = 1) -> Iterator[Rows]:
+        """The stored shards from the ``start``-th on (every ``step``-th), one at a time, in corpus order."""
         manifest, directory = self.manifest(), self.activations_dir
         if directory is None or not manifest or not manifest["shards"]:
             raise FileNotFoundError(f"no harvested shards in {directory}; call harvest(n_tokens) first")
-        for shard in manifest["shards"][start:]:
+        for shard in manifest["shards"][start::step]:
             path = directory / shard["file"]
             if not path.exists():
                 raise FileNotFoundError(f"shard {path} is missing: {HARVEST_AGAIN.format(directory=directory)}")
@@ -296,22 +296,27 @@ class ActivationStore:
         return self._shards()
 
     # ---- reading: chunks, and batches cut from them ---------------------------------------------------------
-    def chunks(self, start: int = 0, n_tokens: int | None = None, progress: bool = False) -> Iterator[tuple[int, Rows]]:
+    def chunks(
+        self, start: int = 0, n_tokens: int | None = None, progress: bool = False, *, step: int = 1
+    ) -> Iterator[tuple[int, Rows]]:
         """The rows in corpus order, a chunk at a time, each with the key of the chunk after it.
 
-        A chunk is a stored shard when ``activations_dir`` holds a harvest, else a forward pass of
-        ``batch_contexts`` contexts run live (nothing written). ``start`` is a key an earlier call yielded (0: the
-        beginning). With ``n_tokens`` the chunks stop after the one that brings their rows to ``n_tokens``.
-        ``progress`` shows a bar while harvesting live.
+        A chunk is a stored shard when ``activations_dir`` holds a harvest (shard ``i`` has key ``i + 1``), else a
+        forward pass of ``batch_contexts`` contexts run live (nothing written). ``start`` is a key an earlier call
+        yielded (0: the beginning). With ``n_tokens`` the chunks stop after the one that brings their rows to
+        ``n_tokens``. ``progress`` shows a bar while harvesting live. ``step``: every ``step``-th shard from
+        ``start`` on (a rank's share of a data-parallel read; stored shards only), each with the key after it.
         """
         if self.activations_dir is not None and self.stored_tokens() > 0:
             done = 0
-            for index, rows in enumerate(self._shards(start), start=start + 1):
+            for index, rows in zip(count(start + 1, step), self._shards(start, step)):
                 if n_tokens is not None and done >= n_tokens:
                     return
                 yield index, rows
                 done += len(rows["tokens"])
             return
+        if step != 1:
+            raise ValueError(f"chunks(step={step}) reads every {step}-th stored shard: harvest the activations first")
         for first, n_contexts, rows in self.stream(n_tokens, skip_contexts=start, progress=progress):
             yield first + n_contexts, rows
 
