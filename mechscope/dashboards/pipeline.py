@@ -152,7 +152,8 @@ def run_dashboards(
     (in rounds of one chunk per rank); at every checkpoint the ranks' states are merged on rank 0, which writes the
     checkpoint one process would write after the same chunks (so a run resumes under any number of ranks), and at the
     end of every pass on every rank. The merge is exact, so the dashboards are bit for bit those of one process;
-    every rank returns them, rank 0 writes them. Only rank 0 harvests missing activations (the others wait).
+    every rank returns them, rank 0 writes them. Missing activations are harvested by the ranks together
+    (:meth:`~mechscope.data.store.ActivationStore.harvest` with ``data_parallel``).
     """
     if config.sae is None and sae is None:
         raise ConfigError('sae is required: the SAE\'s directory (sae = "path" in the file, or --sae)', field="sae")
@@ -196,9 +197,7 @@ def run_dashboards(
             remove_checkpoint(out_dir)  # left by a kill after the result was written
         return load_dashboards(out_dir)
     if distributed.broadcast(store.stored_tokens() == 0):  # rank 0 decides: the others may see its harvest start
-        if distributed.is_main():  # the other ranks read the shards rank 0 harvests
-            store.harvest(config.n_tokens, progress=config.progress)
-        distributed.barrier()
+        store.harvest(config.n_tokens, progress=config.progress, data_parallel=True)  # each rank harvests its share
     about = {"source": source, "stored_tokens": store.stored_tokens()}
     state = _resume(config, about) or DashboardState.start(sae.cfg.d_sae, config.dashboards)
     if not distributed.is_main():

@@ -9,6 +9,8 @@ itself with ``os._exit(1)`` after counting that batch (once rank 0 has written a
 key]}``: ``run_dashboards``; with ``kill`` that rank ends itself after that chunk (once rank 0 has written the
 checkpoint of the round before), with ``stop`` it sends itself SIGINT there and the :class:`Interrupted` each rank
 gets is written to ``out_dir.RANK.json``.
+``{"kind": "harvest", "activations_dir": PATH, "corpus": PATH, "kill": [rank, first_context]}``: a shared harvest
+(:func:`harvest_store`); with ``kill`` that rank ends itself before storing the forward pass from that context.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from mechscope.cooccurrence.pipeline import CHECKPOINT, run_count
 from mechscope.dashboards.build import DashboardSettings, DashboardState
 from mechscope.dashboards.outputs import read_checkpoint_meta
 from mechscope.dashboards.pipeline import DashboardsConfig, run_dashboards
+from mechscope.data.store import ActivationStore
 from mechscope.interrupts import Interrupted
 from mechscope.sae import SAEConfig, SparseAutoencoder, evaluate_sae
 from tests.conftest import build_pair
@@ -172,6 +175,27 @@ def _dashboards(model: HookedModel, saes: dict[str, SparseAutoencoder], task: di
         _write_rank(config.out_dir, {"where": stopped.where, "checkpoint": str(stopped.checkpoint)})
 
 
+HARVEST_TOKENS = 600  # 7 shards of 2 forward passes (90 rows), the last one short
+
+
+def harvest_store(model: HookedModel, activations_dir: str | Path, corpus: str | Path) -> ActivationStore:
+    """The store of the harvest tests: both hooks, 3 contexts of 16 tokens (15 kept) per forward pass, shards of
+    90 rows."""
+    return ActivationStore(model, HOOKS, corpus, context_length=16, batch_contexts=3, activations_dir=activations_dir,
+                           shard_tokens=90)  # fmt: skip
+
+
+def _harvest(model: HookedModel, task: dict[str, Any]) -> None:
+    kill = task.get("kill")
+
+    def killed(first_context: int, n_contexts: int) -> None:
+        if kill is not None and [distributed.rank(), first_context] == kill:
+            os._exit(1)
+
+    store = harvest_store(model, task["activations_dir"], task["corpus"])
+    store.harvest(HARVEST_TOKENS, progress=False, on_batch=killed, checkpoint_seconds=1e-9, data_parallel=True)
+
+
 def main(tasks_file: str) -> None:
     torch.set_num_threads(1)
     tasks = json.loads(Path(tasks_file).read_text())
@@ -187,6 +211,8 @@ def main(tasks_file: str) -> None:
                 _collectives(task["out"])
             elif task["kind"] == "dashboards":
                 _dashboards(model, saes, task)
+            elif task["kind"] == "harvest":
+                _harvest(model, task)
             else:
                 raise ValueError(f"unknown task {task['kind']!r}")
 

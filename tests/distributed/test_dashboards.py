@@ -10,7 +10,6 @@ import json
 
 from mechscope.dashboards.outputs import CHECKPOINT, load_dashboards
 from tests.dashboards.test_resume import assert_identical
-from tests.distributed import harness
 
 
 def test_two_ranks_build_the_dashboards_of_one_process(dash_runs: dict) -> None:
@@ -31,7 +30,6 @@ def test_a_sigint_to_one_rank_stops_both_at_the_same_chunk_and_a_rerun_finishes(
 def test_a_killed_rank_resumes_under_two_ranks_and_under_one(dash_runs: dict) -> None:
     tmp = dash_runs["tmp"]
     assert dash_runs["status"][0] != 0, "the killed rank should fail the launch"
-    assert dash_runs["status"][1] == 0, harness.log(tmp, "dash_resume")
     assert (dash_runs["killed_at"]["pass"], dash_runs["killed_at"]["key"]) == (2, 2)  # the round before the kill
     assert_identical(load_dashboards(tmp / "killed"), dash_runs["one"])  # resumed by two ranks
     assert_identical(dash_runs["resumed_one"], dash_runs["one"])  # resumed by one process
