@@ -241,8 +241,7 @@ class ActivationStore:
         if shared:
             distributed.barrier()
         manifest = self.manifest() or {"version": 1, "settings": self.settings(), "shards": []}
-        stored = sum(s["n_tokens"] for s in manifest["shards"])
-        plan = self.plan(n_tokens - stored)
+        plan = self.plan(n_tokens)
         records = self._records()
         done = {e["file"] for e in plan if e in records and (directory / e["file"]).exists()}
         mine = [e for e in plan if e["file"] not in done][rank::world]
@@ -278,12 +277,13 @@ class ActivationStore:
         return sum(s["n_tokens"] for s in manifest["shards"])
 
     def plan(self, n_tokens: int) -> list[dict[str, Any]]:
-        """The shards a harvest of ``n_tokens`` more rows writes after those stored: manifest entries ``{"file",
+        """The shards :meth:`harvest` ``(n_tokens)`` writes after those stored: manifest entries ``{"file",
         "first_context", "n_contexts", "n_tokens"}``, from the tokens alone (no forward pass). Forward passes of
-        ``batch_contexts`` contexts are added to a shard until it holds ``shard_tokens`` rows, until ``n_tokens``
-        rows or the corpus' end (the last shard then holds the rest)."""
+        ``batch_contexts`` contexts are added to a shard until it holds ``shard_tokens`` rows, until the store holds
+        ``n_tokens`` rows or the corpus ends (the last shard then holds the rest)."""
         manifest = self.manifest()
         index = len(manifest["shards"]) if manifest else 0
+        n_tokens -= sum(s["n_tokens"] for s in manifest["shards"]) if manifest else 0
         first = self.harvested_contexts()
         plan: list[dict[str, Any]] = []
         rows = n_contexts = total = 0
