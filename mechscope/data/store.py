@@ -10,7 +10,9 @@ The store owns its disk format; consumers read it through :meth:`ActivationStore
 name plus ``tokens``, ``context`` and ``position`` ``[rows]`` — and ``manifest.json``, which records the
 settings and, per shard, the contexts it covers. Shards and the manifest are written atomically
 (:func:`mechscope.files.atomic_write`), so an interrupted harvest resumes at the first context no finished
-shard covers: nothing is lost or stored twice.
+shard covers: nothing is lost or stored twice. A harvest plans its shards from the tokens first
+(:meth:`ActivationStore.plan`), so ranks under torchrun can share it (``harvest(..., data_parallel=True)``) and
+write the very shards and manifest one process writes (docs/distributed.md).
 """
 
 from __future__ import annotations
