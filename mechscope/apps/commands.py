@@ -76,16 +76,17 @@ def _add_dashboards_parser(commands: argparse._SubParsersAction) -> None:
         "the flags.",
     )
     dash.add_argument("config", metavar="CONFIG", help="a TOML file of DashboardsConfig settings")
+    _add_nproc_flag(dash)
     add_flags(dash, DashboardsConfig)
     dash.set_defaults(run=_run_dashboards)
 
 
 def _run_dashboards(args: argparse.Namespace) -> None:
-    _single_process("dashboards")
     config = load(DashboardsConfig, args.config, flag_values(args, DashboardsConfig))
     check_output_dir(config.out_dir, "out_dir")
-    dash = run_dashboards(config)
-    print(f"Dashboards of {dash.d_sae} latents over {dash.n_tokens} tokens in {config.out_dir}")
+    with distributed.session(config.device):
+        dash = run_dashboards(config)
+        distributed.print_main(f"Dashboards of {dash.d_sae} latents over {dash.n_tokens} tokens in {config.out_dir}")
 
 
 COOC_STAGES = {
@@ -118,7 +119,7 @@ def _single_process(command: str) -> None:
     if distributed.launched() and int(os.environ["WORLD_SIZE"]) > 1:
         raise ValueError(
             f"mechscope {command} does not run data-parallel yet: run it in one process (without torchrun); "
-            f"the stages that do: cooc {', '.join(DATA_PARALLEL_COOC)}"
+            f"the stages that do: cooc {', '.join(DATA_PARALLEL_COOC)}, dashboards"
         )
 
 

@@ -9,9 +9,13 @@ The SAE encodes each chunk of rows once per pass; nothing ``[tokens, d_sae]`` is
 Where a run is lives in a :class:`DashboardState`: the pass, the key of the next chunk (the activation store's
 ``chunks(start)`` keys) and the accumulators so far, all tensors. :func:`compute_dashboards` calls ``on_chunk(state)``
 after every chunk (the pipeline checkpoints it there) and continues from a ``resume`` state, so a run resumed from a
-state of a killed one gives exactly the uninterrupted result. The pieces are public for ranks of a data-parallel run:
-each runs :func:`run_pass` over its share of the chunks from the same state, :meth:`DashboardState.merge` joins them,
-:meth:`DashboardState.next_pass` starts the next pass and :func:`finish_dashboards` ends the third.
+state of a killed one gives exactly the uninterrupted result. The pieces are public for ranks of a data-parallel run
+(:mod:`mechscope.dashboards.pipeline` under torchrun): each feeds its share of the chunks to the same state
+(:func:`feed_chunk`, or :func:`run_pass` over ``chunks(start, step=world_size)``), :meth:`DashboardState.merge` joins
+them exactly (every selection breaks ties by the tokens' keys, every count is an integer sum, so the merge of any
+split of the chunks is bit for bit the state of one process), :meth:`DashboardState.restart_pass` empties a rank's
+pass after rank 0 took its part, :meth:`DashboardState.next_pass` starts the next pass and :func:`finish_dashboards`
+ends the third.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import ClassVar
+from typing import Any, ClassVar, Protocol
 
 import torch
 from torch import Tensor
@@ -33,15 +37,24 @@ from mechscope.sae.latents import SparseLatents
 from mechscope.sae.model import SparseAutoencoder
 from mechscope.settings import Config, at_least, check_fields, meta
 
-Chunks = Callable[[int], Iterable[tuple[int, Mapping[str, Tensor]]]]
-"""``chunks(start)``: a fresh iterator over the stored rows from the chunk keyed ``start`` (0: the first), each chunk
-with the key of the one after it, as :meth:`mechscope.data.store.ActivationStore.chunks` gives them. A chunk is a
-dict with the hook's ``[n, d_in]`` and ``tokens``, ``context``, ``position`` ``[n]``."""
+
+class Chunks(Protocol):
+    """``chunks(start, step=1)``: a fresh iterator over the stored rows from the chunk keyed ``start`` (0: the
+    first), each chunk with the key of the one after it, as :meth:`mechscope.data.store.ActivationStore.chunks`
+    gives them. A chunk is a dict with the hook's ``[n, d_in]`` and ``tokens``, ``context``, ``position`` ``[n]``.
+    ``step``: every ``step``-th chunk from ``start`` (a rank's share of a data-parallel run; the key of chunk ``i``
+    is then ``i + 1``, stored shards and :func:`chunk_list` are keyed so)."""
+
+    def __call__(self, start: int, *, step: int = 1) -> Iterable[tuple[int, Mapping[str, Tensor]]]: ...
 
 
 def chunk_list(chunks: Sequence[Mapping[str, Tensor]]) -> Chunks:
     """:data:`Chunks` over rows held in memory: chunk ``i`` has key ``i`` (the next one ``i + 1``)."""
-    return lambda start: zip(itertools.count(start + 1), chunks[start:])
+
+    def read(start: int, *, step: int = 1) -> Iterable[tuple[int, Mapping[str, Tensor]]]:
+        return zip(itertools.count(start + 1, step), chunks[start::step])
+
+    return read
 
 
 @dataclass
@@ -127,7 +140,7 @@ PARTS: dict[str, type[Part]] = {
 PASS_PARTS = {1: ("top", "firing"), 2: ("bins", "histogram"), 3: ("windows",)}
 """The accumulators each pass fills."""
 N_PASSES = len(PASS_PARTS)
-_PASS_NAMES = {1: "top examples", 2: "bins", 3: "windows"}
+PASS_NAMES = {1: "top examples", 2: "bins", 3: "windows"}
 
 
 @dataclass
@@ -193,24 +206,53 @@ class DashboardState:
     def next_pass(self) -> DashboardState:
         """The state before the first chunk of the next pass: pass 2's bins under pass 1's max activations, or
         pass 3's windows around the chosen examples."""
+        if self.pass_number == N_PASSES:
+            raise ValueError("pass 3 is the last: finish_dashboards(state, ...) makes the dashboards")
+        return replace(self, pass_number=self.pass_number + 1, key=0, **self._fresh_parts(self.pass_number + 1))
+
+    def restart_pass(self) -> DashboardState:
+        """This state with its pass's accumulators empty again (the earlier passes' kept, ``key`` unchanged): what a
+        rank of a data-parallel run goes on from once rank 0 holds the merge of what it had."""
+        return replace(self, **self._fresh_parts(self.pass_number))
+
+    def _fresh_parts(self, pass_number: int) -> dict[str, Any]:
+        """The empty accumulators of pass ``pass_number``, made from the passes before it (done in this state)."""
         s = self.settings
-        if self.pass_number == 1:
+        if pass_number == 1:
+            return {"top": TopExamples(self.top.d_sae, s.n_top), "firing": FiringCounts(self.top.d_sae)}
+        if pass_number == 2:
             max_activation = self.top.max_activation()
             bins = BinSamples(max_activation, s.n_bins, s.per_bin, s.seed)
-            histogram = ActivationHistograms(max_activation.clone(), s.histogram_bins)  # a tensor of its own to save
-            return replace(self, pass_number=2, key=0, bins=bins, histogram=histogram)
-        if self.pass_number == 2:
-            assert self.bins is not None
-            tops, binned = _examples_of(self.top.selection, 1), _examples_of(self.bins.selection, s.n_bins)
-            context, position, latent = (torch.cat(parts) for parts in zip(tops, binned, strict=True))
-            return replace(self, pass_number=3, key=0, windows=Windows(context, position, latent, window=s.window))
-        raise ValueError("pass 3 is the last: finish_dashboards(state, ...) makes the dashboards")
+            return {"bins": bins, "histogram": ActivationHistograms(max_activation.clone(), s.histogram_bins)}
+        assert self.bins is not None
+        tops, binned = _examples_of(self.top.selection, 1), _examples_of(self.bins.selection, s.n_bins)
+        context, position, latent = (torch.cat(parts) for parts in zip(tops, binned, strict=True))
+        return {"windows": Windows(context, position, latent, window=s.window)}
 
 
 def _examples_of(selection: Selection, groups_per_latent: int) -> tuple[Tensor, Tensor, Tensor]:
     filled = selection.filled()
     latent = torch.arange(selection.context.shape[0])[:, None].expand_as(filled) // groups_per_latent
     return selection.context[filled], selection.position[filled], latent[filled]
+
+
+def feed_chunk(state: DashboardState, sae: SparseAutoencoder, hook_name: str, rows: Mapping[str, Tensor]) -> None:
+    """Take in one chunk of rows (a :data:`Chunks` item) in ``state``'s pass, the chunk encoded by ``sae`` once;
+    ``state`` is updated in place, its ``key`` left as it was."""
+    with torch.no_grad():
+        encoded = sae.encode_sparse(rows[hook_name].to(sae.W_enc.device))
+    latents = SparseLatents(encoded.indices.cpu(), encoded.values.float().cpu())
+    context, position = rows["context"], rows["position"]
+    if state.pass_number == 1:
+        state.top.update(latents, context, position)
+        state.firing.update(latents)
+    elif state.pass_number == 2:
+        assert state.bins is not None and state.histogram is not None
+        state.bins.update(latents, context, position)
+        state.histogram.update(latents)
+    else:
+        assert state.windows is not None
+        state.windows.update(latents, context, position, rows["tokens"])
 
 
 def run_pass(
@@ -221,28 +263,14 @@ def run_pass(
     progress: bool = True,
     on_chunk: Callable[[DashboardState], object] | None = None,
 ) -> DashboardState:
-    """Feed ``state``'s pass every chunk of ``chunks(state.key)`` (each encoded by ``sae`` once), updating ``state``
-    in place and calling ``on_chunk(state)`` after each; returns ``state``, its pass done."""
-    p = state.pass_number
-    desc = f"dashboards {p}/{N_PASSES}: {_PASS_NAMES[p]}"
-    with torch.no_grad():
-        for key, rows in tqdm(chunks(state.key), desc=desc, unit="chunk", disable=not progress):
-            encoded = sae.encode_sparse(rows[hook_name].to(sae.W_enc.device))
-            latents = SparseLatents(encoded.indices.cpu(), encoded.values.float().cpu())
-            context, position = rows["context"], rows["position"]
-            if p == 1:
-                state.top.update(latents, context, position)
-                state.firing.update(latents)
-            elif p == 2:
-                assert state.bins is not None and state.histogram is not None
-                state.bins.update(latents, context, position)
-                state.histogram.update(latents)
-            else:
-                assert state.windows is not None
-                state.windows.update(latents, context, position, rows["tokens"])
-            state.key = key
-            if on_chunk is not None:
-                on_chunk(state)
+    """Feed ``state``'s pass every chunk of ``chunks(state.key)`` (:func:`feed_chunk`), updating ``state`` in place
+    and calling ``on_chunk(state)`` after each; returns ``state``, its pass done."""
+    desc = f"dashboards {state.pass_number}/{N_PASSES}: {PASS_NAMES[state.pass_number]}"
+    for key, rows in tqdm(chunks(state.key), desc=desc, unit="chunk", disable=not progress):
+        feed_chunk(state, sae, hook_name, rows)
+        state.key = key
+        if on_chunk is not None:
+            on_chunk(state)
     return state
 
 

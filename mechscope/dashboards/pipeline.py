@@ -8,6 +8,9 @@ key, its settings and source; :mod:`mechscope.dashboards.outputs`) every ``check
 are read again) and gives exactly the uninterrupted result, and refuses, naming the differences, when the settings,
 the source or the stored rows differ. The dashboards' files are written at the end, atomically, and then the
 checkpoint is deleted; what a kill left half-written is removed when the next run starts.
+
+Under torchrun the ranks share the chunks and merge exactly (:func:`run_dashboards`); every rank stops at the same
+chunk on Ctrl-C / SIGTERM, and a run killed in any rank resumes from the last checkpoint under any number of ranks.
 """
 
 from __future__ import annotations
@@ -15,11 +18,24 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import Callable
+from contextlib import closing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
-from mechscope.dashboards.build import Dashboards, DashboardSettings, DashboardState, compute_dashboards
+from tqdm.auto import tqdm
+
+import mechscope.distributed as distributed
+from mechscope.dashboards.build import (
+    N_PASSES,
+    PASS_NAMES,
+    Chunks,
+    Dashboards,
+    DashboardSettings,
+    DashboardState,
+    feed_chunk,
+    finish_dashboards,
+)
 from mechscope.dashboards.layout import CHECKPOINT, find_dashboards, read_meta, read_vocab
 from mechscope.dashboards.outputs import (
     load_checkpoint,
@@ -33,7 +49,7 @@ from mechscope.dashboards.outputs import (
 )
 from mechscope.data.store import ActivationStore
 from mechscope.files import atomic_write, check_settings
-from mechscope.interrupts import Cadence, stop_on_signals
+from mechscope.interrupts import Cadence, Interrupted, StopFlag, stop_on_signals
 from mechscope.models.hooked import HookedModel
 from mechscope.models.names import is_attention_map, parse_hook
 from mechscope.models.tokenizer import token_strings
@@ -64,7 +80,8 @@ class DashboardsConfig(Config):
     device: str = field(default="cpu", metadata=meta("device of the model and the SAE"))
     progress: bool = field(default=True, metadata=meta("show progress bars"))
     checkpoint_every: int = field(
-        default=0, metadata=meta("chunks (activation shards) between checkpoints of a run; 0: by time only")
+        default=0,
+        metadata=meta("chunks (activation shards; per rank under torchrun) between checkpoints of a run; 0: by time"),
     )
     checkpoint_seconds: float = field(
         default=60.0,
@@ -109,7 +126,7 @@ def _resume(config: DashboardsConfig, about: dict[str, Any]) -> DashboardState |
         labels="checkpoint, now",
     )
     state = load_checkpoint(config.out_dir)
-    print(f"dashboards: resuming pass {state.pass_number} at chunk {state.key} from {path}")
+    distributed.print_main(f"dashboards: resuming pass {state.pass_number} at chunk {state.key} from {path}")
     return state
 
 
@@ -123,11 +140,17 @@ def run_dashboards(
 ) -> Dashboards:
     """Compute (or reuse, or resume) the dashboards ``config`` asks for; ``model`` / ``sae`` skip loading them.
 
-    ``on_chunk(state)`` is called after every chunk of every pass, before a checkpoint is written
-    (:func:`~mechscope.dashboards.build.compute_dashboards`); an exception it raises ends the run as a kill would, so
-    a test can check that the next run resumes to the uninterrupted result. ``write_file(path, write)`` writes each
-    file of the checkpoints and of the result (default :func:`~mechscope.files.atomic_write`), for tests that kill a
-    write half-way.
+    ``on_chunk(state)`` is called after every chunk of every pass this rank reads, before a checkpoint is written;
+    an exception it raises ends the run as a kill would, so a test can check that the next run resumes to the
+    uninterrupted result. ``write_file(path, write)`` writes each file of the checkpoints and of the result (default
+    :func:`~mechscope.files.atomic_write`), for tests that kill a write half-way.
+
+    Under torchrun (:mod:`mechscope.distributed`) rank ``r`` reads every ``world_size``-th chunk from the ``r``-th
+    (in rounds of one chunk per rank); at every checkpoint the ranks' states are merged on rank 0, which writes the
+    checkpoint one process would write after the same chunks (so a run resumes under any number of ranks), and at the
+    end of every pass on every rank. The merge is exact, so the dashboards are bit for bit those of one process;
+    every rank returns them, rank 0 writes them. Missing activations are harvested by the ranks together
+    (:meth:`~mechscope.data.store.ActivationStore.harvest` with ``data_parallel``).
     """
     if config.sae is None and sae is None:
         raise ConfigError('sae is required: the SAE\'s directory (sae = "path" in the file, or --sae)', field="sae")
@@ -155,7 +178,7 @@ def run_dashboards(
     source = _source(config, hook_name, store, sae)
     settings = dataclasses.asdict(config.dashboards)
     out_dir = Path(config.out_dir)
-    if out_dir.is_dir():
+    if out_dir.is_dir() and distributed.is_main():
         remove_stale_files(out_dir)
     done = read_meta(out_dir)
     if done is not None:
@@ -167,38 +190,97 @@ def run_dashboards(
             fix="use another out_dir, or delete it to compute them again",
             labels="there, now",
         )
-        remove_checkpoint(out_dir)  # left by a kill after the result was written
+        if distributed.is_main():
+            remove_checkpoint(out_dir)  # left by a kill after the result was written
         return load_dashboards(out_dir)
-    if store.stored_tokens() == 0:
-        store.harvest(config.n_tokens, progress=config.progress)
+    if distributed.broadcast(store.stored_tokens() == 0):  # rank 0 decides: the others may see its harvest start
+        store.harvest(config.n_tokens, progress=config.progress, data_parallel=True)  # each rank harvests its share
     about = {"source": source, "stored_tokens": store.stored_tokens()}
-    resume = _resume(config, about)
+    state = _resume(config, about) or DashboardState.start(sae.cfg.d_sae, config.dashboards)
+    if not distributed.is_main():
+        state = state.restart_pass()  # rank 0 holds the checkpoint's pass so far; the others add their chunks to it
     due = Cadence(config.checkpoint_every, config.checkpoint_seconds)
-    with stop_on_signals() as stop:  # Ctrl-C / SIGTERM: finish the chunk, write a checkpoint, raise Interrupted
+    progress = config.progress and distributed.is_main()
+    with stop_on_signals() as stop:  # Ctrl-C / SIGTERM: finish the round, write a checkpoint, raise Interrupted
 
-        def after_chunk(state: DashboardState) -> None:
-            if on_chunk is not None:
-                on_chunk(state)
-            if due() or stop:
-                save_checkpoint(out_dir, state, about, write_file)
-            if stop:
-                where = f"pass {state.pass_number} of 3, chunk {state.key}"
-                raise stop.interrupted("dashboards", out_dir / CHECKPOINT, where)
+        def after_round(state: DashboardState, checkpoint: bool, signum: int) -> DashboardState:
+            if checkpoint or signum:
+                state = _checkpoint(out_dir, state, about, write_file)
+            if signum:  # a rank the signal did not reach stops as well, with the others' signal
+                where = f"pass {state.pass_number} of {N_PASSES}, chunk {state.key}"
+                if stop:
+                    raise stop.interrupted("dashboards", out_dir / CHECKPOINT, where)
+                raise Interrupted("dashboards", signum, out_dir / CHECKPOINT, where)
+            return state
 
-        dash = compute_dashboards(
-            sae,
-            hook_name,
-            store.chunks,
-            model.W_U,
-            model.ln_final_w,
-            config.dashboards,
-            progress=config.progress,
-            resume=resume,
-            on_chunk=after_chunk,
-        )
-        save_dashboards(out_dir, dash, source, token_strings(model.tokenizer, model.cfg.d_vocab), write_file)
-        remove_checkpoint(out_dir)
+        while True:
+            state = _shared_pass(state, sae, hook_name, store.chunks, (due, stop), progress, on_chunk, after_round)
+            state = distributed.combine_all(state, DashboardState.merge)  # every rank needs the whole pass
+            if state.pass_number == N_PASSES:
+                break
+            state = state.next_pass()
+        dash = finish_dashboards(state, sae.W_dec.detach(), model.W_U, model.ln_final_w)
+        if distributed.is_main():
+            save_dashboards(out_dir, dash, source, token_strings(model.tokenizer, model.cfg.d_vocab), write_file)
+            remove_checkpoint(out_dir)
     return dash
+
+
+def _shared_pass(
+    state: DashboardState,
+    sae: SparseAutoencoder,
+    hook_name: str,
+    chunks: Chunks,
+    when: tuple[Cadence, StopFlag],
+    progress: bool,
+    on_chunk: Callable[[DashboardState], object] | None,
+    after_round: Callable[[DashboardState, bool, int], DashboardState],
+) -> DashboardState:
+    """Feed ``state``'s pass this rank's share of the chunks from ``state.key`` on, in rounds of one chunk per rank
+    (rank ``r`` takes the ``r``-th chunk of each round; one process, one chunk a round), and return it with the
+    pass done on this rank. After every round all ranks have the key after the round's last chunk and call
+    ``after_round(state, checkpoint, signum)`` together; it returns the state to go on from. ``when`` is the
+    cadence of checkpoints (it counts rounds; its seconds run apart on each rank) and the stop flag: ``checkpoint``
+    is true on every rank when due on any, and ``signum`` is the stop signal any rank got (0: none), so every rank
+    stops at the same chunk."""
+    due, stop = when
+    world = distributed.world_size()
+    own = iter(chunks(state.key + distributed.rank(), step=world))
+    desc = f"dashboards {state.pass_number}/{N_PASSES}: {PASS_NAMES[state.pass_number]}"
+    with closing(tqdm(desc=desc, unit="chunk", disable=not progress)) as bar:
+        while True:
+            start, item = state.key, next(own, None)
+            if item is not None:
+                key, rows = item
+                feed_chunk(state, sae, hook_name, rows)
+                state.key = key
+                if on_chunk is not None:
+                    on_chunk(state)
+            ends = (state.key, item is not None and due(), stop.signum or 0)
+            reached, checkpoint, signum = distributed.combine_all(ends, _round_end)
+            if checkpoint:
+                due.restart()  # a checkpoint is written: every rank counts from now
+            bar.update(reached - start)
+            state.key = reached  # the key after the round's last chunk, on every rank
+            state = after_round(state, checkpoint, signum)
+            if reached < start + world:  # a rank found no chunk of its own: the chunks are done
+                return state
+
+
+def _round_end(a: tuple[int, bool, int], b: tuple[int, bool, int]) -> tuple[int, bool, int]:
+    """Two ranks' (key after their chunk, checkpoint due, stop signal or 0) joined: the furthest key, due on either,
+    either's signal."""
+    return max(a[0], b[0]), a[1] or b[1], a[2] or b[2]
+
+
+def _checkpoint(out_dir: Path, state: DashboardState, about: dict[str, Any], write_file: WriteFile) -> DashboardState:
+    """Merge the ranks' states on rank 0, which writes the checkpoint (the file one process writes at this chunk),
+    and return the state to go on from: the merge on rank 0, this pass restarted on the others."""
+    merged = distributed.gather_to_main(state, DashboardState.merge)
+    if merged is None:
+        return state.restart_pass()
+    save_checkpoint(out_dir, merged, about, write_file)
+    return merged
 
 
 def export_neuronpedia(

@@ -10,14 +10,17 @@ The store owns its disk format; consumers read it through :meth:`ActivationStore
 name plus ``tokens``, ``context`` and ``position`` ``[rows]`` — and ``manifest.json``, which records the
 settings and, per shard, the contexts it covers. Shards and the manifest are written atomically
 (:func:`mechscope.files.atomic_write`), so an interrupted harvest resumes at the first context no finished
-shard covers: nothing is lost or stored twice.
+shard covers: nothing is lost or stored twice. A harvest plans its shards from the tokens first
+(:meth:`ActivationStore.plan`), so ranks under torchrun can share it (``harvest(..., data_parallel=True)``) and
+write the very shards and manifest one process writes (docs/distributed.md).
 """
 
 from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Iterable, Iterator
-from itertools import islice, repeat
+from contextlib import closing
+from itertools import count, islice, repeat
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +30,7 @@ from safetensors.torch import save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
+import mechscope.distributed as distributed
 from mechscope.data.corpus import iter_texts, pack_contexts
 from mechscope.files import (
     DamagedFile,
@@ -38,7 +42,7 @@ from mechscope.files import (
     read_safetensors,
     reading,
 )
-from mechscope.interrupts import Cadence, stop_on_signals
+from mechscope.interrupts import Cadence, StopFlag, stop_on_signals
 from mechscope.models.hooked import HookedModel
 from mechscope.models.points import token_vectors
 from mechscope.settings import DeprecatedSetting
@@ -122,13 +126,18 @@ class ActivationStore:
         packed = pack_contexts(iter_texts(self.corpus, self.text_field), self.model.tokenizer, self.context_length)
         return islice(packed, skip, None)
 
+    def _kept(self, tokens: Tensor) -> Tensor:
+        """``[n_contexts, context_length]`` bool: the positions of ``tokens`` that become rows."""
+        keep = torch.ones_like(tokens, dtype=torch.bool)
+        if self.exclude_special and self._special:
+            keep &= ~torch.isin(tokens, torch.tensor(self._special, device=tokens.device))
+        return keep
+
     def _run(self, tokens: Tensor, first_context: int) -> Rows:
         """Rows of one forward pass over ``tokens [n_contexts, context_length]``."""
         with torch.no_grad():
             _, cache = self.model.run_with_cache(tokens, names_filter=self.hook_names, stop_at_layer=self.stop_at_layer)
-        keep = torch.ones_like(tokens, dtype=torch.bool)
-        if self.exclude_special and self._special:
-            keep &= ~torch.isin(tokens, torch.tensor(self._special))
+        keep = self._kept(tokens).to(tokens.device)
         n, p = tokens.shape
         context = torch.arange(first_context, first_context + n)[:, None].expand(n, p)
         position = torch.arange(p)[None].expand(n, p)
@@ -199,6 +208,7 @@ class ActivationStore:
         *,
         on_batch: Callable[[int, int], object] | None = None,
         checkpoint_seconds: float = 300.0,
+        data_parallel: bool = False,
     ) -> int:
         """Harvest into ``activations_dir`` until it holds at least ``n_tokens`` rows (resuming what is there).
 
@@ -210,82 +220,213 @@ class ActivationStore:
         an exception it raises stops the harvest as a kill would (rows in no finished shard or saved pending rows
         are lost, the finished shards and the manifest stay), so a test can check that the next harvest resumes
         exactly. Temporary files of killed harvests are removed when a harvest starts.
+
+        The shards are planned before any forward pass (:meth:`plan`: the contexts and rows of each, from the
+        tokens alone), so a harvest can be shared. With ``data_parallel`` under torchrun every rank calls this:
+        the planned shards not yet written are dealt round-robin, each rank writes its own (the files one process
+        writes) and records them in ``manifest.rank{R}.json``, and rank 0 merges them into ``manifest.json`` once
+        all are there. A killed harvest (of any rank) resumes under any number of ranks, one process included:
+        the shards recorded are kept, the others harvested again; each rank saves its pending rows in
+        ``pending.shard_NNNNN.safetensors``. Without ``data_parallel`` this process harvests everything (under torchrun
+        too: call it on one rank).
         """
         directory = self.activations_dir
         if directory is None:
             raise ValueError("harvest() writes shards: create the store with activations_dir=...")
-        directory.mkdir(parents=True, exist_ok=True)
-        clean_directory(directory)
+        shared = data_parallel and distributed.world_size() > 1
+        rank, world = (distributed.rank(), distributed.world_size()) if shared else (0, 1)
+        if rank == 0:
+            directory.mkdir(parents=True, exist_ok=True)
+            clean_directory(directory)
+            if shared and self.manifest() is None:  # the settings every rank's shards are harvested with
+                atomic_write_json(directory / MANIFEST, {"version": 1, "settings": self.settings(), "shards": []})
+        if shared:
+            distributed.barrier()
         manifest = self.manifest() or {"version": 1, "settings": self.settings(), "shards": []}
-        shards = manifest["shards"]
-        stored = sum(s["n_tokens"] for s in shards)
-        first = self.harvested_contexts()
-        pending, n_contexts = self._pending(first)
+        plan = self.plan(n_tokens)
+        records = self._records()
+        done = {e["file"] for e in plan if e in records and (directory / e["file"]).exists()}
+        mine = [e for e in plan if e["file"] not in done][rank::world]
+        own = directory / f"manifest.rank{rank}.json"  # a shared harvest's record of this rank's shards
+        recorded = [e for e in _read_record(own) if e in records] if shared else []
 
-        def flush() -> None:
-            nonlocal first, stored, n_contexts
-            merged = _cat(pending)
-            name = f"shard_{len(shards):05d}.safetensors"
-            atomic_write(directory / name, lambda tmp: save_file(merged, str(tmp)))
-            n = len(merged["tokens"])
-            shards.append({"file": name, "first_context": first, "n_contexts": n_contexts, "n_tokens": n})
-            atomic_write_json(directory / MANIFEST, manifest)
-            (directory / PENDING).unlink(missing_ok=True)
-            stored += n
-            first += n_contexts
-            n_contexts = 0
-            pending.clear()
+        def finished(entry: dict[str, Any]) -> None:
+            done.add(entry["file"])
+            if shared:
+                recorded.append(entry)
+                atomic_write_json(own, {"version": 1, "settings": self.settings(), "shards": recorded})
+            else:
+                self._merge(manifest, plan, done)
 
-        def save_pending() -> None:
-            if not (directory / MANIFEST).exists():
-                atomic_write_json(directory / MANIFEST, manifest)  # the settings the pending rows were harvested with
-            pending[:] = [_cat(pending)]
-            meta = {"first_context": str(first), "n_contexts": str(n_contexts)}
-            atomic_write(directory / PENDING, lambda tmp: save_file(pending[0], str(tmp), metadata=meta))
-
-        remaining = max(n_tokens - stored - _rows(pending), 0)
+        if not shared:
+            self._merge(manifest, plan, done)  # what ranks of a killed shared harvest recorded
+        total = sum(e["n_tokens"] for e in mine)
+        bar = tqdm(total=total, unit="tok", desc="harvest", disable=not (progress and total and rank == 0))
         due = Cadence(seconds=checkpoint_seconds)
-        with stop_on_signals() as stop:  # Ctrl-C / SIGTERM: finish the pass, save the pending rows, raise
-            for first_context, count, rows in self.stream(
-                remaining, skip_contexts=first + n_contexts, progress=progress and remaining > 0
-            ):
-                if on_batch is not None:
-                    on_batch(first_context, count)
-                pending.append(rows)
-                n_contexts += count
-                if _rows(pending) >= self.shard_tokens:
-                    flush()
-                elif due() or stop:
-                    save_pending()
+        with stop_on_signals() as stop, closing(bar):  # Ctrl-C / SIGTERM: finish the pass, save the pending rows
+            for entry, contexts in self._contexts_of(mine):
+                pending_file = self._pending_file(entry) if shared else directory / PENDING
+                self._harvest_shard(entry, contexts, pending_file, (due, stop, bar), on_batch, manifest)
+                finished(entry)
                 if stop:
-                    where = f"{stored + _rows(pending)} of {n_tokens} rows"
-                    raise stop.interrupted("harvest", directory, where)
-            if pending:
-                flush()
-        return stored
+                    raise stop.interrupted("harvest", directory, f"shard {entry['file']} of {len(plan)} planned")
+        if shared:
+            distributed.barrier()
+            if rank == 0:
+                self._merge(manifest, plan, {e["file"] for e in self._records()} | done)
+            distributed.barrier()
+            manifest = self.manifest() or manifest
+        return sum(s["n_tokens"] for s in manifest["shards"])
 
-    def _pending(self, first_context: int) -> tuple[list[Rows], int]:
-        """The rows a stopped harvest saved for the shard starting at context ``first_context`` and the contexts
-        they cover (``([], 0)`` when there are none; a file left from before a finished shard is removed)."""
+    def plan(self, n_tokens: int) -> list[dict[str, Any]]:
+        """The shards :meth:`harvest` ``(n_tokens)`` writes after those stored: manifest entries ``{"file",
+        "first_context", "n_contexts", "n_tokens"}``, from the tokens alone (no forward pass). Forward passes of
+        ``batch_contexts`` contexts are added to a shard until it holds ``shard_tokens`` rows, until the store holds
+        ``n_tokens`` rows or the corpus ends (the last shard then holds the rest)."""
+        manifest = self.manifest()
+        index = len(manifest["shards"]) if manifest else 0
+        n_tokens -= sum(s["n_tokens"] for s in manifest["shards"]) if manifest else 0
+        first = self.harvested_contexts()
+        plan: list[dict[str, Any]] = []
+        rows = n_contexts = total = 0
+        contexts = self.contexts(first)
+
+        def close() -> None:
+            nonlocal first, rows, n_contexts
+            entry = {"file": f"shard_{index + len(plan):05d}.safetensors", "first_context": first}
+            plan.append({**entry, "n_contexts": n_contexts, "n_tokens": rows})
+            first, rows, n_contexts = first + n_contexts, 0, 0
+
+        while total < n_tokens:
+            batch = list(islice(contexts, self.batch_contexts))
+            if not batch:
+                break
+            kept = int(self._kept(torch.stack(batch)).sum())
+            rows, n_contexts, total = rows + kept, n_contexts + len(batch), total + kept
+            if rows >= self.shard_tokens:
+                close()
+        if n_contexts:
+            close()
+        return plan
+
+    def _contexts_of(self, entries: list[dict[str, Any]]) -> Iterator[tuple[dict[str, Any], list[Tensor]]]:
+        """Each of ``entries`` (planned shards, in corpus order) with its contexts, from one pass over the corpus."""
+        if not entries:
+            return
+        start = entries[0]["first_context"]
+        contexts = self.contexts(start)
+        for entry in entries:
+            skipped = entry["first_context"] - start
+            wanted = list(islice(contexts, skipped, skipped + entry["n_contexts"]))
+            start = entry["first_context"] + entry["n_contexts"]
+            yield entry, wanted
+
+    def _harvest_shard(
+        self,
+        entry: dict[str, Any],
+        contexts: list[Tensor],
+        pending_file: Path,
+        when: tuple[Cadence, StopFlag, Any],
+        on_batch: Callable[[int, int], object] | None,
+        manifest: dict[str, Any],
+    ) -> None:
+        """Run the forward passes of the planned shard ``entry`` (its ``contexts``, after the rows a stopped
+        harvest saved for it) and write it. ``when``: the cadence of pending saves, the stop flag and the bar."""
+        directory = self.activations_dir
+        assert directory is not None
+        due, stop, bar = when
+        first = entry["first_context"]
+        pending, n_contexts = self._pending(entry)
+        bar.update(_rows(pending))
+        for offset in range(n_contexts, len(contexts), self.batch_contexts):
+            batch = contexts[offset : offset + self.batch_contexts]
+            rows = self._run(torch.stack(batch).to(self.model.device), first + offset)
+            if on_batch is not None:
+                on_batch(first + offset, len(batch))
+            pending.append(rows)
+            n_contexts += len(batch)
+            bar.update(len(rows["tokens"]))
+            if n_contexts < len(contexts) and (due() or stop):
+                if not (directory / MANIFEST).exists():
+                    atomic_write_json(directory / MANIFEST, manifest)  # the settings the pending rows were made with
+                pending[:] = [_cat(pending)]
+                _save_pending(pending_file, pending[0], first, n_contexts)
+            if stop and n_contexts < len(contexts):
+                where = f"context {first + n_contexts} of shard {entry['file']}"
+                raise stop.interrupted("harvest", directory, where)
+        merged = _cat(pending)
+        if len(merged["tokens"]) != entry["n_tokens"]:
+            got = len(merged["tokens"])
+            raise RuntimeError(
+                f"{entry['file']} was planned with {entry['n_tokens']} rows, the passes gave {got}: the corpus "
+                "changed while harvesting; harvest again"
+            )
+        atomic_write(directory / entry["file"], lambda tmp: save_file(merged, str(tmp)))
+        self._pending_file(entry).unlink(missing_ok=True)
+        if pending_file == directory / PENDING:  # one process: the only writer of PENDING
+            pending_file.unlink(missing_ok=True)
+
+    def _merge(self, manifest: dict[str, Any], plan: list[dict[str, Any]], done: set[str]) -> None:
+        """Append to ``manifest`` (and write it) the leading planned shards that are ``done``; once every planned
+        shard is in, remove what shared harvests recorded and left pending."""
         assert self.activations_dir is not None
-        path = self.activations_dir / PENDING
-        if not path.exists():
-            return [], 0
-        with reading(path, "delete it (its rows are harvested again), or choose another activations_dir"):
-            with safe_open(str(path), "pt") as f:
-                meta = f.metadata() or {}
-            start, n_contexts = int(meta["first_context"]), int(meta["n_contexts"])
-        if start != first_context:  # a kill came after its shard was written, before it was removed
-            path.unlink()
-            return [], 0
-        return [read_safetensors(path, fix="delete it (its rows are harvested again)")], n_contexts
+        added = 0
+        for entry in plan:
+            if entry in manifest["shards"]:
+                continue
+            if entry["file"] not in done:
+                break
+            manifest["shards"].append(entry)
+            added += 1
+        if added:
+            atomic_write_json(self.activations_dir / MANIFEST, manifest)
+        if all(entry in manifest["shards"] for entry in plan):
+            for path in [*self.activations_dir.glob("manifest.rank*.json"), *self._pending_files()]:
+                path.unlink(missing_ok=True)
 
-    def _shards(self, start: int = 0) -> Iterator[Rows]:
-        """The stored shards from the ``start``-th on, one at a time, in corpus order."""
+    def _records(self) -> list[dict[str, Any]]:
+        """The shards ranks of shared harvests recorded (``manifest.rank*.json``) under this store's settings."""
+        assert self.activations_dir is not None
+        settings = self.settings()
+        out = []
+        for path in sorted(self.activations_dir.glob("manifest.rank*.json")):
+            record = read_json(path, HARVEST_AGAIN.format(directory=self.activations_dir))
+            if isinstance(record, dict) and record.get("settings") == settings:
+                out += record["shards"]
+        return out
+
+    def _pending_files(self) -> list[Path]:
+        assert self.activations_dir is not None
+        return sorted(self.activations_dir.glob("pending*.safetensors"))
+
+    def _pending_file(self, entry: dict[str, Any]) -> Path:
+        """Where a rank of a shared harvest saves the pending rows of the planned shard ``entry`` (only the rank
+        harvesting that shard touches it)."""
+        assert self.activations_dir is not None
+        return self.activations_dir / f"pending.{Path(entry['file']).stem}.safetensors"
+
+    def _pending(self, entry: dict[str, Any]) -> tuple[list[Rows], int]:
+        """The rows a stopped harvest saved for the planned shard ``entry`` and the contexts they cover (``([],
+        0)`` when there are none). Metadata and rows come from one open file: another rank may replace its own."""
+        fix = "delete it (its rows are harvested again), or choose another activations_dir"
+        assert self.activations_dir is not None
+        for path in (self.activations_dir / PENDING, self._pending_file(entry)):
+            try:
+                with reading(path, fix), safe_open(str(path), "pt") as f:
+                    meta = f.metadata() or {}
+                    start, n_contexts = int(meta["first_context"]), int(meta["n_contexts"])
+                    if start == entry["first_context"] and n_contexts < entry["n_contexts"]:
+                        return [{name: f.get_tensor(name) for name in f.keys()}], n_contexts  # noqa: SIM118
+            except FileNotFoundError:  # removed since it was listed (its shard is done)
+                continue
+        return [], 0
+
+    def _shards(self, start: int = 0, step: int = 1) -> Iterator[Rows]:
+        """The stored shards from the ``start``-th on (every ``step``-th), one at a time, in corpus order."""
         manifest, directory = self.manifest(), self.activations_dir
         if directory is None or not manifest or not manifest["shards"]:
             raise FileNotFoundError(f"no harvested shards in {directory}; call harvest(n_tokens) first")
-        for shard in manifest["shards"][start:]:
+        for shard in manifest["shards"][start::step]:
             path = directory / shard["file"]
             if not path.exists():
                 raise FileNotFoundError(f"shard {path} is missing: {HARVEST_AGAIN.format(directory=directory)}")
@@ -296,22 +437,27 @@ class ActivationStore:
         return self._shards()
 
     # ---- reading: chunks, and batches cut from them ---------------------------------------------------------
-    def chunks(self, start: int = 0, n_tokens: int | None = None, progress: bool = False) -> Iterator[tuple[int, Rows]]:
+    def chunks(
+        self, start: int = 0, n_tokens: int | None = None, progress: bool = False, *, step: int = 1
+    ) -> Iterator[tuple[int, Rows]]:
         """The rows in corpus order, a chunk at a time, each with the key of the chunk after it.
 
-        A chunk is a stored shard when ``activations_dir`` holds a harvest, else a forward pass of
-        ``batch_contexts`` contexts run live (nothing written). ``start`` is a key an earlier call yielded (0: the
-        beginning). With ``n_tokens`` the chunks stop after the one that brings their rows to ``n_tokens``.
-        ``progress`` shows a bar while harvesting live.
+        A chunk is a stored shard when ``activations_dir`` holds a harvest (shard ``i`` has key ``i + 1``), else a
+        forward pass of ``batch_contexts`` contexts run live (nothing written). ``start`` is a key an earlier call
+        yielded (0: the beginning). With ``n_tokens`` the chunks stop after the one that brings their rows to
+        ``n_tokens``. ``progress`` shows a bar while harvesting live. ``step``: every ``step``-th shard from
+        ``start`` on (a rank's share of a data-parallel read; stored shards only), each with the key after it.
         """
         if self.activations_dir is not None and self.stored_tokens() > 0:
             done = 0
-            for index, rows in enumerate(self._shards(start), start=start + 1):
+            for index, rows in zip(count(start + 1, step), self._shards(start, step)):
                 if n_tokens is not None and done >= n_tokens:
                     return
                 yield index, rows
                 done += len(rows["tokens"])
             return
+        if step != 1:
+            raise ValueError(f"chunks(step={step}) reads every {step}-th stored shard: harvest the activations first")
         for first, n_contexts, rows in self.stream(n_tokens, skip_contexts=start, progress=progress):
             yield first + n_contexts, rows
 
@@ -347,6 +493,20 @@ class ActivationStore:
             served += len(batch["tokens"])
             if n_tokens is not None and served >= n_tokens:
                 return
+
+
+def _read_record(path: Path) -> list[dict[str, Any]]:
+    """The shards a rank's ``manifest.rank{R}.json`` records ([] when there is none)."""
+    if not path.exists():
+        return []
+    record = read_json(path, f"delete {path} (its shards are harvested again)")
+    return list(record.get("shards", [])) if isinstance(record, dict) else []
+
+
+def _save_pending(path: Path, rows: Rows, first_context: int, n_contexts: int) -> None:
+    """Write the rows of the shard from ``first_context`` harvested so far (``n_contexts`` contexts) to ``path``."""
+    meta = {"first_context": str(first_context), "n_contexts": str(n_contexts)}
+    atomic_write(path, lambda tmp: save_file(rows, str(tmp), metadata=meta))
 
 
 def _n_rows(rows: Rows) -> int:

@@ -5,12 +5,19 @@ list on this rank, on the same tiny random llama and SAEs the single-process sid
 Tasks: ``{"kind": "count", "config": {CoocConfig fields}, "kill": [rank, batch]}``; with ``kill``, that rank ends
 itself with ``os._exit(1)`` after counting that batch (once rank 0 has written a checkpoint), as a kill would.
 ``{"kind": "evaluate" | "collectives", "out": PATH}`` write what each rank got to ``PATH.RANK.json``.
+``{"kind": "dashboards", "config": {dashboards_config arguments}, "kill": [rank, pass, key], "stop": [rank, pass,
+key]}``: ``run_dashboards``; with ``kill`` that rank ends itself after that chunk (once rank 0 has written the
+checkpoint of the round before), with ``stop`` it sends itself SIGINT there and the :class:`Interrupted` each rank
+gets is written to ``out_dir.RANK.json``.
+``{"kind": "harvest", "activations_dir": PATH, "corpus": PATH, "kill": [rank, first_context]}``: a shared harvest
+(:func:`harvest_store`); with ``kill`` that rank ends itself before storing the forward pass from that context.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -21,6 +28,11 @@ import torch
 from mechscope import HookedModel, distributed
 from mechscope.cooccurrence.config import CoocConfig, CountingConfig
 from mechscope.cooccurrence.pipeline import CHECKPOINT, run_count
+from mechscope.dashboards.build import DashboardSettings, DashboardState
+from mechscope.dashboards.outputs import read_checkpoint_meta
+from mechscope.dashboards.pipeline import DashboardsConfig, run_dashboards
+from mechscope.data.store import ActivationStore
+from mechscope.interrupts import Interrupted
 from mechscope.sae import SAEConfig, SparseAutoencoder, evaluate_sae
 from tests.conftest import build_pair
 from tests.sae_utils import random_weights
@@ -117,6 +129,73 @@ def _collectives(out: str) -> None:
     _write_rank(out, result)
 
 
+DASH_SETTINGS = DashboardSettings(n_top=4, window=3, n_bins=3, per_bin=2, histogram_bins=5, n_logits=4)
+
+
+def dashboards_config(
+    out_dir: str | Path, sae: str | Path, activations_dir: str | Path, corpus: str | Path
+) -> DashboardsConfig:
+    """Dashboards of the TopK SAE (saved in ``sae``) over the shards in ``activations_dir``, a checkpoint every
+    round."""
+    return DashboardsConfig(
+        sae=str(sae), model="random-llama", activations_dir=str(activations_dir), corpus=str(corpus),
+        context_length=16, batch_contexts=3, out_dir=str(out_dir), progress=False, checkpoint_every=1,
+        checkpoint_seconds=0, dashboards=DASH_SETTINGS,
+    )  # fmt: skip
+
+
+def _dashboards_hook(out_dir: str, kill: list[int] | None, stop: list[int] | None):
+    """The ``on_chunk`` that kills (``os._exit``) or interrupts (SIGINT) rank ``[0]`` after the chunk keyed ``[2]``
+    of pass ``[1]``; a kill waits for the checkpoint rank 0 writes after the round before."""
+    if kill is not None and distributed.rank() == kill[0]:
+
+        def killed(state: DashboardState) -> None:
+            if [state.pass_number, state.key] == kill[1:]:
+                deadline = time.monotonic() + 20
+                before = [kill[1], kill[2] - 1 - distributed.rank()]
+                while time.monotonic() < deadline:
+                    meta = read_checkpoint_meta(out_dir)
+                    if meta is not None and [meta["pass"], meta["key"]] == before:
+                        break
+                    time.sleep(0.05)
+                os._exit(1)
+
+        return killed
+    if stop is not None and distributed.rank() == stop[0]:
+        return lambda state: signal.raise_signal(signal.SIGINT) if [state.pass_number, state.key] == stop[1:] else None
+    return None
+
+
+def _dashboards(model: HookedModel, saes: dict[str, SparseAutoencoder], task: dict[str, Any]) -> None:
+    config = dashboards_config(**task["config"])
+    hook = _dashboards_hook(config.out_dir, task.get("kill"), task.get("stop"))
+    try:
+        run_dashboards(config, model, saes[HOOKS[0]], on_chunk=hook)
+    except Interrupted as stopped:
+        _write_rank(config.out_dir, {"where": stopped.where, "checkpoint": str(stopped.checkpoint)})
+
+
+HARVEST_TOKENS = 600  # 7 shards of 2 forward passes (90 rows), the last one short
+
+
+def harvest_store(model: HookedModel, activations_dir: str | Path, corpus: str | Path) -> ActivationStore:
+    """The store of the harvest tests: both hooks, 3 contexts of 16 tokens (15 kept) per forward pass, shards of
+    90 rows."""
+    return ActivationStore(model, HOOKS, corpus, context_length=16, batch_contexts=3, activations_dir=activations_dir,
+                           shard_tokens=90)  # fmt: skip
+
+
+def _harvest(model: HookedModel, task: dict[str, Any]) -> None:
+    kill = task.get("kill")
+
+    def killed(first_context: int, n_contexts: int) -> None:
+        if kill is not None and [distributed.rank(), first_context] == kill:
+            os._exit(1)
+
+    store = harvest_store(model, task["activations_dir"], task["corpus"])
+    store.harvest(HARVEST_TOKENS, progress=False, on_batch=killed, checkpoint_seconds=1e-9, data_parallel=True)
+
+
 def main(tasks_file: str) -> None:
     torch.set_num_threads(1)
     tasks = json.loads(Path(tasks_file).read_text())
@@ -130,6 +209,10 @@ def main(tasks_file: str) -> None:
                 _write_rank(task["out"], evaluation(model, saes))
             elif task["kind"] == "collectives":
                 _collectives(task["out"])
+            elif task["kind"] == "dashboards":
+                _dashboards(model, saes, task)
+            elif task["kind"] == "harvest":
+                _harvest(model, task)
             else:
                 raise ValueError(f"unknown task {task['kind']!r}")
 
