@@ -60,6 +60,10 @@ class HookRegistry:
     def add(self, name: str, fn: HookFn, direction: str = "fwd") -> None:
         if direction not in ("fwd", "bwd"):
             raise ValueError(f"hook direction must be 'fwd' or 'bwd', got {direction!r}")
+        if not callable(fn):
+            raise TypeError(
+                f"the hook function for {name} must be callable as fn(tensor, hook), got {type(fn).__name__} {fn!r}"
+            )
         table = self.fwd if direction == "fwd" else self.bwd
         table.setdefault(name, []).append(fn)
 
