@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
-from transformers.cache_utils import DynamicCache
+from transformers.cache_utils import Cache, DynamicCache
 
 from mechscope.models.adapters import adapter_for, hooked_config
 from mechscope.models.attention import register_attention
@@ -223,6 +223,9 @@ class HookedModel(WeightViews, nn.Module):
     def stop_layer_for(self, names: Iterable[str]) -> int | None:
         """The smallest ``stop_at_layer`` that still runs every hook in ``names`` (``None``: the whole model), module
         points inside a block included; see :func:`mechscope.models.names.stop_layer_for`."""
+        names = list(names)
+        for name in names:
+            self.points.resolve(name)  # a name this model does not have fails here, naming the valid ones
         return stop_layer_for(names, self.cfg.n_layers, self.adapter.layers)
 
     # ---- tokens ------------------------------------------------------------------------------------
@@ -371,6 +374,10 @@ class HookedModel(WeightViews, nn.Module):
         ``attention_mask`` ``[batch, cached + pos]`` covers the cached and the new tokens; ``position_ids``
         ``[batch, pos]`` are the new tokens' positions.
         """
+        if not isinstance(kv_cache, Cache):
+            raise TypeError(
+                f"kv_cache must be a transformers Cache, got {type(kv_cache).__name__}: start with model.new_kv_cache()"
+            )
         return self._logits(tokens, attention_mask, position_ids=position_ids, use_cache=True, cache=kv_cache)
 
     def forward(

@@ -57,6 +57,8 @@ def tokenize(
             raise TypeError(f"a numpy array of dtype {input.dtype} is not token ids ({ACCEPTED})")
         input = torch.from_numpy(input)
     if isinstance(input, torch.Tensor):
+        if input.is_meta:
+            raise ValueError(f"token ids on the meta device have no values ({ACCEPTED}); pass ids on a real device")
         if input.dtype == torch.bool or input.is_floating_point() or input.is_complex():
             raise TypeError(f"a tensor of dtype {input.dtype} is not token ids ({ACCEPTED}); convert with .long()")
         if input.ndim not in (1, 2):

@@ -323,6 +323,8 @@ def write_saelens(
         raise FileExistsError(f"{path} is a file; an SAE is saved as a directory: choose another path")
     cfg_dict, tensors = _saelens_layout(cfg, tensors)
     cfg_text = json.dumps(cfg_dict, indent=2) + "\n"
+    if not isinstance(overwrite, bool):
+        raise TypeError(f"overwrite must be True or False, got {overwrite!r}")
     cfg_file, weights_file = path / CFG_FILE, path / SAELENS_WEIGHTS
     if _holds(cfg_file, weights_file, cfg_text, tensors):
         return path

@@ -2089,6 +2089,439 @@ def _train_big_k(env: Env) -> Any:
     return train_sae(env.train_config(env.tmp / "o", d_sae=None, expansion_factor=1, k=20), store=Rows(16))
 
 
+# ---- more entry points: the model's structure, the cache, files, SAE writing, more tools ---------------------------
+
+
+def more_model_cases() -> Iterator[Case]:
+    ids = torch.tensor([[1, 2, 3]])
+    yield Case(
+        "tokens",
+        "forward(meta tensor ids)",
+        lambda env: env.llama(torch.ones(1, 2, dtype=torch.long, device="meta")),
+        ("meta", "device"),
+    )
+    yield Case("tokens", "forward(list of str with None)", lambda env: env.llama(["ab", None]), ACCEPTED)
+    yield Case("tokens", "forward(tuple of ids)", lambda env: env.llama((1, 2, 3)), (), accept=True)
+    yield Case(
+        "tokens",
+        "forward(int64 numpy 2-D, 513 long)",
+        lambda env: env.llama(np.zeros((1, 513), np.int64)),
+        ("n_ctx = 512",),
+    )
+    yield Case(
+        "hooks",
+        "hook_width('blocks.0.hook_nope')",
+        lambda env: env.llama.hook_width("blocks.0.hook_nope"),
+        ("blocks.0.hook_nope",),
+    )
+    yield Case(
+        "hooks",
+        "stop_layer_for(['blocks.9.hook_resid_post'])",
+        lambda env: env.llama.stop_layer_for(["blocks.9.hook_resid_post"]),
+        ("blocks.9", "0..1"),
+    )
+    yield Case(
+        "hooks",
+        "module_hook(a module outside the model)",
+        lambda env: env.llama.module_hook(torch.nn.Linear(2, 2)),
+        ("not a submodule",),
+    )
+    yield Case(
+        "hooks",
+        "module_hook(which='middle')",
+        lambda env: env.llama.module_hook(env.llama.ln_final, "middle"),
+        ("which", "'pre'", "'post'"),
+    )
+    yield Case(
+        "hooks",
+        "add_hook('blocks.0.hook_nope')",
+        lambda env: env.llama.add_hook("blocks.0.hook_nope", lambda t, hook: None),
+        ("blocks.0.hook_nope",),
+    )
+    yield Case(
+        "hooks",
+        "fwd_hooks given one bare pair, not a list",
+        lambda env: env.llama.run_with_hooks("hi", fwd_hooks=(HOOK, lambda t, hook: None)),
+        ("[(name, hook)]",),
+    )
+    yield Case(
+        "hooks",
+        "a hook with the wrong signature fn(t)",
+        lambda env: env.llama.run_with_hooks("hi", fwd_hooks=[(HOOK, _one_argument)]),
+        ("_one_argument", "hook"),
+        lost=_no_hooks_left,
+    )
+    yield Case(
+        "hooks",
+        "use_attn_in on a grouped-query model",
+        lambda env: _gqa().set_use_attn_in(True),
+        ("grouped-query", "use_split_qkv_input"),
+    )
+    yield Case(
+        "hooks",
+        "attention pattern hook returns another shape",
+        lambda env: env.llama.run_with_hooks(
+            "hi", fwd_hooks=[("blocks.0.attn.hook_pattern", lambda t, hook: t[..., :1])]
+        ),
+        ("hook_pattern", "shape"),
+    )
+    yield Case(
+        "cache",
+        "cache['blocks.0.hook_nope']",
+        lambda env: env.llama.run_with_cache(ids, names_filter=HOOK)[1]["blocks.0.hook_nope"],
+        ("blocks.0.hook_nope",),
+    )
+    yield Case(
+        "cache",
+        "cache['resid_post', 9] (2 layers)",
+        lambda env: env.llama.run_with_cache(ids, names_filter=HOOK)[1]["resid_post", 9],
+        ("9",),
+    )
+    yield Case(
+        "cache",
+        "cache of a point not kept",
+        lambda env: env.llama.run_with_cache(ids, names_filter=HOOK)[1]["blocks.1.hook_resid_post"],
+        ("names_filter",),
+    )
+    yield Case(
+        "cache",
+        "cache.accumulated_resid with names missing",
+        lambda env: env.llama.run_with_cache(ids, names_filter=HOOK)[1].accumulated_resid(),
+        ("names_filter",),
+    )
+    yield Case(
+        "generate",
+        "generate(fwd_hooks=[bad name])",
+        lambda env: env.llama.generate(
+            "hi", max_new_tokens=1, fwd_hooks=[("blocks.0.hook_nope", lambda t, hook: None)]
+        ),
+        ("blocks.0.hook_nope",),
+    )
+    yield Case(
+        "generate",
+        "generate(stop_at_eos='no')",
+        lambda env: env.llama.generate("hi", max_new_tokens=1, stop_at_eos="no"),
+        ("stop_at_eos", "True or False"),
+    )
+    yield Case(
+        "generate",
+        "generate(top_k='5')",
+        lambda env: env.llama.generate("hi", max_new_tokens=1, top_k="5"),
+        ("top_k", "int"),
+    )
+    yield Case(
+        "generate",
+        "generate(top_p='0.5')",
+        lambda env: env.llama.generate("hi", max_new_tokens=1, top_p="0.5"),
+        ("top_p", "(0, 1]"),
+    )
+    yield Case(
+        "generate",
+        "generate(temperature=True)",
+        lambda env: env.llama.generate("hi", max_new_tokens=1, temperature=True),
+        ("temperature", "number"),
+    )
+    yield Case(
+        "forward",
+        "run_with_cache(names_filter=HOOK, stop_at_layer=1.5)",
+        lambda env: env.llama.run_with_cache(ids, names_filter=HOOK, stop_at_layer=1.5),
+        ("stop_at_layer",),
+    )
+    yield Case(
+        "forward",
+        "step() with a kv_cache that is not one",
+        lambda env: env.llama.step(ids, kv_cache={}),
+        ("kv_cache", "new_kv_cache"),
+    )
+
+
+def _one_argument(t: torch.Tensor) -> None:
+    return None
+
+
+def _gqa() -> Any:
+    return HookedModel(
+        HookedAutoConfig(
+            "llama",
+            num_hidden_layers=1,
+            hidden_size=16,
+            intermediate_size=32,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            vocab_size=300,
+        )
+    )
+
+
+def more_file_cases() -> Iterator[Case]:
+    yield Case(
+        "damaged files",
+        "files.read_json of a missing file",
+        lambda env: files.read_json(env.tmp / "no.json"),
+        ("no.json",),
+        errors=(FileNotFoundError,),
+    )
+    yield Case(
+        "damaged files",
+        "atomic_write_text under a file",
+        lambda env: files.atomic_write_text(toml(env.tmp / "taken", "my notes") / "x.txt", "y"),
+        ("taken",),
+        lost=still_there(lambda env: env.tmp / "taken", "my notes"),
+    )
+    yield Case(
+        "damaged files",
+        "atomic_write whose writer fails keeps the old file",
+        lambda env: files.atomic_write(toml(env.tmp / "keep.txt", "old"), _failing_writer),
+        ("half-way",),
+        errors=(RuntimeError,),
+        lost=_kept_and_no_temp,
+    )
+    yield Case(
+        "damaged files",
+        "check_settings against other settings",
+        lambda env: files.check_settings(
+            {"a": 1}, {"a": 2}, where=env.tmp, what="was written", fix="use another folder"
+        ),
+        ("a", "another folder"),
+    )
+    yield Case(
+        "sae files",
+        "save_sae to a path that is a file",
+        lambda env: save_sae(env.sae, toml(env.tmp / "taken", "my notes")),
+        ("taken",),
+        lost=still_there(lambda env: env.tmp / "taken", "my notes"),
+    )
+    yield Case(
+        "sae files",
+        "save_sae(overwrite='yes')",
+        lambda env: save_sae(env.sae, env.tmp / "s", overwrite="yes"),
+        ("overwrite", "True or False"),
+    )
+    yield Case(
+        "sae files",
+        "a sparsify folder with a truncated sae.safetensors",
+        lambda env: load_sae(_sparsify(env, damage=True)),
+        ("sae.safetensors",),
+    )
+    yield Case(
+        "sae files", "a torch file that is not a state dict", lambda env: load_sae(_torch_list(env)), ("state dict",)
+    )
+    yield Case(
+        "sae files",
+        "a pickled (non-weights-only) torch file",
+        lambda env: load_sae(_torch_pickle(env)),
+        ("weights",),
+        lost=_no_pickle_run,
+    )
+
+
+class _Payload:
+    ran: typing.ClassVar[bool] = False
+
+    def __reduce__(self) -> tuple:
+        return (_Payload._mark, ())
+
+    @staticmethod
+    def _mark() -> None:
+        _Payload.ran = True
+
+
+def _torch_pickle(env: Env) -> Path:
+    path = env.tmp / "sae.pt"
+    torch.save({"W_enc": torch.zeros(2, 2), "x": _Payload()}, path)
+    _Payload.ran = False
+    return path
+
+
+def _no_pickle_run(env: Env) -> None:
+    if _Payload.ran:
+        raise Lost("loading ran code from the pickle")
+
+
+def _torch_list(env: Env) -> Path:
+    path = env.tmp / "list.pt"
+    torch.save([torch.zeros(2)], path)
+    return path
+
+
+def _sparsify(env: Env, damage: bool) -> Path:
+    folder = env.tmp / "sparsify"
+    folder.mkdir()
+    (folder / "cfg.json").write_text(json.dumps({"d_in": 16, "num_latents": 32, "k": 4}))
+    save_file(
+        {
+            "encoder.weight": torch.zeros(32, 16),
+            "encoder.bias": torch.zeros(32),
+            "W_dec": torch.zeros(32, 16),
+            "b_dec": torch.zeros(16),
+        },
+        folder / "sae.safetensors",
+    )
+    if damage:
+        truncate(folder / "sae.safetensors")
+    return folder
+
+
+def _failing_writer(tmp: Path) -> None:
+    tmp.write_text("new, half")
+    raise RuntimeError("the writer failed half-way")
+
+
+def _kept_and_no_temp(env: Env) -> None:
+    if (env.tmp / "keep.txt").read_text() != "old":
+        raise Lost("the old file was replaced by a half-written one")
+    if any(p.name != "keep.txt" for p in env.tmp.iterdir()):
+        raise Lost("a temporary file was left behind")
+
+
+def more_tool_cases() -> Iterator[Case]:
+    def tool(name: str) -> Callable[[Env], Any]:
+        return lambda env: tools.get_tool_class(name)(env.llama)
+
+    res, att, surg, neu, sup, svd, comp = (
+        tool(n) for n in ("residual", "attention", "surgery", "neurons", "superposition", "svd", "composition")
+    )
+    ids = torch.tensor([[1, 2, 3, 4]])
+    cases: list[tuple[str, Callable[[Env], Any], tuple[str, ...]]] = [
+        (
+            "feature_attribution(target_ids=50300)",
+            lambda env: res(env).feature_attribution(ids, 50300),
+            ("target_ids", "0..50256"),
+        ),
+        (
+            "feature_attribution(position=9) of 4 tokens",
+            lambda env: res(env).feature_attribution(ids, 5, position=9),
+            ("position", "9"),
+        ),
+        ("feature_attribution(n_steps=0)", lambda env: res(env).feature_attribution(ids, 5, n_steps=0), ("n_steps",)),
+        (
+            "top_attended_tokens(query_pos=9) of 4 tokens",
+            lambda env: att(env).top_attended_tokens(ids, 0, query_pos=9),
+            ("query_pos", "9"),
+        ),
+        ("attention_patterns(layer=-1)", lambda env: att(env).attention_patterns(ids, layer=-1), ("-1", "0..1")),
+        ("surgery.replace({0: 'not a module'})", lambda env: _enter(surg(env).replace({0: "x"})), ("Module",)),
+        ("surgery.rearranged([])", lambda env: _enter(surg(env).rearranged([])), ("empty",)),
+        ("surgery.delete(0, 1) (every block)", lambda env: _enter(surg(env).delete(0, 1)), ("empty",)),
+        (
+            "top_activating without neuron or direction",
+            lambda env: neu(env).top_activating("blocks.0.mlp.hook_post", corpus=ids),
+            ("exactly one",),
+        ),
+        (
+            "top_activating(direction of the wrong width)",
+            lambda env: neu(env).top_activating("blocks.0.mlp.hook_post", direction=torch.ones(3), corpus=ids),
+            ("3", "width"),
+        ),
+        (
+            "top_activating(corpus a missing file)",
+            lambda env: neu(env).top_activating("blocks.0.mlp.hook_post", 0, corpus=str(env.tmp / "none.txt")),
+            ("none.txt",),
+        ),
+        (
+            "ablation_effect(mode='half')",
+            lambda env: neu(env).ablation_effect("blocks.0.mlp.hook_post", 0, mode="half", corpus=ids),
+            ("half",),
+        ),
+        (
+            "interpolate_concepts of different shapes",
+            lambda env: sup(env).interpolate_concepts(torch.ones(3), torch.ones(4), 0.5),
+            ("shape",),
+        ),
+        (
+            "project_activations of another width",
+            lambda env: sup(env).project_activations(torch.ones(5, 3), torch.ones(4, 2)),
+            ("3", "4"),
+        ),
+        (
+            "get_singular_vectors(w_in, head_index=0)",
+            lambda env: svd(env).get_singular_vectors("w_in", 0, head_index=0),
+            ("head_index",),
+        ),
+        (
+            "get_singular_vectors(OV, head_index=99)",
+            lambda env: svd(env).get_singular_vectors("OV", 0, head_index=99),
+            ("99", "head"),
+        ),
+        (
+            "composition_scores(fold_ln='yes')",
+            lambda env: comp(env).composition_scores("Q", fold_ln="yes"),
+            ("fold_ln", "True or False"),
+        ),
+        ("register_tool('x', 3) (not a class)", lambda env: tools.register_tool("x_tool_sweep", 3), ("class",)),
+    ]
+    for what, run, words in cases:
+        yield Case("tools", what, run, words)
+    yield Case(
+        "tools",
+        "ablate_heads(method='mean') without reference_ids (documented: the input's own mean)",
+        lambda env: att(env).ablate_heads(ids, (0, 0), method="mean"),
+        accept=True,
+    )
+    yield Case(
+        "tools",
+        "get_tool_class of an unimportable path",
+        lambda env: _unimportable_tool(),
+        ("no.such.module", "register"),
+        errors=(ImportError,),
+    )
+
+    def bench(env: Env) -> Experiment:
+        return Experiment(object(), save_dir=env.tmp / "runs")
+
+    def missing_param(env: Env) -> Any:
+        return bench(env).use_tools("svd")(lambda x: x)
+
+    yield Case(
+        "experiments",
+        "use_tools('svd') on a function without an svd parameter",
+        missing_param,
+        ("no parameter named svd",),
+    )
+
+    def load_failed(env: Env) -> Any:
+        exp = bench(env)
+
+        @exp.log_experiment
+        def f() -> int:
+            raise ZeroDivisionError("x")
+
+        with contextlib.suppress(ZeroDivisionError):
+            f()
+        return exp.load_run(exp.runs("f")[0]["run_id"])
+
+    yield Case(
+        "experiments", "load_run of a run that raised", load_failed, ("raised", "no result"), errors=(RuntimeError,)
+    )
+
+    def damaged_result(env: Env) -> Any:
+        exp = bench(env)
+
+        @exp.log_experiment
+        def f() -> torch.Tensor:
+            return torch.ones(3)
+
+        f()
+        run_id = exp.runs("f")[0]["run_id"]
+        truncate(next(exp.save_dir.glob(f"f/{run_id}/result.safetensors")))
+        return exp.load_run(run_id)
+
+    yield Case(
+        "experiments",
+        "load_run with a truncated result.safetensors",
+        damaged_result,
+        ("result.safetensors", "delete the run"),
+    )
+
+
+def _unimportable_tool() -> Any:
+    tools.register_tool("sweep_unimportable", "no.such.module.Tool", overwrite=True)
+    try:
+        return tools.get_tool_class("sweep_unimportable")
+    finally:
+        tools._REGISTRY.pop("sweep_unimportable", None)
+
+
 # ---- the list, the table, the page ---------------------------------------------------------------------------------
 
 KINDS: dict[str, Callable[[], Iterator[Case]]] = {
@@ -2107,6 +2540,9 @@ KINDS: dict[str, Callable[[], Iterator[Case]]] = {
     "experiments": experiment_cases,
     "tools": tool_cases,
     "pipelines": pipeline_cases,
+    "more model": more_model_cases,
+    "more files": more_file_cases,
+    "more tools": more_tool_cases,
 }
 
 
