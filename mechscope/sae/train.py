@@ -63,7 +63,6 @@ from mechscope.files import (
 )
 from mechscope.interrupts import Cadence, stop_on_signals
 from mechscope.models.hooked import HookedModel
-from mechscope.models.names import parse_hook
 from mechscope.sae.config import ARCHITECTURES, DTYPES, SAEConfig
 from mechscope.sae.formats import WriteFile
 from mechscope.sae.kernels import JumpReLU, SelectedPreActs, SparseDecode, Step
@@ -166,10 +165,6 @@ class TrainConfig(Config):
             raise fail(self, "out_dir", "is empty: give the directory the run writes to")
         if not self.model:
             raise fail(self, "model", "is empty: give a short name, hub id, local dir or .gguf")
-        try:
-            parse_hook(self.hook_name)
-        except ValueError as e:
-            raise fail(self, "hook_name", f"is not valid: {e}") from None
         check_device(self, "device")
         if self.n_tokens < self.batch_size_tokens:
             raise ConfigError(

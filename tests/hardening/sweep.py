@@ -1123,7 +1123,6 @@ EXTRA_VALUES: dict[tuple[str, str], list[tuple[Any, tuple[str, ...]]]] = {
     ("TrainConfig", "architecture"): [("gated", ("architecture", "topk"))],
     ("TrainConfig", "dtype"): [("float8", ("dtype", "float32"))],
     ("TrainConfig", "device"): [("cuda:7", ("device", "cpu")), ("gpu", ("device", "cpu"))],
-    ("TrainConfig", "hook_name"): [("blocks.x.resid", ("hook_name", "blocks.x.resid"))],
     ("TrainConfig", "out_dir"): [("", ("out_dir", "empty"))],
     ("TrainConfig", "model"): [("", ("model", "empty"))],
     ("TrainConfig", "n_tokens"): [(100, ("n_tokens", "less than one batch"))],
@@ -2060,7 +2059,13 @@ def pipeline_cases() -> Iterator[Case]:
         lambda env: _train_no_batch(env),
         ("batch_size_tokens",),
     )
+    yield Case("pipelines", "train_sae on a model at hook 'blocks.x.resid'", _train_bad_hook, ("blocks.x.resid",))
     yield Case("pipelines", "train_sae with k above d_sae (derived)", lambda env: _train_big_k(env), ("k", "d_sae"))
+
+
+def _train_bad_hook(env: Env) -> Any:
+    # a TrainConfig's hook_name is any key of its batch source; with a model it must be one of the model's points
+    return train_sae(env.train_config(env.tmp / "o", hook_name="blocks.x.resid"), model=env.small)
 
 
 def _recount_other(env: Env) -> Any:
@@ -2561,6 +2566,7 @@ OPEN: dict[tuple[str, str], str] = {
     ("config fields", "DashboardsConfig(out_dir='')"): "dashboards/pipeline.py",
     ("config fields", "MainJobConfig(out_dir='')"): "apps/main_job.py",
     ("config fields", "MainJobConfig(stages=[1.5])"): "apps/main_job.py",
+    ("config fields", "MainJobConfig(hook_name='resid 3')"): "apps/main_job.py",
     ("config fields", "MainJobConfig(stages=['lookk'])"): "apps/main_job.py",
     ("loading", "from_pretrained(unknown keyword colour=1)"): "models/loading.py",
 }
