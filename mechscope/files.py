@@ -83,8 +83,9 @@ def read_npz(path: str | Path, fix: str = DAMAGED_FIX) -> dict[str, np.ndarray]:
     """Every array of the ``.npz`` file ``path``, read at once (no pickled objects); a damaged file raises
     :class:`DamagedFile` (``fix`` says what to do)."""
 
-    with reading(path, fix):
-        data = np.load(path, allow_pickle=False)
+    # the file is opened here, not by np.load, which leaves it open when a truncated archive fails to parse
+    with reading(path, fix), open(path, "rb") as handle:
+        data = np.load(handle, allow_pickle=False)
         if not isinstance(data, np.lib.npyio.NpzFile):
             raise ValueError("not an npz archive")
         with data:

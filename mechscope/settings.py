@@ -560,11 +560,16 @@ def _flag(path: Path_, negated: bool = False) -> str:
 
 
 def _number(text: str) -> int | float:
-    """A float flag's value: ``8`` stays an int (as TOML reads it), ``1e-3`` is a float."""
+    """A float flag's value: ``8`` stays an int (as TOML reads it), ``1e-3`` is a float; anything else is refused
+    naming the forms a number takes (argparse shows the message after the flag's name)."""
     try:
         return int(text)
     except ValueError:
+        pass
+    try:
         return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number: give an int or a float such as 3e-4") from None
 
 
 class _FlagAction(argparse.Action):

@@ -18,6 +18,7 @@ import argparse
 import importlib
 import shlex
 import sys
+import typing
 from collections.abc import Sequence
 
 from mechscope.apps.explorer.launch import run_app
@@ -29,9 +30,17 @@ from mechscope.interrupts import Interrupted
 COMMANDS = "mechscope.apps.commands"
 
 
+class Parser(argparse.ArgumentParser):
+    """An argument parser (its subcommands' too) whose usage errors are one line naming ``--help``, not the whole
+    usage (which for ``sae train`` lists some forty flags) before the error."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser(app_only: bool = False) -> argparse.ArgumentParser:
     """The argument parser with one subcommand per tool; with ``app_only`` only ``app``, and nothing heavy imported."""
-    parser = argparse.ArgumentParser(prog="mechscope", description="Mechanistic interpretability of language models.")
+    parser = Parser(prog="mechscope", description="Mechanistic interpretability of language models.")
     parser.add_argument("--debug", action="store_true", help="on an error, show the traceback (anywhere on the line)")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     if not app_only:
@@ -86,9 +95,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     rest = [a for a in argv if a != "--debug"]
-    args = build_parser(app_only=rest[:1] == ["app"]).parse_args(rest)
+    parser = build_parser(app_only=rest[:1] == ["app"])
+    args, unknown = parser.parse_known_args(rest)
     sub = next((getattr(args, a) for a in ("sae_command", "cooc_command", "export_command") if hasattr(args, a)), None)
     command = " ".join(filter(None, (args.command, sub)))
+    if unknown:  # named under the command they were given to, not under the top-level parser
+        parser.exit(
+            2,
+            f"mechscope {command}: error: unrecognized arguments: {' '.join(unknown)} "
+            f"(see mechscope {command} --help)\n",
+        )
     try:
         if getattr(args, "nproc", 1) != 1:
             launched = importlib.import_module(COMMANDS).launch_nproc(args.nproc, argv)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -18,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers import AutoModelForCausalLM, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
-from transformers.cache_utils import DynamicCache
+from transformers.cache_utils import Cache, DynamicCache
 
 from mechscope.models.adapters import adapter_for, hooked_config
 from mechscope.models.attention import register_attention
@@ -31,6 +32,7 @@ from mechscope.models.points import PointSet
 from mechscope.models.sampling import check_sampling, sample_next
 from mechscope.models.tokenizer import Input, byte_tokenizer, check_ids, tokenize
 from mechscope.models.weights import WeightViews
+from mechscope.settings import device_problem
 
 HookSpec: TypeAlias = tuple[str | Callable[[str], bool], HookFn]
 NamesFilter: TypeAlias = str | Iterable[str] | Callable[[str], bool] | None
@@ -91,7 +93,14 @@ class HookedModel(WeightViews, nn.Module):
         if isinstance(model, PretrainedConfig):
             model = AutoModelForCausalLM.from_config(model)
         if not isinstance(model, PreTrainedModel):
-            raise TypeError(f"HookedModel wraps a transformers PreTrainedModel or config, got {type(model).__name__}")
+            fix = (
+                f": load a name or path with HookedModel.from_pretrained({model!r})"
+                if isinstance(model, (str, os.PathLike))
+                else ""
+            )
+            raise TypeError(
+                f"HookedModel wraps a transformers PreTrainedModel or config, got {type(model).__name__}{fix}"
+            )
         self.adapter = adapter_for(model.config)
         model.eval()
         model.set_attn_implementation(register_attention(model.config._attn_implementation))
@@ -164,6 +173,9 @@ class HookedModel(WeightViews, nn.Module):
         """The HF module of ``part`` in block ``layer``: ``"attn"`` (its ``o_proj``), ``"ln1"``, ``"ln2"``, ``"mlp"``
         (its ``mlp_in``, ``mlp_up`` of gated MLPs, ``mlp_down``), and ``"attn_out"`` / ``"mlp_out"``, the modules
         whose outputs the block adds to the residual stream (Gemma 2's post-norms, else attention and the MLP)."""
+        n = self.cfg.n_layers
+        if isinstance(layer, bool) or not isinstance(layer, (int, np.integer)) or not -n <= layer < n:
+            raise ValueError(f"layer={layer!r} is out of range: this model has {n} layers, valid are 0..{n - 1}")
         return self.blocks[layer].get_submodule(self.adapter.part_path(part))
 
     def module_hook(self, module: nn.Module, which: ModulePoint = "post") -> str:
@@ -211,6 +223,9 @@ class HookedModel(WeightViews, nn.Module):
     def stop_layer_for(self, names: Iterable[str]) -> int | None:
         """The smallest ``stop_at_layer`` that still runs every hook in ``names`` (``None``: the whole model), module
         points inside a block included; see :func:`mechscope.models.names.stop_layer_for`."""
+        names = list(names)
+        for name in names:
+            self.points.resolve(name)  # a name this model does not have fails here, naming the valid ones
         return stop_layer_for(names, self.cfg.n_layers, self.adapter.layers)
 
     # ---- tokens ------------------------------------------------------------------------------------
@@ -242,6 +257,13 @@ class HookedModel(WeightViews, nn.Module):
     def to_string(self, tokens: torch.Tensor | list[int]) -> str | list[str]:
         """Decode one id or ``[pos]`` to a string, ``[batch, pos]`` to a list of strings."""
         tokens = torch.as_tensor(tokens)
+        if tokens.dtype == torch.bool or tokens.is_floating_point() or tokens.is_complex():
+            raise TypeError(f"to_string takes integer token ids, got dtype {tokens.dtype}; convert with .long()")
+        if tokens.ndim > 2:
+            raise ValueError(
+                f"to_string takes one id, ids [pos] or [batch, pos], got shape {tuple(tokens.shape)}: index the batch"
+            )
+        check_ids(tokens.reshape(1, -1), self.cfg.d_vocab)
         if tokens.ndim == 0:
             tokens = tokens.reshape(1)
         if tokens.ndim == 1:
@@ -315,12 +337,8 @@ class HookedModel(WeightViews, nn.Module):
     @contextmanager
     def hooks(self, fwd_hooks: Iterable[HookSpec] = (), bwd_hooks: Iterable[HookSpec] = ()) -> Iterator[HookedModel]:
         """Context manager: the given hooks are attached inside the block and removed after it, even on error."""
-        resolved = [
-            (n, fn, d)
-            for hooks, d in ((fwd_hooks, "fwd"), (bwd_hooks, "bwd"))
-            for name, fn in hooks
-            for n in self.points.resolve(name)
-        ]
+        pairs = [(_hook_pair(spec, d), d) for hooks, d in ((fwd_hooks, "fwd"), (bwd_hooks, "bwd")) for spec in hooks]
+        resolved = [(n, fn, d) for (name, fn), d in pairs for n in self.points.resolve(name)]
         try:
             for n, fn, d in resolved:
                 self.registry.add(n, fn, d)
@@ -356,6 +374,10 @@ class HookedModel(WeightViews, nn.Module):
         ``attention_mask`` ``[batch, cached + pos]`` covers the cached and the new tokens; ``position_ids``
         ``[batch, pos]`` are the new tokens' positions.
         """
+        if not isinstance(kv_cache, Cache):
+            raise TypeError(
+                f"kv_cache must be a transformers Cache, got {type(kv_cache).__name__}: start with model.new_kv_cache()"
+            )
         return self._logits(tokens, attention_mask, position_ids=position_ids, use_cache=True, cache=kv_cache)
 
     def forward(
@@ -453,8 +475,22 @@ class HookedModel(WeightViews, nn.Module):
             names = [n for n in self.points.names if parse_hook(n).point != "attn.hook_result"]
         elif isinstance(names_filter, str) or callable(names_filter):
             names = self.points.resolve(names_filter)
-        else:
+        elif isinstance(names_filter, Iterable):
             names = [n for f in names_filter for n in self.points.resolve(f)]
+            if not names:
+                raise ValueError(
+                    "names_filter is empty, so nothing would be cached: pass the hook names to keep, or None for "
+                    "every point"
+                )
+        else:
+            raise TypeError(
+                f"names_filter must be a hook name, a list of names, a predicate on names or None, got "
+                f"{type(names_filter).__name__} {names_filter!r}"
+            )
+        if device is not None and not isinstance(device, torch.device) and device_problem(str(device)) is not None:
+            raise ValueError(f"run_with_cache(device=...): {device_problem(str(device))}")
+        if dtype is not None and not isinstance(dtype, torch.dtype):
+            raise TypeError(f"run_with_cache(dtype=...) takes a torch.dtype such as torch.float16, got {dtype!r}")
         store: dict[str, torch.Tensor] = {}
 
         @read_only
@@ -491,6 +527,11 @@ class HookedModel(WeightViews, nn.Module):
         """
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be an int >= 0, got {max_new_tokens!r}")
+        for flag, value in (("do_sample", do_sample), ("stop_at_eos", stop_at_eos)):
+            if not isinstance(value, (bool, np.bool_)):
+                raise TypeError(f"{flag} must be True or False, got {value!r}")
+        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, (int, np.integer))):
+            raise TypeError(f"seed must be an int or None, got {type(seed).__name__} {seed!r}")
         check_sampling(temperature, top_k, top_p)
         tokens, mask = self._tokens(input, prepend_bos, "left", extra=max_new_tokens)
         generator = torch.Generator(device=self.device).manual_seed(seed) if seed is not None else None
@@ -526,6 +567,16 @@ class HookedModel(WeightViews, nn.Module):
         )
 
 
+def _hook_pair(spec: object, direction: str) -> tuple[str | Callable[[str], bool], HookFn]:
+    """One ``(name or predicate, hook function)`` entry of ``fwd_hooks`` / ``bwd_hooks``, checked."""
+    if not (isinstance(spec, (tuple, list)) and len(spec) == 2):
+        raise TypeError(
+            f"each entry of {direction}_hooks is a (hook name or predicate, hook function) pair, got {spec!r}; "
+            "a single hook is a list of one pair: [(name, hook)]"
+        )
+    return spec[0], spec[1]
+
+
 def _user_mask(mask: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     """A user's ``attention_mask``, checked against ``tokens`` ``[batch, pos]``: same shape, 0/1 values."""
     if not isinstance(mask, torch.Tensor):
@@ -537,6 +588,12 @@ def _user_mask(mask: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         )
     if mask.dtype != torch.bool and not ((mask == 0) | (mask == 1)).all():
         raise ValueError("attention_mask holds values other than 0 and 1: pass 1 for real tokens, 0 for padding")
+    empty = (mask == 0).all(dim=-1).nonzero()
+    if len(empty):
+        raise ValueError(
+            f"attention_mask row {int(empty[0])} is all 0, so that sequence has no real token: drop the row, or "
+            "mark its real tokens with 1"
+        )
     return mask
 
 

@@ -18,6 +18,7 @@ names that have a function attached, and removes them whenever the registry chan
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -60,6 +61,15 @@ class HookRegistry:
     def add(self, name: str, fn: HookFn, direction: str = "fwd") -> None:
         if direction not in ("fwd", "bwd"):
             raise ValueError(f"hook direction must be 'fwd' or 'bwd', got {direction!r}")
+        if not callable(fn):
+            raise TypeError(
+                f"the hook function for {name} must be callable as fn(tensor, hook), got {type(fn).__name__} {fn!r}"
+            )
+        if not _takes_tensor_and_hook(fn):
+            raise TypeError(
+                f"hook {getattr(fn, '__name__', fn)!r} for {name} cannot be called as fn(tensor, hook): give it two "
+                "parameters, e.g. def fn(tensor, hook)"
+            )
         table = self.fwd if direction == "fwd" else self.bwd
         table.setdefault(name, []).append(fn)
 
@@ -115,6 +125,17 @@ class HookRegistry:
         if bwd_fns and tensor.requires_grad:
             tensor.register_hook(_grad_hook(list(bwd_fns), hook))
         return tensor, edited
+
+
+def _takes_tensor_and_hook(fn: HookFn) -> bool:
+    """Whether ``fn(tensor, hook)`` binds to ``fn``'s signature (True when Python cannot tell, as for builtins)."""
+    try:
+        inspect.signature(fn).bind(None, None)
+    except TypeError:
+        return False
+    except ValueError:  # no signature to inspect
+        return True
+    return True
 
 
 def _check_like(fn: HookFn, name: str, out: torch.Tensor, value: torch.Tensor, what: str) -> None:

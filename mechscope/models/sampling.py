@@ -4,18 +4,24 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 
 
 def check_sampling(temperature: float, top_k: int | None, top_p: float | None) -> None:
     """Refuse sampling settings no sampler can use (checked even for greedy decoding, so a typo is not hidden):
     ``temperature`` must be a finite number >= 0, ``top_k`` an int >= 1, ``top_p`` in (0, 1]."""
-    if not math.isfinite(temperature) or temperature < 0:
-        raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature}")
+    if not _is_number(temperature) or not math.isfinite(temperature) or temperature < 0:
+        raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}")
     if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
         raise ValueError(f"top_k must be an int >= 1 or None (no top-k filter), got {top_k!r}")
-    if top_p is not None and not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1] or None (no nucleus filter), got {top_p}")
+    if top_p is not None and not (_is_number(top_p) and 0 < top_p <= 1):
+        raise ValueError(f"top_p must be in (0, 1] or None (no nucleus filter), got {top_p!r}")
+
+
+def _is_number(value: object) -> bool:
+    """A real number (a Python or numpy int or float), not a bool, a str or a tensor."""
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
 
 
 def sample_next(

@@ -46,6 +46,10 @@ def tokenize(
     BOS; ``False`` adds no special tokens. Texts of different lengths are padded on ``padding_side``
     and get a mask (1 = real token); equal lengths get ``None``.
     """
+    if prepend_bos is not None and not isinstance(prepend_bos, (bool, np.bool_)):
+        raise TypeError(f"prepend_bos must be True, False or None (the tokenizer's default), got {prepend_bos!r}")
+    if padding_side not in ("left", "right"):
+        raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
     if isinstance(input, (bytes, bytearray, memoryview)):
         raise TypeError(f"{type(input).__name__} is not token input ({ACCEPTED}); decode the bytes to a str first")
     if isinstance(input, np.ndarray):
@@ -53,6 +57,8 @@ def tokenize(
             raise TypeError(f"a numpy array of dtype {input.dtype} is not token ids ({ACCEPTED})")
         input = torch.from_numpy(input)
     if isinstance(input, torch.Tensor):
+        if input.is_meta:
+            raise ValueError(f"token ids on the meta device have no values ({ACCEPTED}); pass ids on a real device")
         if input.dtype == torch.bool or input.is_floating_point() or input.is_complex():
             raise TypeError(f"a tensor of dtype {input.dtype} is not token ids ({ACCEPTED}); convert with .long()")
         if input.ndim not in (1, 2):

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
+from mechscope.settings import device_problem
+
 ARCHITECTURES = ("relu", "topk", "batchtopk", "jumprelu")
 
 # Names as SAELens spells them, so a cfg.json means the same thing in both libraries.
@@ -79,6 +81,15 @@ class SAEConfig:
                 f"SAEConfig.scaling_factor is only used with normalize_activations='expected_average_only_in', "
                 f"not {self.normalize_activations!r}: leave it None"
             )
+        for name in ("model_name", "hook_name"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, str):
+                raise TypeError(f"SAEConfig.{name} must be a str or None, got {type(value).__name__} {value!r}")
+        if not isinstance(self.apply_b_dec_to_input, bool):
+            raise TypeError(f"SAEConfig.apply_b_dec_to_input must be True or False, got {self.apply_b_dec_to_input!r}")
+        problem = device_problem(self.device) if isinstance(self.device, str) else "it is not a str"
+        if problem is not None and self.device != "meta":  # meta: an SAE's shapes without storage
+            raise ValueError(f"SAEConfig.device {self.device!r}: {problem}")
         if self.neuronpedia_id is not None and not (isinstance(self.neuronpedia_id, str) and self.neuronpedia_id):
             raise ValueError(f"SAEConfig.neuronpedia_id must be a non-empty str or None, got {self.neuronpedia_id!r}")
         object.__setattr__(self, "dtype", dtype_name(self.dtype))

@@ -197,7 +197,12 @@ def _check_tensors(
             )
         if tuple(value.shape) != shape:
             raise SAEFormatError(f"{source}: {name} has shape {list(value.shape)}, expected {list(shape)} ({why})")
-        if name in expected and value.is_floating_point() and not torch.isfinite(value).all():
+        if name in expected and not value.is_floating_point():  # the optional OpenAI statistics may be counts
+            raise SAEFormatError(
+                f"{source}: {name} has dtype {value.dtype}, not a floating-point one: an SAE's tensors are "
+                "float32/float64/float16/bfloat16; the file is damaged or not an SAE's (save or download it again)"
+            )
+        if name in expected and not torch.isfinite(value).all():
             bad = value.numel() - int(torch.isfinite(value).sum())
             raise SAEFormatError(
                 f"{source}: {name} holds {bad} NaN or infinite values of {value.numel()}; the SAE is damaged "
@@ -318,6 +323,8 @@ def write_saelens(
         raise FileExistsError(f"{path} is a file; an SAE is saved as a directory: choose another path")
     cfg_dict, tensors = _saelens_layout(cfg, tensors)
     cfg_text = json.dumps(cfg_dict, indent=2) + "\n"
+    if not isinstance(overwrite, bool):
+        raise TypeError(f"overwrite must be True or False, got {overwrite!r}")
     cfg_file, weights_file = path / CFG_FILE, path / SAELENS_WEIGHTS
     if _holds(cfg_file, weights_file, cfg_text, tensors):
         return path

@@ -22,6 +22,7 @@ from mechscope.sae.formats import (
     read_sparsify,
 )
 from mechscope.sae.model import SparseAutoencoder
+from mechscope.settings import device_problem
 
 
 def load_sae(
@@ -31,6 +32,9 @@ def load_sae(
 
     ``dtype`` defaults to the stored dtype; ``device`` to the CPU, whatever the stored config says.
     """
+    problem = device_problem(str(device))
+    if problem is not None:
+        raise ValueError(f"load_sae(device=...): {problem}")
     return SparseAutoencoder.load(path, device=device, dtype=dtype)
 
 

@@ -164,6 +164,8 @@ class TrainConfig(Config):
             self.k = None  # only topk/batchtopk use k, and SAEConfig refuses it elsewhere
         if not self.out_dir:
             raise fail(self, "out_dir", "is empty: give the directory the run writes to")
+        if not self.model:
+            raise fail(self, "model", "is empty: give a short name, hub id, local dir or .gguf")
         check_device(self, "device")
         if self.n_tokens < self.batch_size_tokens:
             raise ConfigError(

@@ -81,4 +81,7 @@ def get_tool_class(name: str) -> Callable[[Any], Any]:
     try:
         return getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as e:
-        raise ImportError(f"tool {name!r} is registered as {spec}, which cannot be imported: {e}") from e
+        raise ImportError(
+            f"tool {name!r} is registered as {spec}, which cannot be imported ({e}): register it again with the "
+            f"dotted path of an importable class, register_tool({name!r}, 'package.module.Class', overwrite=True)"
+        ) from e

@@ -16,7 +16,7 @@ import torch
 from mechscope.models.names import block_hook
 from mechscope.models.tokenizer import Input
 from mechscope.tools import BaseInterpretabilityTool
-from mechscope.tools.inputs import as_tokens, check_head, check_layer
+from mechscope.tools.inputs import as_tokens, check_head, check_layer, check_position
 
 ABLATION_METHODS = ("zero", "mean")
 
@@ -103,7 +103,7 @@ class AttentionTools(BaseInterpretabilityTool):
         if head is not None:
             pattern = pattern[:, check_head(self.model, head)]
         if query_pos is not None:
-            pattern = pattern[..., query_pos, :]
+            pattern = pattern[..., check_position(query_pos, tokens.shape[1], "query_pos"), :]
         if not 1 <= k <= tokens.shape[1]:
             raise ValueError(f"k={k} must be between 1 and the number of tokens, {tokens.shape[1]}")
         weights, positions = pattern.topk(k, dim=-1)

@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 from mechscope.models.names import block_hook
 from mechscope.models.tokenizer import Input, tokenize
 from mechscope.tools import BaseInterpretabilityTool
+from mechscope.tools.inputs import check_token_ids
 
 #: what a restoration copies, per ``kind``: the residual stream entering block L, or a block's output
 _KIND_HOOKS = {"resid": "hook_resid_pre", "attn": "hook_attn_out", "mlp": "hook_mlp_out"}
@@ -81,6 +82,9 @@ class CausalTracer(BaseInterpretabilityTool):
         if tokens.shape[0] != 1:
             raise ValueError(f"trace takes one prompt, got a batch of {tokens.shape[0]}; trace them one at a time")
         tokens = tokens.to(self.model.device)
+        if torch.as_tensor(target).numel() != 1:
+            raise ValueError(f"target must be one token id, got {target!r}")
+        target = int(check_token_ids(self.model, target))
         subj = self.subject_positions(tokens[0], subject)
         names = [block_hook(layer, _KIND_HOOKS[kind]) for layer in range(self.model.cfg.n_layers)]
         logits, clean_cache = self.model.run_with_cache(tokens, names_filter=names)

@@ -52,6 +52,8 @@ class CompositionScores(BaseInterpretabilityTool):
         ``fold_ln=True`` multiplies the ln1 weight into ``W_Q``, ``W_K``, ``W_V`` first, as TransformerLens's
         ``fold_ln`` does. float32 result.
         """
+        if not isinstance(fold_ln, bool):
+            raise TypeError(f"fold_ln must be True or False, got {fold_ln!r}")
         w_v, w_o, x, y_t = self._factors(mode, fold_ln)
         n_layers, n_heads = w_v.shape[:2]
         r_v, r_y = _r(w_v), _r(y_t)  # [L, H, d_head, d_head]

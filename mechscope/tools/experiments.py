@@ -247,8 +247,14 @@ class BaseInterpretabilityBench:
 
     def _new_run_dir(self, name: str, started: datetime) -> tuple[Path, str]:
         parent = self.save_dir / name
-        if parent.exists() and not parent.is_dir():
-            raise NotADirectoryError(f"{parent} is a file, not a folder of runs: move it or choose another save_dir")
+        for path in (parent, *parent.parents):  # the save_dir itself, or a folder above it, may be the file
+            if path.exists():
+                if not path.is_dir():
+                    what = "a folder of runs" if path == parent else f"a folder (save_dir is {self.save_dir})"
+                    raise NotADirectoryError(
+                        f"{path} is a file, not {what}: move it or choose another save_dir (the function did not run)"
+                    )
+                break
         parent.mkdir(parents=True, exist_ok=True)
         if name not in self._swept:
             _remove_killed_runs(parent)

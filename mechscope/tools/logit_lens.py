@@ -15,7 +15,7 @@ import torch
 from mechscope.models.names import get_act_name
 from mechscope.models.tokenizer import Input
 from mechscope.tools import BaseInterpretabilityTool
-from mechscope.tools.inputs import as_tokens, check_layer
+from mechscope.tools.inputs import as_tokens, check_layer, check_position, check_token_ids
 
 SITES = ("resid_pre", "resid_mid", "resid_post")
 
@@ -59,6 +59,8 @@ class LogitLens(BaseInterpretabilityTool):
         """
         names = self._points(sites, layers)
         tokens = as_tokens(self.model, input_ids)
+        if position is not None:
+            position = check_position(position, tokens.shape[1])
         _, cache = self.model.run_with_cache(tokens, names_filter=names, stop_at_layer=self.model.stop_layer_for(names))
         resid = torch.stack([cache[name] if position is None else cache[name][:, position] for name in names])
         return names, self.apply_unembed(resid)  # one matmul: W_U is read once, not once per point
@@ -93,7 +95,12 @@ class LogitLens(BaseInterpretabilityTool):
             "top_k_tokens": [[self.model.to_str_tokens(row) for row in point] for point in top_ids.cpu()],
         }
         if target_ids is not None:
-            target = torch.as_tensor(target_ids, device=probs.device).long().expand(probs.shape[1])
+            target = check_token_ids(self.model, target_ids, "target_ids").to(probs.device)
+            if target.ndim > 1 or target.numel() not in (1, probs.shape[1]):
+                raise ValueError(
+                    f"target_ids has shape {tuple(target.shape)}: give one id, or one per sequence [{probs.shape[1]}]"
+                )
+            target = target.reshape(-1).expand(probs.shape[1])
             p = probs.gather(-1, target[None, :, None].expand(len(labels), -1, 1))  # [n_points, batch, 1]
             out["target_prob"] = p[..., 0]
             out["target_rank"] = (probs > p).sum(-1)

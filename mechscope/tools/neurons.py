@@ -89,6 +89,8 @@ class NeuronTools(BaseInterpretabilityTool):
         ``tokens`` (the strings of the window: ``window[0]`` tokens before, the token, ``window[1]`` after)
         with ``index`` (the token's place in that list).
         """
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"k={k!r} must be an int >= 1 (the number of examples to return)")
         d = self._direction(hook_name, neuron, direction)
         tokens = self.corpus_tokens(corpus, n_tokens, context_length)
         acts = self._activations(tokens, hook_name, d, batch_size)

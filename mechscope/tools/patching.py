@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from mechscope.models.names import block_hook, get_act_name
 from mechscope.models.tokenizer import Input, tokenize
 from mechscope.tools import BaseInterpretabilityTool
+from mechscope.tools.inputs import metric_value
 
 Metric = Callable[[torch.Tensor], torch.Tensor]
 
@@ -129,7 +130,7 @@ class ActivationPatching(BaseInterpretabilityTool):
                     act[index] = cache[name][index]
                     return act
 
-                values.append(float(metric(self.model.run_with_hooks(corrupted, fwd_hooks=[(name, patch)]))))
+                values.append(metric_value(metric(self.model.run_with_hooks(corrupted, fwd_hooks=[(name, patch)]))))
             rows.append(torch.tensor(values).reshape(grid))
         return torch.stack(rows)
 
@@ -149,7 +150,10 @@ class ActivationPatching(BaseInterpretabilityTool):
     def metric_baselines(self, clean: Input, corrupted: Input, metric: Metric) -> dict[str, float]:
         """``{"clean": metric(clean logits), "corrupted": metric(corrupted logits)}``."""
         clean, corrupted = self._pair(clean, corrupted)
-        return {"clean": float(metric(self.model(clean))), "corrupted": float(metric(self.model(corrupted)))}
+        return {
+            "clean": metric_value(metric(self.model(clean))),
+            "corrupted": metric_value(metric(self.model(corrupted))),
+        }
 
     # ---- attribution patching ----------------------------------------------------------------------
     def attribute_points(
@@ -177,7 +181,9 @@ class ActivationPatching(BaseInterpretabilityTool):
             logits = self.model.run_with_hooks(
                 corrupted, fwd_hooks=[(n, keep_act) for n in names], bwd_hooks=[(n, keep_grad) for n in names]
             )
-            metric(logits).backward()
+            value = metric(logits)
+            metric_value(value)  # one number, or a clear error before backward
+            value.backward()
         self.model.zero_grad(set_to_none=True)
         rows = []
         for name in names:

@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 from mechscope.models.names import block_hook, is_attention_map, parse_hook
 from mechscope.models.tokenizer import Input, tokenize
 from mechscope.tools import BaseInterpretabilityTool
+from mechscope.tools.inputs import check_nonnegative
 
 #: points of every block measured when no names are given
 DEFAULT_POINTS = ("hook_attn_out", "mlp.hook_post", "hook_mlp_out", "hook_resid_post")
@@ -126,6 +127,7 @@ class SparsityTools(BaseInterpretabilityTool):
 
         Attention patterns and scores (``[batch, head, q, k]``) are not per-token activations and are refused.
         """
+        eps = check_nonnegative(eps, "eps")
         names = self._names(hook_names)
         refused = [n for n in names if is_attention_map(n)]
         if refused:

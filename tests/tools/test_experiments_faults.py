@@ -271,4 +271,9 @@ def test_a_save_dir_that_is_a_file_is_refused_before_the_run(tmp_path):
     exp = Experiment(object(), save_dir=tmp_path)
     with pytest.raises(NotADirectoryError, match=r"f is a file, not a folder of runs: move it or choose another"):
         exp.log_experiment(f)()
-    assert calls == []
+    for save_dir in (tmp_path / "f", tmp_path / "f" / "deeper"):  # the save_dir itself, or a folder above it
+        with pytest.raises(
+            NotADirectoryError, match=r"f is a file, not a folder \(save_dir is .*choose another save_dir"
+        ):
+            Experiment(object(), save_dir=save_dir).log_experiment(f)()
+    assert calls == [] and (tmp_path / "f").read_text() == "not a folder"
