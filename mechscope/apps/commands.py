@@ -6,10 +6,8 @@ from __future__ import annotations
 
 import argparse
 import os
-import tempfile
 import warnings
 from collections.abc import Sequence
-from pathlib import Path
 
 import mechscope.distributed as distributed
 from mechscope.apps.main_job import MainJobConfig, run_main_job
@@ -17,6 +15,7 @@ from mechscope.apps.tables import format_graph_summary
 from mechscope.cooccurrence import pipeline
 from mechscope.cooccurrence.config import CoocConfig
 from mechscope.dashboards.pipeline import DashboardsConfig, export_neuronpedia, run_dashboards
+from mechscope.files import check_output_dir
 from mechscope.sae.train import TrainConfig, train_sae
 from mechscope.settings import DeprecatedSetting, add_flags, flag_values, load
 
@@ -221,27 +220,3 @@ def _run_cooc(args: argparse.Namespace) -> None:
         main_rank = distributed.is_main()
     if stage in ("graphs", "run") and main_rank:
         print(format_graph_summary(result if stage == "graphs" else result["graphs"]))
-
-
-def check_output_dir(path: str | Path, setting: str) -> None:
-    """Refuse the output directory ``path`` (named ``setting`` in messages) before any work: a file, a path under a
-    file, or a directory in which no file can be made (permissions, a read-only file system). Nothing is created:
-    the nearest existing folder on the way gets a probe file, removed at once."""
-    path = Path(path)
-    existing = path
-    try:
-        while not existing.exists() and existing != existing.parent:
-            existing = existing.parent
-        if not existing.is_dir():
-            where = "is a file" if existing == path else f"is under the file {existing}"
-            raise NotADirectoryError(f"{setting} {path} {where}, not a directory: choose another {setting}")
-        handle, probe = tempfile.mkstemp(dir=existing, prefix=".mechscope-write-check-")
-    except NotADirectoryError:
-        raise
-    except OSError as e:
-        raise PermissionError(
-            f"{setting} {path} is not writable ({e.strerror} in {existing}): choose another {setting}, "
-            "or make it writable"
-        ) from None
-    os.close(handle)
-    os.unlink(probe)
