@@ -99,6 +99,7 @@ COOC_STAGES = {
 
 
 DATA_PARALLEL_COOC = ("run", "count")  # the stages that share their work among torchrun's processes
+DATA_PARALLEL = ("sae train", *(f"cooc {stage}" for stage in DATA_PARALLEL_COOC))
 
 
 def _add_nproc_flag(parser: argparse.ArgumentParser) -> None:
@@ -117,7 +118,7 @@ def _single_process(command: str) -> None:
     if distributed.launched() and int(os.environ["WORLD_SIZE"]) > 1:
         raise ValueError(
             f"mechscope {command} does not run data-parallel yet: run it in one process (without torchrun); "
-            f"the stages that do: cooc {', '.join(DATA_PARALLEL_COOC)}"
+            f"the stages that do: {', '.join(DATA_PARALLEL)}"
         )
 
 
@@ -171,6 +172,7 @@ def _add_train_parser(commands: argparse._SubParsersAction) -> None:
     )
     train.add_argument("config", nargs="?", metavar="CONFIG", help="a TOML file of TrainConfig fields (optional)")
     train.add_argument("--config", dest="config_flag", metavar="FILE", help=argparse.SUPPRESS)
+    _add_nproc_flag(train)
     add_flags(train, TrainConfig)
     train.set_defaults(run=_run_train)
 
@@ -197,13 +199,15 @@ def _train_config_file(args: argparse.Namespace) -> str | None:
 
 def _run_train(args: argparse.Namespace) -> None:
     """``sae train``: the TOML file's fields (if any), overridden by the flags given, then ``train_sae``."""
-    _single_process("sae train")
     config = load(TrainConfig, _train_config_file(args), flag_values(args, TrainConfig))
     check_output_dir(config.out_dir, "out_dir")
     if config.activations_dir is not None:
         check_output_dir(config.activations_dir, "activations_dir")
-    sae = train_sae(config)
-    print(f"Saved {sae.cfg.architecture} SAE (d_in={sae.cfg.d_in}, d_sae={sae.cfg.d_sae}) to {config.out_dir}/sae")
+    with distributed.session(config.device):
+        sae = train_sae(config)
+        distributed.print_main(
+            f"Saved {sae.cfg.architecture} SAE (d_in={sae.cfg.d_in}, d_sae={sae.cfg.d_sae}) to {config.out_dir}/sae"
+        )
 
 
 def _run_cooc(args: argparse.Namespace) -> None:
