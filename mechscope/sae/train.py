@@ -31,6 +31,11 @@ linearly over ``warmup_steps`` and decays linearly to 0 over the last ``decay_fr
 state and the dead-latent counters, and ``trainer.json`` with the step and Adam's hyper-parameters; no pickle). Every
 file is written atomically and the checkpoint replaced as a whole (``mechscope.files``). ``resume=True`` continues from
 that checkpoint (``find_checkpoint``): with the same data order the result equals an uninterrupted run.
+
+Under ``torchrun`` (``mechscope sae train CONFIG --nproc N``) the ranks share every batch: each computes the losses
+of its rows, and the gradients and the step's statistics (firing latents, BatchTopK's selection and threshold, the
+metrics) are combined over the ranks (``Trainer.train_step``), so N ranks at ``batch_size_tokens`` B train the SAE
+one process trains at B, and a checkpoint resumes under any number of ranks (docs/distributed.md).
 """
 
 from __future__ import annotations
@@ -329,9 +334,8 @@ class Trainer:
         squared error summed over the rows, divided by ``batch_size`` (default: the rows)."""
         indices = self.aux_indices(pre_acts, dead)
         aux_latents = torch.zeros_like(pre_acts).scatter_(-1, indices, pre_acts.gather(-1, indices).relu())
-        return (error - aux_latents @ self.sae.W_dec).pow(2).sum() / (
-            len(pre_acts) if batch_size is None else batch_size
-        )
+        n = len(pre_acts) if batch_size is None else batch_size
+        return (error - aux_latents @ self.sae.W_dec).pow(2).sum() / n
 
     def train_step(self, batch: Tensor) -> dict[str, float]:
         """One optimiser step on the batch ``batch [batch, d_in]``; returns its metrics.
