@@ -21,8 +21,10 @@ from __future__ import annotations
 
 import builtins
 import os
+import signal
 import subprocess
 import sys
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import timedelta
@@ -249,5 +251,19 @@ def launch_command(nproc: int, args: Sequence[str]) -> list[str]:
 
 def launch(nproc: int, args: Sequence[str]) -> int:
     """Run ``mechscope ARGS`` under ``torchrun`` in ``nproc`` processes (:func:`launch_command`); returns its exit
-    status (torchrun ends every rank when one fails)."""
-    return subprocess.run(launch_command(nproc, args), check=False).returncode
+    status (torchrun ends every rank when one fails).
+
+    A stop signal is left to torchrun, which passes it on once to every rank (they run in sessions of their own),
+    so that the stage stops cleanly after its checkpoint: while torchrun runs, this process ignores SIGINT (Ctrl-C
+    reaches torchrun too, from the terminal) and forwards SIGTERM to it, then returns torchrun's exit status."""
+    process = subprocess.Popen(launch_command(nproc, args))
+    if threading.current_thread() is not threading.main_thread():
+        return process.wait()
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, lambda signum, frame: process.send_signal(signum))
+    try:
+        return process.wait()
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
