@@ -1,7 +1,7 @@
 """SAE training under ``torchrun`` on CPU (gloo) against one process: two ranks sharing each batch of 63 rows
-(32 + 31) train, over 60 steps, the SAE one process trains, for TopK, BatchTopK, ReLU and JumpReLU; a run one process
-started is resumed by two ranks, and a run two ranks started is stopped by SIGINT to one rank (both stop after the
-same step, rank 0 checkpoints) and resumed by one process; each equals the uninterrupted single-process run.
+(32 + 31) train, over 60 steps, the SAE one process trains, for TopK, BatchTopK, ReLU and JumpReLU; runs one process
+or two ranks started are resumed by two ranks, and a run two ranks started is stopped by SIGINT to one rank (both
+stop after the same step, rank 0 checkpoints) and resumed by one process; each equals the uninterrupted run.
 
 One launch runs every two-rank task (a launch costs seconds of imports); the single-process runs go meanwhile."""
 
@@ -31,7 +31,10 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict:
     tasks: list[dict] = [{"kind": "train", "config": {"out_dir": str(tmp / f"{a}_two"), "architecture": a}}
                          for a in ARCHITECTURES]  # fmt: skip
     one_then_two = {"out_dir": str(tmp / "one_then_two"), "architecture": "batchtopk"}
+    two_then_two = {"out_dir": str(tmp / "two_then_two"), "architecture": "jumprelu"}
     tasks += [
+        {"kind": "train", "config": two_then_two, "stop_after": 30},
+        {"kind": "train", "config": {**two_then_two, "resume": True}},
         {"kind": "train_alone", "config": one_then_two, "stop_after": 25},
         {"kind": "train", "config": {**one_then_two, "resume": True}},
         {"kind": "train", "config": {"out_dir": str(tmp / "stopped"), "architecture": "topk"},
@@ -78,9 +81,10 @@ def test_two_ranks_train_the_sae_one_process_trains(runs: dict, architecture: st
         assert any("aux" in m for m in expected), "no dead latents: AuxK untested"
 
 
-def test_a_run_one_process_started_is_resumed_by_two_ranks(runs: dict) -> None:
+def test_a_run_resumed_by_two_ranks_equals_the_uninterrupted_run(runs: dict) -> None:
     assert runs["status"] == 0, harness.log(runs["tmp"], "train")
-    assert _max_difference(runs["tmp"] / "batchtopk_one", runs["tmp"] / "one_then_two") < TOLERANCE
+    assert _max_difference(runs["tmp"] / "batchtopk_one", runs["tmp"] / "one_then_two") < TOLERANCE  # started by 1
+    assert _max_difference(runs["tmp"] / "jumprelu_one", runs["tmp"] / "two_then_two") < TOLERANCE  # started by 2
 
 
 def test_sigint_to_one_rank_stops_both_after_the_same_step_and_one_process_resumes(runs: dict) -> None:
