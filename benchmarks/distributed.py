@@ -57,7 +57,7 @@ def _call(main: subprocess.Popen, unit: str) -> Callable[[], object]:
         main.stdin.write(unit + "\n")
         main.stdin.flush()
         answer = main.stdout.readline().strip()
-        if answer != "done":
+        if not answer.startswith("done"):
             raise RuntimeError(f"the {unit} worker answered {answer!r}")
 
     return run

@@ -1,14 +1,15 @@
 """A benchmark worker of ``distributed.py``: one rank (of 1 or of N, started with torchrun's variables set) that
-runs a unit of work each time rank 0 reads its name on stdin, and prints on rank 0 ``done`` when every rank has
-finished it. Units: ``train`` (``STEPS`` TopK training steps of ``Trainer.train_step`` on ``BATCH`` rows, each rank
-computing its share) and ``count`` (co-occurrence counts of ``N_BATCHES`` batches of synthetic TopK latents, batch
-``i`` counted by rank ``i % N``, the sparse partial counts summed on rank 0, as ``cooc count`` does at a
-checkpoint). ``quit`` ends it. One torch thread per rank."""
+runs a unit of work each time rank 0 reads its name on stdin, and prints on rank 0 ``done CPU`` when every rank
+has finished it (CPU: rank 0's CPU seconds for the unit). Units: ``train`` (``STEPS`` TopK training steps of
+``Trainer.train_step`` on ``BATCH`` rows, each rank computing its share) and ``count`` (co-occurrence counts of
+``N_BATCHES`` batches of synthetic TopK latents, batch ``i`` counted by rank ``i % N``, the sparse partial counts
+summed on rank 0, as ``cooc count`` does at a checkpoint). ``quit`` ends it. One torch thread per rank."""
 
 from __future__ import annotations
 
 import sys
 import tempfile
+import time
 from collections.abc import Callable
 
 import scipy.sparse as sp
@@ -74,10 +75,12 @@ def main() -> None:
             name = distributed.broadcast(sys.stdin.readline().strip() if distributed.is_main() else "")
             if name == "quit" or not name:
                 break
+            cpu = time.process_time()
             units[name]()
+            cpu = time.process_time() - cpu  # this rank's CPU seconds, waiting at the barrier excluded
             distributed.barrier()
             if distributed.is_main():
-                print("done", flush=True)
+                print(f"done {cpu:.3f}", flush=True)
 
 
 if __name__ == "__main__":
