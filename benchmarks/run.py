@@ -21,6 +21,7 @@ from pathlib import Path
 import cache_overhead
 import cooccurrence
 import counting_kernel
+import distributed
 import sae_training
 import torch
 from harness import Benchmark, Ratio, median_interval, time_round_robin
@@ -29,6 +30,7 @@ BENCHMARKS: dict[str, Callable[[], Benchmark]] = {
     "cache_overhead": cache_overhead.setup,
     "cooccurrence": cooccurrence.setup,
     "counting_kernel": counting_kernel.setup,
+    "distributed": distributed.setup,
     "sae_training": sae_training.setup,
 }
 PAGE = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"

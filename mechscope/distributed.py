@@ -2,8 +2,9 @@
 
 A stage asks this module who it is (:func:`rank`, :func:`world_size`, :func:`is_main`), which share of the work is
 its own (:func:`share`, :func:`owns`), and to combine what the ranks computed (:func:`all_reduce_sum`,
-:func:`all_gather`, :func:`gather_to_main`, :func:`combine_all`, :func:`broadcast`); it prints and shows progress
-bars on rank 0 only (:func:`print_main`, :func:`quiet`). No stage imports :mod:`torch.distributed` itself.
+:func:`all_reduce_max`, :func:`sum_gradients_`, :func:`all_gather`, :func:`gather_to_main`, :func:`combine_all`,
+:func:`broadcast`); it prints and shows progress bars on rank 0 only (:func:`print_main`, :func:`quiet`). No stage
+imports :mod:`torch.distributed` itself.
 
 Without ``torchrun`` (no ``RANK``/``WORLD_SIZE`` in the environment) nothing changes: :func:`session` creates no
 process group, the rank is 0 of 1, every item is this process's share and every reduction returns its input. Under
@@ -20,8 +21,10 @@ from __future__ import annotations
 
 import builtins
 import os
+import signal
 import subprocess
 import sys
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import timedelta
@@ -161,6 +164,37 @@ def all_reduce_sum(tensor: Tensor) -> Tensor:
     return out
 
 
+def all_reduce_max(tensor: Tensor) -> Tensor:
+    """The element-wise maximum of ``tensor`` over all ranks (a new tensor, on every rank; ``tensor`` itself without
+    a process group): "any rank" for flags, the smallest of all ranks as ``-all_reduce_max(-x)``."""
+    if not active():
+        return tensor
+    out = tensor.clone()
+    dist.all_reduce(out, op=dist.ReduceOp.MAX)
+    return out
+
+
+def sum_gradients_(params: Sequence[Tensor]) -> None:
+    """Replace the gradient of each of ``params`` by its sum over all ranks, in place, in one all-reduce of one
+    flat buffer (per dtype); a missing gradient counts as zeros. Nothing without a process group.
+
+    The sum, not the mean: a stage whose loss on each rank is its share of the global batch's loss (a sum over its
+    rows divided by the global batch size) gets the gradient of the global loss, whatever the shares' sizes."""
+    if not active():
+        return
+    grads = []
+    for p in params:
+        grad = torch.zeros_like(p) if p.grad is None else p.grad
+        p.grad = grad
+        grads.append(grad)
+    for dtype in dict.fromkeys(g.dtype for g in grads):
+        same = [g for g in grads if g.dtype == dtype]
+        flat = torch.cat([g.flatten() for g in same])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        for g, piece in zip(same, flat.split([g.numel() for g in same]), strict=True):
+            g.copy_(piece.view_as(g))
+
+
 def all_gather(tensor: Tensor) -> list[Tensor]:
     """Every rank's ``tensor``, in rank order, on every rank (``[tensor]`` without a process group). The tensors may
     differ in their first dimension."""
@@ -217,5 +251,19 @@ def launch_command(nproc: int, args: Sequence[str]) -> list[str]:
 
 def launch(nproc: int, args: Sequence[str]) -> int:
     """Run ``mechscope ARGS`` under ``torchrun`` in ``nproc`` processes (:func:`launch_command`); returns its exit
-    status (torchrun ends every rank when one fails)."""
-    return subprocess.run(launch_command(nproc, args), check=False).returncode
+    status (torchrun ends every rank when one fails).
+
+    A stop signal is left to torchrun, which passes it on once to every rank (they run in sessions of their own),
+    so that the stage stops cleanly after its checkpoint: while torchrun runs, this process ignores SIGINT (Ctrl-C
+    reaches torchrun too, from the terminal) and forwards SIGTERM to it, then returns torchrun's exit status."""
+    process = subprocess.Popen(launch_command(nproc, args))
+    if threading.current_thread() is not threading.main_thread():
+        return process.wait()
+    previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, lambda signum, frame: process.send_signal(signum))
+    try:
+        return process.wait()
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)

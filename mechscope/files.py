@@ -5,7 +5,8 @@ Every file mechscope writes goes through :func:`atomic_write` (or :func:`atomic_
 through :func:`atomic_dir`, so an interruption never leaves a partial file or directory behind under the
 final name. A job that resumes from saved state calls :func:`check_settings` first, so "refuse to resume
 under other settings, and show what differs" is written once. A job's start calls :func:`clean_directory` on its
-output folder (temporary files of killed writers, interrupted swaps), and its checkpoints and stored state are read
+output folder (temporary files of killed writers, interrupted swaps) after :func:`check_output_dir` refused one it
+cannot write, and its checkpoints and stored state are read
 with :func:`read_json`, :func:`read_npz` and :func:`read_safetensors`, which turn a damaged file into one
 :class:`DamagedFile` error naming the file and the fix.
 """
@@ -16,6 +17,7 @@ import json
 import os
 import re
 import shutil
+import tempfile
 import zipfile
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -98,6 +100,30 @@ def read_safetensors(path: str | Path, device: str = "cpu", fix: str = DAMAGED_F
     with reading(path, fix):
         tensors: dict[str, Tensor] = load_file(str(path), device=device)
         return tensors
+
+
+def check_output_dir(path: str | Path, setting: str) -> None:
+    """Refuse the output directory ``path`` (named ``setting`` in messages) before any work: a file, a path under a
+    file, or a directory in which no file can be made (permissions, a read-only file system). Nothing is created:
+    the nearest existing folder on the way gets a probe file, removed at once."""
+    path = Path(path)
+    existing = path
+    try:
+        while not existing.exists() and existing != existing.parent:
+            existing = existing.parent
+        if not existing.is_dir():
+            where = "is a file" if existing == path else f"is under the file {existing}"
+            raise NotADirectoryError(f"{setting} {path} {where}, not a directory: choose another {setting}")
+        handle, probe = tempfile.mkstemp(dir=existing, prefix=".mechscope-write-check-")
+    except NotADirectoryError:
+        raise
+    except OSError as e:
+        raise PermissionError(
+            f"{setting} {path} is not writable ({e.strerror} in {existing}): choose another {setting}, "
+            "or make it writable"
+        ) from None
+    os.close(handle)
+    os.unlink(probe)
 
 
 def atomic_write(path: str | Path, write: Callable[[Path], object]) -> Path:

@@ -4,12 +4,12 @@ CONFIG [--counting.n-batches 8 ...]``.
 
 Every command reads its config the same way (:func:`mechscope.settings.load`): the config's defaults, then the TOML
 file, then the flags, one per setting, with the setting's help as its ``--help`` text. Its output directory is
-checked (:func:`mechscope.apps.commands.check_output_dir`) before any model loads. A failure ends with one line on
+checked (:func:`mechscope.files.check_output_dir`) before any model loads. A failure ends with one line on
 stderr (the error) and a hint to rerun with ``--debug``, which shows the traceback instead.
 
-``cooc run`` and ``cooc count`` run data-parallel under ``torchrun --nproc-per-node N -m mechscope ...``, or with
-``--nproc N``, which launches that torchrun itself (:mod:`mechscope.distributed`, docs/distributed.md); the other
-commands refuse to run in several processes.
+``sae train``, ``cooc run`` and ``cooc count`` run data-parallel under ``torchrun --nproc-per-node N -m mechscope
+...``, or with ``--nproc N``, which launches that torchrun itself (:mod:`mechscope.distributed`,
+docs/distributed.md); the other commands refuse to run in several processes.
 """
 
 from __future__ import annotations

@@ -6,10 +6,8 @@ from __future__ import annotations
 
 import argparse
 import os
-import tempfile
 import warnings
 from collections.abc import Sequence
-from pathlib import Path
 
 import mechscope.distributed as distributed
 from mechscope.apps.main_job import MainJobConfig, run_main_job
@@ -17,6 +15,7 @@ from mechscope.apps.tables import format_graph_summary
 from mechscope.cooccurrence import pipeline
 from mechscope.cooccurrence.config import CoocConfig
 from mechscope.dashboards.pipeline import DashboardsConfig, export_neuronpedia, run_dashboards
+from mechscope.files import check_output_dir
 from mechscope.sae.train import TrainConfig, train_sae
 from mechscope.settings import DeprecatedSetting, add_flags, flag_values, load
 
@@ -101,6 +100,7 @@ COOC_STAGES = {
 
 
 DATA_PARALLEL_COOC = ("run", "count")  # the stages that share their work among torchrun's processes
+DATA_PARALLEL = ("sae train", "dashboards", *(f"cooc {stage}" for stage in DATA_PARALLEL_COOC))
 
 
 def _add_nproc_flag(parser: argparse.ArgumentParser) -> None:
@@ -119,7 +119,7 @@ def _single_process(command: str) -> None:
     if distributed.launched() and int(os.environ["WORLD_SIZE"]) > 1:
         raise ValueError(
             f"mechscope {command} does not run data-parallel yet: run it in one process (without torchrun); "
-            f"the stages that do: cooc {', '.join(DATA_PARALLEL_COOC)}, dashboards"
+            f"the stages that do: {', '.join(DATA_PARALLEL)}"
         )
 
 
@@ -173,11 +173,13 @@ def _add_train_parser(commands: argparse._SubParsersAction) -> None:
     )
     train.add_argument("config", nargs="?", metavar="CONFIG", help="a TOML file of TrainConfig fields (optional)")
     train.add_argument("--config", dest="config_flag", metavar="FILE", help=argparse.SUPPRESS)
+    _add_nproc_flag(train)
     add_flags(train, TrainConfig)
     train.set_defaults(run=_run_train)
 
 
 def _run_demo(args: argparse.Namespace) -> None:
+    _single_process("demo")
     config = load(MainJobConfig, args.config, flag_values(args, MainJobConfig))
     check_output_dir(config.out_dir, "out_dir")
     run_main_job(config)
@@ -199,13 +201,15 @@ def _train_config_file(args: argparse.Namespace) -> str | None:
 
 def _run_train(args: argparse.Namespace) -> None:
     """``sae train``: the TOML file's fields (if any), overridden by the flags given, then ``train_sae``."""
-    _single_process("sae train")
     config = load(TrainConfig, _train_config_file(args), flag_values(args, TrainConfig))
     check_output_dir(config.out_dir, "out_dir")
     if config.activations_dir is not None:
         check_output_dir(config.activations_dir, "activations_dir")
-    sae = train_sae(config)
-    print(f"Saved {sae.cfg.architecture} SAE (d_in={sae.cfg.d_in}, d_sae={sae.cfg.d_sae}) to {config.out_dir}/sae")
+    with distributed.session(config.device):
+        sae = train_sae(config)
+        distributed.print_main(
+            f"Saved {sae.cfg.architecture} SAE (d_in={sae.cfg.d_in}, d_sae={sae.cfg.d_sae}) to {config.out_dir}/sae"
+        )
 
 
 def _run_cooc(args: argparse.Namespace) -> None:
@@ -222,27 +226,3 @@ def _run_cooc(args: argparse.Namespace) -> None:
         main_rank = distributed.is_main()
     if stage in ("graphs", "run") and main_rank:
         print(format_graph_summary(result if stage == "graphs" else result["graphs"]))
-
-
-def check_output_dir(path: str | Path, setting: str) -> None:
-    """Refuse the output directory ``path`` (named ``setting`` in messages) before any work: a file, a path under a
-    file, or a directory in which no file can be made (permissions, a read-only file system). Nothing is created:
-    the nearest existing folder on the way gets a probe file, removed at once."""
-    path = Path(path)
-    existing = path
-    try:
-        while not existing.exists() and existing != existing.parent:
-            existing = existing.parent
-        if not existing.is_dir():
-            where = "is a file" if existing == path else f"is under the file {existing}"
-            raise NotADirectoryError(f"{setting} {path} {where}, not a directory: choose another {setting}")
-        handle, probe = tempfile.mkstemp(dir=existing, prefix=".mechscope-write-check-")
-    except NotADirectoryError:
-        raise
-    except OSError as e:
-        raise PermissionError(
-            f"{setting} {path} is not writable ({e.strerror} in {existing}): choose another {setting}, "
-            "or make it writable"
-        ) from None
-    os.close(handle)
-    os.unlink(probe)

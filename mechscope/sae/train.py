@@ -31,14 +31,21 @@ linearly over ``warmup_steps`` and decays linearly to 0 over the last ``decay_fr
 state and the dead-latent counters, and ``trainer.json`` with the step and Adam's hyper-parameters; no pickle). Every
 file is written atomically and the checkpoint replaced as a whole (``mechscope.files``). ``resume=True`` continues from
 that checkpoint (``find_checkpoint``): with the same data order the result equals an uninterrupted run.
+
+Under ``torchrun`` (``mechscope sae train CONFIG --nproc N``) the ranks share every batch: each computes the losses
+of its rows, and the gradients and the step's statistics (firing latents, BatchTopK's selection and threshold, the
+metrics) are combined over the ranks (``Trainer.train_step``), so N ranks at ``batch_size_tokens`` B train the SAE
+one process trains at B, and a checkpoint resumes under any number of ranks (docs/distributed.md).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import operator
 import warnings
 from collections.abc import Iterator, Mapping
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
@@ -49,12 +56,14 @@ from safetensors.torch import save_file
 from torch import Tensor
 from tqdm.auto import tqdm
 
+import mechscope.distributed as distributed
 from mechscope.data.store import ActivationStore
 from mechscope.files import (
     DamagedFile,
     atomic_dir,
     atomic_write,
     atomic_write_text,
+    check_output_dir,
     check_settings,
     clean_directory,
     read_json,
@@ -62,7 +71,7 @@ from mechscope.files import (
     reading,
     recover_dir,
 )
-from mechscope.interrupts import Cadence, stop_on_signals
+from mechscope.interrupts import Cadence, Interrupted, StopFlag, stop_on_signals
 from mechscope.models.hooked import HookedModel
 from mechscope.sae.config import ARCHITECTURES, DTYPES, SAEConfig
 from mechscope.sae.formats import REFETCH, SAEFormatError, WriteFile
@@ -237,34 +246,60 @@ class Trainer:
         """Boolean ``[d_sae]``: latents that have not fired in the last ``dead_tokens_threshold`` tokens."""
         return self.tokens_since_fired >= self.config.dead_tokens_threshold
 
-    def losses(self, x: Tensor) -> tuple[dict[str, Tensor], Tensor | SparseLatents, Tensor]:
-        """The loss terms for ``x [batch, d_in]``, the latents and the reconstruction ``[batch, d_in]``.
+    def losses(
+        self, x: Tensor, batch_size: int | None = None
+    ) -> tuple[dict[str, Tensor], Tensor | SparseLatents, Tensor]:
+        """The loss terms of the rows ``x [rows, d_in]``, their latents and their reconstruction ``[rows, d_in]``.
 
-        The latents are ``[batch, d_sae]``, or for ``topk`` the ``SparseLatents`` (``[batch, k]`` each).
+        The latents are ``[rows, d_sae]``, or for ``topk`` the ``SparseLatents`` (``[rows, k]`` each). Each term is a
+        sum over the rows divided by ``batch_size``, the rows of the whole batch (default ``len(x)``: the mean), so
+        the terms of the ranks' shares of a batch add up to the batch's (:meth:`train_step`).
         """
         cfg, sae = self.config, self.sae
+        n = len(x) if batch_size is None else batch_size
         if cfg.architecture == "topk":
-            return self._topk_losses(x)
+            return self._topk_losses(x, n)
         pre_acts, _ = sae.pre_acts(x)
         if cfg.architecture == "jumprelu":
             latents = JumpReLU.apply(pre_acts, sae.threshold, cfg.jumprelu_bandwidth)
+        elif cfg.architecture == "batchtopk":
+            latents = self.batch_topk(pre_acts, n)
         else:
             latents = sae.activation(pre_acts)
         recon = sae.decode(latents, x=x)
         error = x - recon
-        terms = {"mse": error.pow(2).sum(dim=-1).mean()}
+        terms = {"mse": error.pow(2).sum() / n}
         if cfg.architecture == "relu":
-            terms["l1"] = cfg.l1_coefficient * (latents.abs() * sae.W_dec.norm(dim=-1)).sum(dim=-1).mean()
+            terms["l1"] = cfg.l1_coefficient * (latents.abs() * sae.W_dec.norm(dim=-1)).sum() / n
         elif cfg.architecture == "jumprelu":
-            l0 = Step.apply(pre_acts, sae.threshold, cfg.jumprelu_bandwidth).sum(dim=-1).mean()
-            terms["l0"] = cfg.l0_coefficient * l0
+            terms["l0"] = cfg.l0_coefficient * Step.apply(pre_acts, sae.threshold, cfg.jumprelu_bandwidth).sum() / n
         else:
             dead = self.dead()
             if dead.any():
-                terms["aux"] = cfg.aux_k_coefficient * self.aux_loss(pre_acts, error.detach(), dead)
+                terms["aux"] = cfg.aux_k_coefficient * self.aux_loss(pre_acts, error.detach(), dead, n)
         return terms, latents, recon
 
-    def _topk_losses(self, x: Tensor) -> tuple[dict[str, Tensor], SparseLatents, Tensor]:
+    def batch_topk(self, pre_acts: Tensor, batch_size: int) -> Tensor:
+        """BatchTopK latents ``[rows, d_sae]`` of these rows' ``pre_acts [rows, d_sae]``: the ``k * batch_size``
+        largest positive pre-activations of the whole batch of ``batch_size`` rows are kept, the others are 0.
+
+        Under torchrun the batch is every rank's rows: each rank sends its own ``k * batch_size`` largest values
+        (the batch's largest are among them), and every rank keeps its entries at or above the batch's smallest
+        kept value, so the ranks select together what one process selects on the whole batch."""
+        k = self.sae.cfg.k
+        assert k is not None, "a batchtopk SAE has a k"
+        total = int(k * batch_size)
+        with torch.no_grad():
+            flat = pre_acts.flatten()
+            largest = flat.topk(min(total, len(flat)), sorted=False).values
+            if distributed.world_size() > 1:
+                every_rank = torch.cat(distributed.all_gather(largest))
+                largest = every_rank.topk(min(total, len(every_rank)), sorted=False).values
+            smallest = largest.min() if len(largest) else flat.new_tensor(float("inf"))
+        keep = (pre_acts >= smallest) & (pre_acts > 0)
+        return torch.where(keep, pre_acts, torch.zeros_like(pre_acts))
+
+    def _topk_losses(self, x: Tensor, n: int) -> tuple[dict[str, Tensor], SparseLatents, Tensor]:
         """``losses`` of a TopK SAE, touching only the selected latents after the encoder's one dense product.
 
         The same terms as the dense computation (the other architectures' path, and AuxK's ``aux_loss``), but the
@@ -286,10 +321,10 @@ class Trainer:
         latents = SparseLatents(indices[:, :k], selected[:, :k])
         recon = sae.denormalize(SparseDecode.apply(*latents, sae.W_dec) + sae.b_dec, stats)
         error = x - recon
-        terms = {"mse": error.pow(2).sum(dim=-1).mean()}
+        terms = {"mse": error.pow(2).sum() / n}
         if indices.shape[-1] > k:
             aux_recon = SparseDecode.apply(indices[:, k:], selected[:, k:], sae.W_dec)
-            terms["aux"] = cfg.aux_k_coefficient * (error.detach() - aux_recon).pow(2).sum(dim=-1).mean()
+            terms["aux"] = cfg.aux_k_coefficient * (error.detach() - aux_recon).pow(2).sum() / n
         return terms, latents, recon
 
     def aux_indices(self, pre_acts: Tensor, dead: Tensor) -> Tensor:
@@ -297,56 +332,72 @@ class Trainer:
         k = min(self.aux_k, int(dead.sum()))
         return pre_acts.masked_fill(~dead, float("-inf")).topk(k, dim=-1, sorted=False).indices
 
-    def aux_loss(self, pre_acts: Tensor, error: Tensor, dead: Tensor) -> Tensor:
-        """AuxK: how well the ``aux_k`` largest dead pre-activations ``[batch, d_sae]`` reconstruct ``error``."""
+    def aux_loss(self, pre_acts: Tensor, error: Tensor, dead: Tensor, batch_size: int | None = None) -> Tensor:
+        """AuxK: how well the ``aux_k`` largest dead pre-activations ``[rows, d_sae]`` reconstruct ``error``: the
+        squared error summed over the rows, divided by ``batch_size`` (default: the rows)."""
         indices = self.aux_indices(pre_acts, dead)
         aux_latents = torch.zeros_like(pre_acts).scatter_(-1, indices, pre_acts.gather(-1, indices).relu())
-        return (error - aux_latents @ self.sae.W_dec).pow(2).sum(dim=-1).mean()
+        n = len(pre_acts) if batch_size is None else batch_size
+        return (error - aux_latents @ self.sae.W_dec).pow(2).sum() / n
 
-    def train_step(self, x: Tensor) -> dict[str, float]:
-        """One optimiser step on ``x [batch, d_in]``; returns its metrics."""
+    def train_step(self, batch: Tensor) -> dict[str, float]:
+        """One optimiser step on the batch ``batch [batch, d_in]``; returns its metrics.
+
+        Under torchrun every rank is given the same batch and computes the losses of its share of the rows (every
+        ``world_size``-th from its rank, :func:`~mechscope.distributed.share`); the gradients, the firing latents,
+        the loss terms and the L0 are summed over the ranks, so that every rank takes the step one process takes on
+        the whole batch (the decoder's normalisation, the dead latents, AuxK's and BatchTopK's selections and
+        thresholds all see the whole batch).
+        """
         cfg, sae = self.config, self.sae
+        n = len(batch)
+        share = distributed.share(n)
+        x = batch[share.start :: share.step]
         lr = lr_at(cfg, self.step)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        terms, latents, recon = self.losses(x)
+        terms, latents, _ = self.losses(x, n)
         loss = cast(Tensor, sum(terms.values()))  # terms always holds "mse"
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        distributed.sum_gradients_(self.params)
         sae.remove_parallel_decoder_grad_()
         self.optimizer.step()
         sae.normalize_decoder_()
         with torch.no_grad():
             if isinstance(latents, SparseLatents):  # topk
-                values = latents.values.detach()  # [batch, k]
+                values = latents.values.detach()  # [rows, k]
                 active = values > 0
-                fired: Tensor = latents.indices[active]
+                fired = torch.zeros(sae.cfg.d_sae, dtype=torch.bool, device=values.device)
+                fired[latents.indices[active]] = True
             else:  # the other architectures keep dense latents in training: faster than gathering them
-                values = latents.detach()  # [batch, d_sae]
+                values = latents.detach()  # [rows, d_sae]
                 active = values > 0
                 fired = active.any(dim=0)
+            sums = torch.cat([fired.double(), torch.stack([*terms.values(), active.sum()]).detach().double()])
+            sums = distributed.all_reduce_sum(sums)  # [d_sae + terms + 1]: firing ranks, the terms, the L0
             if cfg.architecture == "jumprelu":
                 sae.threshold.clamp_min_(0.0)
-            elif cfg.architecture == "batchtopk" and active.any():
-                smallest = values[active].min()
-                rate = cfg.batchtopk_threshold_lr if self.step > 0 else 1.0
-                sae.threshold.lerp_(smallest.expand_as(sae.threshold), rate)
-            self.tokens_since_fired += len(x)
-            self.tokens_since_fired[fired] = 0
+            elif cfg.architecture == "batchtopk":
+                own_smallest = values[active].min() if active.any() else values.new_tensor(float("inf"))
+                smallest = -distributed.all_reduce_max(-own_smallest)  # of the whole batch's selection
+                if smallest.isfinite():
+                    rate = cfg.batchtopk_threshold_lr if self.step > 0 else 1.0
+                    sae.threshold.lerp_(smallest.expand_as(sae.threshold), rate)
+            self.tokens_since_fired += n
+            self.tokens_since_fired[sums[: sae.cfg.d_sae] > 0] = 0
         self.step += 1
-        return self.metrics(x, recon.detach(), active, terms, loss, lr)
+        batch_terms = dict(zip(terms, sums[sae.cfg.d_sae : -1].tolist(), strict=True))
+        return self.metrics(batch, batch_terms, float(sums[-1]) / n, lr)
 
-    def metrics(
-        self, x: Tensor, recon: Tensor, active: Tensor, terms: dict[str, Tensor], loss: Tensor, lr: float
-    ) -> dict[str, float]:
-        """Step, tokens, losses, L0, FVU = ||x - x_hat||^2 / ||x - mean(x)||^2, dead share and lr of a step.
-
-        ``active [batch, ...]`` marks each token's firing latents (of all ``d_sae``, or of its ``k`` selected ones).
-        """
-        fvu = (x - recon).pow(2).sum() / (x - x.mean(dim=0)).pow(2).sum()
-        out = {"step": self.step, "tokens": self.step * self.config.batch_size_tokens, "loss": float(loss.detach())}
-        out.update({name: float(value.detach()) for name, value in terms.items()})
-        out.update(l0=float(active.sum(dim=-1).float().mean()), fvu=float(fvu), dead=float(self.dead().float().mean()))
+    def metrics(self, batch: Tensor, terms: dict[str, float], l0: float, lr: float) -> dict[str, float]:
+        """Step, tokens, loss and its ``terms`` (of the whole batch), ``l0``, the FVU ``||x - x_hat||^2 / ||x -
+        mean(x)||^2`` of the ``batch [batch, d_in]``, the dead share and ``lr`` of a step."""
+        x = batch.to(self.sae.W_dec.dtype)
+        fvu = terms["mse"] * len(x) / float((x - x.mean(dim=0)).pow(2).sum())
+        out = {"step": self.step, "tokens": self.step * self.config.batch_size_tokens, "loss": sum(terms.values())}
+        out.update(terms)
+        out.update(l0=l0, fvu=fvu, dead=float(self.dead().float().mean()))
         if self.config.architecture in ("jumprelu", "batchtopk"):
             out["mean_threshold"] = float(self.sae.threshold.detach().mean())
         out["lr"] = lr
@@ -354,12 +405,28 @@ class Trainer:
 
     # ---- checkpoints -----------------------------------------------------------------------------------------
 
+    def position(self) -> dict[str, int]:
+        """Where this rank is in the data: the batches done, and its rows of each batch (every ``row_step``-th from
+        ``first_row``). The ranks read the same batches, so a run resumes at ``batches_done`` under any number of
+        ranks."""
+        rows = distributed.share(self.config.batch_size_tokens)
+        return {"rank": distributed.rank(), "batches_done": self.step, "first_row": rows.start, "row_step": rows.step}
+
     def save_checkpoint(self, directory: Path, write_file: WriteFile = atomic_write) -> Path:
         """Write the SAE, Adam's state, the RNG state and the counters to ``directory``, which is replaced as a whole
-        (:func:`mechscope.files.atomic_dir`); each file is written by ``write_file`` (see :func:`train_sae`)."""
-        return atomic_dir(directory, lambda tmp: self._write_checkpoint(tmp, write_file))
+        (:func:`mechscope.files.atomic_dir`); each file is written by ``write_file`` (see :func:`train_sae`).
 
-    def _write_checkpoint(self, directory: Path, write_file: WriteFile) -> None:
+        Under torchrun every rank calls it: rank 0 writes (the ranks hold the same state), with every rank's
+        :meth:`position` in ``trainer.json``, and the others wait until it has."""
+        positions = distributed.gather_to_main([self.position()], operator.add)
+        if positions is not None:
+            if len({p["batches_done"] for p in positions}) != 1:
+                raise RuntimeError(f"the ranks are at different steps ({positions}): train again with --resume")
+            atomic_dir(directory, lambda tmp: self._write_checkpoint(tmp, write_file, positions))
+        distributed.barrier()
+        return directory
+
+    def _write_checkpoint(self, directory: Path, write_file: WriteFile, positions: list[dict[str, int]]) -> None:
         self.sae.save(directory / SAE_DIR, write_file=write_file)
         state = self.optimizer.state_dict()
         tensors = {
@@ -369,7 +436,12 @@ class Trainer:
         }
         tensors.update(torch_rng=torch.get_rng_state(), tokens_since_fired=self.tokens_since_fired.cpu())
         write_file(directory / TRAINER_TENSORS, lambda tmp: save_file(tensors, str(tmp)))
-        meta = {"step": self.step, "param_groups": state["param_groups"], "config": dataclasses.asdict(self.config)}
+        meta = {
+            "step": self.step,
+            "param_groups": state["param_groups"],
+            "config": dataclasses.asdict(self.config),
+            "ranks": positions,
+        }
         write_file(directory / TRAINER_JSON, lambda tmp: tmp.write_text(json.dumps(meta, indent=1)))
 
     def load_checkpoint(self, directory: Path) -> None:
@@ -428,9 +500,9 @@ def find_checkpoint(out_dir: str | Path) -> Path | None:
 # ---- the run -------------------------------------------------------------------------------------------------
 
 
-def _make_store(config: TrainConfig, model: HookedModel | None) -> BatchSource:
+def _make_store(config: TrainConfig, model: HookedModel | None, device: str) -> BatchSource:
     if model is None:
-        model = HookedModel.from_pretrained(config.model, device=config.device)
+        model = HookedModel.from_pretrained(config.model, device=device)
     store = ActivationStore(
         model,
         [config.hook_name],
@@ -440,11 +512,13 @@ def _make_store(config: TrainConfig, model: HookedModel | None) -> BatchSource:
         activations_dir=config.activations_dir,
     )
     if config.activations_dir is not None:
-        store.harvest(config.n_tokens, progress=config.progress)
+        if distributed.is_main():  # the other ranks read the shards rank 0 harvests
+            store.harvest(config.n_tokens, progress=config.progress)
+        distributed.barrier()
     return store
 
 
-def _batches(config: TrainConfig, store: BatchSource) -> Iterator[Tensor]:
+def _batches(config: TrainConfig, store: BatchSource, device: str) -> Iterator[Tensor]:
     """Full ``[batch_size_tokens, d_in]`` batches of the hook's activations, on the SAE's device and dtype."""
     dtype = DTYPES[config.dtype]
     for batch in store.batches(config.batch_size_tokens, config.n_tokens, config.shuffle_buffer, config.seed):
@@ -455,7 +529,35 @@ def _batches(config: TrainConfig, store: BatchSource) -> Iterator[Tensor]:
             )
         x = batch[config.hook_name]
         if len(x) == config.batch_size_tokens:
-            yield x.to(config.device, dtype)
+            yield x.to(device, dtype)
+
+
+def _find_checkpoint_once(config: TrainConfig) -> bool:
+    """Whether ``out_dir`` holds a checkpoint to resume, checked against ``resume``: rank 0 cleans ``out_dir`` of
+    what killed runs left and recovers a set-aside checkpoint, then tells the other ranks."""
+    out_dir = Path(config.out_dir)
+    found = False
+    if distributed.is_main():
+        clean_directory(out_dir)  # what killed runs left (temporary files, an interrupted checkpoint swap)
+        found = find_checkpoint(out_dir) is not None
+    found = distributed.broadcast(found)
+    if found and not config.resume:
+        raise FileExistsError(
+            f"{out_dir} already holds a training checkpoint: pass resume=True (--resume) to continue it, "
+            "or choose another out_dir"
+        )
+    if config.resume and not found:
+        raise FileNotFoundError(
+            f"resume=True but {out_dir / CHECKPOINT_DIR} does not exist: train without --resume first"
+        )
+    return found
+
+
+def _interrupted(stop: StopFlag, signum: int, checkpoint: Path, where: str) -> Interrupted:
+    """The :class:`Interrupted` this rank raises when a rank (this one or another) got the stop signal ``signum``."""
+    if stop:
+        return stop.interrupted("sae train", checkpoint, where, resume=True)
+    return Interrupted("sae train", signum, checkpoint, where, {"resume": True})
 
 
 def train_sae(
@@ -470,7 +572,9 @@ def train_sae(
 
     Data: ``store`` (an ``ActivationStore`` or any object with its ``batches`` method) when given; otherwise an
     ``ActivationStore`` over ``model`` (a ``HookedModel``; loaded from ``config.model`` when None), which first
-    harvests to ``config.activations_dir`` when that is set and otherwise streams live from the model. ``stop_after``
+    harvests to ``config.activations_dir`` when that is set and otherwise streams live from the model. ``out_dir``
+    (and ``activations_dir``) are checked first: a file, or a directory that cannot be written, is refused before
+    any model loads. ``stop_after``
     ends the run after that many steps in total (with a checkpoint), keeping the schedule of the full run, so a
     later ``resume=True`` run continues exactly where it stopped. A checkpoint is written every
     ``checkpoint_every`` steps and ``checkpoint_seconds`` seconds, and on Ctrl-C / SIGTERM after the step under way,
@@ -478,21 +582,30 @@ def train_sae(
     ``write_file(path, write)`` writes each file of the
     checkpoints, of the saved SAE and ``train_config.json``: :func:`mechscope.files.atomic_write` (``write(tmp)``,
     then a rename to ``path``) by default; the tests pass one that fails half-way, as a kill would.
+
+    Under torchrun (inside :func:`mechscope.distributed.session`) every rank calls it with the same settings and
+    data: each computes its share of every batch (:meth:`Trainer.train_step`), so the ranks train the SAE one
+    process trains; rank 0 alone writes ``out_dir``, and a stop signal to any rank stops every rank after the same
+    step, with one checkpoint. Every rank returns the SAE.
     """
+    check_output_dir(config.out_dir, "out_dir")
+    if config.activations_dir is not None:
+        check_output_dir(config.activations_dir, "activations_dir")
+    if config.batch_size_tokens < distributed.world_size():
+        raise fail(
+            config,
+            "batch_size_tokens",
+            f"is {config.batch_size_tokens}, fewer rows than the {distributed.world_size()} ranks sharing each batch: "
+            "raise batch_size_tokens or run fewer processes",
+        )
+    main = distributed.is_main()
     out_dir = Path(config.out_dir)
     checkpoint = out_dir / CHECKPOINT_DIR
-    clean_directory(out_dir)  # what killed runs left (temporary files, an interrupted checkpoint swap)
-    found = find_checkpoint(out_dir)
-    if found is not None and not config.resume:
-        raise FileExistsError(
-            f"{out_dir} already holds a training checkpoint: pass resume=True (--resume) to continue it, "
-            "or choose another out_dir"
-        )
-    if config.resume and found is None:
-        raise FileNotFoundError(f"resume=True but {checkpoint} does not exist: train without --resume first")
+    _find_checkpoint_once(config)
+    device = str(distributed.local_device(config.device))
     if store is None:
-        store = _make_store(config, model)
-    batches = _batches(config, store)
+        store = _make_store(config, model, device)
+    batches = _batches(config, store, device)
     first = next(batches, None)
     if first is None:
         raise ValueError(
@@ -520,7 +633,7 @@ def train_sae(
         model_name=config.model,
         hook_name=config.hook_name,
         dtype=config.dtype,
-        device=config.device,
+        device=device,
     )
     sae = SparseAutoencoder(sae_cfg).train()
     trainer = Trainer(config, sae)
@@ -528,28 +641,29 @@ def train_sae(
         trainer.load_checkpoint(checkpoint)
         batches = islice(_chain_first(first, batches), trainer.step, None)
     else:
-        with torch.no_grad():
+        with torch.no_grad():  # every rank has the whole first batch
             sae.b_dec.copy_(geometric_median(first).to(sae.b_dec.dtype))
             if config.architecture == "jumprelu":
                 sae.threshold.fill_(config.jumprelu_init_threshold)
         batches = _chain_first(first, batches)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    config_json = json.dumps(dataclasses.asdict(config), indent=1)
-    write_file(out_dir / TRAIN_CONFIG_FILE, lambda tmp: tmp.write_text(config_json))
-    _truncate_metrics(out_dir / METRICS_FILE, trainer.step)
+    if main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        config_json = json.dumps(dataclasses.asdict(config), indent=1)
+        write_file(out_dir / TRAIN_CONFIG_FILE, lambda tmp: tmp.write_text(config_json))
+        _truncate_metrics(out_dir / METRICS_FILE, trainer.step)
 
     last = config.n_steps if stop_after is None else min(stop_after, config.n_steps)
-    bar = tqdm(total=last, initial=trainer.step, unit="step", desc="train sae", disable=not config.progress)
+    bar = tqdm(total=last, initial=trainer.step, unit="step", desc="train sae", disable=not config.progress or not main)
     by_time = Cadence(seconds=config.checkpoint_seconds)
     with stop_on_signals() as stop:  # Ctrl-C / SIGTERM: finish the step, write a checkpoint, raise Interrupted
         try:
-            with open(out_dir / METRICS_FILE, "a") as log:
+            with open(out_dir / METRICS_FILE, "a") if main else nullcontext() as log:
                 for x in batches:
                     if trainer.step >= last:
                         break
                     metrics = trainer.train_step(x)
                     bar.update(1)
-                    if trainer.step % config.log_every == 0 or trainer.step == config.n_steps:
+                    if log is not None and (trainer.step % config.log_every == 0 or trainer.step == config.n_steps):
                         log.write(json.dumps(metrics) + "\n")
                         log.flush()
                         bar.set_postfix(
@@ -557,24 +671,27 @@ def train_sae(
                         )
                     if trainer.step >= last:
                         continue  # the last checkpoint is written below
+                    # any rank's signal or clock stops or checkpoints every rank after this same step
+                    flags = distributed.all_reduce_max(torch.tensor([stop.signum or 0, int(by_time())]))
+                    signum, due = int(flags[0]), bool(flags[1])
                     every = config.checkpoint_every and trainer.step % config.checkpoint_every == 0
-                    if by_time() or every or stop:
+                    if due or every or signum:
                         trainer.save_checkpoint(checkpoint, write_file)
                         by_time.restart()
-                    if stop:
-                        where = f"step {trainer.step} of {config.n_steps}"
-                        raise stop.interrupted("sae train", checkpoint, where, resume=True)
+                    if signum:
+                        raise _interrupted(stop, signum, checkpoint, f"step {trainer.step} of {config.n_steps}")
         finally:
             bar.close()
-        if trainer.step < last:
+        if trainer.step < last and main:
             warnings.warn(
                 f"the activations ran out after {trainer.step} of {last} steps "
                 f"({trainer.step * config.batch_size_tokens} tokens): lower n_tokens, or use a larger corpus",
                 stacklevel=2,
             )
         trainer.save_checkpoint(checkpoint, write_file)
-        if trainer.step >= config.n_steps or stop_after is None:
+        if main and (trainer.step >= config.n_steps or stop_after is None):
             sae.save(out_dir / SAE_DIR, overwrite=True, write_file=write_file)
+        distributed.barrier()  # every rank returns once the SAE is on disk
     return sae.eval()
 
 

@@ -11,6 +11,10 @@ checkpoint of the round before), with ``stop`` it sends itself SIGINT there and 
 gets is written to ``out_dir.RANK.json``.
 ``{"kind": "harvest", "activations_dir": PATH, "corpus": PATH, "kill": [rank, first_context]}``: a shared harvest
 (:func:`harvest_store`); with ``kill`` that rank ends itself before storing the forward pass from that context.
+``{"kind": "train", "config": {TrainConfig fields}, "signal": [rank, batch], "stop_after": M, "out": PATH}``
+trains an SAE on :class:`SyntheticRows` (:func:`train_task`), that rank sending itself SIGINT at that batch;
+``"kind": "train_alone"`` does so in rank 0 alone, before the ranks join the process group (a run that two ranks
+then resume).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +39,7 @@ from mechscope.dashboards.pipeline import DashboardsConfig, run_dashboards
 from mechscope.data.store import ActivationStore
 from mechscope.interrupts import Interrupted
 from mechscope.sae import SAEConfig, SparseAutoencoder, evaluate_sae
+from mechscope.sae.train import TrainConfig, train_sae
 from tests.conftest import build_pair
 from tests.sae_utils import random_weights
 
@@ -196,9 +202,76 @@ def _harvest(model: HookedModel, task: dict[str, Any]) -> None:
     store.harvest(HARVEST_TOKENS, progress=False, on_batch=killed, checkpoint_seconds=1e-9, data_parallel=True)
 
 
+class SyntheticRows:
+    """A deterministic stream of ``[batch, 16]`` rows, each a sparse non-negative mix of 40 random directions plus
+    noise, as ``{"x": rows}`` batches (a :class:`~mechscope.sae.train.BatchSource`); every process gets the same
+    rows. With ``signal_at``, the process sends itself SIGINT as it hands out that batch (counted from 1)."""
+
+    def __init__(self, signal_at: int | None = None) -> None:
+        self.signal_at = signal_at
+
+    def batches(
+        self, batch_size: int, n_tokens: int | None = None, shuffle_buffer: int = 0, seed: int = 0
+    ) -> Iterator[dict[str, torch.Tensor]]:
+        g = torch.Generator().manual_seed(seed)
+        directions = torch.nn.functional.normalize(torch.randn(40, 16, generator=g), dim=-1)
+        assert n_tokens is not None
+        for index in range(1, n_tokens // batch_size + 1):
+            chosen = torch.rand(batch_size, 40, generator=g).topk(3, dim=-1).indices
+            scale = torch.zeros(batch_size, 40).scatter_(1, chosen, 0.5 + torch.rand(batch_size, 3, generator=g))
+            if index == self.signal_at:
+                os.kill(os.getpid(), signal.SIGINT)
+            yield {"x": scale @ directions + 0.05 * torch.randn(batch_size, 16, generator=g)}
+
+
+def train_config(out_dir: str | Path, architecture: str, **overrides: Any) -> TrainConfig:
+    """A tiny SAE (16 -> 48 latents) trained for 60 steps of 63 rows (shares of 32 and 31 rows on two ranks),
+    with latents dying after 4 steps so that AuxK takes part."""
+    settings: dict[str, Any] = {
+        "model": "synthetic",
+        "hook_name": "x",
+        "architecture": architecture,
+        "d_sae": 48,
+        "k": 4,
+        "n_tokens": 63 * 60,
+        "batch_size_tokens": 63,
+        "lr": 1e-2,
+        "warmup_steps": 5,
+        "dead_tokens_threshold": 63 * 4,
+        "aux_k": 6,
+        "l1_coefficient": 0.05,
+        "l0_coefficient": 0.05,
+        "jumprelu_bandwidth": 0.05,
+        "jumprelu_init_threshold": 0.05,
+        "checkpoint_every": 0,
+        "checkpoint_seconds": 0,
+        "log_every": 10,
+        "progress": False,
+        "out_dir": str(out_dir),
+        **overrides,
+    }
+    return TrainConfig(**settings)
+
+
+def train_task(task: dict[str, Any]) -> None:
+    """Train as ``task`` says; an interrupted run writes ``out.RANK.json`` with what this rank's ``Interrupted``
+    said."""
+    config = train_config(**task["config"])
+    signal_rank, signal_at = task.get("signal", (None, None))
+    rows = SyntheticRows(signal_at if signal_rank == distributed.rank() else None)
+    try:
+        train_sae(config, store=rows, stop_after=task.get("stop_after"))
+    except Interrupted as stopped:
+        _write_rank(task["out"], {"where": stopped.where, "signum": stopped.signum, "message": str(stopped)})
+
+
 def main(tasks_file: str) -> None:
     torch.set_num_threads(1)
     tasks = json.loads(Path(tasks_file).read_text())
+    if os.environ.get("RANK") == "0":  # before the process group: the other ranks wait for rank 0 to join it
+        for task in tasks:
+            if task["kind"] == "train_alone":
+                train_task(task)
     model, saes = tiny_model(), tiny_saes()
     with distributed.session():
         for task in tasks:
@@ -213,7 +286,9 @@ def main(tasks_file: str) -> None:
                 _dashboards(model, saes, task)
             elif task["kind"] == "harvest":
                 _harvest(model, task)
-            else:
+            elif task["kind"] == "train":
+                train_task(task)
+            elif task["kind"] != "train_alone":
                 raise ValueError(f"unknown task {task['kind']!r}")
 
 

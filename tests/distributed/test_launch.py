@@ -62,7 +62,7 @@ def test_nproc_runs_the_cooc_pipeline_in_two_processes(tmp_path: Path) -> None:
         np.testing.assert_array_equal(saved.counts.toarray(), expected[HOOK][t].counts.toarray())
 
 
-@pytest.mark.parametrize("argv", [["sae", "train"], ["cooc", "graphs", "c.toml"]])
+@pytest.mark.parametrize("argv", [["demo"], ["cooc", "graphs", "c.toml"]])
 def test_a_stage_that_does_not_share_its_work_refuses_several_processes(argv, monkeypatch, capsys) -> None:
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun sets them

@@ -3,7 +3,11 @@ own, reductions return their input; the shares of N ranks; the backend by device
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
+import threading
+import time
 
 import pytest
 import torch
@@ -64,3 +68,31 @@ def test_launch_command() -> None:
                        "mechscope", "cooc", "count", "c.toml"]  # fmt: skip
     with pytest.raises(ValueError, match="at least 1"):
         distributed.launch_command(0, [])
+
+
+def test_launch_leaves_ctrl_c_to_torchrun_and_forwards_sigterm(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    """While "torchrun" (here a stand-in that exits 7 on SIGTERM) runs, the launcher ignores SIGINT (torchrun gets
+    Ctrl-C from the terminal itself) and passes SIGTERM on; then it returns the exit status, handlers restored."""
+    ready = tmp_path / "ready"
+    child = (
+        "import pathlib, signal, sys, time\n"
+        "signal.signal(signal.SIGTERM, lambda *_: sys.exit(7))\n"
+        f"pathlib.Path({str(ready)!r}).touch()\n"
+        "time.sleep(60)\n"
+    )
+    monkeypatch.setattr(distributed, "launch_command", lambda nproc, args: [sys.executable, "-c", child])
+
+    def signal_launcher() -> None:
+        deadline = time.monotonic() + 60
+        while not ready.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.2)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    sender = threading.Thread(target=signal_launcher)
+    sender.start()
+    assert distributed.launch(2, ["sae", "train"]) == 7
+    sender.join()
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before

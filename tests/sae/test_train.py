@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from collections.abc import Iterator
 from itertools import product
 from pathlib import Path
@@ -463,7 +464,25 @@ def test_cli_flags_mirror_the_config_fields() -> None:
     flags = {option for action in train._actions for option in action.option_strings}
     expected = {"--" + f.name.replace("_", "-") for f in dataclasses.fields(TrainConfig)}
     old_names = {"--source", "--shard-dir", "--batch-size"}  # still read, with a DeprecatedSetting warning
-    assert flags == expected | old_names | {"--no-resume", "--no-progress", "--config", "-h", "--help"}  # --config: old
+    others = {"--no-resume", "--no-progress", "--config", "--nproc", "-h", "--help"}  # --config: its old form
+    assert flags == expected | old_names | others
     args = parser.parse_args(["sae", "train", "--k", "2.5", "--d-sae", "7", "--no-progress", "--lr", "1e-3"])
-    assert (args.k, args.d_sae, args.progress, args.lr) == (2.5, 7, False, 1e-3)
+    assert (args.k, args.d_sae, args.progress, args.lr, args.nproc) == (2.5, 7, False, 1e-3, 1)
+    assert parser.parse_args(["sae", "train", "--nproc", "2"]).nproc == 2  # data-parallel (tests/distributed)
     assert not hasattr(args, "batch_size_tokens")  # flags not given stay unset: a TOML file's value is not overridden
+
+
+@pytest.mark.parametrize("where", ["file", "under_file"])
+def test_train_sae_refuses_an_out_dir_it_cannot_write_before_loading_the_model(tmp_path: Path, where: str) -> None:
+    (tmp_path / "taken").write_text("not a directory")
+    out_dir = tmp_path / "taken" if where == "file" else tmp_path / "taken" / "run"
+    config = _config(tmp_path, model="no-such-model-anywhere", out_dir=str(out_dir))
+    expected = "is a file" if where == "file" else "is under the file"
+    with pytest.raises(
+        NotADirectoryError, match=rf"out_dir {re.escape(str(out_dir))} {expected}.*choose another out_dir"
+    ):
+        train_sae(config)  # loading "no-such-model-anywhere" would fail otherwise
+    config = _config(tmp_path, activations_dir=str(out_dir), out_dir=str(tmp_path / "run"))
+    with pytest.raises(NotADirectoryError, match=r"activations_dir .*choose another activations_dir"):
+        train_sae(config)
+    assert not (tmp_path / "run").exists()

@@ -1,0 +1,87 @@
+"""A benchmark worker of ``distributed.py``: one rank (of 1 or of N, started with torchrun's variables set) that
+runs a unit of work each time rank 0 reads its name on stdin, and prints on rank 0 ``done CPU`` when every rank
+has finished it (CPU: rank 0's CPU seconds for the unit). Units: ``train`` (``STEPS`` TopK training steps of
+``Trainer.train_step`` on ``BATCH`` rows, each rank computing its share) and ``count`` (co-occurrence counts of
+``N_BATCHES`` batches of synthetic TopK latents, batch ``i`` counted by rank ``i % N``, the sparse partial counts
+summed on rank 0, as ``cooc count`` does at a checkpoint). ``quit`` ends it. One torch thread per rank."""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+
+import scipy.sparse as sp
+import torch
+
+from mechscope import distributed
+from mechscope.cooccurrence.counting import CooccurrenceCounts, count_cooccurrences
+from mechscope.sae import SAE, SAEConfig
+from mechscope.sae.latents import SparseLatents
+from mechscope.sae.train import TrainConfig, Trainer
+
+D_IN, D_SAE, K, BATCH, STEPS = 256, 4096, 32, 4096, 4
+COUNT_D_SAE, COUNT_K, COUNT_BATCH, N_BATCHES = 16384, 32, 4096, 8
+
+
+def training() -> Callable[[], object]:
+    """``STEPS`` training steps of a TopK SAE (d_in 256, d_sae 4096, k 32; every latent dead, so AuxK runs)."""
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.randn(BATCH, D_IN, generator=g) for _ in range(STEPS)]
+    torch.manual_seed(0)
+    sae = SAE(SAEConfig(d_in=D_IN, d_sae=D_SAE, architecture="topk", k=K)).train()
+    config = TrainConfig(
+        model="synthetic", hook_name="x", architecture="topk", d_sae=D_SAE, k=K, batch_size_tokens=BATCH,
+        n_tokens=BATCH * 10**6, warmup_steps=0, dead_tokens_threshold=1, out_dir=tempfile.gettempdir(),
+    )  # fmt: skip
+    trainer = Trainer(config, sae)
+    trainer.tokens_since_fired.fill_(1)
+
+    def run() -> None:
+        for batch in batches:
+            trainer.train_step(batch)
+            trainer.tokens_since_fired.fill_(1)  # keep AuxK on: the same work every call
+
+    return run
+
+
+def counting() -> Callable[[], object]:
+    """Counts of ``N_BATCHES`` batches of ``COUNT_BATCH`` tokens of TopK latents (d_sae 16384, k 32), summed."""
+    g = torch.Generator().manual_seed(1)
+    popularity = torch.rand(COUNT_D_SAE, generator=g) ** 4  # some latents fire far more often than others
+    batches = []
+    for _ in range(N_BATCHES):
+        indices = torch.multinomial(popularity, COUNT_K * COUNT_BATCH, replacement=True, generator=g)
+        values = torch.rand(COUNT_BATCH, COUNT_K, generator=g)
+        batches.append(SparseLatents(indices.view(COUNT_BATCH, COUNT_K), values))
+
+    def add(a: CooccurrenceCounts, b: CooccurrenceCounts) -> CooccurrenceCounts:
+        return CooccurrenceCounts(a.threshold, sp.csr_array(a.counts + b.counts), a.n_tokens + b.n_tokens)
+
+    def run() -> None:
+        mine = [b for i, b in enumerate(batches) if distributed.owns(i)]
+        counts = count_cooccurrences(mine, [0.0], d_sae=COUNT_D_SAE, progress=False)[0.0]
+        distributed.gather_to_main(counts, add)
+
+    return run
+
+
+def main() -> None:
+    torch.set_num_threads(1)
+    with distributed.session():
+        units = {"train": training(), "count": counting()}
+        while True:
+            name = distributed.broadcast(sys.stdin.readline().strip() if distributed.is_main() else "")
+            if name == "quit" or not name:
+                break
+            cpu = time.process_time()
+            units[name]()
+            cpu = time.process_time() - cpu  # this rank's CPU seconds, waiting at the barrier excluded
+            distributed.barrier()
+            if distributed.is_main():
+                print(f"done {cpu:.3f}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
