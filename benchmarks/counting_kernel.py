@@ -2,8 +2,8 @@
 the formulation it replaced and against the floor: generating every pair once.
 
 The batch is 4096 tokens with 64 active latents each (drawn uniformly without replacement per token, so
-4096 * 64**2 = 16.8M pair increments) at d_sae 24576 and 131072; :func:`setup` checks that the kernel (on one
-thread and on two) and the previous formulation give the same counts entry for entry.
+4096 * 64**2 = 16.8M pair increments) at d_sae 24576 and 131072; :func:`setup` checks that the kernel and the
+previous formulation give the same counts entry for entry.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ from mechscope.cooccurrence.counting import _batch_cooccurrence
 
 TOKENS, ACTIVE = 4096, 64
 WIDTHS = (24576, 131072)
-THREADS = (1, 2)
 
 
 def previous_formulation(rows: np.ndarray, cols: np.ndarray, n_tokens: int, d_sae: int) -> sp.csr_array:
@@ -42,31 +41,25 @@ def setup() -> Benchmark:
     for d_sae in WIDTHS:
         indices = np.stack([rng.choice(d_sae, ACTIVE, replace=False) for _ in range(TOKENS)])  # [tokens, 64]
         cols = indices.reshape(-1).astype(np.int64)
-        previous = previous_formulation(rows, cols, TOKENS, d_sae)
-        for threads in THREADS:
-            kernel = _batch_cooccurrence(rows, cols, TOKENS, d_sae, threads=threads)
-            if kernel.dtype != np.int64 or (kernel != previous).nnz or kernel.nnz != previous.nnz:
-                raise AssertionError(
-                    f"the kernel's counts on {threads} thread(s) differ from the previous formulation's at d_sae "
-                    f"{d_sae}"
-                )
+        kernel, previous = (
+            _batch_cooccurrence(rows, cols, TOKENS, d_sae),
+            previous_formulation(rows, cols, TOKENS, d_sae),
+        )
+        if kernel.dtype != np.int64 or (kernel != previous).nnz or kernel.nnz != previous.nnz:
+            raise AssertionError(f"the kernel's counts differ from the previous formulation's at d_sae {d_sae}")
         if pair_keys(indices, d_sae).size != int(kernel.sum()):
             raise AssertionError("the floor does not make one key per pair increment")
         notes.append(
-            f"d_sae {d_sae}: sanity check, the kernel's int64 counts (1 and 2 threads) equal the previous "
-            f"formulation's entry for entry ({kernel.nnz:,} non-zero counts, {int(kernel.sum()):,} pair increments "
-            "= floor keys)."
+            f"d_sae {d_sae}: sanity check, the kernel's int64 counts equal the previous formulation's entry for "
+            f"entry ({kernel.nnz:,} non-zero counts, {int(kernel.sum()):,} pair increments = floor keys)."
         )
         contenders |= {
-            f"kernel {d_sae}": lambda c=cols, d=d_sae: _batch_cooccurrence(rows, c, TOKENS, d, threads=1),
-            f"kernel 2 threads {d_sae}": lambda c=cols, d=d_sae: _batch_cooccurrence(rows, c, TOKENS, d, threads=2),
+            f"kernel {d_sae}": lambda c=cols, d=d_sae: _batch_cooccurrence(rows, c, TOKENS, d),
             f"previous (scipy B.T @ B) {d_sae}": lambda c=cols, d=d_sae: previous_formulation(rows, c, TOKENS, d),
             f"floor (pair keys) {d_sae}": lambda i=indices, d=d_sae: pair_keys(i, d),
         }
         ratios += [
             Ratio(f"kernel {d_sae}", f"previous (scipy B.T @ B) {d_sae}", target=1 / 3),
-            Ratio(f"kernel 2 threads {d_sae}", f"previous (scipy B.T @ B) {d_sae}", target=1 / 3),
-            Ratio(f"kernel 2 threads {d_sae}", f"kernel {d_sae}"),
             Ratio(f"kernel {d_sae}", f"floor (pair keys) {d_sae}"),
         ]
     return Benchmark(
@@ -75,12 +68,10 @@ def setup() -> Benchmark:
             "of its active entries to the int64 CSR counts `B.T @ B`: mechscope's numba kernel "
             "(`counting._batch_cooccurrence`: one pass over the pair increments, row by row, with a `[d_sae]` "
             "table of where each column of the current row was written, every index unsigned so that numba "
-            "compiles no negative-index wrap-around into the inner loop), on one thread and on two (rows in two "
-            "blocks of equal work: one pass counts each row's non-zeros, a second writes them at their exact place; "
-            "the library uses torch's thread count), against the formulation it replaced (scipy's sparse product, "
-            "kept in this file only as the baseline) and against the floor, the time to write one int64 key per "
-            "pair increment (the `[tokens, k, k]` pair index array, numpy broadcasting). A ratio ≤ 0.33 is a kernel "
-            "at least 3× faster. The machine is shared: the two-thread rows depend on a second core being free."
+            "compiles no negative-index wrap-around into the inner loop; one thread) against the formulation it "
+            "replaced (scipy's sparse product, kept in this file only as the baseline) and against the floor, the "
+            "time to write one int64 key per pair increment (the `[tokens, k, k]` pair index array, numpy "
+            "broadcasting). A ratio ≤ 0.33 is a kernel at least 3× faster."
         ),
         contenders=contenders,
         ratios=ratios,

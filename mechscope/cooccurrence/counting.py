@@ -87,7 +87,6 @@ def _active(latents: SparseLatents, threshold: Tensor, keep: Tensor | None) -> t
 
 
 _ONE = np.uint64(1)
-PARALLEL_PAIRS = 1 << 20  # pair increments from which a batch is counted on numba's threads
 
 
 @numba.njit(cache=True, nogil=True)
@@ -132,55 +131,6 @@ def _token_lists(
     return tok_ptr, tok_cols[:nnz], lat_ptr, lat_tok, pairs
 
 
-@numba.njit(inline="always")
-def _row_width(
-    i: int, seen: np.ndarray, tok_ptr: np.ndarray, tok_cols: np.ndarray, lat_ptr: np.ndarray, lat_tok: np.ndarray
-) -> int:
-    """The number of non-zeros of row ``i`` of ``B.T @ B`` (the distinct latents of the tokens where ``i`` is
-    active); ``seen [d_sae]`` holds, per latent, the last row that counted it, and is updated."""
-    n = 0
-    for a in range(lat_ptr[i], lat_ptr[i + 1]):
-        t = lat_tok[a]
-        for e in range(tok_ptr[t], tok_ptr[t + _ONE]):
-            j = tok_cols[e]
-            if seen[j] != i:
-                seen[j] = i
-                n += 1
-    return n
-
-
-@numba.njit(inline="always")
-def _write_row(
-    i: int,
-    pos: np.uint64,
-    where: np.ndarray,
-    tok_ptr: np.ndarray,
-    tok_cols: np.ndarray,
-    lat_ptr: np.ndarray,
-    lat_tok: np.ndarray,
-    indices: np.ndarray,
-    data: np.ndarray,
-) -> np.uint64:
-    """Write row ``i`` of ``B.T @ B`` into ``indices``/``data`` from position ``pos`` on; return where it ends. Row
-    ``i`` sums the latent lists of the tokens where ``i`` is active; ``where[j]``, the position of column ``j`` in
-    the output when it is at or after the row's start, finds a repeat in one look-up (columns stay in first-seen
-    order). Every index is unsigned (see :func:`_token_lists`)."""
-    start = np.int64(pos)
-    for a in range(lat_ptr[i], lat_ptr[i + 1]):
-        t = lat_tok[a]
-        for e in range(tok_ptr[t], tok_ptr[t + _ONE]):
-            j = tok_cols[e]
-            w = where[j]
-            if w >= start:
-                data[np.uint64(w)] += 1
-            else:
-                where[j] = pos
-                indices[pos] = j
-                data[pos] = 1
-                pos += _ONE
-    return pos
-
-
 @numba.njit(cache=True, nogil=True)
 def _fill_rows(
     tok_ptr: np.ndarray,
@@ -191,102 +141,50 @@ def _fill_rows(
     indices: np.ndarray,
     data: np.ndarray,
 ) -> int:
-    """One thread: write ``B.T @ B`` row by row into the CSR arrays ``indptr [d_sae + 1]`` (``indptr[0] == 0``),
-    ``indices`` and ``data`` (each at least ``sum_t |t|**2`` long); return its number of non-zeros."""
+    """Write ``B.T @ B`` row by row into the CSR arrays ``indptr [d_sae + 1]`` (``indptr[0] == 0``), ``indices`` and
+    ``data`` (each at least ``sum_t |t|**2`` long); return its number of non-zeros. Row ``i`` sums the latent lists
+    of the tokens where ``i`` is active; ``where[j]``, the position of column ``j`` in the output when it is at or
+    after the current row's start, finds a repeat in one look-up (columns stay in first-seen order). Every index is
+    unsigned (see :func:`_token_lists`)."""
     where = np.full(len(lat_ptr) - 1, -1, indptr.dtype)
     pos = np.uint64(0)
     for i in range(len(lat_ptr) - 1):
-        pos = _write_row(i, pos, where, tok_ptr, tok_cols, lat_ptr, lat_tok, indices, data)
+        start = np.int64(pos)
+        for a in range(lat_ptr[i], lat_ptr[i + 1]):
+            t = lat_tok[a]
+            for e in range(tok_ptr[t], tok_ptr[t + _ONE]):
+                j = tok_cols[e]
+                w = where[j]
+                if w >= start:
+                    data[np.uint64(w)] += 1
+                else:
+                    where[j] = pos
+                    indices[pos] = j
+                    data[pos] = 1
+                    pos += _ONE
         indptr[i + 1] = pos
     return int(pos)
 
 
-@numba.njit(cache=True, nogil=True)
-def _row_blocks(tok_ptr: np.ndarray, lat_ptr: np.ndarray, lat_tok: np.ndarray, n_blocks: int) -> np.ndarray:
-    """``[n_blocks + 1]`` row boundaries splitting the rows into ``n_blocks`` runs of about equal pair increments."""
-    d_sae = len(lat_ptr) - 1
-    work = np.zeros(d_sae + 1, np.float64)
-    for i in range(d_sae):
-        w = np.uint64(0)
-        for a in range(lat_ptr[i], lat_ptr[i + 1]):
-            t = lat_tok[a]
-            w += tok_ptr[t + _ONE] - tok_ptr[t]
-        work[i + 1] = work[i] + w
-    bounds = np.searchsorted(work, np.arange(n_blocks + 1) * (work[d_sae] / n_blocks))
-    bounds[0], bounds[-1] = 0, d_sae
-    return bounds
-
-
-@numba.njit(cache=True, nogil=True, parallel=True)
-def _row_widths(
-    tok_ptr: np.ndarray,
-    tok_cols: np.ndarray,
-    lat_ptr: np.ndarray,
-    lat_tok: np.ndarray,
-    bounds: np.ndarray,
-    indptr: np.ndarray,
-) -> int:
-    """Threads over the row blocks ``bounds``: the exact ``indptr [d_sae + 1]`` of ``B.T @ B``; return its number
-    of non-zeros."""
-    for b in numba.prange(len(bounds) - 1):
-        seen = np.full(len(lat_ptr) - 1, -1, np.int64)
-        for i in range(bounds[b], bounds[b + 1]):
-            indptr[i + 1] = _row_width(i, seen, tok_ptr, tok_cols, lat_ptr, lat_tok)
-    for i in range(len(lat_ptr) - 1):
-        indptr[i + 1] += indptr[i]
-    return int(indptr[-1])
-
-
-@numba.njit(cache=True, nogil=True, parallel=True)
-def _fill_blocks(
-    tok_ptr: np.ndarray,
-    tok_cols: np.ndarray,
-    lat_ptr: np.ndarray,
-    lat_tok: np.ndarray,
-    bounds: np.ndarray,
-    indptr: np.ndarray,
-    indices: np.ndarray,
-    data: np.ndarray,
-) -> None:
-    """Threads over the row blocks ``bounds``: write each row of ``B.T @ B`` at its place in ``indptr`` (exact, from
-    :func:`_row_widths`)."""
-    for b in numba.prange(len(bounds) - 1):
-        where = np.full(len(lat_ptr) - 1, -1, indptr.dtype)
-        for i in range(bounds[b], bounds[b + 1]):
-            _write_row(i, np.uint64(indptr[i]), where, tok_ptr, tok_cols, lat_ptr, lat_tok, indices, data)
-
-
-def _batch_cooccurrence(
-    rows: np.ndarray, cols: np.ndarray, n_tokens: int, d_sae: int, threads: int | None = None
-) -> sp.csr_array:
+def _batch_cooccurrence(rows: np.ndarray, cols: np.ndarray, n_tokens: int, d_sae: int) -> sp.csr_array:
     """``B.T @ B`` (int64 CSR ``[d_sae, d_sae]``, column indices unsorted within a row) of the boolean
     ``B [n_tokens, d_sae]``, 1 at ``(rows, cols)`` (rows ascending); a latent listed twice for one token is one
     activation.
 
     A numba kernel: one pass over the ``sum_t |t|**2`` pair increments with a ``[d_sae]`` look-up table, memory
     ``O(pairs + d_sae)``, never ``d_sae ** 2``. The output buffers are allocated by numpy (which asks the kernel
-    for huge pages on large arrays, sparing most page faults) rather than inside the kernel. On ``threads`` > 1
-    (default: torch's thread count, capped by numba's; batches of at least ``PARALLEL_PAIRS`` pair increments)
-    the rows are split in blocks of equal work: one pass counts each row's non-zeros, a second writes them.
+    for huge pages on large arrays, sparing most page faults) rather than inside the kernel.
     """
     tok_ptr, tok_cols, lat_ptr, lat_tok, pairs = _token_lists(
         rows.astype(np.int64, copy=False), cols.astype(np.int64, copy=False), n_tokens, d_sae
     )
     itype = np.int32 if max(pairs, d_sae) < 2**31 else np.int64  # int32 indices: less memory traffic
     indptr = np.zeros(d_sae + 1, itype)
-    if threads is None:
-        threads = min(torch.get_num_threads(), numba.get_num_threads()) if pairs >= PARALLEL_PAIRS else 1
-    if threads == 1:
-        indices, data = np.empty(pairs, itype), np.empty(pairs, np.int64)
-        nnz = _fill_rows(tok_ptr, tok_cols, lat_ptr, lat_tok, indptr, indices, data)
-        indices, data = indices[:nnz], data[:nnz]
-        if 2 * nnz < pairs:  # mostly repeated pairs: do not keep the unused buffer alive
-            indices, data = indices.copy(), data.copy()
-    else:
-        bounds = _row_blocks(tok_ptr, lat_ptr, lat_tok, threads)
-        nnz = _row_widths(tok_ptr, tok_cols, lat_ptr, lat_tok, bounds, indptr)
-        indices, data = np.empty(nnz, itype), np.empty(nnz, np.int64)
-        _fill_blocks(tok_ptr, tok_cols, lat_ptr, lat_tok, bounds, indptr, indices, data)
+    indices, data = np.empty(pairs, itype), np.empty(pairs, np.int64)
+    nnz = _fill_rows(tok_ptr, tok_cols, lat_ptr, lat_tok, indptr, indices, data)
+    indices, data = indices[:nnz], data[:nnz]
+    if 2 * nnz < pairs:  # mostly repeated pairs: do not keep the unused buffer alive
+        indices, data = indices.copy(), data.copy()
     return sp.csr_array((data, indices, indptr), shape=(d_sae, d_sae))
 
 
