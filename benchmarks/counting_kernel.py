@@ -67,10 +67,11 @@ def setup() -> Benchmark:
             f"One batch of {TOKENS} tokens with {ACTIVE} active latents per token, from the `(token, latent)` pairs "
             "of its active entries to the int64 CSR counts `B.T @ B`: mechscope's numba kernel "
             "(`counting._batch_cooccurrence`: one pass over the pair increments, row by row, with a `[d_sae]` "
-            "table of where each column of the current row was written) against the formulation it replaced "
-            "(scipy's sparse product, kept in this file only as the baseline) and against the floor, the time to "
-            "write one int64 key per pair increment (the `[tokens, k, k]` pair index array, numpy broadcasting). "
-            "A ratio ≤ 0.33 is a kernel at least 3× faster."
+            "table of where each column of the current row was written, every index unsigned so that numba "
+            "compiles no negative-index wrap-around into the inner loop; one thread) against the formulation it "
+            "replaced (scipy's sparse product, kept in this file only as the baseline) and against the floor, the "
+            "time to write one int64 key per pair increment (the `[tokens, k, k]` pair index array, numpy "
+            "broadcasting). A ratio ≤ 0.33 is a kernel at least 3× faster."
         ),
         contenders=contenders,
         ratios=ratios,

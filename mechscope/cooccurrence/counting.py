@@ -86,16 +86,22 @@ def _active(latents: SparseLatents, threshold: Tensor, keep: Tensor | None) -> t
     return rows.numpy(), indices[rows, pos].numpy(), values.shape[0]
 
 
+_ONE = np.uint64(1)
+
+
 @numba.njit(cache=True, nogil=True)
 def _token_lists(
     rows: np.ndarray, cols: np.ndarray, n_tokens: int, d_sae: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]:
     """Both sides of the boolean ``B [n_tokens, d_sae]`` (1 at ``(rows, cols)``, rows ascending), a latent listed
-    twice for one token kept once: ``(tok_ptr [n_tokens + 1], tok_cols [nnz])``, each token's latents;
-    ``(lat_ptr [d_sae + 1], lat_tok [nnz])``, each latent's tokens, ascending; and ``sum_t |t|**2``, the number of
-    pair increments of ``B.T @ B`` (an upper bound of its non-zeros)."""
-    tok_ptr = np.zeros(n_tokens + 1, np.int64)
-    tok_cols = np.empty(len(cols), np.int32)
+    twice for one token kept once: ``(tok_ptr [n_tokens + 1] uint64, tok_cols [nnz] uint32)``, each token's latents;
+    ``(lat_ptr [d_sae + 1] uint64, lat_tok [nnz] uint32)``, each latent's tokens, ascending; and ``sum_t |t|**2``,
+    the number of pair increments of ``B.T @ B`` (an upper bound of its non-zeros).
+
+    Unsigned, so that indexing with them compiles without numba's negative-index wrap-around (a third of the
+    instructions of the counting loop)."""
+    tok_ptr = np.zeros(n_tokens + 1, np.uint64)
+    tok_cols = np.empty(len(cols), np.uint32)
     seen = np.full(d_sae, -1, np.int64)  # the last token that listed each latent
     nnz = 0
     for e in range(len(rows)):
@@ -104,22 +110,24 @@ def _token_lists(
             seen[j] = t
             tok_cols[nnz] = j
             nnz += 1
-            tok_ptr[t + 1] += 1
-    lat_ptr = np.zeros(d_sae + 1, np.int64)
+            tok_ptr[t + 1] += _ONE
+    lat_ptr = np.zeros(d_sae + 1, np.uint64)
     for e in range(nnz):
-        lat_ptr[tok_cols[e] + 1] += 1
+        lat_ptr[np.uint64(tok_cols[e]) + _ONE] += _ONE
     for t in range(n_tokens):
         tok_ptr[t + 1] += tok_ptr[t]
     for i in range(d_sae):
         lat_ptr[i + 1] += lat_ptr[i]
     fill = lat_ptr[:-1].copy()
-    lat_tok = np.empty(nnz, np.int32)
+    lat_tok = np.empty(nnz, np.uint32)
     pairs = 0
     for t in range(n_tokens):
-        pairs += (tok_ptr[t + 1] - tok_ptr[t]) ** 2
-        for e in range(tok_ptr[t], tok_ptr[t + 1]):
-            lat_tok[fill[tok_cols[e]]] = t
-            fill[tok_cols[e]] += 1
+        first, last = tok_ptr[t], tok_ptr[t + 1]
+        pairs += (last - first) ** 2
+        for e in range(first, last):
+            j = tok_cols[e]
+            lat_tok[fill[j]] = t
+            fill[j] += _ONE
     return tok_ptr, tok_cols[:nnz], lat_ptr, lat_tok, pairs
 
 
@@ -136,25 +144,26 @@ def _fill_rows(
     """Write ``B.T @ B`` row by row into the CSR arrays ``indptr [d_sae + 1]`` (``indptr[0] == 0``), ``indices`` and
     ``data`` (each at least ``sum_t |t|**2`` long); return its number of non-zeros. Row ``i`` sums the latent lists
     of the tokens where ``i`` is active; ``where[j]``, the position of column ``j`` in the output when it is at or
-    after the current row's start, finds a repeat in one look-up (columns stay in first-seen order)."""
+    after the current row's start, finds a repeat in one look-up (columns stay in first-seen order). Every index is
+    unsigned (see :func:`_token_lists`)."""
     where = np.full(len(lat_ptr) - 1, -1, indptr.dtype)
-    pos = indptr[0]
+    pos = np.uint64(0)
     for i in range(len(lat_ptr) - 1):
-        start = pos
+        start = np.int64(pos)
         for a in range(lat_ptr[i], lat_ptr[i + 1]):
             t = lat_tok[a]
-            for e in range(tok_ptr[t], tok_ptr[t + 1]):
+            for e in range(tok_ptr[t], tok_ptr[t + _ONE]):
                 j = tok_cols[e]
                 w = where[j]
                 if w >= start:
-                    data[w] += 1
+                    data[np.uint64(w)] += 1
                 else:
                     where[j] = pos
                     indices[pos] = j
                     data[pos] = 1
-                    pos += 1
+                    pos += _ONE
         indptr[i + 1] = pos
-    return pos
+    return int(pos)
 
 
 def _batch_cooccurrence(rows: np.ndarray, cols: np.ndarray, n_tokens: int, d_sae: int) -> sp.csr_array:

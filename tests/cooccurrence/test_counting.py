@@ -234,3 +234,68 @@ def test_kernel_matches_brute_force_at_odd_shapes(seed):
         assert counts.dtype == np.int64 and counts.shape == (d_sae, d_sae)
         np.testing.assert_array_equal(counts.toarray(), n_batches * expected)
         assert counts.nnz == np.count_nonzero(expected)  # no explicit zeros, no duplicate entries
+
+
+def test_a_large_batch_matches_dense_reference():
+    """A batch of over a million pair increments (long rows, many repeated pairs), with repeated latents in a token
+    and empty tokens, against the dense product."""
+    g = torch.Generator().manual_seed(11)
+    tokens, k, d_sae = 1100, 40, 301
+    indices = torch.randint(0, d_sae, (tokens, k), generator=g)
+    indices[:, :3] = torch.tensor([5, 5, 299])  # a repeat in every token, and a latent every token shares
+    values = torch.rand(tokens, k, generator=g) + 0.01
+    values[::7] = 0.0  # empty tokens
+    dense = torch.zeros(tokens, d_sae).scatter(-1, indices, values)
+    b = (dense > 0).to(torch.int64)
+    expected = (b.T @ b).numpy()
+    assert int((values > 0).sum(dim=-1).pow(2).sum()) > 2**20
+    counts = count_cooccurrences([(indices, values)], [0.0], d_sae=d_sae)[0.0].counts
+    assert counts.dtype == np.int64 and counts.nnz == np.count_nonzero(expected)
+    np.testing.assert_array_equal(counts.toarray(), expected)
+    assert expected[299, 299] == expected[5, 299] == tokens - len(range(0, tokens, 7))
+
+
+@pytest.mark.parametrize("tokens", [4096, 70_000])
+def test_a_pair_active_on_every_token_counts_every_token(tokens):
+    """The largest count a batch can hold (every token), also past what 16 bits can hold."""
+    g = torch.Generator().manual_seed(tokens)
+    indices = torch.cat([torch.tensor([[3, 9]]).expand(tokens, 2), torch.randint(10, 50, (tokens, 1), generator=g)], 1)
+    values = torch.ones(tokens, 3)
+    counts = count_cooccurrences([(indices, values)] * 2, [0.0], d_sae=50)[0.0]
+    c = counts.counts
+    assert c.dtype == np.int64 and counts.n_tokens == 2 * tokens
+    assert c[3, 9] == c[9, 3] == c[3, 3] == c[9, 9] == 2 * tokens
+    np.testing.assert_array_equal(c.toarray()[10:, 3], 2 * np.bincount(indices[:, 2].numpy(), minlength=50)[10:])
+
+
+def test_empty_batches_count_their_tokens_and_no_pairs():
+    """A batch of no tokens and a batch whose tokens have no active latent, between ordinary batches."""
+    g = torch.Generator().manual_seed(12)
+    indices = torch.randint(0, D_SAE, (30, 5), generator=g)
+    values = torch.rand(30, 5, generator=g)
+    batches = [
+        (indices, values),
+        (torch.zeros(0, 5, dtype=torch.int64), torch.zeros(0, 5)),
+        (indices, torch.zeros(30, 5)),
+        (indices, values),
+    ]
+    counts = count_cooccurrences(batches, [0.0], d_sae=D_SAE)[0.0]
+    assert counts.n_tokens == 90
+    np.testing.assert_array_equal(counts.counts.toarray(), 2 * brute_force_counts(indices, values, D_SAE))
+    alone = count_cooccurrences(batches[1:3], [0.0], d_sae=D_SAE)[0.0]
+    assert alone.n_tokens == 30 and alone.counts.nnz == 0 and alone.counts.dtype == np.int64
+
+
+def test_many_batches_fold_into_int64_totals():
+    """Forty different batches summed batch by batch equal the sum of their brute-force counts."""
+    g = torch.Generator().manual_seed(13)
+    batches = []
+    for _ in range(40):
+        indices = torch.randint(0, 23, (int(torch.randint(1, 40, (1,), generator=g)), 6), generator=g)
+        batches.append(
+            (indices, torch.rand(indices.shape, generator=g) * (torch.rand(indices.shape, generator=g) > 0.2))
+        )
+    counts = count_cooccurrences(batches, [0.0], d_sae=23)[0.0].counts
+    expected = sum(brute_force_counts(i, v, 23) for i, v in batches)
+    assert counts.dtype == np.int64 and counts.nnz == np.count_nonzero(expected)
+    np.testing.assert_array_equal(counts.toarray(), expected)
