@@ -43,6 +43,7 @@ import tomli_w
 import torch
 
 from mechscope.files import atomic_write_text
+from mechscope.models.names import parse_hook
 
 
 class ConfigError(ValueError):
@@ -199,6 +200,25 @@ def check_device(config: Any, *names: str) -> None:
         problem = device_problem(getattr(config, name))
         if problem is not None:
             raise fail(config, name, problem)
+
+
+def check_hook_names(config: Any, *names: str) -> None:
+    """Fail on the first of the fields ``names`` of ``config`` (a hook name, a list of them, or None) holding
+    something that is not a hook name; the message names the field and the valid forms."""
+    for name in names:
+        value = getattr(config, name)
+        for hook in [value] if isinstance(value, str) else value or []:
+            try:
+                parse_hook(hook)
+            except (TypeError, ValueError) as e:
+                raise fail(config, name, f"holds {hook!r}, which is not a hook name: {e}") from None
+
+
+def check_paths(config: Any, *names: str) -> None:
+    """Fail on the first of the fields ``names`` of ``config`` that is an empty path."""
+    for name in names:
+        if not str(getattr(config, name)):
+            raise fail(config, name, "is empty: give the directory the run writes to")
 
 
 def check_fields(config: Any) -> None:

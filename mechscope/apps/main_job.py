@@ -47,7 +47,17 @@ from mechscope.sae.train import (
     find_checkpoint,
     train_sae,
 )
-from mechscope.settings import Config, ConfigError, at_least, check_fields, derive, meta
+from mechscope.settings import (
+    Config,
+    ConfigError,
+    at_least,
+    check_fields,
+    check_hook_names,
+    check_paths,
+    derive,
+    fail,
+    meta,
+)
 
 STAGES = ("look", "sae", "dashboards", "cooc")
 
@@ -137,10 +147,12 @@ class MainJobConfig(Config):
     )
 
     def __post_init__(self) -> None:
-        unknown = [s for s in self.stages if s not in STAGES] if isinstance(self.stages, list) else []
-        if unknown:
-            raise ConfigError(f"unknown main-job stage(s) {unknown}: choose from {', '.join(STAGES)}", field="stages")
         check_fields(self)
+        unknown = [s for s in self.stages if s not in STAGES]
+        if unknown:
+            raise fail(self, "stages", f"has unknown stage(s) {unknown}: choose from {', '.join(STAGES)}")
+        check_hook_names(self, "hook_name")
+        check_paths(self, "out_dir")
         at_least(self, 1, "top_k", "max_new_tokens", "context_length", "eval_contexts")
         derive(self)  # the nested configs check themselves again, now rather than after the training
         counted = self.cooc.counting.n_batches * self.cooc.counting.batch_size_tokens

@@ -18,7 +18,17 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from mechscope.settings import Config, ConfigError, at_least, check_device, check_fields, fail, label, meta
+from mechscope.settings import (
+    Config,
+    ConfigError,
+    at_least,
+    check_device,
+    check_fields,
+    check_hook_names,
+    fail,
+    label,
+    meta,
+)
 
 __all__ = ["AnalysisConfig", "ConfigError", "CoocConfig", "CountingConfig", "GenerationConfig", "PCAConfig"]
 
@@ -105,6 +115,7 @@ class CountingConfig(Config):
         if self.hook_names is not None:
             if not self.hook_names or len(set(self.hook_names)) != len(self.hook_names):
                 raise fail(self, "hook_names", f"must be distinct hook names, got {self.hook_names}")
+            check_hook_names(self, "hook_names")
             if isinstance(self.sae, dict):
                 missing = [s for s in self.hook_names if s not in self.sae]
                 if missing:

@@ -106,7 +106,7 @@ def matrix_path(results_dir: str | Path, kind: str, threshold: float) -> Path:
 
 def load_partners(path: str | Path) -> Partners:
     """The :class:`Partners` that :func:`.outputs.save_partners` wrote."""
-    with np.load(path, allow_pickle=False) as data:
+    with open(path, "rb") as handle, np.load(handle, allow_pickle=False) as data:  # np.load(path) leaks a bad file
         return Partners(data["latents"], data["jaccard"])
 
 

@@ -179,7 +179,8 @@ def save_checkpoint(path: str | Path, state: dict[str, Any], counts: Counts) -> 
 def read_checkpoint_state(path: str | Path) -> dict[str, Any]:
     """The ``state`` of a checkpoint :func:`save_checkpoint` wrote, without its matrices; a damaged file raises
     :class:`~mechscope.files.DamagedFile` naming it."""
-    with reading(path, CHECKPOINT_FIX), np.load(path, allow_pickle=False) as data:
+    # the file is opened here, not by np.load, which leaves it open when a truncated archive fails to parse
+    with reading(path, CHECKPOINT_FIX), open(path, "rb") as handle, np.load(handle, allow_pickle=False) as data:
         state: dict[str, Any] = json.loads(data["state"].item())
         missing = {"settings", "sae_ids", "thresholds", "batches_done", "n_tokens", "next"} - set(state)
         if missing:

@@ -56,7 +56,16 @@ from mechscope.models.tokenizer import token_strings
 from mechscope.sae.formats import WriteFile
 from mechscope.sae.model import SparseAutoencoder
 from mechscope.sae.splice import check_trained_hook, resolve_hook_name
-from mechscope.settings import Config, ConfigError, at_least, check_device, check_fields, meta
+from mechscope.settings import (
+    Config,
+    ConfigError,
+    at_least,
+    check_device,
+    check_fields,
+    check_hook_names,
+    check_paths,
+    meta,
+)
 
 
 @dataclass
@@ -96,6 +105,8 @@ class DashboardsConfig(Config):
         at_least(self, 1, "n_tokens", "context_length", "batch_contexts")
         at_least(self, 0, "checkpoint_every", "checkpoint_seconds")
         check_device(self, "device")
+        check_hook_names(self, "hook_name")
+        check_paths(self, "out_dir")
 
 
 def _source(config: DashboardsConfig, hook_name: str, store: ActivationStore, sae: SparseAutoencoder) -> dict[str, Any]:

@@ -16,12 +16,14 @@ from pathlib import Path
 
 import torch
 import transformers
+from huggingface_hub.errors import StrictDataclassError
 from safetensors import SafetensorError, safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig, PreTrainedTokenizerBase
 
 from mechscope.files import atomic_write_json, clean_directory, process_alive
 from mechscope.models.adapters import ADAPTERS
 from mechscope.models.tokenizer import byte_tokenizer
+from mechscope.settings import device_problem
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_HUB = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -59,6 +61,12 @@ RANDOM_DEFAULTS: dict[str, dict] = {
 }
 
 
+SIZES = {  # config fields that count something, so must be at least 1 (transformers accepts 0 and then fails)
+    "num_hidden_layers", "hidden_size", "num_attention_heads", "num_key_value_heads", "intermediate_size",
+    "vocab_size", "head_dim", "n_layer", "n_embd", "n_head", "n_positions", "max_position_embeddings",
+}  # fmt: skip
+
+
 def HookedAutoConfig(name: str = "llama", **overrides) -> PretrainedConfig:  # noqa: N802 (Arrakis name)
     """A transformers config for a small randomly initialised model of a family.
 
@@ -77,7 +85,15 @@ def HookedAutoConfig(name: str = "llama", **overrides) -> PretrainedConfig:  # n
             f"HookedAutoConfig({name!r}): transformers' {type(base).__name__} has no field "
             + "; ".join(h.replace(" (did you mean ?)", "") for h in hints)
         )
-    return AutoConfig.for_model(name, **{**RANDOM_DEFAULTS[name], **overrides})
+    small = [f"{k}={v!r}" for k, v in overrides.items() if k in SIZES and isinstance(v, int) and v < 1]
+    if small:
+        raise ValueError(f"HookedAutoConfig({name!r}): {', '.join(small)}: each size must be at least 1")
+    try:
+        return AutoConfig.for_model(name, **{**RANDOM_DEFAULTS[name], **overrides})
+    except StrictDataclassError as e:  # transformers' own validation; say which of the user's fields it refused
+        given = ", ".join(f"{k}={v!r}" for k, v in overrides.items())
+        reason = " ".join(line.strip() for line in str(e).splitlines()[1:]) or str(e)
+        raise ValueError(f"HookedAutoConfig({name!r}, {given}): transformers refuses it: {reason}") from None
 
 
 def cache_dir() -> Path:
@@ -289,7 +305,15 @@ def _tokenizer(name: str, d_vocab: int) -> PreTrainedTokenizerBase:
 def _load_dir(name: str, dtype: torch.dtype, device, **hf_kwargs):
     config = AutoConfig.from_pretrained(name)
     _check_family(config, name)
-    model = AutoModelForCausalLM.from_pretrained(name, config=config, dtype=dtype, **hf_kwargs)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(name, config=config, dtype=dtype, **hf_kwargs)
+    except TypeError as e:
+        if "unexpected keyword argument" not in str(e):
+            raise
+        raise TypeError(
+            f"from_pretrained({name!r}, {', '.join(hf_kwargs)}): {e}; every keyword other than dtype, device and "
+            "the hook flags goes to transformers' from_pretrained, which does not know this one"
+        ) from None
     tokenizer = _tokenizer(name, model.config.vocab_size)
     if device is not None:
         model = model.to(device)
@@ -299,6 +323,8 @@ def _load_dir(name: str, dtype: torch.dtype, device, **hf_kwargs):
 def load_hf(name_or_path: str, dtype=None, device=None, **hf_kwargs):
     """``(hf_model, tokenizer)`` for a short name, ``.gguf`` file, local directory or hub id."""
     dtype = _dtype(dtype)
+    if device is not None and not isinstance(device, torch.device) and (problem := device_problem(str(device))):
+        raise ValueError(f"from_pretrained(device={device!r}): {problem}")
     key = name_or_path.lower()
     if key == "smollm2-135m" and (gguf := smollm2_gguf_path()) is not None:
         return load_gguf(gguf, dtype, device, **hf_kwargs)

@@ -152,11 +152,28 @@ class SparseAutoencoder(nn.Module):
 
     # ---- encoding --------------------------------------------------------------------------------------------
 
+    def _checked(self, x: Tensor, width: str) -> Tensor:
+        """``x`` itself, after checking it is a floating-point tensor whose last dimension is ``cfg.<width>``
+        (``"d_in"`` for activations, ``"d_sae"`` for latents); a TypeError or ValueError naming both otherwise."""
+        want = getattr(self._cfg, width)
+        if not isinstance(x, Tensor) or not x.is_floating_point():
+            got = f"a tensor of dtype {x.dtype}" if isinstance(x, Tensor) else type(x).__name__
+            raise TypeError(
+                f"the SAE takes a floating-point tensor [..., {width}={want}], got {got}: cast it with .float()"
+            )
+        if x.ndim == 0 or x.shape[-1] != want:
+            last = x.shape[-1] if x.ndim else "none (a scalar)"
+            raise ValueError(
+                f"the SAE takes [..., {width}={want}], got shape {tuple(x.shape)} (last dimension {last}); is this "
+                f"the hook the SAE was trained on ({self._cfg.hook_name})?"
+            )
+        return x
+
     def encoder_input(self, x: Tensor) -> tuple[Tensor, InputStats | None]:
         """What multiplies ``W_enc``: ``x [..., d_in]`` cast to the SAE's dtype, normalised and minus ``b_dec`` (if
         ``cfg.apply_b_dec_to_input``), ``[..., d_in]``; and the input's :class:`InputStats` (None without a
         normalisation), which :meth:`denormalize` takes."""
-        x = x.to(self.W_enc.dtype)
+        x = self._checked(x, "d_in").to(self.W_enc.dtype)
         stats = self._input_stats(x)
         x = self._normalize(x, stats)
         if self._cfg.apply_b_dec_to_input:
@@ -214,7 +231,7 @@ class SparseAutoencoder(nn.Module):
         ``x [..., d_in]``, the encoded input, is needed only by SAEs that normalise each token (``layer_norm``,
         ``constant_norm_rescale``), to scale the reconstruction back.
         """
-        return self.denormalize(latents @ self.W_dec + self.b_dec, self._input_stats(x))
+        return self.denormalize(self._checked(latents, "d_sae") @ self.W_dec + self.b_dec, self._input_stats(x))
 
     def decode_sparse(self, indices: Tensor, values: Tensor, x: Tensor | None = None) -> Tensor:
         """``decode`` of sparse latents ``indices, values [..., k]`` (``encode_sparse``'s output), by embedding_bag."""

@@ -154,7 +154,11 @@ def test_the_example_config_is_valid() -> None:
         (('"blocks.5.hook_resid_post" = "saes/l5"', '"blocks.5.hook_resid_post" = 5'), "[counting].sae must be"),
         (
             ('hook_names = ["blocks.3.hook_resid_post"]', 'hook_names = ["blocks.4"]'),
-            "[counting].hook_names ['blocks.4']",
+            "[counting].hook_names holds 'blocks.4', which is not a hook name",
+        ),
+        (  # a hook name without an SAE in [counting.sae]
+            ('hook_names = ["blocks.3.hook_resid_post"]', 'hook_names = ["blocks.4.hook_resid_post"]'),
+            "[counting].hook_names ['blocks.4.hook_resid_post']",
         ),
         (("context_length = 64", "context_length = 1"), "[counting].context_length must be at least 2"),
         (('results_dir = "out/cooc"', "results_dir = 3"), "results_dir must be a non-empty string, got 3"),
@@ -191,8 +195,9 @@ def test_python_construction_validates_too() -> None:
     assert gen.activation_thresholds == [0.0, 2.0] and gen.hook_names == ["blocks.0.hook_resid_post"]
     assert gen.sae is None  # in Python the SAE may be passed to the stages instead
     with pytest.raises(ConfigError, match=re.escape("[counting].sae is one path but hook_names lists 2 hooks")):
-        CountingConfig("m", sae="s", hook_names=["a", "b"])
-    assert CountingConfig("m", hook_names=["a", "b"]).hook_names == ["a", "b"]  # the SAEs come to the stages in Python
+        CountingConfig("m", sae="s", hook_names=["blocks.0.hook_resid_post", "blocks.1.hook_resid_post"])
+    both = ["blocks.0.hook_resid_post", "blocks.1.hook_resid_post"]
+    assert CountingConfig("m", hook_names=both).hook_names == both  # the SAEs come to the stages in Python
     with pytest.raises(ConfigError, match=re.escape("[counting].sae is an empty table")):
         CountingConfig("m", sae={})
     with pytest.raises(ConfigError, match=re.escape("[analysis].random_seed must be int, got True")):

@@ -54,7 +54,7 @@ from mechscope.apps.cli import error_line
 from mechscope.apps.cli import main as cli_main
 from mechscope.apps.explorer.launch import run_app
 from mechscope.apps.main_job import MainJobConfig
-from mechscope.cooccurrence import outputs, pipeline
+from mechscope.cooccurrence import layout, pipeline
 from mechscope.cooccurrence.config import AnalysisConfig, CoocConfig, CountingConfig, PCAConfig
 from mechscope.dashboards.pipeline import DashboardsConfig
 from mechscope.data import corpus
@@ -1337,20 +1337,20 @@ def damaged_cases() -> Iterator[Case]:
         return run
 
     def checkpoint_of(out: Path) -> Path:
-        return out / outputs.CHECKPOINT
+        return out / layout.CHECKPOINT
 
     for what, damage in (("truncated", truncate), ("random bytes", garbage), ("empty", _touch)):
         yield Case(
             "damaged files",
             f"count_checkpoint.npz {what}",
             recount(lambda o, d=damage: d(_fake_checkpoint(o))),
-            (outputs.CHECKPOINT, "delete"),
+            (layout.CHECKPOINT, "delete"),
         )
     yield Case(
         "damaged files",
         "a pickled count_checkpoint.npz",
         recount(lambda o: _pickled(_fake_checkpoint(o))),
-        (outputs.CHECKPOINT,),
+        (layout.CHECKPOINT,),
     )
 
     def rerun_finished(damage: Callable[[Path], Any]) -> Callable[[Env], Any]:
@@ -1387,7 +1387,7 @@ def damaged_cases() -> Iterator[Case]:
     yield Case(
         "damaged files",
         "finished count, the n_tokens file damaged",
-        rerun_finished(lambda o: garbage(o / _hook_dir(o) / outputs.TOKENS_FILE)),
+        rerun_finished(lambda o: garbage(o / _hook_dir(o) / layout.TOKENS_FILE)),
         (),
         accept=True,
     )
@@ -1443,7 +1443,7 @@ def _hook_dir(out: Path) -> str:
 
 
 def _fake_checkpoint(out: Path) -> Path:
-    path = out / outputs.CHECKPOINT
+    path = out / layout.CHECKPOINT
     np.savez(path, state=np.array([1, 2, 3]))
     return path
 
@@ -2552,24 +2552,7 @@ KINDS: dict[str, Callable[[], Iterator[Case]]] = {
 
 
 # The cases not clear yet, by (kind, input), with the file whose fix they wait for.
-OPEN: dict[tuple[str, str], str] = {
-    ("model config", "HookedAutoConfig('llama', num_hidden_layers='2')"): "models/loading.py",
-    ("model config", "HookedAutoConfig('llama', num_hidden_layers=0)"): "models/loading.py",
-    ("model config", "HookedAutoConfig('llama', hidden_size=10, heads 4)"): "models/loading.py",
-    ("loading", "device='cuda:7'"): "models/loading.py",
-    ("loading", "device='gpu'"): "models/loading.py",
-    ("sae files", "sae.encode of the wrong width"): "sae/model.py",
-    ("sae files", "sae.encode of an int tensor"): "sae/model.py",
-    ("sae files", "sae.decode of the wrong width"): "sae/model.py",
-    ("config fields", "CountingConfig(hook_names=['resid 3'])"): "cooccurrence/config.py",
-    ("config fields", "DashboardsConfig(hook_name='resid 3')"): "dashboards/pipeline.py",
-    ("config fields", "DashboardsConfig(out_dir='')"): "dashboards/pipeline.py",
-    ("config fields", "MainJobConfig(out_dir='')"): "apps/main_job.py",
-    ("config fields", "MainJobConfig(stages=[1.5])"): "apps/main_job.py",
-    ("config fields", "MainJobConfig(hook_name='resid 3')"): "apps/main_job.py",
-    ("config fields", "MainJobConfig(stages=['lookk'])"): "apps/main_job.py",
-    ("loading", "from_pretrained(unknown keyword colour=1)"): "models/loading.py",
-}
+OPEN: dict[tuple[str, str], str] = {}  # none open: every case is clear
 
 
 def all_cases(kinds: list[str] | None = None) -> list[Case]:
