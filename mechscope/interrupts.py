@@ -59,11 +59,17 @@ class StopFlag:
     def __bool__(self) -> bool:
         return self.signum is not None
 
-    def interrupted(self, stage: str, checkpoint: str | Path, where: str, **resume: Any) -> Interrupted:
-        """The :class:`Interrupted` to raise once the checkpoint is written (the signal is then handled)."""
-        assert self.signum is not None, "interrupted() is for a flag that is set"
-        self.consumed = True
-        return Interrupted(stage, self.signum, checkpoint, where, resume)
+    def interrupted(
+        self, stage: str, checkpoint: str | Path, where: str, signum: int | None = None, **resume: Any
+    ) -> Interrupted:
+        """The :class:`Interrupted` to raise once the checkpoint is written (the signal is then handled). Under
+        torchrun every rank stops when any rank got a signal: a rank whose own flag is not set passes the signal
+        the ranks agreed on as ``signum``."""
+        if self.signum is not None:
+            self.consumed = True
+            signum = self.signum
+        assert signum is not None, "interrupted() is for a flag that is set, or with another rank's signum"
+        return Interrupted(stage, signum, checkpoint, where, resume)
 
 
 @contextmanager

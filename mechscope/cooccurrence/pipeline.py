@@ -274,12 +274,12 @@ def run_count(
             if on_batch is not None:
                 on_batch(state["batches_done"], rows)
             # every rank stops, and checkpoints (a collective), at the same batch, although their clocks differ
-            stopping, checkpoint_due = distributed.combine_all((bool(stop), due()), _either)
-            if checkpoint_due or stopping:
+            signum, checkpoint_due = distributed.combine_all((stop.signum or 0, due()), _either)
+            if checkpoint_due or signum:
                 counts = _save_checkpoint(checkpoint, state, counts)
-            if stopping and state["batches_done"] < counting.n_batches:
+            if signum and state["batches_done"] < counting.n_batches:  # also on a rank the signal did not reach
                 where = f"batch {state['batches_done']} of {counting.n_batches}"
-                raise stop.interrupted("cooc count", checkpoint, where)
+                raise stop.interrupted("cooc count", checkpoint, where, signum)
     counts = _sum_ranks(counts, state["n_tokens"])
     if not distributed.is_main():
         return {}  # rank 0 returns and writes the counts
@@ -342,8 +342,8 @@ def _count_batch(
         _add_counts(counts, {hook: batch})
 
 
-def _either(a: tuple[bool, bool], b: tuple[bool, bool]) -> tuple[bool, bool]:
-    """Two ranks' ``(stop, checkpoint due)`` combined: each true when it is true on either."""
+def _either(a: tuple[int, bool], b: tuple[int, bool]) -> tuple[int, bool]:
+    """Two ranks' ``(stop signal or 0, checkpoint due)`` combined: either's signal, due when due on either."""
     return a[0] or b[0], a[1] or b[1]
 
 

@@ -49,7 +49,7 @@ from mechscope.dashboards.outputs import (
 )
 from mechscope.data.store import ActivationStore
 from mechscope.files import atomic_write, check_settings
-from mechscope.interrupts import Cadence, Interrupted, StopFlag, stop_on_signals
+from mechscope.interrupts import Cadence, StopFlag, stop_on_signals
 from mechscope.models.hooked import HookedModel
 from mechscope.models.names import is_attention_map, parse_hook
 from mechscope.models.tokenizer import token_strings
@@ -219,9 +219,7 @@ def run_dashboards(
                 state = _checkpoint(out_dir, state, about, write_file)
             if signum:  # a rank the signal did not reach stops as well, with the others' signal
                 where = f"pass {state.pass_number} of {N_PASSES}, chunk {state.key}"
-                if stop:
-                    raise stop.interrupted("dashboards", out_dir / CHECKPOINT, where)
-                raise Interrupted("dashboards", signum, out_dir / CHECKPOINT, where)
+                raise stop.interrupted("dashboards", out_dir / CHECKPOINT, where, signum=signum)
             return state
 
         while True:

@@ -71,7 +71,7 @@ from mechscope.files import (
     reading,
     recover_dir,
 )
-from mechscope.interrupts import Cadence, Interrupted, StopFlag, stop_on_signals
+from mechscope.interrupts import Cadence, stop_on_signals
 from mechscope.models.hooked import HookedModel
 from mechscope.sae.config import ARCHITECTURES, DTYPES, SAEConfig
 from mechscope.sae.formats import REFETCH, SAEFormatError, WriteFile
@@ -553,13 +553,6 @@ def _find_checkpoint_once(config: TrainConfig) -> bool:
     return found
 
 
-def _interrupted(stop: StopFlag, signum: int, checkpoint: Path, where: str) -> Interrupted:
-    """The :class:`Interrupted` this rank raises when a rank (this one or another) got the stop signal ``signum``."""
-    if stop:
-        return stop.interrupted("sae train", checkpoint, where, resume=True)
-    return Interrupted("sae train", signum, checkpoint, where, {"resume": True})
-
-
 def train_sae(
     config: TrainConfig,
     model: HookedModel | None = None,
@@ -679,7 +672,9 @@ def train_sae(
                         trainer.save_checkpoint(checkpoint, write_file)
                         by_time.restart()
                     if signum:
-                        raise _interrupted(stop, signum, checkpoint, f"step {trainer.step} of {config.n_steps}")
+                        raise stop.interrupted(
+                            "sae train", checkpoint, f"step {trainer.step} of {config.n_steps}", signum, resume=True
+                        )
         finally:
             bar.close()
         if trainer.step < last and main:

@@ -19,7 +19,7 @@ from mechscope.apps.first_look import logit_lens, run_first_look
 from mechscope.apps.main_job import MainJobConfig
 from mechscope.apps.tables import format_table
 from mechscope.models.tokenizer import byte_tokenizer
-from mechscope.settings import DeprecatedSetting, flag_values, load
+from mechscope.settings import ConfigError, DeprecatedSetting, flag_values, load
 
 PROMPT = "The capital of France is"
 HOOK = "blocks.1.hook_resid_post"
@@ -163,7 +163,7 @@ def test_demo_reads_a_toml_file_of_nested_tables_under_its_flags(tmp_path: Path,
     ("flags", "message"),
     [
         (["--top-k", "0"], "top_k must be at least 1, got 0"),
-        (["--stages", "look", "train"], "unknown main-job stage(s) ['train']"),
+        (["--stages", "look", "train"], "stages has unknown stage(s) ['train']: choose from look, sae"),
         pytest.param(
             ["--sae-tokens", "4096"],
             "exceeds the 4096 harvested tokens",
@@ -341,7 +341,7 @@ def test_every_error_is_one_line_and_a_hint_and_debug_shows_the_traceback(tmp_pa
     config = tmp_path / "dash.toml"
     common = f'sae = "{tmp_path / "sae"}"\nmodel = "{tmp_path / "model"}"\nout_dir = "{tmp_path / "out"}"\n'
     for hook, kind, shown in [
-        ("blocks.1.hook_nonsense", KeyError, "unknown hook point 'blocks.1.hook_nonsense'. Closest valid names: "),
+        ("blocks.1.hook_nonsense", ConfigError, f"{config}: hook_name holds 'blocks.1.hook_nonsense', which is not a "),
         ("blocks.1.attn.hook_pattern", ValueError, "dashboards cannot be built at 'blocks.1.attn.hook_pattern'"),
     ]:
         config.write_text(common + f'hook_name = "{hook}"\nn_tokens = 64\ncontext_length = 16\n')

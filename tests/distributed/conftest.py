@@ -33,11 +33,11 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict:
     corpus = tmp / "corpus.txt"
     corpus.write_text(TEXT * 2)
 
-    def count(name: str, kill: list[int] | None = None, **extra) -> dict:
+    def count(name: str, kill: list[int] | None = None, stop: list[int] | None = None, **extra) -> dict:
         config = {"results_dir": str(tmp / name), "corpus": str(corpus), **extra}
-        return {"kind": "count", "config": config, "kill": kill}
+        return {"kind": "count", "config": config, "kill": kill, "stop": stop}
 
-    two = [count("two"), count("two_store", activations_dir=str(tmp / "acts"))]
+    two = [count("two"), count("two_store", activations_dir=str(tmp / "acts")), count("stopped", stop=[1, 3])]
     two += [{"kind": "evaluate", "out": str(tmp / "evaluate")}, count("killed", kill=[1, 4])]
     launch_two = harness.torchrun(["--standalone", "--nproc-per-node=2"], two, tmp, "two")
     one = run_count(cooc_config(tmp / "one", corpus), tiny_model(), tiny_saes())

@@ -4,6 +4,8 @@ list on this rank, on the same tiny random llama and SAEs the single-process sid
 
 Tasks: ``{"kind": "count", "config": {CoocConfig fields}, "kill": [rank, batch]}``; with ``kill``, that rank ends
 itself with ``os._exit(1)`` after counting that batch (once rank 0 has written a checkpoint), as a kill would.
+With ``"stop": [rank, batch]`` that rank alone sends itself SIGINT after that batch; the :class:`Interrupted` each
+rank raises is written to ``results_dir.RANK.json``.
 ``{"kind": "evaluate" | "collectives", "out": PATH}`` write what each rank got to ``PATH.RANK.json``.
 ``{"kind": "dashboards", "config": {dashboards_config arguments}, "kill": [rank, pass, key], "stop": [rank, pass,
 key]}``: ``run_dashboards``; with ``kill`` that rank ends itself after that chunk (once rank 0 has written the
@@ -86,8 +88,11 @@ def cooc_config(results_dir: str | Path, corpus: str | Path, **counting: Any) ->
     return CoocConfig(CountingConfig(**settings), results_dir=str(results_dir))
 
 
-def _killer(results_dir: str, kill: list[int] | None):
-    """The ``on_batch`` that ends rank ``kill[0]`` after batch ``kill[1]``, once a checkpoint is on disk."""
+def _killer(results_dir: str, kill: list[int] | None, stop: list[int] | None = None):
+    """The ``on_batch`` that ends rank ``kill[0]`` after batch ``kill[1]``, once a checkpoint is on disk, or that
+    sends rank ``stop[0]`` alone SIGINT after batch ``stop[1]``."""
+    if stop is not None and distributed.rank() == stop[0]:
+        return lambda done, rows: signal.raise_signal(signal.SIGINT) if done == stop[1] else None
     if kill is None or distributed.rank() != kill[0]:
         return None
 
@@ -277,7 +282,11 @@ def main(tasks_file: str) -> None:
         for task in tasks:
             if task["kind"] == "count":
                 config = cooc_config(**task["config"])
-                run_count(config, model, saes, on_batch=_killer(config.results_dir, task.get("kill")))
+                on_batch = _killer(config.results_dir, task.get("kill"), task.get("stop"))
+                try:
+                    run_count(config, model, saes, on_batch=on_batch)
+                except Interrupted as stopped:
+                    _write_rank(config.results_dir, {"where": stopped.where, "signum": stopped.signum})
             elif task["kind"] == "evaluate":
                 _write_rank(task["out"], evaluation(model, saes))
             elif task["kind"] == "collectives":

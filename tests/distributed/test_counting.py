@@ -1,19 +1,22 @@
 """Co-occurrence counting under ``torchrun`` on CPU (gloo) against one process: two ranks on one node, counting
-live and from harvested shards; two "nodes" on localhost (c10d rendezvous); and a rank killed mid-count, resumed
-with two ranks and with one. Every count must equal the single-process count entry for entry.
+live and from harvested shards; two "nodes" on localhost (c10d rendezvous); a rank killed mid-count, resumed
+with two ranks and with one; and a SIGINT to one rank. Every count must equal the single-process count entry for entry.
 
 The launches are the ``runs`` fixture's (``conftest.py``)."""
 
 from __future__ import annotations
 
 import json
+import signal
 from pathlib import Path
 
 import numpy as np
 
 from mechscope.cooccurrence import load_counts
+from mechscope.cooccurrence.outputs import read_checkpoint_state
+from mechscope.cooccurrence.pipeline import CHECKPOINT, run_count
 from tests.distributed import harness
-from tests.distributed.job import HOOKS
+from tests.distributed.job import HOOKS, cooc_config, tiny_model, tiny_saes
 
 THRESHOLDS = [0.0, 0.3]
 
@@ -59,3 +62,14 @@ def test_the_collectives_of_two_ranks(runs: dict) -> None:
         assert result["gathered"] == [[[0.0, 0.0]], [[1.0, 1.0], [1.0, 1.0]]]
         assert result["broadcast"] == {"from": 0}
     assert results[0]["to_main"] == [0, 1] and results[1]["to_main"] is None
+
+
+def test_a_sigint_to_one_rank_stops_both_at_the_same_batch(runs: dict) -> None:
+    """Rank 1 alone gets SIGINT after batch 3: both ranks checkpoint batch 3 and raise ``Interrupted`` there (rank 0
+    with rank 1's signal), and one process finishes the count equal to the uninterrupted one."""
+    tmp = runs["tmp"]
+    stopped = [json.loads((tmp / f"stopped.{r}.json").read_text()) for r in (0, 1)]
+    assert stopped == [{"where": "batch 3 of 7", "signum": int(signal.SIGINT)}] * 2
+    assert read_checkpoint_state(tmp / "stopped" / CHECKPOINT)["batches_done"] == 3
+    run_count(cooc_config(tmp / "stopped", tmp / "corpus.txt"), tiny_model(), tiny_saes())
+    _assert_equal_counts(runs["one"], tmp / "stopped")
