@@ -83,6 +83,7 @@ def setup() -> StageTimes:
             f"the second run keeps them. Torch threads in the demo: {torch.get_num_threads()} (the runner's "
             "--threads, through OMP_NUM_THREADS); offline (HF_HUB_OFFLINE=1).",
             "The second run reuses the harvested activations, the trained SAE and its evaluation, the dashboards and "
-            f"the finished counts (checked: it printed {' and '.join(repr(line) for line in REUSED)}).",
+            f"the finished counts (checked: it printed {' and '.join(repr(line) for line in REUSED)}); it runs the "
+            "first look, the Jaccard graphs and the subspace PCA again.",
         ],
     )
