@@ -35,6 +35,37 @@ class Benchmark:
     warmup: int = 2
 
 
+@dataclass
+class StageTimes:
+    """A job with no peer to compare with, reported as a table of its stages' wall times.
+
+    ``run`` does one round (the whole job) and returns the seconds of each stage, by label in the order they ran,
+    and facts about what it computed (sanity checks, shown with the results: the last round's). ``notes`` are
+    setup facts; ``repeats`` and ``warmup`` are its round counts (a job of minutes wants one and none).
+    """
+
+    description: str
+    run: Callable[[], tuple[dict[str, float], list[str]]]
+    notes: list[str] = field(default_factory=list)
+    repeats: int = 1
+    warmup: int = 0
+
+
+def time_stages(
+    run: Callable[[], tuple[dict[str, float], list[str]]], repeats: int, warmup: int
+) -> tuple[dict[str, list[float]], list[str]]:
+    """Each stage's seconds over ``repeats`` calls of ``run`` after ``warmup`` untimed ones, and the last call's
+    facts."""
+    times: dict[str, list[float]] = {}
+    facts: list[str] = []
+    for i in range(warmup + repeats):
+        stages, facts = run()
+        if i >= warmup:
+            for label, seconds in stages.items():
+                times.setdefault(label, []).append(seconds)
+    return times, facts
+
+
 def time_round_robin(contenders: dict[str, Callable[[], object]], repeats: int, warmup: int) -> dict[str, list[float]]:
     """Seconds per call of each contender over ``repeats`` rounds, after ``warmup`` untimed rounds.
 

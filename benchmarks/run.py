@@ -2,8 +2,8 @@
 
     python benchmarks/run.py [--repeats N] [--only NAME | --update NAME...] [--no-write] [--threads N]
 
-To add a benchmark, write a module whose function returns a :class:`harness.Benchmark` and register it in
-``BENCHMARKS``.
+To add a benchmark, write a module whose function returns a :class:`harness.Benchmark` (contenders compared by
+ratios) or a :class:`harness.StageTimes` (one job with no peer, by stage) and register it in ``BENCHMARKS``.
 """
 
 from __future__ import annotations
@@ -22,15 +22,17 @@ import cache_overhead
 import cooccurrence
 import counting_kernel
 import distributed
+import main_job
 import sae_training
 import torch
-from harness import Benchmark, Ratio, median_interval, time_round_robin
+from harness import Benchmark, Ratio, StageTimes, median_interval, time_round_robin, time_stages
 
-BENCHMARKS: dict[str, Callable[[], Benchmark]] = {
+BENCHMARKS: dict[str, Callable[[], Benchmark | StageTimes]] = {
     "cache_overhead": cache_overhead.setup,
     "cooccurrence": cooccurrence.setup,
     "counting_kernel": counting_kernel.setup,
     "distributed": distributed.setup,
+    "main_job": main_job.setup,
     "sae_training": sae_training.setup,
 }
 PAGE = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
@@ -66,8 +68,12 @@ def main() -> None:
         bench = BENCHMARKS[name]()
         repeats = args.repeats or bench.repeats
         print(f"{name}: {bench.warmup} warm-up + {repeats} timed rounds", file=sys.stderr)
-        times = time_round_robin(bench.contenders, repeats, bench.warmup)
-        sections.append(report(name, bench, times, repeats))
+        if isinstance(bench, StageTimes):
+            stages, facts = time_stages(bench.run, repeats, bench.warmup)
+            sections.append(report_stages(name, bench, stages, facts, repeats))
+        else:
+            times = time_round_robin(bench.contenders, repeats, bench.warmup)
+            sections.append(report(name, bench, times, repeats))
         print(sections[-1] + "\n")
 
     if args.only or args.no_write:
@@ -97,12 +103,7 @@ def replace_sections(text: str, sections: dict[str, str]) -> str:
 def report(name: str, bench: Benchmark, times: dict[str, list[float]], repeats: int) -> str:
     """A markdown section: what is measured, setup notes, times per contender and the ratios."""
     median = {label: statistics.median(ts) for label, ts in times.items()}
-    load = " / ".join(f"{x:.2f}" for x in os.getloadavg())
-    rounds = (
-        f"- {repeats} timed rounds after {bench.warmup} warm-up rounds; measured "
-        f"{datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC, load average (1/5/15 min) after them: {load}."
-    )
-    lines = [f"## {name}", "", bench.description, "", *(f"- {note}" for note in bench.notes), rounds, ""]
+    lines = _head(name, bench.description, bench.notes, repeats, bench.warmup)
     lines += ["| contender | median (ms) | min (ms) | max (ms) |", "|---|---:|---:|---:|"]
     lines += [f"| {k} | {median[k] * 1e3:.0f} | {min(ts) * 1e3:.0f} | {max(ts) * 1e3:.0f} |" for k, ts in times.items()]
     lines += ["", "| ratio (median of per-round ratios) | value | 95% CI | target |", "|---|---:|---|---|"]
@@ -113,6 +114,24 @@ def report(name: str, bench: Benchmark, times: dict[str, list[float]], repeats: 
             f"| {r.numerator} / {r.denominator} | {value:.3f} | {low:.3f}–{high:.3f} | {_verdict(r, low, high)} |"
         )
     return "\n".join(lines)
+
+
+def report_stages(name: str, bench: StageTimes, times: dict[str, list[float]], facts: list[str], repeats: int) -> str:
+    """A markdown section: what is measured, setup notes and facts, and the seconds of each stage."""
+    lines = _head(name, bench.description, [*bench.notes, *facts], repeats, bench.warmup)
+    lines += ["| stage | median (s) | min (s) | max (s) |", "|---|---:|---:|---:|"]
+    lines += [f"| {k} | {statistics.median(ts):.1f} | {min(ts):.1f} | {max(ts):.1f} |" for k, ts in times.items()]
+    return "\n".join(lines)
+
+
+def _head(name: str, description: str, notes: list[str], repeats: int, warmup: int) -> list[str]:
+    """A section's title, description, notes and rounds line (with the time and load after them)."""
+    load = " / ".join(f"{x:.2f}" for x in os.getloadavg())
+    rounds = (
+        f"- {repeats} timed rounds after {warmup} warm-up rounds; measured "
+        f"{datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC, load average (1/5/15 min) after them: {load}."
+    )
+    return [f"## {name}", "", description, "", *(f"- {note}" for note in notes), rounds, ""]
 
 
 def _verdict(ratio: Ratio, low: float, high: float) -> str:

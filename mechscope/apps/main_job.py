@@ -13,7 +13,8 @@ SAE latent co-occurrence pipeline on top of it.
    (:mod:`mechscope.cooccurrence.pipeline`). Its config is written to ``out_dir/cooc.toml`` first, so
    ``mechscope cooc run out_dir/cooc.toml`` repeats it.
 
-Everything lands under ``out_dir``; the job prints where.
+Everything lands under ``out_dir``; the job prints where, and each stage's wall time (also in
+``out_dir/timings.json``, which ``benchmarks/main_job.py`` reads).
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
@@ -34,7 +37,7 @@ from mechscope.cooccurrence.config import CoocConfig, CountingConfig, PCAConfig
 from mechscope.cooccurrence.pipeline import run_all
 from mechscope.dashboards.pipeline import DashboardsConfig, run_dashboards
 from mechscope.data.store import ActivationStore
-from mechscope.files import check_settings
+from mechscope.files import atomic_write_json, check_settings
 from mechscope.models.hooked import HookedModel
 from mechscope.sae.evaluate import evaluate_sae
 from mechscope.sae.model import SparseAutoencoder
@@ -60,6 +63,7 @@ from mechscope.settings import (
 )
 
 STAGES = ("look", "sae", "dashboards", "cooc")
+TIMINGS_FILE = "timings.json"  # in out_dir: the wall time of each stage of the last run (write_timings)
 
 
 def _job_training() -> TrainConfig:
@@ -268,27 +272,34 @@ def evaluate_job_sae(model: HookedModel, sae: SparseAutoencoder, job: MainJobCon
 def run_main_job(job: MainJobConfig | None = None, model: HookedModel | None = None) -> dict:
     """Run ``job.stages`` in order (see the module docstring); returns what each stage returned, by stage name.
 
-    ``model`` is an already-loaded model to use instead of loading ``job.model``.
+    ``model`` is an already-loaded model to use instead of loading ``job.model``. The wall time of each stage
+    (and of loading the model, when the job does) goes to ``out_dir/timings.json`` (:func:`write_timings`).
     """
     job = job or MainJobConfig()
     start = time.perf_counter()
-    model = model if model is not None else load_and_report(job.model)
+    timings: dict[str, float] = {}
+    if model is None:
+        with _timed(timings, "load"):
+            model = load_and_report(job.model)
     out = Path(job.out_dir)
     sae_path = job.sae_dir
     result: dict = {}
     if "look" in job.stages:
         print("\n== 1. A first look: next tokens, logit lens, continuation ==")
-        result["look"] = run_first_look(job.model, job.prompt, out, job.top_k, job.max_new_tokens, model=model)
+        with _timed(timings, "look"):
+            result["look"] = run_first_look(job.model, job.prompt, out, job.top_k, job.max_new_tokens, model=model)
     if "sae" in job.stages:
         print(f"\n== 2. A TopK SAE on {job.hook_name} ==")
-        sae, reused = train_or_reuse_sae(model, job)
-        print(f"{'Reused' if reused else 'Trained'} the SAE in {sae_path} (d_sae {sae.cfg.d_sae}, k {sae.cfg.k})")
-        result["sae"] = evaluate_job_sae(model, sae, job, reused)
+        with _timed(timings, "sae"):
+            sae, reused = train_or_reuse_sae(model, job)
+            print(f"{'Reused' if reused else 'Trained'} the SAE in {sae_path} (d_sae {sae.cfg.d_sae}, k {sae.cfg.k})")
+            result["sae"] = evaluate_job_sae(model, sae, job, reused)
     if "dashboards" in job.stages:
         print("\n== 3. Latent dashboards: top examples, activation bins, histograms, logit effects ==")
         if not sae_path.exists():
             raise FileNotFoundError(f"no trained SAE in {sae_path}: run the 'sae' stage first")
-        dash = run_dashboards(job.dashboards, model=model)
+        with _timed(timings, "dashboards"):
+            dash = run_dashboards(job.dashboards, model=model)
         dead = int(dash.dead_latents().numel())
         print(
             f"Dashboards of {dash.d_sae} latents over {dash.n_tokens:,} tokens ({dead} dead): {job.dashboards.out_dir}"
@@ -298,10 +309,29 @@ def run_main_job(job: MainJobConfig | None = None, model: HookedModel | None = N
         print("\n== 4. Latent co-occurrence: counts, graphs, subspace PCA ==")
         if not sae_path.exists():
             raise FileNotFoundError(f"no trained SAE in {sae_path}: run the 'sae' stage first")
-        config_path = job.cooc.to_toml(out / "cooc.toml")
-        print(f"Pipeline config: {config_path} (rerun it with: mechscope cooc run {config_path})")
-        result["cooc"] = run_all(job.cooc, model=model)
+        with _timed(timings, "cooc"):
+            config_path = job.cooc.to_toml(out / "cooc.toml")
+            print(f"Pipeline config: {config_path} (rerun it with: mechscope cooc run {config_path})")
+            result["cooc"] = run_all(job.cooc, model=model)
         print(format_graph_summary(result["cooc"]["graphs"]))
-    print(f"\nMain job done in {time.perf_counter() - start:.0f} s; everything is in {out.resolve()}")
+    total = time.perf_counter() - start
+    write_timings(out, timings, total)
+    stages = ", ".join(f"{stage} {seconds:.0f} s" for stage, seconds in timings.items())
+    print(f"\nMain job done in {total:.0f} s ({stages}); everything is in {out.resolve()}")
     print(f"Open the explorer on it: mechscope app {out}   (or: bash run.sh app {out})")
     return result
+
+
+@contextmanager
+def _timed(timings: dict[str, float], stage: str) -> Iterator[None]:
+    """Set ``timings[stage]`` to the wall time in seconds of the ``with`` block."""
+    start = time.perf_counter()
+    yield
+    timings[stage] = time.perf_counter() - start
+
+
+def write_timings(out_dir: str | Path, stages: dict[str, float], total: float) -> Path:
+    """Write ``out_dir/timings.json``: ``{"stages": {stage: seconds}, "total": seconds}``, the stages in the order
+    they ran (``load``, loading the model, first when the job did) and ``total`` the whole job. Returns its path."""
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    return atomic_write_json(Path(out_dir) / TIMINGS_FILE, {"stages": stages, "total": total})

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import time
 from pathlib import Path
 
 import huggingface_hub.constants
@@ -184,8 +185,17 @@ def test_cli_demo_on_a_local_model_directory(tmp_path: Path, capsys) -> None:
     byte_tokenizer().save_pretrained(tmp_path / "model")
     argv = ["demo", "--model", str(tmp_path / "model"), "--out-dir", str(tmp_path / "out"), "--max-new-tokens", "2"]
     argv += ["--stages", "look"]
+    start = time.perf_counter()
     assert main(argv) == 0
-    assert "Loaded " in capsys.readouterr().out
+    wall = time.perf_counter() - start
+    printed = capsys.readouterr().out
+    assert "Loaded " in printed
+    timings = json.loads((tmp_path / "out" / "timings.json").read_text())
+    assert list(timings["stages"]) == ["load", "look"]  # what ran, in order: the load first
+    assert all(seconds > 0 for seconds in timings["stages"].values())
+    assert sum(timings["stages"].values()) <= timings["total"] <= wall
+    load, look = (timings["stages"][stage] for stage in ("load", "look"))
+    assert f"Main job done in {timings['total']:.0f} s (load {load:.0f} s, look {look:.0f} s)" in printed
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["model"] == str(tmp_path / "model")
     assert len(summary["top_tokens"]) == 5

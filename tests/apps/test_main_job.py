@@ -69,6 +69,7 @@ def test_sae_is_trained_on_the_harvest_and_evaluated_on_the_contexts_after_it(ll
     assert json.loads((out / "sae_evaluation.json").read_text()) == pytest.approx(expected)
     assert (out / "sae_latent_density.png").stat().st_size > 0
     assert (out / "summary.json").exists() and (out / "cache.safetensors").exists()  # the first look
+    assert list(json.loads((out / "timings.json").read_text())["stages"]) == list(job.stages)  # model given: no load
 
 
 def trained_sae_and_rows(out: Path) -> tuple[SparseAutoencoder, torch.Tensor]:
@@ -118,6 +119,7 @@ def test_a_second_run_reuses_the_sae_its_evaluation_and_the_counts(llama, first_
     assert f"mechscope app {out}" in printed  # the job ends with the command that opens the explorer
     assert (out / "sae_training" / "sae" / "sae_weights.safetensors").read_bytes() == weights
     assert again["sae"] == result["sae"]
+    assert list(json.loads((out / "timings.json").read_text())["stages"]) == ["sae", "cooc"]  # this run's stages
     for t in job.cooc.counting.activation_thresholds:
         assert again["cooc"]["graphs"][HOOK][t] == result["cooc"]["graphs"][HOOK][t]
 
