@@ -119,9 +119,13 @@ def load_saes(config: CoocConfig, model: HookedModel, sae: SAEs = None) -> dict[
     return saes
 
 
-def _store(config: CoocConfig, model: HookedModel, hook_names: list[str], n_rows: int) -> ActivationStore:
+def _store(
+    config: CoocConfig, model: HookedModel, hook_names: list[str], n_rows: int, data_parallel: bool
+) -> ActivationStore:
     """The activations at ``hook_names``: live, or from ``activations_dir``, whose harvest is first extended to
-    ``n_rows`` rows (resuming one that is there)."""
+    ``n_rows`` rows (resuming one that is there). With ``data_parallel`` every rank under torchrun calls it and
+    harvests its share of the shards (:meth:`~mechscope.data.store.ActivationStore.harvest`); without, this process
+    harvests alone (a stage that runs on rank 0 only)."""
     counting = config.counting
     store = ActivationStore(
         model,
@@ -134,9 +138,7 @@ def _store(config: CoocConfig, model: HookedModel, hook_names: list[str], n_rows
         activations_dir=counting.activations_dir,
     )
     if store.activations_dir is not None:
-        if distributed.is_main():  # the other ranks read the shards rank 0 harvests
-            store.harvest(n_rows)
-        distributed.barrier()
+        store.harvest(n_rows, data_parallel=data_parallel)
     return store
 
 
@@ -204,7 +206,8 @@ def run_count(
     ``results_dir/<hook>``. Under torchrun (:mod:`mechscope.distributed`) batch ``i`` is counted by rank
     ``i % world_size``, every checkpoint sums the ranks' sparse counts on rank 0, which writes it (the same file one
     process writes, so a count resumes under any number of ranks), and rank 0 returns and writes the counts (the
-    other ranks return ``{}``). ``stop_after`` stops (with a checkpoint) once that many batches are done in all, as
+    other ranks return ``{}``); the harvest into ``activations_dir`` is shared, each rank writing its share of the
+    shards. ``stop_after`` stops (with a checkpoint) once that many batches are done in all, as
     an interruption would. ``on_batch(batches_done, rows)`` is called after each batch is counted, before it is
     checkpointed; an exception it raises ends the run as a kill would (batches since the last checkpoint are lost
     and counted again by the next run), so a test can check that a resumed count equals an uninterrupted one.
@@ -249,7 +252,7 @@ def run_count(
         for hook, by_t in counts.items():
             save_counts(results / hook, by_t, config.output_format)
         return counts
-    store = _store(config, model, list(saes), counting.n_batches * counting.batch_size_tokens)
+    store = _store(config, model, list(saes), counting.n_batches * counting.batch_size_tokens, data_parallel=True)
     key, skip = state["next"]
     batches = store.resumable_batches(counting.batch_size_tokens, (key, skip))
     bar = tqdm(
@@ -461,7 +464,8 @@ def run_pca(config: CoocConfig, model: HookedModel | None = None, sae: SAEs = No
     counting, pca = config.counting, config.pca
     model = load_model(config, model)
     saes = load_saes(config, model, sae)
-    store = _store(config, model, list(saes), pca.n_batches_reconstruction * counting.batch_size_tokens)
+    rows = pca.n_batches_reconstruction * counting.batch_size_tokens
+    store = _store(config, model, list(saes), rows, data_parallel=False)  # rank 0 alone runs the PCA
     batches = store.resumable_batches(counting.batch_size_tokens)
     collected = [rows for rows, _ in islice(batches, pca.n_batches_reconstruction)]
     if not collected:
