@@ -2,9 +2,9 @@
 
 A stage asks this module who it is (:func:`rank`, :func:`world_size`, :func:`is_main`), which share of the work is
 its own (:func:`share`, :func:`owns`), and to combine what the ranks computed (:func:`all_reduce_sum`,
-:func:`all_reduce_max`, :func:`sum_gradients_`, :func:`all_gather`, :func:`gather_to_main`, :func:`combine_all`,
-:func:`broadcast`); it prints and shows progress bars on rank 0 only (:func:`print_main`, :func:`quiet`). No stage
-imports :mod:`torch.distributed` itself.
+:func:`all_reduce_max`, :func:`sum_gradients_`, :func:`all_gather`, :func:`gather_to_main`,
+:func:`gather_tensors_to_main`, :func:`combine_all`, :func:`broadcast`); it prints and shows progress bars on rank 0
+only (:func:`print_main`, :func:`quiet`). No stage imports :mod:`torch.distributed` itself.
 
 Without ``torchrun`` (no ``RANK``/``WORLD_SIZE`` in the environment) nothing changes: :func:`session` creates no
 process group, the rank is 0 of 1, every item is this process's share and every reduction returns its input. Under
@@ -224,6 +224,35 @@ def gather_to_main(obj: T, combine: Callable[[T, T], T]) -> T | None:
     for other in gathered[1:]:
         out = combine(out, other)
     return out
+
+
+def gather_tensors_to_main(tensors: Sequence[Tensor]) -> list[list[Tensor]] | None:
+    """On rank 0, every rank's ``tensors`` in rank order (``[ranks][len(tensors)]``); None on the others. Without a
+    process group, ``[list(tensors)]``.
+
+    ``tensors`` are 1-D CPU tensors, as many and of the same dtypes on every rank, each of any length. Rank 0
+    receives them point to point at their own lengths (their lengths first): it holds every rank's tensors once,
+    with no padding to the longest and no pickled copy, and the other ranks send theirs in place. For large arrays
+    (the CSR arrays of sparse counts); :func:`gather_to_main` is for small Python objects."""
+    if not active():
+        return [list(tensors)]
+    lengths = torch.tensor([t.numel() for t in tensors], dtype=torch.long)
+    if not is_main():
+        dist.send(lengths, dst=0, group=_objects_group)
+        for t in tensors:
+            if t.numel():
+                dist.send(t.contiguous(), dst=0, group=_objects_group)
+        return None
+    gathered = [list(tensors)]
+    for source in range(1, world_size()):
+        theirs = torch.empty_like(lengths)
+        dist.recv(theirs, src=source, group=_objects_group)
+        received = [torch.empty(int(n), dtype=t.dtype) for n, t in zip(theirs, tensors, strict=True)]
+        for t in received:
+            if t.numel():
+                dist.recv(t, src=source, group=_objects_group)
+        gathered.append(received)
+    return gathered
 
 
 def combine_all(obj: T, combine: Callable[[T, T], T]) -> T:

@@ -134,6 +134,8 @@ def _collectives(out: str) -> None:
     r = distributed.rank()
     ints = torch.arange(4, dtype=torch.int64) * (r + 1) + 2**40  # sums past 2**32 stay exact
     gathered = distributed.all_gather(torch.full((r + 1, 2), float(r)))  # ranks give different lengths
+    mine = [torch.arange(3 * r, dtype=torch.int64) + 2**40, torch.full((r + 1,), r, dtype=torch.int32)]  # 0 and 3 long
+    tensors = distributed.gather_tensors_to_main(mine)
     result = {
         "rank": r,
         "world": distributed.world_size(),
@@ -142,6 +144,7 @@ def _collectives(out: str) -> None:
         "gathered": [g.tolist() for g in gathered],
         "broadcast": distributed.broadcast({"from": r}),
         "to_main": distributed.gather_to_main([r], lambda a, b: a + b),
+        "tensors_to_main": None if tensors is None else [[t.tolist() for t in ts] for ts in tensors],
     }
     distributed.barrier()
     _write_rank(out, result)

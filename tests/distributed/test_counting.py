@@ -74,6 +74,8 @@ def test_the_collectives_of_two_ranks(runs: dict) -> None:
         assert result["gathered"] == [[[0.0, 0.0]], [[1.0, 1.0], [1.0, 1.0]]]
         assert result["broadcast"] == {"from": 0}
     assert results[0]["to_main"] == [0, 1] and results[1]["to_main"] is None
+    assert results[0]["tensors_to_main"] == [[[], [0]], [[2**40, 2**40 + 1, 2**40 + 2], [1, 1]]]
+    assert results[1]["tensors_to_main"] is None
 
 
 def test_a_sigint_to_one_rank_stops_both_at_the_same_batch(runs: dict) -> None:

@@ -1,5 +1,6 @@
 """``mechscope cooc run CONFIG --nproc 2`` launches torchrun itself: two ranks harvest to ``activations_dir`` and
-count what one process counts, rank 0 alone prints and builds the graphs and the PCA (reading the shards alone); a stage that does not share its work refuses to run in several processes."""
+count what one process counts, rank 0 alone prints and builds the graphs and the PCA (reading the shards alone); a
+stage that does not share its work refuses to run in several processes."""
 
 from __future__ import annotations
 
