@@ -13,8 +13,9 @@ which runs that command, see :func:`launch`) :func:`session` joins the process g
 ``nccl`` on CUDA (``MECHSCOPE_DIST_BACKEND`` overrides it), each rank on ``cuda:LOCAL_RANK`` when on CUDA, and every
 collective times out after ``MECHSCOPE_DIST_TIMEOUT`` seconds (default 1800) instead of hanging.
 
-Python objects (sparse count matrices, top-k lists) always travel over a ``gloo`` group on CPU, also when the main
-group is NCCL, so they never need a GPU copy.
+Python objects (dashboard states, small values) and the CPU tensors of :func:`gather_tensors_to_main` (the arrays of
+sparse count matrices) always travel over a ``gloo`` group on CPU, also when the main group is NCCL, so they never
+need a GPU copy.
 """
 
 from __future__ import annotations
@@ -213,7 +214,8 @@ def all_gather(tensor: Tensor) -> list[Tensor]:
 def gather_to_main(obj: T, combine: Callable[[T, T], T]) -> T | None:
     """On rank 0, every rank's ``obj`` folded in rank order with ``combine(left, right)``; None on the others.
     Without a process group, ``obj`` itself. The objects travel pickled over the CPU group, so rank 0 holds all
-    of them at once: use it for sparse or small values (a dense tensor is summed better by :func:`all_reduce_sum`)."""
+    of them at once, pickled and unpickled: use it for small values (large arrays go by :func:`gather_tensors_to_main`;
+    a dense tensor is summed better by :func:`all_reduce_sum`)."""
     if not active():
         return obj
     gathered: list[Any] | None = [None] * world_size() if is_main() else None
