@@ -90,7 +90,7 @@ def dash_runs(tmp_path_factory: pytest.TempPathFactory) -> dict:
     def harvest(name: str, **extra) -> dict:
         return {"kind": "harvest", "activations_dir": str(tmp / name), "corpus": str(paths["corpus"]), **extra}
 
-    tasks = [harvest("h_two"), dash("two"), dash("stopped", stop=[1, 1, 4]), dash("stopped"),
+    tasks = [harvest("h_two", slow_plan=1), dash("two"), dash("stopped", stop=[1, 1, 4]), dash("stopped"),
              dash("killed", kill=[1, 2, 4])]  # fmt: skip
     launch = harness.torchrun(["--standalone", "--nproc-per-node=2"], tasks, tmp, "dash")
     one = run_dashboards(dashboards_config(tmp / "one", **paths), model, sae)

@@ -11,8 +11,9 @@ rank raises is written to ``results_dir.RANK.json``.
 key]}``: ``run_dashboards``; with ``kill`` that rank ends itself after that chunk (once rank 0 has written the
 checkpoint of the round before), with ``stop`` it sends itself SIGINT there and the :class:`Interrupted` each rank
 gets is written to ``out_dir.RANK.json``.
-``{"kind": "harvest", "activations_dir": PATH, "corpus": PATH, "kill": [rank, first_context]}``: a shared harvest
-(:func:`harvest_store`); with ``kill`` that rank ends itself before storing the forward pass from that context.
+``{"kind": "harvest", "activations_dir": PATH, "corpus": PATH, "kill": [rank, first_context], "slow_plan": rank}``:
+a shared harvest (:func:`harvest_store`); with ``kill`` that rank ends itself before storing the forward pass from
+that context; with ``slow_plan`` that rank plans the shards 2 s after the others.
 ``"shard_tokens": N`` in a count task makes its harvest write shards of N rows (:func:`stage_shards`) and each
 rank write the shard files it harvested to ``results_dir.RANK.json``.
 ``{"kind": "train_store", "config": {store_train_config arguments}, "shard_tokens": N}`` trains on the tiny llama
@@ -214,6 +215,9 @@ def _harvest(model: HookedModel, task: dict[str, Any]) -> None:
             os._exit(1)
 
     store = harvest_store(model, task["activations_dir"], task["corpus"])
+    if task.get("slow_plan") == distributed.rank():  # this rank plans 2 s late: the others harvest meanwhile
+        plan = store.plan
+        store.plan = lambda n_tokens: (time.sleep(2), plan(n_tokens))[1]  # type: ignore[method-assign]
     store.harvest(HARVEST_TOKENS, progress=False, on_batch=killed, checkpoint_seconds=1e-9, data_parallel=True)
 
 

@@ -1,5 +1,6 @@
-"""A shared harvest under ``torchrun`` (gloo, two ranks) against one process: the same shard files, the same
-manifest, the same rows in the same order, shuffled or not; a harvest whose rank 1 is killed in its second shard
+"""A shared harvest under ``torchrun`` (gloo, two ranks, rank 1 planning 2 s late, so that rank 0 has finished
+shards before rank 1 deals them out) against one process: the same shard files, the same manifest, the same rows
+in the same order, shuffled or not; a harvest whose rank 1 is killed in its second shard
 resumes, in one process, to the same shards (the ranks' records and pending rows are used, then removed).
 
 The launches are the ``dash_runs`` fixture's (``conftest.py``)."""
