@@ -2,9 +2,9 @@
 
 A stage asks this module who it is (:func:`rank`, :func:`world_size`, :func:`is_main`), which share of the work is
 its own (:func:`share`, :func:`owns`), and to combine what the ranks computed (:func:`all_reduce_sum`,
-:func:`all_reduce_max`, :func:`sum_gradients_`, :func:`all_gather`, :func:`gather_to_main`, :func:`combine_all`,
-:func:`broadcast`); it prints and shows progress bars on rank 0 only (:func:`print_main`, :func:`quiet`). No stage
-imports :mod:`torch.distributed` itself.
+:func:`all_reduce_max`, :func:`sum_gradients_`, :func:`all_gather`, :func:`gather_to_main`,
+:func:`gather_tensors_to_main`, :func:`combine_all`, :func:`broadcast`); it prints and shows progress bars on rank 0
+only (:func:`print_main`, :func:`quiet`). No stage imports :mod:`torch.distributed` itself.
 
 Without ``torchrun`` (no ``RANK``/``WORLD_SIZE`` in the environment) nothing changes: :func:`session` creates no
 process group, the rank is 0 of 1, every item is this process's share and every reduction returns its input. Under
@@ -13,8 +13,9 @@ which runs that command, see :func:`launch`) :func:`session` joins the process g
 ``nccl`` on CUDA (``MECHSCOPE_DIST_BACKEND`` overrides it), each rank on ``cuda:LOCAL_RANK`` when on CUDA, and every
 collective times out after ``MECHSCOPE_DIST_TIMEOUT`` seconds (default 1800) instead of hanging.
 
-Python objects (sparse count matrices, top-k lists) always travel over a ``gloo`` group on CPU, also when the main
-group is NCCL, so they never need a GPU copy.
+Python objects (dashboard states, small values) and the CPU tensors of :func:`gather_tensors_to_main` (the arrays of
+sparse count matrices) always travel over a ``gloo`` group on CPU, also when the main group is NCCL, so they never
+need a GPU copy.
 """
 
 from __future__ import annotations
@@ -213,7 +214,8 @@ def all_gather(tensor: Tensor) -> list[Tensor]:
 def gather_to_main(obj: T, combine: Callable[[T, T], T]) -> T | None:
     """On rank 0, every rank's ``obj`` folded in rank order with ``combine(left, right)``; None on the others.
     Without a process group, ``obj`` itself. The objects travel pickled over the CPU group, so rank 0 holds all
-    of them at once: use it for sparse or small values (a dense tensor is summed better by :func:`all_reduce_sum`)."""
+    of them at once, pickled and unpickled: use it for small values (large arrays go by :func:`gather_tensors_to_main`;
+    a dense tensor is summed better by :func:`all_reduce_sum`)."""
     if not active():
         return obj
     gathered: list[Any] | None = [None] * world_size() if is_main() else None
@@ -224,6 +226,35 @@ def gather_to_main(obj: T, combine: Callable[[T, T], T]) -> T | None:
     for other in gathered[1:]:
         out = combine(out, other)
     return out
+
+
+def gather_tensors_to_main(tensors: Sequence[Tensor]) -> list[list[Tensor]] | None:
+    """On rank 0, every rank's ``tensors`` in rank order (``[ranks][len(tensors)]``); None on the others. Without a
+    process group, ``[list(tensors)]``.
+
+    ``tensors`` are 1-D CPU tensors, as many and of the same dtypes on every rank, each of any length. Rank 0
+    receives them point to point at their own lengths (their lengths first): it holds every rank's tensors once,
+    with no padding to the longest and no pickled copy, and the other ranks send theirs in place. For large arrays
+    (the CSR arrays of sparse counts); :func:`gather_to_main` is for small Python objects."""
+    if not active():
+        return [list(tensors)]
+    lengths = torch.tensor([t.numel() for t in tensors], dtype=torch.long)
+    if not is_main():
+        dist.send(lengths, dst=0, group=_objects_group)
+        for t in tensors:
+            if t.numel():
+                dist.send(t.contiguous(), dst=0, group=_objects_group)
+        return None
+    gathered = [list(tensors)]
+    for source in range(1, world_size()):
+        theirs = torch.empty_like(lengths)
+        dist.recv(theirs, src=source, group=_objects_group)
+        received = [torch.empty(int(n), dtype=t.dtype) for n, t in zip(theirs, tensors, strict=True)]
+        for t in received:
+            if t.numel():
+                dist.recv(t, src=source, group=_objects_group)
+        gathered.append(received)
+    return gathered
 
 
 def combine_all(obj: T, combine: Callable[[T, T], T]) -> T:

@@ -31,6 +31,8 @@ from itertools import islice
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import scipy.sparse as sp
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
@@ -43,6 +45,7 @@ from mechscope.cooccurrence.counting import (
     decoder_norms,
     fold_decoder_norms,
     jaccard,
+    sum_counts,
 )
 from mechscope.cooccurrence.graph import Subgraph, edge_threshold, graph_results, subgraphs, top_cooccurring
 from mechscope.cooccurrence.layout import CHECKPOINT, graph_summary_path, load_graph_summary
@@ -119,9 +122,13 @@ def load_saes(config: CoocConfig, model: HookedModel, sae: SAEs = None) -> dict[
     return saes
 
 
-def _store(config: CoocConfig, model: HookedModel, hook_names: list[str], n_rows: int) -> ActivationStore:
+def _store(
+    config: CoocConfig, model: HookedModel, hook_names: list[str], n_rows: int, data_parallel: bool
+) -> ActivationStore:
     """The activations at ``hook_names``: live, or from ``activations_dir``, whose harvest is first extended to
-    ``n_rows`` rows (resuming one that is there)."""
+    ``n_rows`` rows (resuming one that is there). With ``data_parallel`` every rank under torchrun calls it and
+    harvests its share of the shards (:meth:`~mechscope.data.store.ActivationStore.harvest`); without, this process
+    harvests alone (a stage that runs on rank 0 only)."""
     counting = config.counting
     store = ActivationStore(
         model,
@@ -134,9 +141,7 @@ def _store(config: CoocConfig, model: HookedModel, hook_names: list[str], n_rows
         activations_dir=counting.activations_dir,
     )
     if store.activations_dir is not None:
-        if distributed.is_main():  # the other ranks read the shards rank 0 harvests
-            store.harvest(n_rows)
-        distributed.barrier()
+        store.harvest(n_rows, data_parallel=data_parallel)
     return store
 
 
@@ -204,7 +209,8 @@ def run_count(
     ``results_dir/<hook>``. Under torchrun (:mod:`mechscope.distributed`) batch ``i`` is counted by rank
     ``i % world_size``, every checkpoint sums the ranks' sparse counts on rank 0, which writes it (the same file one
     process writes, so a count resumes under any number of ranks), and rank 0 returns and writes the counts (the
-    other ranks return ``{}``). ``stop_after`` stops (with a checkpoint) once that many batches are done in all, as
+    other ranks return ``{}``); the harvest into ``activations_dir`` is shared, each rank writing its share of the
+    shards. ``stop_after`` stops (with a checkpoint) once that many batches are done in all, as
     an interruption would. ``on_batch(batches_done, rows)`` is called after each batch is counted, before it is
     checkpointed; an exception it raises ends the run as a kill would (batches since the last checkpoint are lost
     and counted again by the next run), so a test can check that a resumed count equals an uninterrupted one.
@@ -249,7 +255,7 @@ def run_count(
         for hook, by_t in counts.items():
             save_counts(results / hook, by_t, config.output_format)
         return counts
-    store = _store(config, model, list(saes), counting.n_batches * counting.batch_size_tokens)
+    store = _store(config, model, list(saes), counting.n_batches * counting.batch_size_tokens, data_parallel=True)
     key, skip = state["next"]
     batches = store.resumable_batches(counting.batch_size_tokens, (key, skip))
     bar = tqdm(
@@ -276,11 +282,11 @@ def run_count(
             # every rank stops, and checkpoints (a collective), at the same batch, although their clocks differ
             signum, checkpoint_due = distributed.combine_all((stop.signum or 0, due()), _either)
             if checkpoint_due or signum:
-                counts = _save_checkpoint(checkpoint, state, counts)
+                counts = _save_checkpoint(checkpoint, state, counts, d_sae)
             if signum and state["batches_done"] < counting.n_batches:  # also on a rank the signal did not reach
                 where = f"batch {state['batches_done']} of {counting.n_batches}"
                 raise stop.interrupted("cooc count", checkpoint, where, signum)
-    counts = _sum_ranks(counts, state["n_tokens"])
+    counts = _sum_ranks(counts, state["n_tokens"], d_sae, thresholds)
     if not distributed.is_main():
         return {}  # rank 0 returns and writes the counts
     if not counts:
@@ -358,27 +364,51 @@ def _add_counts(into: Counts, more: Counts) -> Counts:
     return into
 
 
-def _sum_ranks(counts: Counts, n_tokens: int) -> Counts:
+def _csr_tensors(matrix: sp.csr_array) -> list[Tensor]:
+    """``matrix``'s CSR arrays as the tensors :func:`_sum_ranks` sends: ``[indptr (int64), indices (int32), data
+    (int64)]``, sharing their memory where the dtype is already that one."""
+    arrays = [(matrix.indptr, np.int64), (matrix.indices, np.int32), (matrix.data, np.int64)]
+    return [torch.from_numpy(np.ascontiguousarray(a, dtype)) for a, dtype in arrays]
+
+
+def _csr(tensors: list[Tensor], n: int) -> sp.csr_array:
+    """The ``[n, n]`` matrix of :func:`_csr_tensors`' arrays, on their memory (an int32 indptr, so that scipy keeps
+    the int32 indices rather than copying them to int64, unless its last value needs int64)."""
+    indptr, indices, data = (t.numpy() for t in tensors)
+    if indptr[-1] < 2**31:
+        indptr = indptr.astype(np.int32)
+    return sp.csr_array((data, indices, indptr), shape=(n, n))
+
+
+def _sum_ranks(counts: Counts, n_tokens: int, d_sae: dict[str, int], thresholds: list[float]) -> Counts:
     """On rank 0, the counts of every rank summed (the others' are the batches they counted since the last sum);
     ``{}`` on the other ranks, which start again from nothing. One process: ``counts`` as they are.
 
     The sparse matrices are sent to rank 0 and summed there, not all-reduced: a dense ``[d_sae, d_sae]`` int64
-    all-reduce would need 137 GB per matrix at 131k latents, the sparse counts a small part of it."""
+    all-reduce would need 137 GB per matrix at 131k latents, the sparse counts a small part of it. One (hook,
+    threshold) at a time, every rank sends its matrix's CSR arrays in place (:func:`~mechscope.distributed.
+    gather_tensors_to_main`: no pickled copy, no padding) and rank 0 adds the ranks' matrices in one pass
+    (:func:`~mechscope.cooccurrence.counting.sum_counts`): it holds, besides the sums so far, one matrix per rank
+    and their sum. The hooks no rank has counted yet stay out, as in one process."""
     if distributed.world_size() == 1:
         return counts
-    summed = distributed.gather_to_main(counts, _add_counts)
-    if summed is None:
-        return {}
-    for by_t in summed.values():
-        for c in by_t.values():
-            c.n_tokens = n_tokens
+    present = distributed.combine_all(sorted(counts), lambda a, b: sorted({*a, *b}))
+    summed: Counts = {}
+    for hook in (h for h in d_sae if h in present):
+        n = d_sae[hook]
+        for t in map(float, thresholds):
+            own = counts[hook][t].counts if hook in counts else sp.csr_array((n, n), dtype=np.int64)
+            gathered = distributed.gather_tensors_to_main(_csr_tensors(own))
+            if gathered is not None:
+                total = sum_counts([_csr(tensors, n) for tensors in gathered])
+                summed.setdefault(hook, {})[t] = CooccurrenceCounts(t, total, n_tokens)
     return summed
 
 
-def _save_checkpoint(path: Path, state: dict[str, Any], counts: Counts) -> Counts:
+def _save_checkpoint(path: Path, state: dict[str, Any], counts: Counts, d_sae: dict[str, int]) -> Counts:
     """Sum the ranks' counts on rank 0 and write the checkpoint there (the same file one process writes); returns
     this rank's counts after the sum (the total on rank 0, nothing on the others)."""
-    counts = _sum_ranks(counts, state["n_tokens"])
+    counts = _sum_ranks(counts, state["n_tokens"], d_sae, state["thresholds"])
     if distributed.is_main():
         save_checkpoint(path, state, counts)
     return counts
@@ -461,7 +491,8 @@ def run_pca(config: CoocConfig, model: HookedModel | None = None, sae: SAEs = No
     counting, pca = config.counting, config.pca
     model = load_model(config, model)
     saes = load_saes(config, model, sae)
-    store = _store(config, model, list(saes), pca.n_batches_reconstruction * counting.batch_size_tokens)
+    rows = pca.n_batches_reconstruction * counting.batch_size_tokens
+    store = _store(config, model, list(saes), rows, data_parallel=False)  # rank 0 alone runs the PCA
     batches = store.resumable_batches(counting.batch_size_tokens)
     collected = [rows for rows, _ in islice(batches, pca.n_batches_reconstruction)]
     if not collected:

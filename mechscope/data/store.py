@@ -249,6 +249,8 @@ class ActivationStore:
         mine = [e for e in plan if e["file"] not in done][rank::world]
         own = directory / f"manifest.rank{rank}.json"  # a shared harvest's record of this rank's shards
         recorded = [e for e in _read_record(own) if e in records] if shared else []
+        if shared:  # every rank deals the shards from the same records: none records a new one before all have
+            distributed.barrier()
 
         def finished(entry: dict[str, Any]) -> None:
             done.add(entry["file"])

@@ -511,10 +511,8 @@ def _make_store(config: TrainConfig, model: HookedModel | None, device: str) -> 
         batch_contexts=config.batch_contexts,
         activations_dir=config.activations_dir,
     )
-    if config.activations_dir is not None:
-        if distributed.is_main():  # the other ranks read the shards rank 0 harvests
-            store.harvest(config.n_tokens, progress=config.progress)
-        distributed.barrier()
+    if config.activations_dir is not None:  # under torchrun every rank harvests its share of the shards
+        store.harvest(config.n_tokens, progress=config.progress, data_parallel=True)
     return store
 
 
@@ -565,7 +563,8 @@ def train_sae(
 
     Data: ``store`` (an ``ActivationStore`` or any object with its ``batches`` method) when given; otherwise an
     ``ActivationStore`` over ``model`` (a ``HookedModel``; loaded from ``config.model`` when None), which first
-    harvests to ``config.activations_dir`` when that is set and otherwise streams live from the model. ``out_dir``
+    harvests to ``config.activations_dir`` when that is set (under torchrun each rank its share of the shards) and
+    otherwise streams live from the model. ``out_dir``
     (and ``activations_dir``) are checked first: a file, or a directory that cannot be written, is refused before
     any model loads. ``stop_after``
     ends the run after that many steps in total (with a checkpoint), keeping the schedule of the full run, so a

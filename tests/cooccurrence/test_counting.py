@@ -18,6 +18,7 @@ from mechscope.cooccurrence import (
     save_counts,
     save_matrix,
 )
+from mechscope.cooccurrence.counting import sum_counts
 from mechscope.cooccurrence.layout import KINDS
 from mechscope.sae import SAE, SAEConfig
 from mechscope.sae.latents import as_sparse
@@ -133,6 +134,29 @@ def test_no_batches_give_zero_counts():
 def test_sparse_batches_refuse_negative_thresholds():
     with pytest.raises(ValueError, match="thresholds >= 0"):
         count_cooccurrences([(torch.tensor([[0]]), torch.tensor([[1.0]]))], [-0.5], d_sae=2)
+
+
+def _unsorted_with_repeats(seed: int, n: int, entries: int, index_dtype: type) -> sp.csr_array:
+    """A ``[n, n]`` int64 CSR matrix whose rows list their columns in random order, some twice, with explicit zeros."""
+    g = np.random.default_rng(seed)
+    rows, cols = np.sort(g.integers(0, n, entries)), g.integers(0, n, entries)
+    data = g.integers(0, 5, entries)  # some 0: explicit zeros
+    indptr = np.searchsorted(rows, np.arange(n + 1)).astype(index_dtype)
+    return sp.csr_array((data.astype(np.int64), cols.astype(index_dtype), indptr), shape=(n, n))
+
+
+def test_sum_counts_adds_any_matrices_as_dense_arrays_add():
+    matrices = [_unsorted_with_repeats(seed, D_SAE, 300, dtype) for seed, dtype in enumerate([np.int32, np.int64] * 2)]
+    matrices.insert(2, sp.csr_array((D_SAE, D_SAE), dtype=np.int64))  # a rank that counted nothing
+    assert not matrices[0].has_canonical_format  # unsorted columns and repeats, as the counting kernel leaves them
+    total = sum_counts(matrices)
+    assert total.dtype == np.int64 and total.indices.dtype == np.int32
+    np.testing.assert_array_equal(total.toarray(), sum(m.toarray() for m in matrices))
+    columns = [total.indices[a:b] for a, b in zip(total.indptr[:-1], total.indptr[1:], strict=True)]
+    assert all(len(set(c.tolist())) == len(c) for c in columns)  # each column once per row
+    np.testing.assert_array_equal(sum_counts(matrices[:1]).toarray(), matrices[0].toarray())
+    with pytest.raises(ValueError, match="square and of one shape"):
+        sum_counts([matrices[0], sp.csr_array((D_SAE, D_SAE + 1), dtype=np.int64)])
 
 
 def test_jaccard_matches_formula():

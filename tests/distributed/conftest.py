@@ -15,12 +15,14 @@ from mechscope.dashboards.pipeline import run_dashboards
 from mechscope.data.store import ActivationStore
 from tests.distributed import harness
 from tests.distributed.job import (
+    COUNT_SHARD_ROWS,
     HARVEST_TOKENS,
     HOOKS,
     TEXT,
     cooc_config,
     dashboards_config,
     harvest_store,
+    stage_shards,
     tiny_model,
     tiny_saes,
 )
@@ -37,10 +39,14 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict:
         config = {"results_dir": str(tmp / name), "corpus": str(corpus), **extra}
         return {"kind": "count", "config": config, "kill": kill, "stop": stop}
 
-    two = [count("two"), count("two_store", activations_dir=str(tmp / "acts")), count("stopped", stop=[1, 3])]
+    store = {**count("two_store", activations_dir=str(tmp / "acts")), "shard_tokens": COUNT_SHARD_ROWS}
+    two = [count("two"), store, count("stopped", stop=[1, 3])]
     two += [{"kind": "evaluate", "out": str(tmp / "evaluate")}, count("killed", kill=[1, 4])]
     launch_two = harness.torchrun(["--standalone", "--nproc-per-node=2"], two, tmp, "two")
     one = run_count(cooc_config(tmp / "one", corpus), tiny_model(), tiny_saes())
+    with stage_shards(COUNT_SHARD_ROWS):  # an empty activations_dir, harvested by one process
+        one_store = run_count(cooc_config(tmp / "one_store", corpus, activations_dir=str(tmp / "acts_one")),
+                              tiny_model(), tiny_saes())  # fmt: skip
     status_two = harness.wait(launch_two, tmp, "two")
     killed_state = read_checkpoint_state(tmp / "killed" / CHECKPOINT)
     shutil.copytree(tmp / "killed", tmp / "killed_one")
@@ -54,6 +60,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict:
     return {
         "tmp": tmp,
         "one": one,
+        "one_store": one_store,
         "resumed_one": resumed_one,
         "status_two": status_two,
         "status_nodes": status_nodes,
@@ -83,7 +90,7 @@ def dash_runs(tmp_path_factory: pytest.TempPathFactory) -> dict:
     def harvest(name: str, **extra) -> dict:
         return {"kind": "harvest", "activations_dir": str(tmp / name), "corpus": str(paths["corpus"]), **extra}
 
-    tasks = [harvest("h_two"), dash("two"), dash("stopped", stop=[1, 1, 4]), dash("stopped"),
+    tasks = [harvest("h_two", slow_plan=1), dash("two"), dash("stopped", stop=[1, 1, 4]), dash("stopped"),
              dash("killed", kill=[1, 2, 4])]  # fmt: skip
     launch = harness.torchrun(["--standalone", "--nproc-per-node=2"], tasks, tmp, "dash")
     one = run_dashboards(dashboards_config(tmp / "one", **paths), model, sae)

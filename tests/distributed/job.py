@@ -11,8 +11,13 @@ rank raises is written to ``results_dir.RANK.json``.
 key]}``: ``run_dashboards``; with ``kill`` that rank ends itself after that chunk (once rank 0 has written the
 checkpoint of the round before), with ``stop`` it sends itself SIGINT there and the :class:`Interrupted` each rank
 gets is written to ``out_dir.RANK.json``.
-``{"kind": "harvest", "activations_dir": PATH, "corpus": PATH, "kill": [rank, first_context]}``: a shared harvest
-(:func:`harvest_store`); with ``kill`` that rank ends itself before storing the forward pass from that context.
+``{"kind": "harvest", "activations_dir": PATH, "corpus": PATH, "kill": [rank, first_context], "slow_plan": rank}``:
+a shared harvest (:func:`harvest_store`); with ``kill`` that rank ends itself before storing the forward pass from
+that context; with ``slow_plan`` that rank plans the shards 2 s after the others.
+``"shard_tokens": N`` in a count task makes its harvest write shards of N rows (:func:`stage_shards`) and each
+rank write the shard files it harvested to ``results_dir.RANK.json``.
+``{"kind": "train_store", "config": {store_train_config arguments}, "shard_tokens": N}`` trains on the tiny llama
+after a harvest in shards of N rows, each rank writing the files it harvested to ``out_dir.RANK.json``.
 ``{"kind": "train", "config": {TrainConfig fields}, "signal": [rank, batch], "stop_after": M, "out": PATH}``
 trains an SAE on :class:`SyntheticRows` (:func:`train_task`), that rank sending itself SIGINT at that batch;
 ``"kind": "train_alone"`` does so in rank 0 alone, before the ranks join the process group (a run that two ranks
@@ -21,14 +26,17 @@ then resume).
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import signal
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import torch
 
@@ -127,6 +135,8 @@ def _collectives(out: str) -> None:
     r = distributed.rank()
     ints = torch.arange(4, dtype=torch.int64) * (r + 1) + 2**40  # sums past 2**32 stay exact
     gathered = distributed.all_gather(torch.full((r + 1, 2), float(r)))  # ranks give different lengths
+    mine = [torch.arange(3 * r, dtype=torch.int64) + 2**40, torch.full((r + 1,), r, dtype=torch.int32)]  # 0 and 3 long
+    tensors = distributed.gather_tensors_to_main(mine)
     result = {
         "rank": r,
         "world": distributed.world_size(),
@@ -135,6 +145,7 @@ def _collectives(out: str) -> None:
         "gathered": [g.tolist() for g in gathered],
         "broadcast": distributed.broadcast({"from": r}),
         "to_main": distributed.gather_to_main([r], lambda a, b: a + b),
+        "tensors_to_main": None if tensors is None else [[t.tolist() for t in ts] for ts in tensors],
     }
     distributed.barrier()
     _write_rank(out, result)
@@ -204,7 +215,48 @@ def _harvest(model: HookedModel, task: dict[str, Any]) -> None:
             os._exit(1)
 
     store = harvest_store(model, task["activations_dir"], task["corpus"])
+    if task.get("slow_plan") == distributed.rank():  # this rank plans 2 s late: the others harvest meanwhile
+        plan = store.plan
+        store.plan = lambda n_tokens: (time.sleep(2), plan(n_tokens))[1]  # type: ignore[method-assign]
     store.harvest(HARVEST_TOKENS, progress=False, on_batch=killed, checkpoint_seconds=1e-9, data_parallel=True)
+
+
+@contextmanager
+def stage_shards(rows: int | None, record: str | None = None) -> Iterator[None]:
+    """Inside the block, the stores the stages build write shards of ``rows`` rows (None: their default, 65536,
+    which gives a test-sized harvest one shard, all of it one rank's); with ``record``, the shard files this rank
+    harvests are written to ``record.RANK.json`` at the end, so that a test sees which rank harvested what."""
+    if rows is None:
+        yield
+        return
+    harvested: list[str] = []
+    harvest_shard = ActivationStore._harvest_shard
+
+    def spy(store: ActivationStore, entry: dict[str, Any], *args: Any) -> None:
+        harvested.append(entry["file"])
+        harvest_shard(store, entry, *args)
+
+    with (
+        mock.patch.object(
+            ActivationStore, "__init__", functools.partialmethod(ActivationStore.__init__, shard_tokens=rows)
+        ),
+        mock.patch.object(ActivationStore, "_harvest_shard", spy),
+    ):
+        yield
+    if record is not None:
+        _write_rank(record, harvested)
+
+
+COUNT_SHARD_ROWS = 45  # one forward pass per shard: the count's 161 rows are harvested in 4 shards
+STORE_ROWS = 630  # the rows of the corpus (TEXT * 2) in forward passes of 3 contexts of 16 tokens (15 kept)
+
+
+def store_train_config(out_dir: str | Path, activations_dir: str | Path, corpus: str | Path) -> TrainConfig:
+    """The TopK SAE of :func:`train_config` trained on the tiny llama's block 1 over the corpus (10 steps of 63 rows),
+    harvested first to ``activations_dir``."""
+    return train_config(out_dir, "topk", model="random-llama", hook_name=HOOKS[0], corpus=str(corpus),
+                        activations_dir=str(activations_dir), context_length=16, batch_contexts=3,
+                        n_tokens=STORE_ROWS, shuffle_buffer=200)  # fmt: skip
 
 
 class SyntheticRows:
@@ -284,7 +336,8 @@ def main(tasks_file: str) -> None:
                 config = cooc_config(**task["config"])
                 on_batch = _killer(config.results_dir, task.get("kill"), task.get("stop"))
                 try:
-                    run_count(config, model, saes, on_batch=on_batch)
+                    with stage_shards(task.get("shard_tokens"), config.results_dir):
+                        run_count(config, model, saes, on_batch=on_batch)
                 except Interrupted as stopped:
                     _write_rank(config.results_dir, {"where": stopped.where, "signum": stopped.signum})
             elif task["kind"] == "evaluate":
@@ -297,6 +350,9 @@ def main(tasks_file: str) -> None:
                 _harvest(model, task)
             elif task["kind"] == "train":
                 train_task(task)
+            elif task["kind"] == "train_store":
+                with stage_shards(task["shard_tokens"], task["config"]["out_dir"]):
+                    train_sae(store_train_config(**task["config"]), model)
             elif task["kind"] != "train_alone":
                 raise ValueError(f"unknown task {task['kind']!r}")
 

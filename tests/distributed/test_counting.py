@@ -1,6 +1,7 @@
 """Co-occurrence counting under ``torchrun`` on CPU (gloo) against one process: two ranks on one node, counting
-live and from harvested shards; two "nodes" on localhost (c10d rendezvous); a rank killed mid-count, resumed
-with two ranks and with one; and a SIGINT to one rank. Every count must equal the single-process count entry for entry.
+live and from shards they harvest together (those of one process); two "nodes" on localhost (c10d rendezvous); a
+rank killed mid-count, resumed with two ranks and with one; and a SIGINT to one rank. Every count must equal the
+single-process count entry for entry.
 
 The launches are the ``runs`` fixture's (``conftest.py``)."""
 
@@ -17,6 +18,7 @@ from mechscope.cooccurrence.outputs import read_checkpoint_state
 from mechscope.cooccurrence.pipeline import CHECKPOINT, run_count
 from tests.distributed import harness
 from tests.distributed.job import HOOKS, cooc_config, tiny_model, tiny_saes
+from tests.distributed.test_harvest import assert_same_harvest
 
 THRESHOLDS = [0.0, 0.3]
 
@@ -34,6 +36,16 @@ def test_two_ranks_count_what_one_counts(runs: dict) -> None:
     assert runs["status_two"] != 0, "the killed rank should fail the launch"
     _assert_equal_counts(runs["one"], runs["tmp"] / "two")
     _assert_equal_counts(runs["one"], runs["tmp"] / "two_store")
+
+
+def test_two_ranks_share_the_count_harvest_of_one_process(runs: dict) -> None:
+    """The count from an empty ``activations_dir``: each rank harvested every other of the 4 shards, which equal
+    the shards one process harvests, and so do the counts."""
+    tmp = runs["tmp"]
+    harvested = [json.loads((tmp / f"two_store.{r}.json").read_text()) for r in (0, 1)]
+    assert harvested == [[f"shard_{i:05d}.safetensors" for i in range(r, 4, 2)] for r in (0, 1)]
+    assert_same_harvest(tmp / "acts", tmp / "acts_one", HOOKS, 4, 180)  # 4 passes of 45 rows, 161 counted
+    _assert_equal_counts(runs["one_store"], tmp / "two_store")
 
 
 def test_two_nodes_count_what_one_counts(runs: dict) -> None:
@@ -62,6 +74,8 @@ def test_the_collectives_of_two_ranks(runs: dict) -> None:
         assert result["gathered"] == [[[0.0, 0.0]], [[1.0, 1.0], [1.0, 1.0]]]
         assert result["broadcast"] == {"from": 0}
     assert results[0]["to_main"] == [0, 1] and results[1]["to_main"] is None
+    assert results[0]["tensors_to_main"] == [[[], [0]], [[2**40, 2**40 + 1, 2**40 + 2], [1, 1]]]
+    assert results[1]["tensors_to_main"] is None
 
 
 def test_a_sigint_to_one_rank_stops_both_at_the_same_batch(runs: dict) -> None:

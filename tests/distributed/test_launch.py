@@ -1,5 +1,6 @@
-"""``mechscope cooc run CONFIG --nproc 2`` launches torchrun itself: two ranks count what one process counts, rank 0
-alone prints and builds the graphs; a stage that does not share its work refuses to run in several processes."""
+"""``mechscope cooc run CONFIG --nproc 2`` launches torchrun itself: two ranks harvest to ``activations_dir`` and
+count what one process counts, rank 0 alone prints and builds the graphs and the PCA (reading the shards alone); a
+stage that does not share its work refuses to run in several processes."""
 
 from __future__ import annotations
 
@@ -37,6 +38,7 @@ def test_nproc_runs_the_cooc_pipeline_in_two_processes(tmp_path: Path) -> None:
     toml.write_text(
         f'results_dir = "{tmp_path / "results"}"\n[counting]\nmodel = "{tmp_path / "model"}"\n'
         f'sae = "{tmp_path / "sae"}"\ncorpus = "{tmp_path / "corpus.txt"}"\ncontext_length = 16\n'
+        f'activations_dir = "{tmp_path / "acts"}"\n'
         "n_batches = 5\nbatch_size_tokens = 20\nactivation_thresholds = [0.0, 0.1]\n"
         "[analysis]\nmin_subgraph_size = 2\nmax_subgraph_size = 4\n[pca]\ncandidate_sizes = [2]\n"
         "n_batches_reconstruction = 1\n"

@@ -26,6 +26,7 @@ def test_without_torchrun_nothing_is_distributed(monkeypatch: pytest.MonkeyPatch
         assert distributed.all_reduce_sum(x) is x
         assert distributed.all_gather(x)[0] is x
         assert distributed.gather_to_main([1], lambda a, b: a + b) == [1]
+        assert distributed.gather_tensors_to_main([x]) == [[x]]
         assert distributed.broadcast("x") == "x"
         assert list(distributed.share(5)) == [0, 1, 2, 3, 4] and distributed.owns(4)
         distributed.barrier()
