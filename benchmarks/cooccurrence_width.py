@@ -85,6 +85,8 @@ def count(activations: Activations, n_batches: int, sum_every: int, timings: dic
             timings["draw"] += drawn - start
             timings["count"] += counted - drawn
             timings["add"] += time.perf_counter() - counted
+        if (b + 1) % 32 == 0:
+            distributed.print_main(f"{b + 1} of {n_batches} batches, {time.strftime('%H:%M:%S')}", flush=True)
         if (sum_every and (b + 1) % sum_every == 0) or b + 1 == n_batches:
             if b + 1 == n_batches:
                 timings["peak_before_last_sum_gb"] = peak_rss_gb()
@@ -136,8 +138,9 @@ def main() -> None:
         timings = dict.fromkeys(("draw", "count", "add", "sum"), 0.0)
         timings["peak_before_gb"] = peak_rss_gb()
         distributed.barrier()
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         counts = count(activations, n_batches, args.sum_every, timings)
+        timings["cpu"] = time.process_time() - cpu  # waiting at the barrier below excluded
         distributed.barrier()
         wall = time.perf_counter() - start
         timings["peak_gb"] = peak_rss_gb()
@@ -160,9 +163,9 @@ def main() -> None:
     )
     for r, t in enumerate(ranks):
         print(
-            f"rank {r}: peak RSS {t['peak_gb']:.2f} GB (before counting {t['peak_before_gb']:.2f} GB, before the "
-            f"last sum {t['peak_before_last_sum_gb']:.2f} GB); draw {t['draw']:.1f} s, count {t['count']:.1f} s, "
-            f"add {t['add']:.1f} s, sum to rank 0 {t['sum']:.1f} s"
+            f"rank {r}: peak RSS {t['peak_gb']:.2f} GB (after imports and the check {t['peak_before_gb']:.2f} GB, "
+            f"before the last sum {t['peak_before_last_sum_gb']:.2f} GB); CPU {t['cpu']:.0f} s; wall: draw "
+            f"{t['draw']:.1f} s, count {t['count']:.1f} s, add {t['add']:.1f} s, sum to rank 0 {t['sum']:.1f} s"
         )
     print(f"peak RSS summed over ranks: {sum(t['peak_gb'] for t in ranks):.2f} GB")
 
