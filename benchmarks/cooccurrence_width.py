@@ -4,7 +4,7 @@ script, not in ``run.py``'s registry: no peer can count at this width (the dense
 ``131072**2`` int32 = 68.7 GB per matrix), so there is nothing to run side by side.
 
 It runs ``cooc count``'s own code without a model: batch ``i`` is counted by rank ``i % N`` with
-``count_cooccurrences`` and added to the rank's partial counts with the pipeline's ``_add_counts``; every
+the pipeline's ``CooccurrenceCounter`` (which counts the tokens of several batches in one kernel pass); every
 ``--sum-every`` batches (the count's ``checkpoint_every``, 50 by default; 0: only at the end) and at the end the
 ranks' sparse partials are summed on rank 0 by the pipeline's ``_sum_ranks`` (no checkpoint file is written).
 
@@ -36,9 +36,9 @@ import numpy as np
 import torch
 
 from mechscope import distributed
-from mechscope.cooccurrence.counting import count_cooccurrences
+from mechscope.cooccurrence.counting import CooccurrenceCounter
 from mechscope.cooccurrence.outputs import Counts
-from mechscope.cooccurrence.pipeline import _add_counts, _sum_ranks
+from mechscope.cooccurrence.pipeline import _sum_ranks, _totals
 from mechscope.sae.latents import SparseLatents
 
 D_SAE, K, BATCH, CLUSTER, SIDE = 131072, 64, 4096, 256, 8
@@ -72,30 +72,26 @@ class Activations:
 def count(activations: Activations, n_batches: int, sum_every: int, timings: dict[str, float]) -> Counts:
     """``cooc count``'s loop over ``n_batches`` batches: this rank counts its own, the ranks' partials are summed on
     rank 0 every ``sum_every`` batches and at the end. Rank 0 returns ``{HOOK: {0.0: counts}}``, the others ``{}``.
-    Adds the seconds spent drawing, counting, adding and summing to ``timings``."""
-    counts: Counts = {}
+    Adds the seconds spent drawing, counting (with adding) and summing to ``timings``."""
+    running = {HOOK: CooccurrenceCounter([0.0], activations.d_sae)}
     for b in range(n_batches):
         if distributed.owns(b):
             start = time.perf_counter()
             latents = activations.batch(b)
             drawn = time.perf_counter()
-            batch = count_cooccurrences([latents], [0.0], d_sae=activations.d_sae, progress=False)
-            counted = time.perf_counter()
-            _add_counts(counts, {HOOK: batch})
+            running[HOOK].add(latents)
             timings["draw"] += drawn - start
-            timings["count"] += counted - drawn
-            timings["add"] += time.perf_counter() - counted
+            timings["count"] += time.perf_counter() - drawn
         if (b + 1) % 32 == 0:
             distributed.print_main(f"{b + 1} of {n_batches} batches, {time.strftime('%H:%M:%S')}", flush=True)
         if (sum_every and (b + 1) % sum_every == 0) or b + 1 == n_batches:
             if b + 1 == n_batches:
                 timings["peak_before_last_sum_gb"] = peak_rss_gb()
             start = time.perf_counter()
-            counts = _sum_ranks(counts, (b + 1) * BATCH)
+            n_tokens = (b + 1) * BATCH
+            counts = _sum_ranks(_totals(running, n_tokens), n_tokens, {HOOK: activations.d_sae}, [0.0])
+            running = {HOOK: CooccurrenceCounter([0.0], activations.d_sae, start=counts.get(HOOK))}
             timings["sum"] += time.perf_counter() - start
-    for by_t in counts.values():  # as the pipeline does (``_sum_ranks`` does it under torchrun)
-        for c in by_t.values():
-            c.n_tokens = n_batches * BATCH
     return counts
 
 
@@ -103,7 +99,7 @@ def check(n_ranks: int) -> None:
     """The counts of ``CHECK_BATCHES`` batches at d_sae ``CHECK_D_SAE``, counted and summed as :func:`count` does,
     against a dense ``B.T @ B`` (rank 0 raises on a difference)."""
     activations = Activations(CHECK_D_SAE, seed=1)
-    counts = count(activations, CHECK_BATCHES, 0, dict.fromkeys(("draw", "count", "add", "sum"), 0.0))
+    counts = count(activations, CHECK_BATCHES, 0, dict.fromkeys(("draw", "count", "sum"), 0.0))
     if not distributed.is_main():
         return
     dense = torch.zeros(CHECK_D_SAE, CHECK_D_SAE, dtype=torch.int64)
@@ -135,7 +131,7 @@ def main() -> None:
         check(n_ranks)
         activations = Activations(D_SAE, args.seed)
         n_batches = args.tokens // BATCH
-        timings = dict.fromkeys(("draw", "count", "add", "sum"), 0.0)
+        timings = dict.fromkeys(("draw", "count", "sum"), 0.0)
         timings["peak_before_gb"] = peak_rss_gb()
         distributed.barrier()
         start, cpu = time.perf_counter(), time.process_time()
@@ -165,7 +161,7 @@ def main() -> None:
         print(
             f"rank {r}: peak RSS {t['peak_gb']:.2f} GB (after imports and the check {t['peak_before_gb']:.2f} GB, "
             f"before the last sum {t['peak_before_last_sum_gb']:.2f} GB); CPU {t['cpu']:.0f} s; wall: draw "
-            f"{t['draw']:.1f} s, count {t['count']:.1f} s, add {t['add']:.1f} s, sum to rank 0 {t['sum']:.1f} s"
+            f"{t['draw']:.1f} s, count and add {t['count']:.1f} s, sum to rank 0 {t['sum']:.1f} s"
         )
     print(f"peak RSS summed over ranks: {sum(t['peak_gb'] for t in ranks):.2f} GB")
 

@@ -12,11 +12,11 @@ import tempfile
 import time
 from collections.abc import Callable
 
-import scipy.sparse as sp
 import torch
 
 from mechscope import distributed
-from mechscope.cooccurrence.counting import CooccurrenceCounts, count_cooccurrences
+from mechscope.cooccurrence.counting import count_cooccurrences
+from mechscope.cooccurrence.pipeline import _sum_ranks as sum_ranks  # what `cooc count` does at a checkpoint
 from mechscope.sae import SAE, SAEConfig
 from mechscope.sae.latents import SparseLatents
 from mechscope.sae.train import TrainConfig, Trainer
@@ -56,13 +56,10 @@ def counting() -> Callable[[], object]:
         values = torch.rand(COUNT_BATCH, COUNT_K, generator=g)
         batches.append(SparseLatents(indices.view(COUNT_BATCH, COUNT_K), values))
 
-    def add(a: CooccurrenceCounts, b: CooccurrenceCounts) -> CooccurrenceCounts:
-        return CooccurrenceCounts(a.threshold, sp.csr_array(a.counts + b.counts), a.n_tokens + b.n_tokens)
-
     def run() -> None:
         mine = [b for i, b in enumerate(batches) if distributed.owns(i)]
-        counts = count_cooccurrences(mine, [0.0], d_sae=COUNT_D_SAE, progress=False)[0.0]
-        distributed.gather_to_main(counts, add)
+        counts = count_cooccurrences(mine, [0.0], d_sae=COUNT_D_SAE, progress=False)
+        sum_ranks({"x": counts}, COUNT_BATCH * N_BATCHES, {"x": COUNT_D_SAE}, [0.0])
 
     return run
 

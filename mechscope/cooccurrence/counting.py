@@ -245,6 +245,127 @@ def sum_counts(matrices: Sequence[sp.csr_array | sp.csr_matrix]) -> sp.csr_array
     return sp.csr_array((out_data[:nnz], out_indices[:nnz], out_indptr), shape=shape)
 
 
+class CountSum:
+    """A running sum of int64 count matrices ``[d_sae, d_sae]``, added one batch's counts at a time.
+
+    Adding each batch's counts straight into the sum copies the whole sum once a batch: at width that is most of a
+    count's time (93% at d_sae 131072, k 64 in ``benchmarks/cooccurrence_width.py``). Here the matrices wait on a
+    stack, the sum at its bottom, each holding fewer than half the entries of the one below it; a new one is added
+    to the one below it (one :func:`sum_counts` pass of the two) as long as it holds at least half as many, like
+    the carries of a binary counter. So an entry is copied about ``log2(batches)`` times instead of once a batch,
+    and the waiting matrices together hold fewer entries than the sum below them. :meth:`value` adds up the stack.
+    """
+
+    def __init__(self, total: sp.csr_array | None = None) -> None:
+        self._stack: list[sp.csr_array] = [] if total is None else [total]
+
+    def add(self, counts: sp.csr_array) -> None:
+        """Add ``counts [d_sae, d_sae]`` (int64 CSR; columns in any order within a row)."""
+        self._stack.append(counts)
+        while len(self._stack) > 1 and 2 * self._stack[-1].nnz >= self._stack[-2].nnz:
+            top = self._stack.pop()
+            self._stack[-1] = sum_counts([self._stack[-1], top])  # always two: one compiled kernel
+
+    def value(self) -> sp.csr_array:
+        """The sum of everything added (and of the starting total); it becomes the stack's one matrix."""
+        if not self._stack:
+            raise ValueError("CountSum.value of an empty sum: add counts first")
+        while len(self._stack) > 1:
+            top = self._stack.pop()
+            self._stack[-1] = sum_counts([self._stack[-1], top])
+        return self._stack[0]
+
+
+PAIR_BUDGET = 2**27  # pair increments a counter gathers before one kernel pass (int32 indices; 1.6 GB of address
+# space for its output, of which only the distinct pairs are touched)
+
+
+class CooccurrenceCounter:
+    """Exact co-occurrence counts per activity threshold, fed one batch at a time (what
+    :func:`count_cooccurrences` and ``cooc count`` run).
+
+    The active entries of consecutive batches are gathered until they make ``pair_budget`` pair increments, then
+    counted in one kernel pass (:func:`_batch_cooccurrence`), which adds up a pair repeated across those batches
+    in its look-up table; the result joins a :class:`CountSum`. Memory: the gathered entries (16 bytes an active
+    entry), one pass's distinct pairs, and the running sums.
+
+    Args:
+        thresholds: activity thresholds ``t``; latent ``i`` is active when its activation ``> t + sae_threshold[i]``
+            (which must be >= 0).
+        d_sae: the number of latents; may be None when ``sae_threshold`` is given or the batches are dense.
+        sae_threshold: ``[d_sae]``, the SAE's own JumpReLU threshold, or None for 0.
+        start: counts to continue from (a checkpoint's), ``{threshold: CooccurrenceCounts}``.
+        pair_budget: pair increments gathered before a kernel pass.
+    """
+
+    def __init__(
+        self,
+        thresholds: Sequence[float],
+        d_sae: int | None = None,
+        sae_threshold: Tensor | None = None,
+        start: dict[float, CooccurrenceCounts] | None = None,
+        pair_budget: int = PAIR_BUDGET,
+    ) -> None:
+        self.thresholds = [float(t) for t in thresholds]
+        self.d_sae = sae_threshold.shape[-1] if sae_threshold is not None else d_sae
+        self._base = None if sae_threshold is None else sae_threshold.detach().float().cpu()
+        self._sums = {t: CountSum(c.counts) for t, c in (start or {}).items()}
+        self.n_tokens = max((c.n_tokens for c in (start or {}).values()), default=0)
+        self._budget = pair_budget
+        self._gathered: dict[float, list[tuple[np.ndarray, np.ndarray]]] = {t: [] for t in self.thresholds}
+        self._gathered_tokens = 0
+        self._gathered_pairs = 0
+
+    def add(self, batch: LatentsLike, exclude: Tensor | None = None) -> None:
+        """Count one batch: dense ``[..., d_sae]`` or sparse (see :func:`count_cooccurrences`); ``exclude``: a bool
+        tensor of the batch's leading shape, True for tokens not to count."""
+        if self.d_sae is None:
+            self.d_sae = dense_width(batch)
+            if self.d_sae is None:
+                raise ValueError("sparse batches need d_sae= (or sae_threshold=) to know the number of latents")
+        latents = as_sparse(batch)
+        leading = latents.values.shape[:-1]
+        keep = None
+        if exclude is not None:
+            if exclude.shape != leading:
+                raise ValueError(f"exclude mask shape {tuple(exclude.shape)} != batch shape {tuple(leading)}")
+            keep = ~exclude.bool()
+        base = self._base if self._base is not None else torch.zeros(self.d_sae)
+        latents = SparseLatents(latents.indices.cpu(), latents.values.detach().cpu())
+        tokens, most = 0, 0
+        for t in self.thresholds:
+            rows, cols, tokens = _active(latents, base + t, keep)
+            self._gathered[t].append((rows + self._gathered_tokens, cols))
+            most = max(most, int(np.square(np.bincount(rows, minlength=tokens)).sum()))
+        self._gathered_tokens += tokens
+        self._gathered_pairs += most
+        self.n_tokens += tokens
+        if self._gathered_pairs >= self._budget:
+            self._count_gathered()
+
+    def _count_gathered(self) -> None:
+        """One kernel pass per threshold over the gathered entries, added to the running sums."""
+        assert self.d_sae is not None  # set by the first batch
+        for t, parts in self._gathered.items():
+            if parts:
+                rows, cols = (np.concatenate(a) for a in zip(*parts, strict=True))
+                counts = _batch_cooccurrence(rows, cols, self._gathered_tokens, self.d_sae)
+                self._sums.setdefault(t, CountSum()).add(counts)
+            parts.clear()
+        self._gathered_tokens = self._gathered_pairs = 0
+
+    def counts(self) -> dict[float, CooccurrenceCounts]:
+        """``{float(t): CooccurrenceCounts}`` of everything counted so far, in the order of ``thresholds``."""
+        if self.d_sae is None:
+            raise ValueError("no batches to count, and no d_sae= or sae_threshold= to size empty counts")
+        self._count_gathered()
+        empty = sp.csr_array((self.d_sae, self.d_sae), dtype=np.int64)
+        return {
+            t: CooccurrenceCounts(t, self._sums[t].value() if t in self._sums else empty, self.n_tokens)
+            for t in self.thresholds
+        }
+
+
 def count_cooccurrences(
     batches: Iterable[LatentsLike],
     thresholds: Sequence[float],
@@ -253,7 +374,8 @@ def count_cooccurrences(
     d_sae: int | None = None,
     progress: bool = True,
 ) -> dict[float, CooccurrenceCounts]:
-    """Exact co-occurrence counts per activity threshold over all ``batches``.
+    """Exact co-occurrence counts per activity threshold over all ``batches`` (a :class:`CooccurrenceCounter` fed
+    every batch).
 
     Args:
         batches: latent activations, each dense ``[..., d_sae]`` or sparse (:class:`~mechscope.sae.SparseLatents`
@@ -271,39 +393,16 @@ def count_cooccurrences(
     Returns:
         ``{float(t): CooccurrenceCounts}`` in the order of ``thresholds``.
     """
-    if sae_threshold is not None:
-        d_sae = sae_threshold.shape[-1]
-    thresholds = [float(t) for t in thresholds]
-    totals: dict[float, sp.csr_array] = {}
-    n_tokens = 0
+    counter = CooccurrenceCounter(thresholds, d_sae=d_sae, sae_threshold=sae_threshold)
     masks = iter(exclude) if exclude is not None else None
     for batch in tqdm(batches, desc="co-occurrence", unit="batch", leave=False, disable=not progress):
-        if d_sae is None:
-            d_sae = dense_width(batch)
-            if d_sae is None:
-                raise ValueError("sparse batches need d_sae= (or sae_threshold=) to know the number of latents")
-        latents = as_sparse(batch)
-        leading = latents.values.shape[:-1]
-        keep = None
+        mask = None
         if masks is not None:
             mask = next(masks, None)
             if mask is None:
                 raise ValueError("exclude has fewer masks than there are batches")
-            if mask.shape != leading:
-                raise ValueError(f"exclude mask shape {tuple(mask.shape)} != batch shape {tuple(leading)}")
-            keep = ~mask.bool()
-        base = sae_threshold.detach().float().cpu() if sae_threshold is not None else torch.zeros(d_sae)
-        latents = SparseLatents(latents.indices.cpu(), latents.values.detach().cpu())
-        tokens = 0
-        for t in thresholds:
-            rows, cols, tokens = _active(latents, base + t, keep)
-            c = _batch_cooccurrence(rows, cols, tokens, d_sae)
-            totals[t] = totals[t] + c if t in totals else c
-        n_tokens += tokens
-    if d_sae is None:
-        raise ValueError("no batches to count, and no d_sae= or sae_threshold= to size empty counts")
-    empty = sp.csr_array((d_sae, d_sae), dtype=np.int64)
-    return {t: CooccurrenceCounts(t, totals.get(t, empty), n_tokens) for t in thresholds}
+        counter.add(batch, mask)
+    return counter.counts()
 
 
 def jaccard(counts: CooccurrenceCounts | sp.sparray | np.ndarray) -> sp.csr_array:

@@ -40,8 +40,8 @@ from tqdm.auto import tqdm
 import mechscope.distributed as distributed
 from mechscope.cooccurrence.config import CoocConfig
 from mechscope.cooccurrence.counting import (
+    CooccurrenceCounter,
     CooccurrenceCounts,
-    count_cooccurrences,
     decoder_norms,
     fold_decoder_norms,
     jaccard,
@@ -262,6 +262,8 @@ def run_count(
         total=counting.n_batches, initial=state["batches_done"], unit="batch", desc="count", disable=distributed.quiet()
     )
     due = Cadence(counting.checkpoint_every, counting.checkpoint_seconds)
+    fold = counting.fold_decoder_norms
+    running = _counters(saes, thresholds, fold, counts)
     with stop_on_signals() as stop, closing(bar):
         while state["batches_done"] < target and not state["exhausted"]:
             item = next(batches, None)
@@ -270,23 +272,22 @@ def run_count(
                 break
             rows, state["next"] = item
             if distributed.owns(state["batches_done"]):  # batch i is counted by rank i % world_size
-                _count_batch(rows, saes, thresholds, counts, counting.fold_decoder_norms)
+                for hook, sae in saes.items():
+                    running[hook].add(encode(sae, rows[hook], fold))
             state["batches_done"] += 1
             state["n_tokens"] += len(rows["tokens"])
-            for by_t in counts.values():
-                for c in by_t.values():
-                    c.n_tokens = state["n_tokens"]
             bar.update(1)
             if on_batch is not None:
                 on_batch(state["batches_done"], rows)
             # every rank stops, and checkpoints (a collective), at the same batch, although their clocks differ
             signum, checkpoint_due = distributed.combine_all((stop.signum or 0, due()), _either)
             if checkpoint_due or signum:
-                counts = _save_checkpoint(checkpoint, state, counts, d_sae)
+                counts = _save_checkpoint(checkpoint, state, _totals(running, state["n_tokens"]), d_sae)
+                running = _counters(saes, thresholds, fold, counts)
             if signum and state["batches_done"] < counting.n_batches:  # also on a rank the signal did not reach
                 where = f"batch {state['batches_done']} of {counting.n_batches}"
                 raise stop.interrupted("cooc count", checkpoint, where, signum)
-    counts = _sum_ranks(counts, state["n_tokens"], d_sae, thresholds)
+    counts = _sum_ranks(_totals(running, state["n_tokens"]), state["n_tokens"], d_sae, thresholds)
     if not distributed.is_main():
         return {}  # rank 0 returns and writes the counts
     if not counts:
@@ -332,36 +333,30 @@ def _resume(path: Path, fresh: dict[str, Any], d_sae: dict[str, int], n_batches:
     return state, counts
 
 
-def _count_batch(
-    rows: Rows, saes: dict[str, SparseAutoencoder], thresholds: list[float], counts: Counts, fold: bool
-) -> None:
-    """Add one batch's co-occurrences to ``counts`` (in place) for every hook and threshold; ``fold``: with each
-    SAE's decoder norms folded into its encoder."""
-    for hook, sae in saes.items():
-        batch = count_cooccurrences(
-            [encode(sae, rows[hook], fold)],
-            thresholds,
-            sae_threshold=_sae_threshold(sae, fold),
-            d_sae=sae.cfg.d_sae,
-            progress=False,
-        )
-        _add_counts(counts, {hook: batch})
+def _counters(
+    saes: dict[str, SparseAutoencoder], thresholds: list[float], fold: bool, counts: Counts
+) -> dict[str, CooccurrenceCounter]:
+    """A counter per hook that continues from ``counts`` (a checkpoint's, or rank 0's sum; ``{}``: from nothing);
+    ``fold``: the SAE's JumpReLU threshold scaled as folding its decoder norms scales it."""
+    return {
+        hook: CooccurrenceCounter(thresholds, sae.cfg.d_sae, _sae_threshold(sae, fold), start=counts.get(hook))
+        for hook, sae in saes.items()
+    }
+
+
+def _totals(counters: dict[str, CooccurrenceCounter], n_tokens: int) -> Counts:
+    """The counts of the hooks the counters counted or continued (the others stay out), over ``n_tokens`` tokens
+    (every rank's, where the counter knows only its own)."""
+    return {
+        hook: {t: CooccurrenceCounts(t, c.counts, n_tokens) for t, c in counter.counts().items()}
+        for hook, counter in counters.items()
+        if counter.n_tokens
+    }
 
 
 def _either(a: tuple[int, bool], b: tuple[int, bool]) -> tuple[int, bool]:
     """Two ranks' ``(stop signal or 0, checkpoint due)`` combined: either's signal, due when due on either."""
     return a[0] or b[0], a[1] or b[1]
-
-
-def _add_counts(into: Counts, more: Counts) -> Counts:
-    """``into`` with ``more``'s counts added (in place, and returned), hook by hook and threshold by threshold."""
-    for hook, by_t in more.items():
-        if hook not in into:
-            into[hook] = by_t
-            continue
-        for t, c in by_t.items():
-            into[hook][t].counts = (into[hook][t].counts + c.counts).tocsr()
-    return into
 
 
 def _csr_tensors(matrix: sp.csr_array) -> list[Tensor]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 import scipy.sparse as sp
@@ -18,7 +20,7 @@ from mechscope.cooccurrence import (
     save_counts,
     save_matrix,
 )
-from mechscope.cooccurrence.counting import sum_counts
+from mechscope.cooccurrence.counting import CooccurrenceCounter, CountSum, sum_counts
 from mechscope.cooccurrence.layout import KINDS
 from mechscope.sae import SAE, SAEConfig
 from mechscope.sae.latents import as_sparse
@@ -157,6 +159,48 @@ def test_sum_counts_adds_any_matrices_as_dense_arrays_add():
     np.testing.assert_array_equal(sum_counts(matrices[:1]).toarray(), matrices[0].toarray())
     with pytest.raises(ValueError, match="square and of one shape"):
         sum_counts([matrices[0], sp.csr_array((D_SAE, D_SAE + 1), dtype=np.int64)])
+
+
+def test_a_count_sum_of_many_batches_is_their_dense_sum_and_waits_on_a_stack_halving_in_size():
+    start = _unsorted_with_repeats(99, D_SAE, 200, np.int64)
+    batches = [_unsorted_with_repeats(seed, D_SAE, 400 - 12 * seed, np.int64) for seed in range(23)]  # shrinking
+    running = CountSum(start)
+    for n, batch in enumerate(batches, 1):
+        running.add(batch)
+        sizes = [m.nnz for m in running._stack]
+        assert all(2 * b < a for a, b in itertools.pairwise(sizes)), sizes  # each under half the one below it
+        assert sum(sizes[1:]) < sizes[0] or len(sizes) == 1
+        if n in (1, 7, 23):
+            expected = start.toarray() + sum(b.toarray() for b in batches[:n])
+            np.testing.assert_array_equal(running.value().toarray(), expected)
+            assert len(running._stack) == 1
+    empty = CountSum()
+    with pytest.raises(ValueError, match="empty sum"):
+        empty.value()
+    empty.add(batches[0])
+    np.testing.assert_array_equal(empty.value().toarray(), batches[0].toarray())
+
+
+@pytest.mark.parametrize("budget", [1, 3000, 10**9])  # a pass a batch, a pass every few batches, one at the end
+def test_a_counter_fed_batch_by_batch_counts_what_the_dense_reference_counts_and_continues_from_a_start(budget):
+    batches = random_batches(seed=11, n=7)
+    sae_threshold = torch.rand(D_SAE, generator=torch.Generator().manual_seed(2)) * 0.5
+    masks = [torch.rand(2, 25, generator=torch.Generator().manual_seed(i)) < 0.2 for i in range(7)]
+    counter = CooccurrenceCounter(THRESHOLDS, sae_threshold=sae_threshold, pair_budget=budget)
+    for batch, mask in zip(batches[:4], masks[:4], strict=True):
+        counter.add(batch, mask)
+    halfway = counter.counts()  # reading does not end the count
+    later = CooccurrenceCounter(THRESHOLDS, sae_threshold=sae_threshold, start=halfway, pair_budget=budget)
+    for batch, mask in zip(batches[4:], masks[4:], strict=True):
+        counter.add(batch, mask)
+        later.add(batch, mask)
+    kept = sum(int((~m).sum()) for m in masks)
+    for result in (counter.counts(), later.counts()):
+        for t in THRESHOLDS:
+            expected = dense_reference([b[~m] for b, m in zip(batches, masks, strict=True)], t, sae_threshold)
+            np.testing.assert_array_equal(result[t].counts.toarray(), expected)
+            assert result[t].n_tokens == kept
+    assert halfway[THRESHOLDS[0]].n_tokens == sum(int((~m).sum()) for m in masks[:4])
 
 
 def test_jaccard_matches_formula():
