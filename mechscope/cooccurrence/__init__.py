@@ -14,6 +14,7 @@ if TYPE_CHECKING:
         PCAConfig,
     )
     from mechscope.cooccurrence.counting import (
+        CooccurrenceCounter,
         CooccurrenceCounts,
         count_cooccurrences,
         decoder_norms,
@@ -61,6 +62,7 @@ __all__ = [
     "AnalysisConfig",
     "ConfigError",
     "CoocConfig",
+    "CooccurrenceCounter",
     "CooccurrenceCounts",
     "CountingConfig",
     "EdgeThreshold",
