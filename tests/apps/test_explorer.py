@@ -191,6 +191,25 @@ def test_cooc_view_shows_a_clicked_point_and_its_latents(results, monkeypatch):
     assert len(charts) >= 3  # the PCA, the point's latent bars, the graph
 
 
+def test_cooc_view_colours_each_point_by_its_most_active_subgraph_latent_when_asked(results, monkeypatch):
+    size, subs = first_pca(results)
+    sid = min(subs)
+    pca = subs[sid].pca
+    at = app(results, monkeypatch, view="cooc", hook=HOOK, t="0_0", size=str(size), sg=str(sid))
+    at.selectbox(key="landscape").set_value("most active subgraph latent").run()
+    assert not at.exception and not at.error, [e.value for e in at.error]
+    figure = json.loads(at.get("plotly_chart")[0].proto.spec)  # the PCA, first on the page (no point clicked)
+    coloured = {}
+    for trace in figure["data"]:
+        for i in trace["customdata"]:
+            coloured[i] = trace["name"]
+    assert sorted(coloured) == list(range(len(pca.coords)))
+    for i, name in coloured.items():  # the plain reading: the largest of the point's subgraph activations
+        acts = pca.activations[i].tolist()
+        best = max(range(len(acts)), key=lambda j: acts[j])
+        assert name == (f"latent {int(pca.nodes[best])}" if acts[best] > 0 else "none active"), (i, acts)
+
+
 def test_cooc_view_names_a_missing_subgraph_and_shows_the_nearest(results, monkeypatch):
     size, _ = first_pca(results)
     at = app(results, monkeypatch, view="cooc", hook=HOOK, t="0_0", size=str(size), sg="99999")

@@ -126,20 +126,23 @@ def show(root: Path) -> None:
     nodes = list(pca.nodes)
     landscape = c3.selectbox(
         "colour by",
-        ["most active latent", *nodes],
+        ["most active latent", "most active subgraph latent", *nodes],
         key="landscape",
         format_func=lambda v: v if isinstance(v, str) else f"latent {v}'s activation",
     )
 
     hover = [f"{t!r} · {c}" for t, c in zip(result.tokens, result.contexts, strict=True)]
-    if isinstance(landscape, str):
+    colour: list[str] | list[float]
+    if landscape == "most active latent":  # over all latents, as the reference app colours it
         colour = [
             str(int(i)) if inside else "outside" for i, inside in zip(pca.top_index, pca.top_in_subgraph, strict=True)
         ]
-        fig = figures.scatter(pca.coords[:, pcx], pca.coords[:, pcy], colour, hover, f"PC{pcx + 1}", f"PC{pcy + 1}")
+    elif isinstance(landscape, str):  # among the subgraph's latents (the reference's plot_pca_with_top_feature)
+        top = pca.activations.argmax(axis=1).tolist()
+        colour = [str(nodes[j]) if pca.activations[i, j] > 0 else "none active" for i, j in enumerate(top)]
     else:
-        values = pca.activations[:, nodes.index(landscape)]
-        fig = figures.scatter(pca.coords[:, pcx], pca.coords[:, pcy], values, hover, f"PC{pcx + 1}", f"PC{pcy + 1}")
+        colour = pca.activations[:, nodes.index(landscape)].tolist()
+    fig = figures.scatter(pca.coords[:, pcx], pca.coords[:, pcy], colour, hover, f"PC{pcx + 1}", f"PC{pcy + 1}")
     left, right = st.columns([3, 2])
     with left:
         st.markdown(f"**PCA of {subgraph_label(result)}** ({len(result.tokens)} tokens)")

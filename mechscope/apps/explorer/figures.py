@@ -39,6 +39,9 @@ def heatmap(z: Sequence[Sequence[float]], x: Sequence[str], y: Sequence[str], ti
     return fig
 
 
+GREY = ("outside", "none active")  # the scatter's grey categories: the most active latent is not the subgraph's
+
+
 def scatter(
     x: Sequence[float],
     y: Sequence[float],
@@ -47,21 +50,22 @@ def scatter(
     xlabel: str,
     ylabel: str,
 ) -> go.Figure:
-    """Points ``(x[i], y[i])``: coloured by category (strings; ``"outside"`` grey) or by value (numbers)."""
+    """Points ``(x[i], y[i])``: coloured by category (strings: a latent index, or ``"outside"`` / ``"none active"``,
+    grey) or by value (numbers)."""
     fig = go.Figure()
     if colour and isinstance(colour[0], str):
-        for category in sorted(set(colour), key=lambda c: (c == "outside", c)):
+        for category in sorted(set(colour), key=lambda c: (c in GREY, c)):
             idx = [i for i, c in enumerate(colour) if c == category]
             fig.add_trace(
                 go.Scatter(
                     x=[x[i] for i in idx],
                     y=[y[i] for i in idx],
                     mode="markers",
-                    name=category if category == "outside" else f"latent {category}",
+                    name=category if category in GREY else f"latent {category}",
                     customdata=idx,
                     text=[hover[i] for i in idx],
                     hovertemplate="%{text}<extra></extra>",
-                    marker=dict(size=7, color="#bbbbbb" if category == "outside" else None),
+                    marker=dict(size=7, color="#bbbbbb" if category in GREY else None),
                 )
             )
     else:
