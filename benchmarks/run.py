@@ -22,6 +22,7 @@ import cache_overhead
 import cooccurrence
 import counting_kernel
 import distributed
+import harvest
 import sae_training
 import torch
 from harness import Benchmark, Ratio, median_interval, time_round_robin
@@ -31,6 +32,7 @@ BENCHMARKS: dict[str, Callable[[], Benchmark]] = {
     "cooccurrence": cooccurrence.setup,
     "counting_kernel": counting_kernel.setup,
     "distributed": distributed.setup,
+    "harvest": harvest.setup,
     "sae_training": sae_training.setup,
 }
 PAGE = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
