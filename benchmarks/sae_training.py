@@ -120,7 +120,9 @@ def setup() -> Benchmark:
             "the forward pass); SAELens instead divides by the decoder row norms in the forward pass "
             "(`rescale_acts_by_decoder_norm`) and clips the gradient norm to 1. mechscope's AuxK ReLUs the selected "
             "dead pre-activations, SAELens's does not (identical while they are positive); sparsify ReLUs all "
-            "pre-activations before either selection (identical values).",
+            "pre-activations before either selection (identical values). One difference in work: sparsify's AuxK "
+            "term trains the decoder only (its fused encoder's backward drops the gradient of the pre-activations "
+            "AuxK reads), while mechscope's and SAELens's also train the dead latents' encoder columns.",
             "sparsify's `Trainer` has no step function: `sparsify_side.py` runs the body of the forward hook "
             "`Trainer.fit` installs (on a batch in memory rather than the hooked model's output; the hook's copy and "
             "token mask of that output are left out) and the optimiser step after it, with `torch.optim.Adam` (what "
