@@ -6,7 +6,8 @@
 #                       the TransformerLens 3.x reference the hooked-model tests compare with lives in .venv-saelens
 #   bash run.sh app     the explorer web app over demo_output (or the results directory given after it)
 #   bash run.sh bench   the benchmarks side by side with TransformerLens and SAELens; rewrites docs/benchmarks.md
-#                       (SAELens pins transformer-lens<4, so it gets its own venv, .venv-saelens)
+#                       (SAELens pins transformer-lens<4, so it gets its own venv, .venv-saelens; EleutherAI sparsify
+#                       takes the newest transformers, above mechscope's bound: .venv-sparsify)
 set -euo pipefail
 cd "$(dirname "$0")"
 task=${1:-}
@@ -51,6 +52,12 @@ reference_venv() {  # .venv-saelens: sae-lens, the TransformerLens 3.x it pins (
     export MECHSCOPE_REFERENCE_PYTHON="$PWD/.venv-saelens/bin/python"
 }
 
+SPARSIFY_VERSION=1.3.3  # the newest eai-sparsify; it keeps torch 2.13.0
+
+sparsify_venv() {  # .venv-sparsify: EleutherAI sparsify, whose SAE training step benchmarks/sae_training.py times
+    install .venv-sparsify "eai-sparsify $SPARSIFY_VERSION" "eai-sparsify==$SPARSIFY_VERSION"
+}
+
 case "$task" in
     demo)
         setup dev
@@ -71,6 +78,7 @@ case "$task" in
     bench)
         setup dev,bench
         reference_venv
+        sparsify_venv
         exec "$venv/bin/python" benchmarks/run.py "$@"
         ;;
     *)

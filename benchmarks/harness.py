@@ -1,12 +1,19 @@
-"""What a benchmark hands the runner, and the round-robin timer."""
+"""What a benchmark hands the runner, the round-robin timer, and the persistent worker a peer in another venv runs."""
 
 from __future__ import annotations
 
+import json
 import math
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+Step = Callable[[], None]
 
 
 @dataclass(frozen=True)
@@ -92,3 +99,36 @@ def median_interval(values: list[float]) -> tuple[float, float, float]:
     low = max(math.floor(n / 2 - half_width), 1)
     high = min(math.ceil(1 + n / 2 + half_width), n)
     return statistics.median(ordered), ordered[low - 1], ordered[high - 1]
+
+
+def start_worker(python: Path, script: Path, spec: dict[str, Any], spec_file: Path, label: str) -> tuple[Step, dict]:
+    """Start ``python script spec_file`` as a persistent worker (a peer in its own venv); return its step and the
+    JSON line it printed when ready.
+
+    ``spec`` is written to ``spec_file`` for the worker to read. Each call of the step sends ``step`` and waits for
+    ``done``: only the worker's unit of work runs in between, so the round-robin can time it next to in-process
+    contenders. The worker's stderr is this process's.
+    """
+    if not python.exists():
+        raise FileNotFoundError(f"{python} is missing: `bash run.sh bench` creates the venv {python.parent.parent}")
+    spec_file.write_text(json.dumps(spec))
+    worker = subprocess.Popen(
+        [str(python), str(script), str(spec_file)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=sys.stderr,
+        text=True,
+    )
+    assert worker.stdin is not None and worker.stdout is not None
+    stdin, stdout = worker.stdin, worker.stdout
+    first = stdout.readline()
+    if not first:
+        raise RuntimeError(f"the worker for {label} exited with {worker.wait()} before it was ready")
+
+    def step() -> None:
+        stdin.write("step\n")
+        stdin.flush()
+        if stdout.readline().strip() != "done":
+            raise RuntimeError(f"the worker for {label} stopped (exit code {worker.poll()})")
+
+    return step, json.loads(first)

@@ -22,6 +22,7 @@ import cache_overhead
 import cooccurrence
 import counting_kernel
 import distributed
+import harvest
 import main_job
 import sae_training
 import torch
@@ -32,6 +33,7 @@ BENCHMARKS: dict[str, Callable[[], Benchmark | StageTimes]] = {
     "cooccurrence": cooccurrence.setup,
     "counting_kernel": counting_kernel.setup,
     "distributed": distributed.setup,
+    "harvest": harvest.setup,
     "main_job": main_job.setup,
     "sae_training": sae_training.setup,
 }
