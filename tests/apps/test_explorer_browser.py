@@ -22,6 +22,7 @@ from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.support.ui import WebDriverWait
 
 from mechscope import HookedModel
+from mechscope.apps.explorer.figures import category_order
 from mechscope.dashboards.outputs import load_dashboards
 from mechscope.sae import SAE
 from mechscope.sae.attribution import ablate, attribute_latents
@@ -162,7 +163,7 @@ def test_every_view_in_a_real_browser(server, browser, results, tmp_path_factory
     clicked = int(browser.execute_script("return new URL(window.location).searchParams.get('point')"))
     pca = subs[sid].pca
     colours = [_colour(pca, i) for i in range(len(subs[sid].tokens))]
-    last_colour = sorted(set(colours), key=lambda c: (c == "outside", c))[-1]  # the figure's trace order
+    last_colour = sorted(set(colours), key=category_order)[-1]  # the figure's trace order
     rows = [i for i, c in enumerate(colours) if c == last_colour]
     assert clicked == rows[0]  # the point clicked, not its index inside its trace
     assert f"token {subs[sid].tokens[clicked]!r}" in text

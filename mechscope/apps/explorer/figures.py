@@ -42,6 +42,11 @@ def heatmap(z: Sequence[Sequence[float]], x: Sequence[str], y: Sequence[str], ti
 GREY = ("outside", "none active")  # the scatter's grey categories: the most active latent is not the subgraph's
 
 
+def category_order(category: str) -> tuple[bool, int, str]:
+    """The order of the scatter's categories (its traces and legend): latents by index, the grey ones last."""
+    return category in GREY, int(category) if category.isdigit() else 0, category
+
+
 def scatter(
     x: Sequence[float],
     y: Sequence[float],
@@ -54,7 +59,7 @@ def scatter(
     grey) or by value (numbers)."""
     fig = go.Figure()
     if colour and isinstance(colour[0], str):
-        for category in sorted(set(colour), key=lambda c: (c in GREY, c)):
+        for category in sorted({str(c) for c in colour}, key=category_order):
             idx = [i for i, c in enumerate(colour) if c == category]
             fig.add_trace(
                 go.Scatter(
