@@ -18,23 +18,28 @@ from collections.abc import Callable
 from importlib.metadata import version
 from pathlib import Path
 
+import cache_memory
 import cache_overhead
 import cooccurrence
 import counting_kernel
 import distributed
+import hook_peers
 import sae_training
 import torch
-from harness import Benchmark, Ratio, median_interval, time_round_robin
+from harness import Benchmark, Ratio, measure_round_robin, median_interval, time_round_robin
 
 BENCHMARKS: dict[str, Callable[[], Benchmark]] = {
+    "cache_memory": cache_memory.setup,
     "cache_overhead": cache_overhead.setup,
     "cooccurrence": cooccurrence.setup,
     "counting_kernel": counting_kernel.setup,
     "distributed": distributed.setup,
+    "hook_fixed_cost": hook_peers.setup_fixed_cost,
+    "hook_peers": hook_peers.setup,
     "sae_training": sae_training.setup,
 }
 PAGE = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
-PACKAGES = ("mechscope", "torch", "transformers", "transformer_lens")
+PACKAGES = ("mechscope", "torch", "transformers", "transformer_lens", "nnsight")
 
 
 def main() -> None:
@@ -66,7 +71,8 @@ def main() -> None:
         bench = BENCHMARKS[name]()
         repeats = args.repeats or bench.repeats
         print(f"{name}: {bench.warmup} warm-up + {repeats} timed rounds", file=sys.stderr)
-        times = time_round_robin(bench.contenders, repeats, bench.warmup)
+        measure = time_round_robin if bench.measures == "time" else measure_round_robin
+        times = measure(bench.contenders, repeats, bench.warmup)
         sections.append(report(name, bench, times, repeats))
         print(sections[-1] + "\n")
 
@@ -95,16 +101,21 @@ def replace_sections(text: str, sections: dict[str, str]) -> str:
 
 
 def report(name: str, bench: Benchmark, times: dict[str, list[float]], repeats: int) -> str:
-    """A markdown section: what is measured, setup notes, times per contender and the ratios."""
+    """A markdown section: what is measured, setup notes, times (or peak memory) per contender and the ratios."""
     median = {label: statistics.median(ts) for label, ts in times.items()}
+    unit, scale = ("ms", 1e3) if bench.measures == "time" else ("MiB", 2**-20)
     load = " / ".join(f"{x:.2f}" for x in os.getloadavg())
+    kind = "timed" if bench.measures == "time" else "measurement"
     rounds = (
-        f"- {repeats} timed rounds after {bench.warmup} warm-up rounds; measured "
+        f"- {repeats} {kind} rounds after {bench.warmup} warm-up rounds; measured "
         f"{datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC, load average (1/5/15 min) after them: {load}."
     )
     lines = [f"## {name}", "", bench.description, "", *(f"- {note}" for note in bench.notes), rounds, ""]
-    lines += ["| contender | median (ms) | min (ms) | max (ms) |", "|---|---:|---:|---:|"]
-    lines += [f"| {k} | {median[k] * 1e3:.0f} | {min(ts) * 1e3:.0f} | {max(ts) * 1e3:.0f} |" for k, ts in times.items()]
+    lines += [f"| contender | median ({unit}) | min ({unit}) | max ({unit}) |", "|---|---:|---:|---:|"]
+    lines += [
+        f"| {k} | {_figure(median[k] * scale)} | {_figure(min(ts) * scale)} | {_figure(max(ts) * scale)} |"
+        for k, ts in times.items()
+    ]
     lines += ["", "| ratio (median of per-round ratios) | value | 95% CI | target |", "|---|---:|---|---|"]
     for r in bench.ratios:
         ratios = [n / d for n, d in zip(times[r.numerator], times[r.denominator], strict=True)]
@@ -113,6 +124,11 @@ def report(name: str, bench: Benchmark, times: dict[str, list[float]], repeats: 
             f"| {r.numerator} / {r.denominator} | {value:.3f} | {low:.3f}–{high:.3f} | {_verdict(r, low, high)} |"
         )
     return "\n".join(lines)
+
+
+def _figure(x: float) -> str:
+    """A time or size to about three significant digits (a fixed-cost row is well under a millisecond)."""
+    return f"{x:.0f}" if abs(x) >= 100 else f"{x:.3g}"
 
 
 def _verdict(ratio: Ratio, low: float, high: float) -> str:
