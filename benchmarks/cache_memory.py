@@ -30,7 +30,9 @@ from transformers import AutoModelForCausalLM, PreTrainedModel
 from mechscope import HookedModel
 
 BATCH, SEQ = 8, 128
-SIDES = ("transformers", "mechscope", "nnsight", "HookedTransformer")
+SIDES = ("transformers", "mechscope", "mechscope modules", "nnsight", "HookedTransformer")
+#: (mechscope side, its peer): the same hook points on both
+PAIRS = (("mechscope", "HookedTransformer"), ("mechscope modules", "nnsight"))
 MIB = 2**20
 WHAT = ("above the loaded model", "beyond what it keeps", "peak RSS")  # the rows of each side
 
@@ -84,29 +86,40 @@ def nnsight_save_all(hf: PreTrainedModel, tokens: torch.Tensor, order: list[str]
 
 
 def child(side: str, spec: dict) -> dict:
-    """One measurement in this process: load, one token, then the batch keeping every hook point (``side``)."""
+    """One measurement in this process: load, one token, then the batch keeping every hook point (``side``).
+
+    ``bytes`` counts what the run leaves behind: the distinct storages of the kept tensors and of the logits it
+    returns (mechscope's ``hook_logits`` is the returned logits; nnsight saves them as ``lm_head``'s output).
+    """
     torch.set_num_threads(spec["threads"])
     hf = AutoModelForCausalLM.from_pretrained(spec["folder"], dtype=torch.float32).eval()
     tokens = load_file(spec["tokens"])["tokens"]
+    kept: dict[str, object] = {}
     with torch.inference_mode():
         if side == "transformers":
             hf(input_ids=tokens[:1, :1], use_cache=False)
-            baseline, peak, _ = peak_rss(lambda: hf(input_ids=tokens, use_cache=False))
-            kept: dict[str, object] = {}
+            baseline, peak, output = peak_rss(lambda: hf(input_ids=tokens, use_cache=False))
+            logits = [output.logits]
         elif side == "mechscope":
             ms = HookedModel(hf)
             ms(tokens[:1, :1])
-            baseline, peak, (_, cache) = peak_rss(lambda: ms.run_with_cache(tokens))
-            kept = dict(cache.items())
+            baseline, peak, (output, cache) = peak_rss(lambda: ms.run_with_cache(tokens))
+            kept, logits = dict(cache.items()), [output]
+        elif side == "mechscope modules":
+            ms = HookedModel(hf)
+            ms(tokens[:1, :1])
+            names = [n for n in ms.hook_names(include_module_points=True) if n.endswith(".hook_result_post")]
+            baseline, peak, (output, cache) = peak_rss(lambda: ms.run_with_cache(tokens, names_filter=names))
+            kept, logits = dict(cache.items()), [output]
         elif side == "nnsight":
             trace = nnsight_save_all(hf, tokens, execution_order(hf, tokens[:1, :1]))
             baseline, peak, kept = peak_rss(trace)
+            logits = []  # a trace returns nothing; the logits are lm_head's saved output
         else:
-            raise ValueError(f"side must be one of {SIDES[:3]}, got {side!r}")
+            raise ValueError(f"side must be one of {SIDES[:-1]}, got {side!r}")
     tensors = [t for value in kept.values() for t in tensors_in(value)]
-    return {"baseline": baseline, "peak": peak, "tensors": len(tensors), "bytes": storage_bytes(tensors)} | {
-        "names": sorted(kept)
-    }
+    answer = {"baseline": baseline, "peak": peak, "tensors": len(tensors), "bytes": storage_bytes(tensors + logits)}
+    return answer | {"names": sorted(kept)}
 
 
 def measure(side: str, spec: Path) -> dict:
@@ -128,7 +141,7 @@ def setup() -> Benchmark:
     spec = tl_spec(Path(workdir.name), gpt2(GPT2_SMALL), tokens, [])
     first = {side: measure(side, spec) for side in SIDES}
     ms_names, tl_names = set(first["mechscope"]["names"]), set(first["HookedTransformer"]["names"])
-    if ms_names != tl_names:
+    if ms_names != tl_names | {"hook_logits"}:  # HookedTransformer has no hook point on the logits it returns
         raise AssertionError(f"mechscope and HookedTransformer cache other points: {ms_names ^ tl_names}")
 
     def contender(side: str) -> Callable[[], dict[str, float]]:
@@ -143,30 +156,27 @@ def setup() -> Benchmark:
 
         return call
 
-    kept = ", ".join(
-        f"{side} {first[side]['tensors']} tensors, {first[side]['bytes'] / MIB:.0f} MiB" for side in SIDES[1:]
-    )
+    kept = ", ".join(f"{side} {first[side]['tensors']} tensors, {first[side]['bytes'] / MIB:.0f} MiB" for side in SIDES)
     return Benchmark(
         description=(
             f"Peak resident memory of one forward pass over a batch of {BATCH}×{SEQ} random tokens through the "
             "randomly initialised GPT-2-small-shaped model of cache_overhead (float32), keeping every hook point: "
             "mechscope `run_with_cache(tokens)` and TransformerLens `HookedTransformer.run_with_cache(tokens)` "
-            "(every hook point but `attn.hook_result`, the same names on both), nnsight `model.trace` saving the "
-            "output of every submodule the forward pass calls (GPT-2's attention pattern is no module's output, so "
-            "nnsight cannot see it); plain transformers without a cache as the floor. Each measurement is a fresh "
+            "(every hook point but `attn.hook_result`, the same names on both, plus mechscope's `hook_logits`); "
+            "nnsight `model.trace` saving the output of every submodule the forward pass calls, which is all "
+            "nnsight can see (GPT-2's attention pattern, q, k, v are no module's output), against mechscope "
+            "`run_with_cache` of the same module outputs (`mechscope modules`: every `<module>.hook_result_post`); "
+            "plain transformers without a cache as the floor. Each measurement is a fresh "
             "process: `above the loaded model` is its peak RSS during the run minus its RSS just before it (after "
             "loading the model and one 1-token forward), `beyond what it keeps` that minus the bytes of the tensors "
             "it kept (the tool's own cost), `peak RSS` the process's whole resident size at that peak."
         ),
         contenders={side: contender(side) for side in SIDES},
-        ratios=[
-            Ratio(f"mechscope, {what}", f"{peer}, {what}", target=1.0)
-            for what in WHAT
-            for peer in ("HookedTransformer", "nnsight")
-        ],
+        ratios=[Ratio(f"{mine}, {what}", f"{peer}, {what}", target=1.0) for mine, peer in PAIRS for what in WHAT],
         notes=[
-            f"What each keeps (distinct storages; a tensor two hook points share counts once): {kept}; "
-            f"mechscope and HookedTransformer both keep the same {len(ms_names)} names.",
+            f"What each keeps, logits included (distinct storages; a tensor two hook points share counts once): "
+            f"{kept}; HookedTransformer keeps the same {len(tl_names)} names as mechscope, whose "
+            "`hook_logits` is the logits both return.",
             "The peak is the kernel's high-water mark (`VmHWM`) after resetting it to the current size "
             "(`/proc/self/clear_refs`), so the load's transient peak is not counted (`ru_maxrss` cannot be reset: "
             "it also keeps the peak seen when a thread exited).",

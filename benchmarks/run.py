@@ -70,7 +70,7 @@ def main() -> None:
         print(f"{name}: setting up", file=sys.stderr)
         bench = BENCHMARKS[name]()
         repeats = args.repeats or bench.repeats
-        print(f"{name}: {bench.warmup} warm-up + {repeats} timed rounds", file=sys.stderr)
+        print(f"{name}: {bench.warmup} warm-up + {repeats} measured rounds", file=sys.stderr)
         measure = time_round_robin if bench.measures == "time" else measure_round_robin
         times = measure(bench.contenders, repeats, bench.warmup)
         sections.append(report(name, bench, times, repeats))

@@ -15,8 +15,8 @@ that one call measured here: ``forward`` (the model on the tokens), ``cache`` (`
 ``names``), ``empty`` (``run_with_cache`` keeping nothing). End of input ends it.
 
 ``memory`` runs one ``run_with_cache`` keeping every hook point and prints one JSON line: the resident set size
-before it and its peak during it (:func:`harness.peak_rss`), the number of cached tensors and the bytes of their
-distinct storages.
+before it and its peak during it (:func:`harness.peak_rss`), the number of cached tensors and the bytes of the
+distinct storages of those and of the logits.
 """
 
 from __future__ import annotations
@@ -65,9 +65,9 @@ def serve(spec: dict, model: HookedTransformer, tokens: torch.Tensor) -> None:
 
 
 def memory(model: HookedTransformer, tokens: torch.Tensor) -> None:
-    baseline, peak, (_, cache) = peak_rss(lambda: model.run_with_cache(tokens))
+    baseline, peak, (logits, cache) = peak_rss(lambda: model.run_with_cache(tokens))
     tensors = list(cache.values())
-    answer = {"baseline": baseline, "peak": peak, "tensors": len(tensors), "bytes": storage_bytes(tensors)}
+    answer = {"baseline": baseline, "peak": peak, "tensors": len(tensors), "bytes": storage_bytes([*tensors, logits])}
     print(json.dumps({**answer, "names": sorted(cache.keys())}), flush=True)
 
 
