@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import math
+import random
 import statistics
 import time
 from collections.abc import Callable
@@ -39,6 +40,7 @@ class Benchmark:
     repeats: int = 150  # timed rounds unless --repeats says otherwise
     warmup: int = 2
     measures: Literal["time", "memory"] = "time"
+    shuffle: bool = False  # a random order every round instead of a rotation (see time_round_robin)
 
 
 @dataclass(frozen=True)
@@ -49,12 +51,16 @@ class Elapsed:
     seconds: float
 
 
-def time_round_robin(contenders: dict[str, Callable[[], object]], repeats: int, warmup: int) -> dict[str, list[float]]:
+def time_round_robin(
+    contenders: dict[str, Callable[[], object]], repeats: int, warmup: int, shuffle: bool = False
+) -> dict[str, list[float]]:
     """Seconds per call of each contender over ``repeats`` rounds, after ``warmup`` untimed rounds.
 
     Every round calls each contender once, starting one further along each time, so drifting machine load
-    and call-order effects fall on all contenders alike. A contender that returns an :class:`Elapsed` is credited
-    with the time it reports instead of the wall time of the call.
+    and call-order effects fall on all contenders alike. Rotating keeps each contender's predecessor, though; with
+    ``shuffle`` every round takes a fresh (seeded) random order instead, for when one contender disturbs whichever
+    call comes next (a worker in another process evicts this one's caches). A contender that returns an
+    :class:`Elapsed` is credited with the time it reports instead of the wall time of the call.
     """
 
     def timed(label: str, fn: Callable[[], object]) -> dict[str, float]:
@@ -62,15 +68,15 @@ def time_round_robin(contenders: dict[str, Callable[[], object]], repeats: int, 
         result = fn()
         return {label: result.seconds if isinstance(result, Elapsed) else time.perf_counter() - start}
 
-    return _round_robin(contenders, repeats, warmup, timed)
+    return _round_robin(contenders, repeats, warmup, timed, shuffle)
 
 
 def measure_round_robin(
-    contenders: dict[str, Callable[[], dict[str, float]]], repeats: int, warmup: int
+    contenders: dict[str, Callable[[], dict[str, float]]], repeats: int, warmup: int, shuffle: bool = False
 ) -> dict[str, list[float]]:
     """The values each contender's call returns (``{row label: value}``, one measurement per call) over
     ``repeats`` rounds after ``warmup`` untimed ones, contenders in the rotated order of :func:`time_round_robin`."""
-    return _round_robin(contenders, repeats, warmup, lambda _, fn: fn())
+    return _round_robin(contenders, repeats, warmup, lambda _, fn: fn(), shuffle)
 
 
 def _round_robin(
@@ -78,13 +84,15 @@ def _round_robin(
     repeats: int,
     warmup: int,
     measure: Callable[[str, Callable[[], object]], dict[str, float]],
+    shuffle: bool,
 ) -> dict[str, list[float]]:
     calls = list(contenders.items())
+    order = random.Random(0)
     values: dict[str, list[float]] = {}
     rows_of: dict[str, list[str]] = {label: [] for label in contenders}  # to list the rows in contender order
     for i in range(warmup + repeats):
         k = i % len(calls)
-        for label, fn in calls[k:] + calls[:k]:
+        for label, fn in order.sample(calls, len(calls)) if shuffle else calls[k:] + calls[:k]:
             rows = measure(label, fn)
             if i >= warmup:
                 for row, value in rows.items():

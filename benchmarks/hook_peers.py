@@ -181,7 +181,8 @@ class Sides:
             f"HookedTransformer: TransformerLens {self.tl.version} (`.venv-saelens`), built by its own config and "
             "weight conversion of the same weights saved with `save_pretrained`, without weight processing; a "
             "persistent worker process times each call itself (the pipe's round trip is not counted).",
-            "Every call runs under `torch.inference_mode()`.",
+            "Every call runs under `torch.inference_mode()`. Each round calls the contenders in a fresh random "
+            "order: in a fixed rotation the call after the worker's would always find the caches cold.",
         ]
 
 
@@ -215,6 +216,7 @@ def setup() -> Benchmark:
         ],
         notes=[*sides.common_notes(), sides.sanity_check()],
         repeats=60,
+        shuffle=True,
     )
 
 
@@ -254,4 +256,5 @@ def setup_fixed_cost() -> Benchmark:
         notes=[*sides.common_notes(), sides.sanity_check()],
         repeats=400,
         warmup=20,
+        shuffle=True,
     )

@@ -72,7 +72,7 @@ def main() -> None:
         repeats = args.repeats or bench.repeats
         print(f"{name}: {bench.warmup} warm-up + {repeats} measured rounds", file=sys.stderr)
         measure = time_round_robin if bench.measures == "time" else measure_round_robin
-        times = measure(bench.contenders, repeats, bench.warmup)
+        times = measure(bench.contenders, repeats, bench.warmup, bench.shuffle)
         sections.append(report(name, bench, times, repeats))
         print(sections[-1] + "\n")
 
