@@ -5,9 +5,9 @@
 #   bash run.sh test    ruff, mypy, then the whole test suite on every core (pytest arguments after it, e.g. -m "not slow");
 #                       the TransformerLens 3.x reference the hooked-model tests compare with lives in .venv-saelens
 #   bash run.sh app     the explorer web app over demo_output (or the results directory given after it)
-#   bash run.sh bench   the benchmarks side by side with TransformerLens and SAELens; rewrites docs/benchmarks.md
-#                       (SAELens pins transformer-lens<4, so it gets its own venv, .venv-saelens; EleutherAI sparsify
-#                       takes the newest transformers, above mechscope's bound: .venv-sparsify)
+#   bash run.sh bench   the benchmarks side by side with TransformerLens, nnsight, SAELens and sparsify; rewrites
+#                       docs/benchmarks.md (SAELens pins transformer-lens<4, so it gets its own venv, .venv-saelens;
+#                       EleutherAI sparsify takes the newest transformers, above mechscope's bound: .venv-sparsify)
 set -euo pipefail
 cd "$(dirname "$0")"
 task=${1:-}

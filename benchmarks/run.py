@@ -18,27 +18,32 @@ from collections.abc import Callable
 from importlib.metadata import version
 from pathlib import Path
 
+import cache_memory
 import cache_overhead
 import cooccurrence
 import counting_kernel
 import distributed
 import harvest
+import hook_peers
 import main_job
 import sae_training
 import torch
-from harness import Benchmark, Ratio, StageTimes, median_interval, time_round_robin, time_stages
+from harness import Benchmark, Ratio, StageTimes, measure_round_robin, median_interval, time_round_robin, time_stages
 
 BENCHMARKS: dict[str, Callable[[], Benchmark | StageTimes]] = {
+    "cache_memory": cache_memory.setup,
     "cache_overhead": cache_overhead.setup,
     "cooccurrence": cooccurrence.setup,
     "counting_kernel": counting_kernel.setup,
     "distributed": distributed.setup,
     "harvest": harvest.setup,
+    "hook_fixed_cost": hook_peers.setup_fixed_cost,
+    "hook_peers": hook_peers.setup,
     "main_job": main_job.setup,
     "sae_training": sae_training.setup,
 }
 PAGE = Path(__file__).resolve().parent.parent / "docs" / "benchmarks.md"
-PACKAGES = ("mechscope", "torch", "transformers", "transformer_lens")
+PACKAGES = ("mechscope", "torch", "transformers", "transformer_lens", "nnsight")
 
 
 def main() -> None:
@@ -69,12 +74,13 @@ def main() -> None:
         print(f"{name}: setting up", file=sys.stderr)
         bench = BENCHMARKS[name]()
         repeats = args.repeats or bench.repeats
-        print(f"{name}: {bench.warmup} warm-up + {repeats} timed rounds", file=sys.stderr)
+        print(f"{name}: {bench.warmup} warm-up + {repeats} measured rounds", file=sys.stderr)
         if isinstance(bench, StageTimes):
             stages, facts = time_stages(bench.run, repeats, bench.warmup)
             sections.append(report_stages(name, bench, stages, facts, repeats))
         else:
-            times = time_round_robin(bench.contenders, repeats, bench.warmup)
+            measure = time_round_robin if bench.measures == "time" else measure_round_robin
+            times = measure(bench.contenders, repeats, bench.warmup, bench.shuffle)
             sections.append(report(name, bench, times, repeats))
         print(sections[-1] + "\n")
 
@@ -103,11 +109,16 @@ def replace_sections(text: str, sections: dict[str, str]) -> str:
 
 
 def report(name: str, bench: Benchmark, times: dict[str, list[float]], repeats: int) -> str:
-    """A markdown section: what is measured, setup notes, times per contender and the ratios."""
+    """A markdown section: what is measured, setup notes, times (or peak memory) per contender and the ratios."""
     median = {label: statistics.median(ts) for label, ts in times.items()}
-    lines = _head(name, bench.description, bench.notes, repeats, bench.warmup)
-    lines += ["| contender | median (ms) | min (ms) | max (ms) |", "|---|---:|---:|---:|"]
-    lines += [f"| {k} | {median[k] * 1e3:.0f} | {min(ts) * 1e3:.0f} | {max(ts) * 1e3:.0f} |" for k, ts in times.items()]
+    unit, scale = ("ms", 1e3) if bench.measures == "time" else ("MiB", 2**-20)
+    kind = "timed" if bench.measures == "time" else "measurement"
+    lines = _head(name, bench.description, bench.notes, f"{repeats} {kind}", bench.warmup)
+    lines += [f"| contender | median ({unit}) | min ({unit}) | max ({unit}) |", "|---|---:|---:|---:|"]
+    lines += [
+        f"| {k} | {_figure(median[k] * scale)} | {_figure(min(ts) * scale)} | {_figure(max(ts) * scale)} |"
+        for k, ts in times.items()
+    ]
     lines += ["", "| ratio (median of per-round ratios) | value | 95% CI | target |", "|---|---:|---|---|"]
     for r in bench.ratios:
         ratios = [n / d for n, d in zip(times[r.numerator], times[r.denominator], strict=True)]
@@ -120,20 +131,25 @@ def report(name: str, bench: Benchmark, times: dict[str, list[float]], repeats: 
 
 def report_stages(name: str, bench: StageTimes, times: dict[str, list[float]], facts: list[str], repeats: int) -> str:
     """A markdown section: what is measured, setup notes and facts, and the seconds of each stage."""
-    lines = _head(name, bench.description, [*bench.notes, *facts], repeats, bench.warmup)
+    lines = _head(name, bench.description, [*bench.notes, *facts], f"{repeats} timed", bench.warmup)
     lines += ["| stage | median (s) | min (s) | max (s) |", "|---|---:|---:|---:|"]
     lines += [f"| {k} | {statistics.median(ts):.1f} | {min(ts):.1f} | {max(ts):.1f} |" for k, ts in times.items()]
     return "\n".join(lines)
 
 
-def _head(name: str, description: str, notes: list[str], repeats: int, warmup: int) -> list[str]:
+def _head(name: str, description: str, notes: list[str], rounds: str, warmup: int) -> list[str]:
     """A section's title, description, notes and rounds line (with the time and load after them)."""
     load = " / ".join(f"{x:.2f}" for x in os.getloadavg())
-    rounds = (
-        f"- {repeats} timed rounds after {warmup} warm-up rounds; measured "
+    line = (
+        f"- {rounds} rounds after {warmup} warm-up rounds; measured "
         f"{datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC, load average (1/5/15 min) after them: {load}."
     )
-    return [f"## {name}", "", description, "", *(f"- {note}" for note in notes), rounds, ""]
+    return [f"## {name}", "", description, "", *(f"- {note}" for note in notes), line, ""]
+
+
+def _figure(x: float) -> str:
+    """A time or size to about three significant digits (a fixed-cost row is well under a millisecond)."""
+    return f"{x:.0f}" if abs(x) >= 100 else f"{x:.3g}"
 
 
 def _verdict(ratio: Ratio, low: float, high: float) -> str:
