@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
 
@@ -155,3 +157,31 @@ def test_inference_mode(pair, tokens):
         expected = model.run_with_hooks(tokens, fwd_hooks=[(n, lambda t, h: t * 0.5) for n in names])
     torch.testing.assert_close(edited, expected)
     assert not torch.allclose(edited, reference, atol=1e-3)
+
+
+def test_a_hook_that_cannot_take_tensor_and_hook_is_refused_however_often_its_code_is_seen(llama, tokens):
+    def factory(with_default: bool):
+        if with_default:
+
+            def edit(t, h=None):  # binds fn(tensor, hook)
+                return None
+
+            return edit
+
+        def one(t):
+            return None
+
+        return one
+
+    for _ in range(3):  # fresh closures of one code object: the answer is remembered per code, still right
+        llama.run_with_hooks(tokens, fwd_hooks=[("blocks.0.hook_resid_pre", factory(True))])
+        with pytest.raises(TypeError, match="cannot be called as fn"):
+            llama.run_with_hooks(tokens, fwd_hooks=[("blocks.0.hook_resid_pre", factory(False))])
+
+    def two(t, h):
+        return None
+
+    two.__signature__ = inspect.signature(lambda t: None)  # a declared signature wins over the code
+    with pytest.raises(TypeError, match="cannot be called as fn"):
+        llama.run_with_hooks(tokens, fwd_hooks=[("blocks.0.hook_resid_pre", two)])
+    assert _inactive(llama)
