@@ -26,6 +26,7 @@ from datasets import load_dataset
 from sae_lens.load_model import load_model
 from sae_lens.training.activations_store import ActivationsStore
 from safetensors.torch import save_file
+from side_protocol import serve
 from transformer_lens import HookedTransformer
 from transformer_lens import loading_from_pretrained as loading
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -76,12 +77,7 @@ def main() -> None:
     activations, tokens = store.get_raw_llm_batch()
     assert tokens is not None
     save_file({"tokens": tokens.contiguous(), "activations": activations.contiguous()}, spec["check"])
-    print(json.dumps({"version": sae_lens.__version__}), flush=True)
-    for line in sys.stdin:
-        if line.strip() != "step":
-            raise ValueError(f"expected 'step', got {line!r}")
-        store.get_filtered_llm_batch()
-        print("done", flush=True)
+    serve(store.get_filtered_llm_batch, {"version": sae_lens.__version__})
 
 
 if __name__ == "__main__":

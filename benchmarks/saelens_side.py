@@ -21,6 +21,7 @@ from sae_lens import SAETrainer, TopKTrainingSAE
 from sae_lens.config import SAETrainerConfig
 from sae_lens.saes.topk_sae import TopKTrainingSAEConfig
 from safetensors.torch import load_file
+from side_protocol import serve
 
 
 def main() -> None:
@@ -52,12 +53,7 @@ def main() -> None:
         trainer.n_training_steps += 1  # as SAETrainer.fit does after each step
         return {name: float(value.detach()) for name, value in output.losses.items()}
 
-    print(json.dumps({"losses": step(), "version": sae_lens.__version__}), flush=True)
-    for line in sys.stdin:
-        if line.strip() != "step":
-            raise ValueError(f"expected 'step', got {line!r}")
-        step()
-        print("done", flush=True)
+    serve(step, {"losses": step(), "version": sae_lens.__version__})
 
 
 if __name__ == "__main__":

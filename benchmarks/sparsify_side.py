@@ -23,6 +23,7 @@ from itertools import cycle
 
 import torch
 from safetensors.torch import load_file
+from side_protocol import serve
 from transformers import get_linear_schedule_with_warmup
 
 with redirect_stdout(sys.stderr):  # sparsify prints which decoder it uses; stdout carries the answers
@@ -67,12 +68,7 @@ def main() -> None:
             tokens_since_fired[did_fire] = 0
         return terms
 
-    print(json.dumps({"losses": step(), "version": sparsify.__version__}), flush=True)
-    for line in sys.stdin:
-        if line.strip() != "step":
-            raise ValueError(f"expected 'step', got {line!r}")
-        step()
-        print("done", flush=True)
+    serve(step, {"losses": step(), "version": sparsify.__version__})
 
 
 if __name__ == "__main__":
