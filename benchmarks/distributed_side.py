@@ -3,10 +3,13 @@ runs a unit of work each time rank 0 reads its name on stdin, and prints on rank
 has finished it (CPU: rank 0's CPU seconds for the unit). Units: ``train`` (``STEPS`` TopK training steps of
 ``Trainer.train_step`` on ``BATCH`` rows, each rank computing its share) and ``count`` (co-occurrence counts of
 ``N_BATCHES`` batches of synthetic TopK latents, batch ``i`` counted by rank ``i % N``, the sparse partial counts
-summed on rank 0, as ``cooc count`` does at a checkpoint). ``quit`` ends it. One torch thread per rank."""
+summed on rank 0, as ``cooc count`` does at a checkpoint) and ``harvest`` (``HARVEST_TOKENS`` tokens of
+SmolLM2-135M's ``blocks.15.hook_resid_post`` into a fresh directory, each rank harvesting its share of the shards).
+``quit`` ends it. One torch thread per rank."""
 
 from __future__ import annotations
 
+import shutil
 import sys
 import tempfile
 import time
@@ -17,12 +20,15 @@ import torch
 from mechscope import distributed
 from mechscope.cooccurrence.counting import count_cooccurrences
 from mechscope.cooccurrence.pipeline import _sum_ranks as sum_ranks  # what `cooc count` does at a checkpoint
+from mechscope.data.store import ActivationStore
+from mechscope.models.hooked import HookedModel
 from mechscope.sae import SAE, SAEConfig
 from mechscope.sae.latents import SparseLatents
 from mechscope.sae.train import TrainConfig, Trainer
 
 D_IN, D_SAE, K, BATCH, STEPS = 256, 4096, 32, 4096, 4
 COUNT_D_SAE, COUNT_K, COUNT_BATCH, N_BATCHES = 16384, 32, 4096, 8
+HARVEST_TOKENS, HARVEST_SHARD = 2048, 256  # 16 contexts of 128 tokens, shards of 2 contexts
 
 
 def training() -> Callable[[], object]:
@@ -64,10 +70,29 @@ def counting() -> Callable[[], object]:
     return run
 
 
+def harvesting() -> Callable[[], object]:
+    """A harvest of ``HARVEST_TOKENS`` tokens of the embedded corpus at ``blocks.15.hook_resid_post`` of SmolLM2-135M
+    (the offline GGUF) into a fresh directory (removed after), shards of ``HARVEST_SHARD`` rows shared out among the
+    ranks as ``mechscope sae train`` and ``cooc count`` share them."""
+    model = HookedModel.from_pretrained("smollm2-135m")
+
+    def run() -> None:
+        directory = distributed.broadcast(tempfile.mkdtemp(prefix="harvest-") if distributed.is_main() else "")
+        store = ActivationStore(
+            model, "blocks.15.hook_resid_post", activations_dir=directory, shard_tokens=HARVEST_SHARD
+        )
+        store.harvest(HARVEST_TOKENS, progress=False, data_parallel=True)
+        distributed.barrier()
+        if distributed.is_main():
+            shutil.rmtree(directory)
+
+    return run
+
+
 def main() -> None:
     torch.set_num_threads(1)
     with distributed.session():
-        units = {"train": training(), "count": counting()}
+        units = {"train": training(), "count": counting(), "harvest": harvesting()}
         while True:
             name = distributed.broadcast(sys.stdin.readline().strip() if distributed.is_main() else "")
             if name == "quit" or not name:
