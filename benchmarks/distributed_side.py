@@ -27,7 +27,7 @@ from mechscope.sae.latents import SparseLatents
 from mechscope.sae.train import TrainConfig, Trainer
 
 D_IN, D_SAE, K, BATCH, STEPS = 256, 4096, 32, 4096, 4
-COUNT_D_SAE, COUNT_K, COUNT_BATCH, N_BATCHES = 16384, 32, 4096, 8
+COUNT_D_SAE, COUNT_K, COUNT_BATCH, N_BATCHES = 16384, 32, 4096, 50  # 50: the count's checkpoint_every
 HARVEST_TOKENS, HARVEST_SHARD = 2048, 256  # 16 contexts of 128 tokens, shards of 2 contexts
 
 
