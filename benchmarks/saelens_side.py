@@ -11,26 +11,18 @@ end of input ends it. Only the step runs between the question and the answer.
 
 from __future__ import annotations
 
-import json
 import sys
 from itertools import cycle
 
 import sae_lens
-import torch
 from sae_lens import SAETrainer, TopKTrainingSAE
 from sae_lens.config import SAETrainerConfig
 from sae_lens.saes.topk_sae import TopKTrainingSAEConfig
-from safetensors.torch import load_file
-from side_protocol import serve
+from side_protocol import serve, training_spec
 
 
 def main() -> None:
-    with open(sys.argv[1]) as f:
-        spec = json.load(f)
-    torch.set_num_threads(spec["threads"])
-    batches = load_file(spec["activations"])["activations"].split(spec["batch_size"])
-    init = load_file(spec["init"])
-    d_sae, d_in = init["W_dec"].shape
+    spec, batches, init, d_sae, d_in = training_spec(sys.argv[1])
     sae = TopKTrainingSAE(
         TopKTrainingSAEConfig(d_in=d_in, d_sae=d_sae, k=spec["k"], aux_loss_coefficient=spec["aux_k_coefficient"])
     )

@@ -16,14 +16,12 @@ on the next batch and answers ``done``; end of input ends it.
 
 from __future__ import annotations
 
-import json
 import sys
 from contextlib import redirect_stdout
 from itertools import cycle
 
 import torch
-from safetensors.torch import load_file
-from side_protocol import serve
+from side_protocol import serve, training_spec
 from transformers import get_linear_schedule_with_warmup
 
 with redirect_stdout(sys.stderr):  # sparsify prints which decoder it uses; stdout carries the answers
@@ -32,12 +30,7 @@ with redirect_stdout(sys.stderr):  # sparsify prints which decoder it uses; stdo
 
 
 def main() -> None:
-    with open(sys.argv[1]) as f:
-        spec = json.load(f)
-    torch.set_num_threads(spec["threads"])
-    batches = load_file(spec["activations"])["activations"].split(spec["batch_size"])
-    init = load_file(spec["init"])
-    d_sae, d_in = init["W_dec"].shape
+    spec, batches, init, d_sae, d_in = training_spec(sys.argv[1])
     sae = SparseCoder(d_in, SparseCoderConfig(activation="topk", num_latents=d_sae, k=spec["k"]), dtype=torch.float32)
     with torch.no_grad():
         sae.encoder.weight.copy_(init["W_enc"].T)

@@ -263,17 +263,20 @@ class CountSum:
         """Add ``counts [d_sae, d_sae]`` (int64 CSR; columns in any order within a row)."""
         self._stack.append(counts)
         while len(self._stack) > 1 and 2 * self._stack[-1].nnz >= self._stack[-2].nnz:
-            top = self._stack.pop()
-            self._stack[-1] = sum_counts([self._stack[-1], top])  # always two: one compiled kernel
+            self._merge_top()
 
     def value(self) -> sp.csr_array:
         """The sum of everything added (and of the starting total); it becomes the stack's one matrix."""
         if not self._stack:
             raise ValueError("CountSum.value of an empty sum: add counts first")
         while len(self._stack) > 1:
-            top = self._stack.pop()
-            self._stack[-1] = sum_counts([self._stack[-1], top])
+            self._merge_top()
         return self._stack[0]
+
+    def _merge_top(self) -> None:
+        """Add the top matrix to the one below it (always two at a time: one compiled kernel)."""
+        top = self._stack.pop()
+        self._stack[-1] = sum_counts([self._stack[-1], top])
 
 
 PAIR_BUDGET = 2**27  # pair increments a counter gathers before one kernel pass (int32 indices; 1.6 GB of address
