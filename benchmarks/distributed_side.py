@@ -4,7 +4,7 @@ has finished it (CPU: rank 0's CPU seconds for the unit). Units: ``train`` (``ST
 ``Trainer.train_step`` on ``BATCH`` rows, each rank computing its share) and ``count`` (co-occurrence counts of
 ``N_BATCHES`` batches of synthetic TopK latents, batch ``i`` counted by rank ``i % N``, the sparse partial counts
 summed on rank 0, as ``cooc count`` does at a checkpoint) and ``harvest`` (``HARVEST_TOKENS`` tokens of
-SmolLM2-135M's ``blocks.15.hook_resid_post`` into a fresh directory, each rank harvesting its share of the shards).
+SmolLM2-135M's ``blocks.15.hook_resid_post`` into a fresh directory, each rank harvesting its half of the shards).
 ``quit`` ends it. One torch thread per rank."""
 
 from __future__ import annotations
@@ -28,7 +28,9 @@ from mechscope.sae.train import TrainConfig, Trainer
 
 D_IN, D_SAE, K, BATCH, STEPS = 256, 4096, 32, 4096, 4
 COUNT_D_SAE, COUNT_K, COUNT_BATCH, N_BATCHES = 16384, 32, 4096, 50  # 50: the count's checkpoint_every
-HARVEST_TOKENS, HARVEST_SHARD = 2048, 256  # 16 contexts of 128 tokens, shards of 2 contexts
+# 16 contexts of 128 tokens (127 rows each: the BOS is not stored), forward passes of 4 contexts, one pass a shard:
+# 4 shards, 2 per rank (with the store's default of 8 contexts a pass, 3 shards of 2048 rows: 2 and 1, at most 1.5x)
+HARVEST_TOKENS, HARVEST_PASS, HARVEST_SHARD = 2032, 4, 508
 
 
 def training() -> Callable[[], object]:
@@ -79,7 +81,11 @@ def harvesting() -> Callable[[], object]:
     def run() -> None:
         directory = distributed.broadcast(tempfile.mkdtemp(prefix="harvest-") if distributed.is_main() else "")
         store = ActivationStore(
-            model, "blocks.15.hook_resid_post", activations_dir=directory, shard_tokens=HARVEST_SHARD
+            model,
+            "blocks.15.hook_resid_post",
+            activations_dir=directory,
+            batch_contexts=HARVEST_PASS,
+            shard_tokens=HARVEST_SHARD,
         )
         store.harvest(HARVEST_TOKENS, progress=False, data_parallel=True)
         distributed.barrier()

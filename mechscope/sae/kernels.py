@@ -4,7 +4,10 @@ straight-through estimators of training.
 - :class:`SparseDecode`: ``dense_latents @ W`` from each token's ``k`` (index, value) pairs, forward and backward
   touching only those rows of ``W`` (TopK's decoder in ``sae(x)``, ``decode_sparse`` and training).
 - :func:`gathered_dot` and :func:`scatter_outer`: the entries of ``rows @ table.T`` at given indices, and the
-  transposed product of a sparse ``[n, m]`` matrix with ``rows``; both through torch's CSR kernels.
+  transposed product of a sparse ``[n, m]`` matrix with ``rows``; on CPU by the loops of :mod:`mechscope.sae.loops`
+  (two to three times faster than torch's CSR kernels there), elsewhere through torch's CSR kernels.
+- :func:`top_indices`: each row's top-k columns, optionally among some columns only (TopK's and AuxK's selections),
+  on CPU by selection (``loops.top_indices``), elsewhere by ``torch.topk``.
 - :class:`SelectedPreActs`: the pre-activations a TopK step selected, with gradients through those entries only.
 - :class:`JumpReLU` and :class:`Step`: JumpReLU and its step function with the rectangle-kernel straight-through
   estimators of Rajamanoharan et al. 2024 (:func:`rectangle`).
@@ -18,6 +21,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from mechscope.sae import loops
 
 
 class SparseDecode(torch.autograd.Function):
@@ -44,29 +49,58 @@ class SparseDecode(torch.autograd.Function):
 def gathered_dot(rows: Tensor, table: Tensor, indices: Tensor) -> Tensor:
     """``out[t, s] = rows[t] · table[indices[t, s]]`` for ``rows [n, d]``, ``table [m, d]`` and ``indices [n, k]``:
     the entries of ``rows @ table.T`` at ``indices``, computed only there."""
+    dtype = _compute_dtype(rows.dtype)
+    if rows.is_cpu:
+        return loops.gathered_dot(rows.to(dtype), table.to(dtype), indices).to(rows.dtype)
+    return _gathered_dot_csr(rows.to(dtype), table.to(dtype), indices).to(rows.dtype)
+
+
+def _gathered_dot_csr(rows: Tensor, table: Tensor, indices: Tensor) -> Tensor:
+    """:func:`gathered_dot` by torch's sampled CSR product (any device)."""
     n, k = indices.shape
-    dtype = _csr_dtype(rows.dtype)
     ordered, order = indices.sort(dim=-1)  # a CSR row needs its columns in order
     crow = torch.arange(0, n * k + 1, k, device=indices.device)
-    pattern = _csr(crow, ordered.flatten(), rows.new_zeros(n * k, dtype=dtype), (n, len(table)))
-    dots = torch.sparse.sampled_addmm(pattern, rows.to(dtype), table.to(dtype).T, beta=0.0).values().view(n, k)
-    return torch.empty_like(dots).scatter_(-1, order, dots).to(rows.dtype)
+    pattern = _csr(crow, ordered.flatten(), rows.new_zeros(n * k), (n, len(table)))
+    dots = torch.sparse.sampled_addmm(pattern, rows, table.T, beta=0.0).values().view(n, k)
+    return torch.empty_like(dots).scatter_(-1, order, dots)
 
 
 def scatter_outer(indices: Tensor, weights: Tensor, rows: Tensor, m: int) -> Tensor:
     """``out [m, d]``: ``out[j] = sum of weights[t, s] * rows[t] over the (t, s) with indices[t, s] = j``, for
-    ``indices, weights [n, k]`` and ``rows [n, d]``; that is ``dense_weights.T @ rows``, through a ``[m, n]`` CSR."""
+    ``indices, weights [n, k]`` and ``rows [n, d]``; that is ``dense_weights.T @ rows``, computed entry by entry."""
+    dtype = _compute_dtype(rows.dtype)
+    if rows.is_cpu:
+        crow, order = loops.column_order(indices, m)
+        return loops.scatter_outer(crow, order, indices.shape[1], weights.to(dtype), rows.to(dtype)).to(rows.dtype)
+    return _scatter_outer_csr(indices, weights.to(dtype), rows.to(dtype), m).to(rows.dtype)
+
+
+def _scatter_outer_csr(indices: Tensor, weights: Tensor, rows: Tensor, m: int) -> Tensor:
+    """:func:`scatter_outer` by torch's CSR product (any device)."""
     n, k = indices.shape
-    dtype = _csr_dtype(rows.dtype)
     flat, order = indices.flatten().sort(stable=True)
     crow = torch.zeros(m + 1, dtype=torch.long, device=indices.device)
     crow[1:] = torch.bincount(flat, minlength=m).cumsum(0)
-    matrix = _csr(crow, order // k, weights.flatten()[order].to(dtype), (m, n))
-    return (matrix @ rows.to(dtype)).to(rows.dtype)
+    matrix = _csr(crow, order // k, weights.flatten()[order], (m, n))
+    return matrix @ rows
 
 
-def _csr_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float32 for half types (torch's CPU CSR products lack them), else ``dtype``."""
+def top_indices(scores: Tensor, k: int, among: Tensor | None = None, bias: Tensor | None = None) -> Tensor:
+    """``[n, k]``: the columns of the ``k`` largest values in each row of ``scores [n, m]`` plus ``bias [m]`` (in no
+    promised order), only among the columns where the boolean ``among [m]`` is True when given (it must hold at
+    least ``k``)."""
+    if scores.is_cpu:
+        columns = None if among is None or bool(among.all()) else among.nonzero().flatten()
+        return loops.top_indices(scores.to(_compute_dtype(scores.dtype)), k, columns, bias)
+    if bias is not None:
+        scores = scores + bias
+    if among is not None:
+        scores = scores.masked_fill(~among, float("-inf"))
+    return scores.topk(k, dim=-1, sorted=False).indices
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float32 for half types (numba's loops and torch's CPU CSR products lack them), else ``dtype``."""
     return torch.promote_types(dtype, torch.float32)
 
 
@@ -78,18 +112,20 @@ def _csr(crow: Tensor, col: Tensor, values: Tensor, size: tuple[int, int]) -> Te
 
 
 class SelectedPreActs(torch.autograd.Function):
-    """``out[t, s] = pre_acts[t, indices[t, s]]`` where ``pre_acts = encoder_input @ W_enc + b_enc`` was computed
-    without a graph; the backward pass sends gradients through these ``[batch, k]`` entries only.
+    """``out[t, s] = products[t, indices[t, s]] + b_enc[indices[t, s]]``, the pre-activations at ``indices``, where
+    ``products = encoder_input @ W_enc`` was computed without a graph (and without the bias, whose broadcast would
+    cost a pass over ``[batch, d_sae]``); the backward pass sends gradients through these ``[batch, k]`` entries
+    only.
 
     ``indices [batch, k]`` may repeat a latent within a row (TopK and AuxK both picking it); gradients then add up.
     """
 
     @staticmethod
     def forward(
-        ctx: Any, encoder_input: Tensor, w_enc: Tensor, b_enc: Tensor, indices: Tensor, pre_acts: Tensor
+        ctx: Any, encoder_input: Tensor, w_enc: Tensor, b_enc: Tensor, indices: Tensor, products: Tensor
     ) -> Tensor:
         ctx.save_for_backward(encoder_input, w_enc, indices)
-        return pre_acts.gather(-1, indices)
+        return products.gather(-1, indices) + b_enc[indices]
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None, None, None]:

@@ -75,7 +75,7 @@ from mechscope.interrupts import Cadence, stop_on_signals
 from mechscope.models.hooked import HookedModel
 from mechscope.sae.config import ARCHITECTURES, DTYPES, SAEConfig
 from mechscope.sae.formats import REFETCH, SAEFormatError, WriteFile
-from mechscope.sae.kernels import JumpReLU, SelectedPreActs, SparseDecode, Step
+from mechscope.sae.kernels import JumpReLU, SelectedPreActs, SparseDecode, Step, top_indices
 from mechscope.sae.latents import SparseLatents
 from mechscope.sae.model import SparseAutoencoder
 from mechscope.settings import (
@@ -312,12 +312,12 @@ class Trainer:
         assert isinstance(k, int), "a topk SAE's k is an int"
         encoder_input, stats = sae.encoder_input(x)
         with torch.no_grad():
-            pre_acts = torch.addmm(sae.b_enc, encoder_input, sae.W_enc)  # [batch, d_sae], no graph
-            indices = pre_acts.topk(k, dim=-1, sorted=False).indices
+            products = encoder_input @ sae.W_enc  # [batch, d_sae], no graph; the pre-activations less b_enc
+            indices = top_indices(products, k, bias=sae.b_enc)
             dead = self.dead()
             if dead.any():
-                indices = torch.cat([indices, self.aux_indices(pre_acts, dead)], dim=-1)
-        selected = SelectedPreActs.apply(encoder_input, sae.W_enc, sae.b_enc, indices, pre_acts).relu()
+                indices = torch.cat([indices, self.aux_indices(products, dead, bias=sae.b_enc)], dim=-1)
+        selected = SelectedPreActs.apply(encoder_input, sae.W_enc, sae.b_enc, indices, products).relu()
         latents = SparseLatents(indices[:, :k], selected[:, :k])
         recon = sae.denormalize(SparseDecode.apply(*latents, sae.W_dec) + sae.b_dec, stats)
         error = x - recon
@@ -327,10 +327,10 @@ class Trainer:
             terms["aux"] = cfg.aux_k_coefficient * (error.detach() - aux_recon).pow(2).sum() / n
         return terms, latents, recon
 
-    def aux_indices(self, pre_acts: Tensor, dead: Tensor) -> Tensor:
-        """``[batch, min(aux_k, dead latents)]``: each token's largest pre-activations among the ``dead`` latents."""
-        k = min(self.aux_k, int(dead.sum()))
-        return pre_acts.masked_fill(~dead, float("-inf")).topk(k, dim=-1, sorted=False).indices
+    def aux_indices(self, pre_acts: Tensor, dead: Tensor, bias: Tensor | None = None) -> Tensor:
+        """``[batch, min(aux_k, dead latents)]``: each token's largest pre-activations ``[batch, d_sae]`` (plus
+        ``bias [d_sae]`` when given) among the ``dead`` latents."""
+        return top_indices(pre_acts, min(self.aux_k, int(dead.sum())), among=dead, bias=bias)
 
     def aux_loss(self, pre_acts: Tensor, error: Tensor, dead: Tensor, batch_size: int | None = None) -> Tensor:
         """AuxK: how well the ``aux_k`` largest dead pre-activations ``[rows, d_sae]`` reconstruct ``error``: the
