@@ -722,7 +722,8 @@ def train_sae(
     Under torchrun (inside :func:`mechscope.distributed.session`) every rank calls it with the same settings and
     data: each computes its share of every batch (:meth:`Trainer.train_step`), so the ranks train the SAE one
     process trains; rank 0 alone writes ``out_dir``, and a stop signal to any rank stops every rank after the same
-    step, with one checkpoint. Every rank returns the SAE.
+    step, with one checkpoint. Every rank returns the SAE; with ``shard_latents`` (:class:`ShardedTrainer`) rank 0
+    returns the whole SAE, put together on the CPU, and every other rank its own block of the latents.
     """
     check_output_dir(config.out_dir, "out_dir")
     if config.activations_dir is not None:

@@ -34,6 +34,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict:
     one_then_two = {"out_dir": str(tmp / "one_then_two"), "architecture": "topk", "d_sae": 47}
     tasks = [{"kind": "train", "config": sharded(f"sharded_{d}", d)} for d in WIDTHS]
     tasks += [
+        {"kind": "autograd_sums", "out": str(tmp / "autograd_sums")},
         {"kind": "train", "config": sharded("two_then_one"), "stop_after": 30},
         {"kind": "train_alone", "config": one_then_two, "stop_after": 25},
         {"kind": "train", "config": {**one_then_two, "shard_latents": True, "resume": True}},
@@ -46,6 +47,15 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict:
     checkpoint = json.loads((tmp / "two_then_one" / CHECKPOINT_DIR / TRAINER_JSON).read_text())
     train_sae(train_config(tmp / "two_then_one", "topk", d_sae=47, resume=True), store=SyntheticRows())
     return {"tmp": tmp, "status": status, "checkpoint": checkpoint}
+
+
+def test_the_autograd_sums_of_two_ranks(runs: dict) -> None:
+    """sum_over_ranks: the sum forward, the gradient unchanged backward; sum_gradient_over_ranks: the tensor forward,
+    the sum of the ranks' gradients backward."""
+    assert runs["status"] == 0, harness.log(runs["tmp"], "sharded")
+    for r in (0, 1):
+        got = json.loads((runs["tmp"] / f"autograd_sums.{r}.json").read_text())
+        assert got == {"total": [3.0, 6.0], "part_grad": [1.0, 10.0], "used": [0.5, 0.25], "shared_grad": [3.0, 3.0]}
 
 
 @pytest.mark.parametrize("d_sae", WIDTHS)

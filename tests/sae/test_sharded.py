@@ -6,6 +6,7 @@ equals the plain run. Two ranks: ``tests/distributed/test_sharded.py``."""
 from __future__ import annotations
 
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
@@ -38,6 +39,23 @@ def test_a_selection_becomes_this_ranks_local_indices_with_distinct_stand_ins() 
         assert owned_row == [8 <= i < 13 for i in row]
         assert [j for j, mine in zip(local_row, owned_row, strict=True) if mine] == [i - 8 for i in row if 8 <= i < 13]
         assert len(set(local_row)) == 4 and all(0 <= j < 5 for j in local_row)
+
+
+def test_blocks_too_small_for_the_selection_are_refused_naming_the_fix() -> None:
+    cfg = SAEConfig(d_in=4, d_sae=9, architecture="topk", k=4)
+    with mock.patch.object(distributed, "world_size", return_value=2):  # blocks of 5 and 4 latents
+        shard = LatentShard(cfg)
+        shard.check_room(aux_k=4)
+        message = r"max\(k, aux_k\) = 5 latents on every rank, but d_sae=9 over 2 ranks leaves 4: run fewer processes"
+        with pytest.raises(ValueError, match=message):
+            shard.check_room(aux_k=5)
+    with (
+        mock.patch.object(distributed, "world_size", return_value=10),
+        pytest.raises(ValueError, match="fewer than one"),
+    ):
+        LatentShard(cfg)
+    with pytest.raises(ValueError, match="for topk SAEs, not 'relu'"):
+        LatentShard(SAEConfig(d_in=4, d_sae=9))
 
 
 def test_taking_every_block_and_putting_them_together_gives_the_whole_tensors() -> None:
