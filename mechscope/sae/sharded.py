@@ -57,6 +57,7 @@ class LatentShard:
 
     @property
     def k(self) -> int:
+        """The latents each token selects from the whole SAE."""
         k = self.cfg.k
         assert isinstance(k, int), "a topk SAE's k is an int"
         return k
@@ -163,7 +164,7 @@ class LatentShard:
         every rank, as in :meth:`take`; a replicated one is rank 0's), on the CPU; None on the other ranks.
 
         The blocks travel point to point to rank 0 (:func:`~mechscope.distributed.gather_tensors_to_main`), which
-        then holds the whole SAE's tensors once, plus its own blocks."""
+        holds the whole SAE's tensors once (and, while it puts one together, that tensor's blocks too)."""
         names = [name for name in tensors if LATENT_AXIS[name.split(".")[0]] is not None]
         gathered = distributed.gather_tensors_to_main([tensors[name].detach().cpu().flatten() for name in names])
         if gathered is None:
@@ -178,5 +179,7 @@ class LatentShard:
                 shape = list(tensors[name].shape)
                 shape[axis] = len(distributed.block(self.cfg.d_sae, r, world))
                 pieces.append(gathered[r][position].view(shape))
+                gathered[r][position] = pieces[-1].new_empty(0)  # the block is freed once it is in the whole
             out[name] = torch.cat(pieces, dim=axis)
+            del pieces
         return out

@@ -1,8 +1,9 @@
 """Latent-sharded TopK training under ``torchrun`` on CPU (gloo) against one process training the whole SAE: two
-ranks holding 24 + 23 of 47 latents (AuxK on), and 5 + 4 of 9 latents (as few as k = aux_k = 4 on rank 1), train
-over 60 steps of 63 rows the SAE one process trains; a run one process started is
+ranks holding 24 + 23 of 47 latents (AuxK on), and 5 + 4 of 9 latents (as few as k = 4 on rank 1; aux_k = 4 too,
+though no latent dies there), train over 60 steps of 63 rows the SAE one process trains; a run one process started is
 finished by two sharded ranks, and a run two sharded ranks started is finished by one process, both equal to the
-uninterrupted run (checkpoints hold the whole SAE).
+uninterrupted run (checkpoints hold the whole SAE). The two autograd sums of :mod:`mechscope.distributed` give,
+forward and backward, what they promise.
 
 One launch runs every two-rank task; the single-process runs go meanwhile."""
 
