@@ -105,8 +105,8 @@ class LatentShard:
         owned = (indices >= self.latents.start) & (indices < self.latents.stop)
         local = indices - self.latents.start
         s = indices.shape[-1]
-        used = torch.zeros(len(indices), s + 1, dtype=torch.bool, device=indices.device)  # [batch, s]: is j used
-        used = used.scatter_(-1, torch.where(owned, local.clamp(max=s), s), True)[:, :s]
+        used = torch.zeros(len(indices), s + 1, dtype=torch.bool, device=indices.device)  # column s: j >= s, others
+        used = used.scatter_(-1, torch.where(owned, local.clamp(max=s), s), True)[:, :s]  # [batch, s]: is j in the row
         free = torch.where(used, s, torch.arange(s, device=indices.device)).sort(dim=-1).values  # unused j first
         nth_other = ((~owned).cumsum(-1) - 1).clamp(min=0)  # each other rank's entry's place among the row's others
         return torch.where(owned, local, free.gather(-1, nth_other)), owned
