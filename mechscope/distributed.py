@@ -1,10 +1,11 @@
 """Data-parallel runs under ``torchrun``: the one module that talks to :mod:`torch.distributed`.
 
 A stage asks this module who it is (:func:`rank`, :func:`world_size`, :func:`is_main`), which share of the work is
-its own (:func:`share`, :func:`owns`), and to combine what the ranks computed (:func:`all_reduce_sum`,
+its own (:func:`share`, :func:`owns`, :func:`block`), and to combine what the ranks computed (:func:`all_reduce_sum`,
 :func:`all_reduce_max`, :func:`sum_gradients_`, :func:`all_gather`, :func:`gather_to_main`,
-:func:`gather_tensors_to_main`, :func:`combine_all`, :func:`broadcast`); it prints and shows progress bars on rank 0
-only (:func:`print_main`, :func:`quiet`). No stage imports :mod:`torch.distributed` itself.
+:func:`gather_tensors_to_main`, :func:`combine_all`, :func:`broadcast`; in autograd, :func:`sum_over_ranks` and
+:func:`sum_gradient_over_ranks`); it prints and shows progress bars on rank 0 only (:func:`print_main`,
+:func:`quiet`). No stage imports :mod:`torch.distributed` itself.
 
 Without ``torchrun`` (no ``RANK``/``WORLD_SIZE`` in the environment) nothing changes: :func:`session` creates no
 process group, the rank is 0 of 1, every item is this process's share and every reduction returns its input. Under
@@ -150,6 +151,20 @@ def share(n: int, of_rank: int | None = None, world: int | None = None) -> range
     return range(r, n, w)
 
 
+def block(n: int, of_rank: int | None = None, world: int | None = None) -> range:
+    """The contiguous block of ``range(n)`` that is ``of_rank``'s (default this rank's) among ``world`` ranks: the
+    first ``n % world`` ranks hold ``n // world + 1`` items, the others ``n // world``, in rank order. The blocks
+    are disjoint, cover ``range(n)``, and depend only on ``(n, rank, world)`` (a slice of a tensor, where
+    :func:`share` deals items round-robin)."""
+    r = rank() if of_rank is None else of_rank
+    w = world_size() if world is None else world
+    if not 0 <= r < w:
+        raise ValueError(f"rank {r} is not one of {w} ranks")
+    size, extra = divmod(n, w)
+    start = r * size + min(r, extra)
+    return range(start, start + size + (r < extra))
+
+
 def owns(index: int) -> bool:
     """Whether item ``index`` of a sequence dealt round-robin (:func:`share`) is this rank's."""
     return index % world_size() == rank()
@@ -173,6 +188,55 @@ def all_reduce_max(tensor: Tensor) -> Tensor:
     out = tensor.clone()
     dist.all_reduce(out, op=dist.ReduceOp.MAX)
     return out
+
+
+class _SumOverRanks(torch.autograd.Function):
+    """Forward: the all-reduce sum; backward: the incoming gradient, unchanged (see :func:`sum_over_ranks`)."""
+
+    @staticmethod
+    def forward(ctx: Any, tensor: Tensor) -> Tensor:
+        out = tensor.clone()
+        dist.all_reduce(out, op=dist.ReduceOp.SUM)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Tensor:
+        return grad
+
+
+class _SumGradientOverRanks(torch.autograd.Function):
+    """Forward: the tensor itself; backward: the all-reduce sum of the gradient (see
+    :func:`sum_gradient_over_ranks`)."""
+
+    @staticmethod
+    def forward(ctx: Any, tensor: Tensor) -> Tensor:
+        return tensor.view_as(tensor)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Tensor:
+        out = grad.clone()
+        dist.all_reduce(out, op=dist.ReduceOp.SUM)
+        return out
+
+
+def sum_over_ranks(tensor: Tensor) -> Tensor:
+    """The element-wise sum of ``tensor`` over all ranks, whose gradient is the incoming gradient unchanged
+    (``tensor`` itself without a process group).
+
+    For a sum of the ranks' parts that every rank then turns into the same loss (the partial decodes of a
+    latent-sharded SAE): each rank's part then gets the gradient of that one loss, which is the gradient of the
+    sum. Every rank must call it, and the ranks' losses must be equal."""
+    return _SumOverRanks.apply(tensor) if active() else tensor
+
+
+def sum_gradient_over_ranks(tensor: Tensor) -> Tensor:
+    """``tensor`` itself, whose gradient is summed over all ranks in the backward pass (``tensor`` itself, and its
+    own gradient, without a process group).
+
+    For a replicated tensor each rank uses in its own part of the computation (a latent-sharded SAE's ``b_dec`` in
+    the encoder of its latents): its gradient is then the sum of every rank's part. Every rank's backward pass must
+    reach it."""
+    return _SumGradientOverRanks.apply(tensor) if active() else tensor
 
 
 def sum_gradients_(params: Sequence[Tensor]) -> None:

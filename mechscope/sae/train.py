@@ -35,7 +35,9 @@ that checkpoint (``find_checkpoint``): with the same data order the result equal
 Under ``torchrun`` (``mechscope sae train CONFIG --nproc N``) the ranks share every batch: each computes the losses
 of its rows, and the gradients and the step's statistics (firing latents, BatchTopK's selection and threshold, the
 metrics) are combined over the ranks (``Trainer.train_step``), so N ranks at ``batch_size_tokens`` B train the SAE
-one process trains at B, and a checkpoint resumes under any number of ranks (docs/distributed.md).
+one process trains at B, and a checkpoint resumes under any number of ranks (docs/distributed.md). With
+``shard_latents`` (TopK only) the ranks instead split the latents, each holding ``d_sae / N`` of them and computing
+every row (``ShardedTrainer``, :mod:`mechscope.sae.sharded`): for SAEs too wide for one device; the same SAE again.
 """
 
 from __future__ import annotations
@@ -78,6 +80,7 @@ from mechscope.sae.formats import REFETCH, SAEFormatError, WriteFile
 from mechscope.sae.kernels import JumpReLU, SelectedPreActs, SparseDecode, Step, top_indices
 from mechscope.sae.latents import SparseLatents
 from mechscope.sae.model import SparseAutoencoder
+from mechscope.sae.sharded import LatentShard
 from mechscope.settings import (
     Config,
     ConfigError,
@@ -98,7 +101,15 @@ METRICS_FILE = "metrics.jsonl"
 TRAIN_CONFIG_FILE = "train_config.json"
 SAE_DIR = "sae"
 # Fields a resumed run may change: they do not affect the weights it produces.
-RESUMABLE_CHANGES = {"resume", "progress", "log_every", "checkpoint_every", "checkpoint_seconds", "out_dir"}
+RESUMABLE_CHANGES = {
+    "resume",
+    "progress",
+    "log_every",
+    "checkpoint_every",
+    "checkpoint_seconds",
+    "out_dir",
+    "shard_latents",
+}
 
 
 @dataclass
@@ -147,6 +158,9 @@ class TrainConfig(Config):
     progress: bool = field(default=True, metadata=meta("show a progress bar"))
     device: str = field(default="cpu", metadata=meta("device of the SAE (and of a model loaded by name)"))
     dtype: str = field(default="float32", metadata=meta(f"SAE dtype: one of {', '.join(DTYPES)}"))
+    shard_latents: bool = field(
+        default=False, metadata=meta("topk under torchrun: each rank holds d_sae / N latents, not the whole SAE")
+    )
 
     LABEL: ClassVar[str] = "TrainConfig."
 
@@ -185,6 +199,13 @@ class TrainConfig(Config):
             raise fail(self, "decay_fraction", f"must be in [0, 1], got {self.decay_fraction}")
         if self.dtype not in DTYPES:
             raise fail(self, "dtype", f"{self.dtype!r} is not one of: {', '.join(DTYPES)}")
+        if self.shard_latents and self.architecture != "topk":
+            raise fail(
+                self,
+                "shard_latents",
+                f"splits the latents of topk SAEs only, not {self.architecture!r}: set architecture='topk', or "
+                "shard_latents=False to share the rows instead",
+            )
 
     @property
     def n_steps(self) -> int:
@@ -232,15 +253,20 @@ class BatchSource(Protocol):
 
 
 class Trainer:
-    """The state of one run: the SAE, Adam, the step, and the tokens since each latent last fired."""
+    """The state of one run: the SAE, Adam, the step, and the tokens since each latent last fired.
 
-    def __init__(self, config: TrainConfig, sae: SparseAutoencoder) -> None:
+    Under torchrun every rank holds the whole SAE and computes its share of the rows (:meth:`row_share`); the
+    ranks' gradients and statistics are summed (:meth:`combine_gradients`, :meth:`combine_statistics`).
+    ``ShardedTrainer`` splits the latents instead. ``d_sae``: the whole SAE's latents (default ``sae``'s)."""
+
+    def __init__(self, config: TrainConfig, sae: SparseAutoencoder, d_sae: int | None = None) -> None:
         self.config, self.sae = config, sae
         self.params = [p for _, p in sorted(sae.named_parameters())]
         self.optimizer = torch.optim.Adam(self.params, lr=config.lr, betas=(config.adam_beta1, config.adam_beta2))
         self.step = 0
         self.tokens_since_fired = torch.zeros(sae.cfg.d_sae, dtype=torch.long, device=sae.W_dec.device)
-        self.aux_k = min(config.aux_k or sae.cfg.d_in // 2 or 1, sae.cfg.d_sae)
+        self.d_sae = sae.cfg.d_sae if d_sae is None else d_sae
+        self.aux_k = min(config.aux_k or sae.cfg.d_in // 2 or 1, self.d_sae)
 
     def dead(self) -> Tensor:
         """Boolean ``[d_sae]``: latents that have not fired in the last ``dead_tokens_threshold`` tokens."""
@@ -351,7 +377,7 @@ class Trainer:
         """
         cfg, sae = self.config, self.sae
         n = len(batch)
-        share = distributed.share(n)
+        share = self.row_share(n)
         x = batch[share.start :: share.step]
         lr = lr_at(cfg, self.step)
         for group in self.optimizer.param_groups:
@@ -360,7 +386,7 @@ class Trainer:
         loss = cast(Tensor, sum(terms.values()))  # terms always holds "mse"
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        distributed.sum_gradients_(self.params)
+        self.combine_gradients()
         sae.remove_parallel_decoder_grad_()
         self.optimizer.step()
         sae.normalize_decoder_()
@@ -375,7 +401,7 @@ class Trainer:
                 active = values > 0
                 fired = active.any(dim=0)
             sums = torch.cat([fired.double(), torch.stack([*terms.values(), active.sum()]).detach().double()])
-            sums = distributed.all_reduce_sum(sums)  # [d_sae + terms + 1]: firing ranks, the terms, the L0
+            sums = self.combine_statistics(sums)  # [d_sae + terms + 1]: firing ranks, the terms, the L0
             if cfg.architecture == "jumprelu":
                 sae.threshold.clamp_min_(0.0)
             elif cfg.architecture == "batchtopk":
@@ -390,6 +416,25 @@ class Trainer:
         batch_terms = dict(zip(terms, sums[sae.cfg.d_sae : -1].tolist(), strict=True))
         return self.metrics(batch, batch_terms, float(sums[-1]) / n, lr)
 
+    def row_share(self, n: int) -> range:
+        """The rows of a batch of ``n`` this rank computes: every ``world_size``-th from its rank
+        (:func:`~mechscope.distributed.share`)."""
+        return distributed.share(n)
+
+    def combine_gradients(self) -> None:
+        """Make each gradient the whole batch's: the sum of the ranks'
+        (:func:`~mechscope.distributed.sum_gradients_`)."""
+        distributed.sum_gradients_(self.params)
+
+    def combine_statistics(self, sums: Tensor) -> Tensor:
+        """The whole batch's step statistics ``[d_sae + terms + 1]`` (per latent whether it fired, the loss terms,
+        the active latents) from this rank's: their sum over the ranks."""
+        return distributed.all_reduce_sum(sums)
+
+    def dead_share(self) -> float:
+        """The share of the SAE's latents that are dead (:meth:`dead`)."""
+        return float(self.dead().float().mean())
+
     def metrics(self, batch: Tensor, terms: dict[str, float], l0: float, lr: float) -> dict[str, float]:
         """Step, tokens, loss and its ``terms`` (of the whole batch), ``l0``, the FVU ``||x - x_hat||^2 / ||x -
         mean(x)||^2`` of the ``batch [batch, d_in]``, the dead share and ``lr`` of a step."""
@@ -397,7 +442,7 @@ class Trainer:
         fvu = terms["mse"] * len(x) / float((x - x.mean(dim=0)).pow(2).sum())
         out = {"step": self.step, "tokens": self.step * self.config.batch_size_tokens, "loss": sum(terms.values())}
         out.update(terms)
-        out.update(l0=l0, fvu=fvu, dead=float(self.dead().float().mean()))
+        out.update(l0=l0, fvu=fvu, dead=self.dead_share())
         if self.config.architecture in ("jumprelu", "batchtopk"):
             out["mean_threshold"] = float(self.sae.threshold.detach().mean())
         out["lr"] = lr
@@ -409,7 +454,7 @@ class Trainer:
         """Where this rank is in the data: the batches done, and its rows of each batch (every ``row_step``-th from
         ``first_row``). The ranks read the same batches, so a run resumes at ``batches_done`` under any number of
         ranks."""
-        rows = distributed.share(self.config.batch_size_tokens)
+        rows = self.row_share(self.config.batch_size_tokens)
         return {"rank": distributed.rank(), "batches_done": self.step, "first_row": rows.start, "row_step": rows.step}
 
     def save_checkpoint(self, directory: Path, write_file: WriteFile = atomic_write) -> Path:
@@ -419,12 +464,22 @@ class Trainer:
         Under torchrun every rank calls it: rank 0 writes (the ranks hold the same state), with every rank's
         :meth:`position` in ``trainer.json``, and the others wait until it has."""
         positions = distributed.gather_to_main([self.position()], operator.add)
+        whole = self.whole()
         if positions is not None:
             if len({p["batches_done"] for p in positions}) != 1:
                 raise RuntimeError(f"the ranks are at different steps ({positions}): train again with --resume")
-            atomic_dir(directory, lambda tmp: self._write_checkpoint(tmp, write_file, positions))
+            assert whole is not None  # rank 0 holds the whole state
+            atomic_dir(directory, lambda tmp: whole._write_checkpoint(tmp, write_file, positions))
         distributed.barrier()
         return directory
+
+    def whole(self) -> Trainer | None:
+        """The state of the whole SAE, as one process holds it (on rank 0; None on the others): this trainer."""
+        return self
+
+    def whole_sae(self) -> SparseAutoencoder | None:
+        """The whole SAE (on rank 0; None on the others): this trainer's."""
+        return self.sae
 
     def _write_checkpoint(self, directory: Path, write_file: WriteFile, positions: list[dict[str, int]]) -> None:
         self.sae.save(directory / SAE_DIR, write_file=write_file)
@@ -479,6 +534,95 @@ class Trainer:
         torch.set_rng_state(tensors["torch_rng"].cpu())
         self.tokens_since_fired = tensors["tokens_since_fired"].to(self.tokens_since_fired.device)
         self.step = meta["step"]
+
+
+class ShardedTrainer(Trainer):
+    """A TopK run whose ranks split the latents (``shard_latents``): each holds its block of them as ``sae``
+    (:class:`~mechscope.sae.sharded.LatentShard`), with their Adam state and dead-latent counters, and computes every
+    row of each batch. It takes the steps one process takes training the whole SAE of ``sae_cfg``, from the same
+    start: the whole SAE is drawn on the CPU (as one process on the CPU draws it), then each rank keeps its block.
+
+    Checkpoints and the saved SAE are the whole SAE's, put together on rank 0 (:meth:`whole`): a run resumes under
+    any number of ranks, sharded or not."""
+
+    def __init__(self, config: TrainConfig, sae_cfg: SAEConfig) -> None:
+        shard = LatentShard(sae_cfg)
+        whole = SparseAutoencoder(dataclasses.replace(sae_cfg, device="cpu"))
+        super().__init__(config, shard.local_sae(whole, sae_cfg.device), sae_cfg.d_sae)
+        shard.check_room(self.aux_k)
+        self.shard = shard
+
+    def _topk_losses(self, x: Tensor, n: int) -> tuple[dict[str, Tensor], SparseLatents, Tensor]:
+        """The whole SAE's TopK terms, this rank's selected latents and the reconstruction
+        (:meth:`~mechscope.sae.sharded.LatentShard.losses`)."""
+        return self.shard.losses(self.sae, x, n, self.dead(), self.aux_k, self.config.aux_k_coefficient)
+
+    def row_share(self, n: int) -> range:
+        """Every row: each rank computes the whole batch, for its latents."""
+        return range(n)
+
+    def combine_gradients(self) -> None:
+        """Nothing: each rank's latents' gradients are its own, and ``b_dec``'s is already the same on every rank
+        (:mod:`mechscope.sae.sharded`)."""
+
+    def combine_statistics(self, sums: Tensor) -> Tensor:
+        """Each rank's latents' firing is its own and every rank computed the whole batch's loss terms: only the
+        active latents (the last entry) are summed over the ranks."""
+        return torch.cat([sums[:-1], distributed.all_reduce_sum(sums[-1:])])
+
+    def dead_share(self) -> float:
+        """The share of the whole SAE's latents that are dead."""
+        return float(distributed.all_reduce_sum(self.dead().sum())) / self.d_sae
+
+    def whole(self) -> Trainer | None:
+        """The whole run's state put together on rank 0, on the CPU: a plain :class:`Trainer` of the whole SAE, with
+        Adam's state, the counters and the step (None on the other ranks). Every rank must call it."""
+        gathered = self.shard.gather(_run_state(self))
+        if gathered is None:
+            return None
+        names = [name for name, _ in sorted(self.sae.named_parameters())]
+        whole = Trainer(self.config, SparseAutoencoder.from_tensors(self.shard.cfg, {n: gathered[n] for n in names}))
+        _restore(whole, gathered, like=self)
+        return whole
+
+    def whole_sae(self) -> SparseAutoencoder | None:
+        """The whole SAE put together on rank 0, on the CPU (None on the other ranks). Every rank must call it."""
+        gathered = self.shard.gather(_run_state(self, adam=False))
+        return None if gathered is None else SparseAutoencoder.from_tensors(self.shard.cfg, gathered)
+
+    def load_checkpoint(self, directory: Path) -> None:
+        """Restore this rank's block of a checkpoint (of the whole run, which each rank reads on the CPU first)."""
+        whole = Trainer(self.config, SparseAutoencoder(dataclasses.replace(self.shard.cfg, device="cpu")))
+        whole.load_checkpoint(directory)
+        _restore(self, self.shard.take(_run_state(whole)), like=whole)
+
+
+def _run_state(trainer: Trainer, adam: bool = True) -> dict[str, Tensor]:
+    """A trainer's tensors by name: the SAE's parameters and, with ``adam``, Adam's moments (``W_enc.exp_avg``,
+    ``W_enc.exp_avg_sq``, ...) and the dead-latent counters (``tokens_since_fired``)."""
+    names = [name for name, _ in sorted(trainer.sae.named_parameters())]
+    out = {name: param.detach() for name, param in zip(names, trainer.params, strict=True)}
+    if adam:
+        state = trainer.optimizer.state_dict()["state"]
+        for index, name in enumerate(names):
+            out.update({f"{name}.{key}": v for key, v in state.get(index, {}).items() if key != "step"})
+        out["tokens_since_fired"] = trainer.tokens_since_fired
+    return out
+
+
+def _restore(trainer: Trainer, tensors: Mapping[str, Tensor], like: Trainer) -> None:
+    """Set ``trainer``'s SAE, Adam moments and counters to ``tensors`` (named as by :func:`_run_state`), and its step,
+    Adam's steps and hyper-parameters to ``like``'s."""
+    trainer.sae.load_state_dict({name: tensors[name] for name in trainer.sae.state_dict()})
+    names = [name for name, _ in sorted(trainer.sae.named_parameters())]
+    state = like.optimizer.state_dict()
+    adam = {
+        index: {key: v if key == "step" else tensors[f"{names[index]}.{key}"] for key, v in param_state.items()}
+        for index, param_state in state["state"].items()
+    }
+    trainer.optimizer.load_state_dict({"state": adam, "param_groups": state["param_groups"]})
+    trainer.tokens_since_fired = tensors["tokens_since_fired"].to(trainer.tokens_since_fired.device)
+    trainer.step = like.step
 
 
 def current_names(settings: Mapping[str, Any]) -> dict[str, Any]:
@@ -578,7 +722,8 @@ def train_sae(
     Under torchrun (inside :func:`mechscope.distributed.session`) every rank calls it with the same settings and
     data: each computes its share of every batch (:meth:`Trainer.train_step`), so the ranks train the SAE one
     process trains; rank 0 alone writes ``out_dir``, and a stop signal to any rank stops every rank after the same
-    step, with one checkpoint. Every rank returns the SAE.
+    step, with one checkpoint. Every rank returns the SAE; with ``shard_latents`` (:class:`ShardedTrainer`) rank 0
+    returns the whole SAE, put together on the CPU, and every other rank its own block of the latents.
     """
     check_output_dir(config.out_dir, "out_dir")
     if config.activations_dir is not None:
@@ -627,8 +772,11 @@ def train_sae(
         dtype=config.dtype,
         device=device,
     )
-    sae = SparseAutoencoder(sae_cfg).train()
-    trainer = Trainer(config, sae)
+    if config.shard_latents:
+        trainer: Trainer = ShardedTrainer(config, sae_cfg)
+    else:
+        trainer = Trainer(config, SparseAutoencoder(sae_cfg).train())
+    sae = trainer.sae
     if config.resume:
         trainer.load_checkpoint(checkpoint)
         batches = islice(_chain_first(first, batches), trainer.step, None)
@@ -683,10 +831,11 @@ def train_sae(
                 stacklevel=2,
             )
         trainer.save_checkpoint(checkpoint, write_file)
-        if main and (trainer.step >= config.n_steps or stop_after is None):
-            sae.save(out_dir / SAE_DIR, overwrite=True, write_file=write_file)
+        whole = trainer.whole_sae()
+        if whole is not None and main and (trainer.step >= config.n_steps or stop_after is None):
+            whole.save(out_dir / SAE_DIR, overwrite=True, write_file=write_file)
         distributed.barrier()  # every rank returns once the SAE is on disk
-    return sae.eval()
+    return (sae if whole is None else whole).eval()
 
 
 def _chain_first(first: Tensor, rest: Iterator[Tensor]) -> Iterator[Tensor]:

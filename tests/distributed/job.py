@@ -6,7 +6,8 @@ Tasks: ``{"kind": "count", "config": {CoocConfig fields}, "kill": [rank, batch]}
 itself with ``os._exit(1)`` after counting that batch (once rank 0 has written a checkpoint), as a kill would.
 With ``"stop": [rank, batch]`` that rank alone sends itself SIGINT after that batch; the :class:`Interrupted` each
 rank raises is written to ``results_dir.RANK.json``.
-``{"kind": "evaluate" | "collectives", "out": PATH}`` write what each rank got to ``PATH.RANK.json``.
+``{"kind": "evaluate" | "collectives" | "autograd_sums", "out": PATH}`` write what each rank got to
+``PATH.RANK.json``.
 ``{"kind": "dashboards", "config": {dashboards_config arguments}, "kill": [rank, pass, key], "stop": [rank, pass,
 key]}``: ``run_dashboards``; with ``kill`` that rank ends itself after that chunk (once rank 0 has written the
 checkpoint of the round before), with ``stop`` it sends itself SIGINT there and the :class:`Interrupted` each rank
@@ -149,6 +150,23 @@ def _collectives(out: str) -> None:
     }
     distributed.barrier()
     _write_rank(out, result)
+
+
+def _autograd_sums(out: str) -> None:
+    """Write to ``out.RANK.json`` what :func:`~mechscope.distributed.sum_over_ranks` and
+    :func:`~mechscope.distributed.sum_gradient_over_ranks` give this rank, forward and backward: rank ``r``'s part is
+    ``[1, 2] * (r + 1)``, weighted ``[1, 10]`` in the loss; its use of the shared ``[0.5, 0.25]`` is scaled by
+    ``r + 1``."""
+    r = distributed.rank()
+    part = (torch.tensor([1.0, 2.0]) * (r + 1)).requires_grad_()
+    total = distributed.sum_over_ranks(part)
+    (total * torch.tensor([1.0, 10.0])).sum().backward()
+    shared = torch.tensor([0.5, 0.25], requires_grad=True)
+    used = distributed.sum_gradient_over_ranks(shared)
+    (used * (r + 1)).sum().backward()
+    assert part.grad is not None and shared.grad is not None
+    result = {"total": total.tolist(), "part_grad": part.grad.tolist(), "used": used.tolist()}
+    _write_rank(out, {**result, "shared_grad": shared.grad.tolist()})
 
 
 DASH_SETTINGS = DashboardSettings(n_top=4, window=3, n_bins=3, per_bin=2, histogram_bins=5, n_logits=4)
@@ -344,6 +362,8 @@ def main(tasks_file: str) -> None:
                 _write_rank(task["out"], evaluation(model, saes))
             elif task["kind"] == "collectives":
                 _collectives(task["out"])
+            elif task["kind"] == "autograd_sums":
+                _autograd_sums(task["out"])
             elif task["kind"] == "dashboards":
                 _dashboards(model, saes, task)
             elif task["kind"] == "harvest":

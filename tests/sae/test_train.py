@@ -464,7 +464,8 @@ def test_cli_flags_mirror_the_config_fields() -> None:
     flags = {option for action in train._actions for option in action.option_strings}
     expected = {"--" + f.name.replace("_", "-") for f in dataclasses.fields(TrainConfig)}
     old_names = {"--source", "--shard-dir", "--batch-size"}  # still read, with a DeprecatedSetting warning
-    others = {"--no-resume", "--no-progress", "--config", "--nproc", "-h", "--help"}  # --config: its old form
+    negations = {"--no-resume", "--no-progress", "--no-shard-latents"}  # of the bool fields
+    others = negations | {"--config", "--nproc", "-h", "--help"}  # --config: its old form
     assert flags == expected | old_names | others
     args = parser.parse_args(["sae", "train", "--k", "2.5", "--d-sae", "7", "--no-progress", "--lr", "1e-3"])
     assert (args.k, args.d_sae, args.progress, args.lr, args.nproc) == (2.5, 7, False, 1e-3, 1)

@@ -43,6 +43,7 @@ from mechscope.settings import ConfigError, available_devices
         ({"out_dir": ""}, "out_dir", "is empty: give the directory the run writes to"),
         ({"device": "foo"}, "device", "'foo' is not a torch device: use one of cpu"),
         ({"device": ""}, "device", "'' is not a torch device: use one of cpu"),
+        ({"architecture": "relu", "shard_latents": True}, "shard_latents", "topk SAEs only, not 'relu': set arch"),
     ],
 )
 def test_a_harmful_setting_is_refused_when_the_config_is_built(settings: dict, field: str, message: str) -> None:
