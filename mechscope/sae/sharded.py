@@ -33,7 +33,7 @@ from torch import Tensor
 
 import mechscope.distributed as distributed
 from mechscope.sae.config import SAEConfig
-from mechscope.sae.kernels import SelectedPreActs, SparseDecode
+from mechscope.sae.kernels import SelectedPreActs, SparseDecode, top_indices
 from mechscope.sae.latents import SparseLatents
 from mechscope.sae.model import SparseAutoencoder
 
@@ -72,14 +72,20 @@ class LatentShard:
 
     # ---- the forward pass --------------------------------------------------------------------------------------
 
-    def top(self, pre_acts: Tensor, k: int) -> Tensor:
-        """``[batch, k]``: the global indices of each token's ``k`` largest pre-activations of the whole SAE, of which
-        ``pre_acts [batch, hi - lo]`` are this rank's; the same on every rank.
+    def top(self, products: Tensor, k: int, bias: Tensor, among: Tensor | None = None) -> Tensor:
+        """``[batch, k]``: the global indices of each token's ``k`` largest pre-activations of the whole SAE (only
+        among its latents where ``among`` is True, when given), of which ``products + bias`` (``products [batch,
+        hi - lo]``, the encoder's product without ``b_enc``) are this rank's; the same on every rank.
 
         Each rank offers its ``min(k, hi - lo)`` largest (the token's ``k`` largest are among the ranks' offers);
         their values and indices are gathered (:func:`~mechscope.distributed.all_gather`, as ``[offers, batch]``
         so that the ranks' offers may differ in number)."""
-        values, indices = pre_acts.topk(min(k, pre_acts.shape[-1]), dim=-1, sorted=False)
+        mine = min(k, products.shape[-1] if among is None else int(among.sum()))
+        if mine:
+            indices = top_indices(products, mine, among, bias)
+        else:  # none of this rank's latents may be chosen
+            indices = torch.zeros(len(products), 0, dtype=torch.long, device=products.device)
+        values = products.gather(-1, indices) + bias[indices]
         offered = torch.cat(distributed.all_gather(values.T.contiguous())).T  # [batch, offers of every rank]
         where = torch.cat(distributed.all_gather((indices + self.latents.start).T.contiguous())).T
         return where.gather(-1, offered.topk(k, dim=-1, sorted=False).indices)
@@ -126,15 +132,15 @@ class LatentShard:
         if sae.cfg.apply_b_dec_to_input:  # b_dec's gradient through the encoder: every rank's part, not only this one's
             encoder_input = encoder_input - (distributed.sum_gradient_over_ranks(sae.b_dec) - sae.b_dec)  # + 0
         with torch.no_grad():
-            pre_acts = torch.addmm(sae.b_enc, encoder_input, sae.W_enc)  # [batch, hi - lo], no graph
-            indices = self.top(pre_acts, k)
+            products = encoder_input @ sae.W_enc  # [batch, hi - lo], no graph; the pre-activations less b_enc
+            indices = self.top(products, k, sae.b_enc)
             n_dead = int(distributed.all_reduce_sum(dead.sum()))
             if n_dead:
-                aux = self.top(pre_acts.masked_fill(~dead, float("-inf")), min(aux_k, n_dead))
+                aux = self.top(products, min(aux_k, n_dead), sae.b_enc, among=dead)
                 indices = torch.cat([indices, aux], dim=-1)
             owns = [self.own(part) for part in indices.split([k, indices.shape[-1] - k], dim=-1)]
             local, owned = (torch.cat(parts, dim=-1) for parts in zip(*owns, strict=True))
-        selected = SelectedPreActs.apply(encoder_input, sae.W_enc, sae.b_enc, local, pre_acts).relu()
+        selected = SelectedPreActs.apply(encoder_input, sae.W_enc, sae.b_enc, local, products).relu()
         selected = selected.masked_fill(~owned, 0.0)
         latents = SparseLatents(local[:, :k], selected[:, :k])
         decoded = distributed.sum_over_ranks(SparseDecode.apply(*latents, sae.W_dec))
