@@ -28,9 +28,9 @@ from mechscope.sae.train import TrainConfig, Trainer
 
 D_IN, D_SAE, K, BATCH, STEPS = 256, 4096, 32, 4096, 4
 COUNT_D_SAE, COUNT_K, COUNT_BATCH, N_BATCHES = 16384, 32, 4096, 50  # 50: the count's checkpoint_every
-# 16 contexts of 128 tokens (127 rows each: the BOS is not stored), forward passes of 4 contexts, one pass a shard:
-# 4 shards, 2 per rank (with the store's default of 8 contexts a pass, 3 shards of 2048 rows: 2 and 1, at most 1.5x)
-HARVEST_TOKENS, HARVEST_PASS, HARVEST_SHARD = 2032, 4, 508
+# 16 contexts of 128 tokens (the BOS is not stored: 507 or 508 rows a pass), forward passes of 4 contexts, one pass a
+# shard: 4 shards, 2 per rank (with the store's default of 8 contexts a pass, 3 shards: 2 and 1, at most 1.5x)
+HARVEST_TOKENS, HARVEST_PASS, HARVEST_SHARD = 2000, 4, 500
 
 
 def training() -> Callable[[], object]:

@@ -29,6 +29,7 @@ from mechscope.sae.train import TrainConfig, Trainer, geometric_median
 D_IN, D_SAE, K, BATCH, N_BATCHES = 576, 4608, 32, 4096, 4
 LR, AUX_K_COEFFICIENT = 3e-4, 1 / 32
 WORKLOADS = (("TopK + AuxK", True), ("TopK", False))  # (label, whether AuxK is computed)
+FLOOR = "floor (encoder product)"
 HERE = Path(__file__).resolve().parent
 SAELENS_PYTHON, SAELENS_SIDE = HERE.parent / ".venv-saelens" / "bin" / "python", HERE / "saelens_side.py"
 SPARSIFY_PYTHON, SPARSIFY_SIDE = HERE.parent / ".venv-sparsify" / "bin" / "python", HERE / "sparsify_side.py"
@@ -95,6 +96,7 @@ def setup() -> Benchmark:
         for what, values in checked:
             if max(values) - min(values) > 1e-4 * abs(values[0]):
                 raise AssertionError(f"{label}: the trainers' first-step {what} differ: {values}")
+    contenders[FLOOR] = _encoder_product(init, x)
     versions = saelens_out["version"], sparsify_out["version"]
     return Benchmark(
         description=(
@@ -106,9 +108,13 @@ def setup() -> Benchmark:
         ),
         contenders=contenders,
         ratios=[
-            Ratio(f"mechscope {label}", f"{peer} {label}", target=1 / 2)
-            for label, _ in WORKLOADS
-            for peer in ("SAELens", "sparsify")
+            *(
+                Ratio(f"mechscope {label}", f"{peer} {label}", target=1 / 2)
+                for label, _ in WORKLOADS
+                for peer in ("SAELens", "sparsify")
+            ),
+            Ratio(FLOOR, "sparsify TopK"),
+            Ratio("mechscope TopK", FLOOR),
         ],
         notes=[
             "What each step computes. All: the squared error summed over d_in; AuxK (k_aux = d_in / 2 = 288 "
@@ -132,6 +138,9 @@ def setup() -> Benchmark:
             "AuxK workload: every latent counts as dead (mechscope `dead_tokens_threshold=1` with every counter set "
             "to 1 before each step, SAELens `dead_feature_window=-1`, sparsify `dead_feature_threshold=-1`). TopK "
             "workload: none is dead, so none computes AuxK (sparsify: `auxk_alpha=0`).",
+            f"{FLOOR}: the one dense product of every contender's step, `x @ W_enc` ([{BATCH}, {D_IN}] x [{D_IN}, "
+            f"{D_SAE}], float32, one thread); no TopK step can take less. `{FLOOR} / sparsify TopK` is the smallest "
+            "ratio any TopK step could reach against sparsify.",
             *notes,
         ],
         repeats=20,
@@ -167,6 +176,13 @@ def _mechscope(init: SAE, x: torch.Tensor, aux: bool) -> tuple[Callable[[], obje
         return trainer.train_step(next(data))
 
     return step, step()
+
+
+def _encoder_product(init: SAE, x: torch.Tensor) -> Callable[[], object]:
+    """The encoder's dense product on the next batch, alone."""
+    weight = init.W_enc.detach().clone()
+    data: Iterator[torch.Tensor] = cycle(x.split(BATCH))
+    return lambda: next(data) @ weight
 
 
 def _saelens(workdir: Path, aux: bool, label: str) -> tuple[Step, dict]:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import closing
+from contextlib import closing, contextmanager
 from itertools import count, islice, repeat
 from pathlib import Path
 from typing import Any
@@ -102,11 +102,14 @@ class ActivationStore:
         self.stop_at_layer = model.stop_layer_for(self.hook_names)
         tok = model.tokenizer
         self._special = sorted({t for t in (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) if t is not None})
+        self._fixed_settings: dict[str, Any] | None = None  # while a harvest runs (_settings_fixed)
 
     # ---- identity ------------------------------------------------------------------------------------
     def settings(self) -> dict[str, Any]:
         """What determines the stored rows; a shard directory is reused only for identical settings (the
         manifest's names: ``source`` is the corpus)."""
+        if self._fixed_settings is not None:
+            return self._fixed_settings
         return {
             "model": self.model.name,
             "model_fingerprint": self.model.fingerprint(),
@@ -119,6 +122,16 @@ class ActivationStore:
             "exclude_special": self.exclude_special,
             "dtype": str(self.dtype).removeprefix("torch."),
         }
+
+    @contextmanager
+    def _settings_fixed(self) -> Iterator[None]:
+        """:meth:`settings` computed once for the block (the model's fingerprint samples every weight): for one
+        harvest, during which the model does not change."""
+        self._fixed_settings = self.settings()
+        try:
+            yield
+        finally:
+            self._fixed_settings = None
 
     # ---- live harvesting ----------------------------------------------------------------------------
     def contexts(self, skip: int = 0) -> Iterator[Tensor]:
@@ -230,6 +243,17 @@ class ActivationStore:
         ``pending.shard_NNNNN.safetensors``. Without ``data_parallel`` this process harvests everything (under torchrun
         too: call it on one rank).
         """
+        with self._settings_fixed():
+            return self._harvest(n_tokens, progress, on_batch, checkpoint_seconds, data_parallel)
+
+    def _harvest(
+        self,
+        n_tokens: int,
+        progress: bool,
+        on_batch: Callable[[int, int], object] | None,
+        checkpoint_seconds: float,
+        data_parallel: bool,
+    ) -> int:
         directory = self.activations_dir
         if directory is None:
             raise ValueError("harvest() writes shards: create the store with activations_dir=...")

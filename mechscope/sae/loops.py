@@ -14,8 +14,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-_FLAGS = {"cache": True, "nogil": True}
-_SUMS = {**_FLAGS, "fastmath": {"reassoc", "contract"}}  # sums in any order (vectorised), fused multiply-adds
+_SUMS = {"reassoc", "contract"}  # fastmath flags of the sums: in any order (vectorised), fused multiply-adds
 
 
 def top_indices(scores: Tensor, k: int, columns: Tensor | None = None, bias: Tensor | None = None) -> Tensor:
@@ -35,7 +34,7 @@ def top_indices(scores: Tensor, k: int, columns: Tensor | None = None, bias: Ten
     return torch.from_numpy(out)
 
 
-@numba.njit(**_FLAGS)
+@numba.njit(cache=True, nogil=True)
 def _top_indices(scores: np.ndarray, bias: np.ndarray, columns: np.ndarray, out: np.ndarray) -> bool:
     """Fill ``out [n, k]`` with each row's top-``k`` of ``(scores + bias)[:, columns]`` (as columns of ``scores``);
     True when a row could not be filled (NaN).
@@ -80,7 +79,7 @@ def _top_indices(scores: np.ndarray, bias: np.ndarray, columns: np.ndarray, out:
         for e in range(min(m, k)):
             out[t, e] = columns[taken[e]]
         short[t] = m < k
-    return short.any()
+    return bool(short.any())
 
 
 @numba.njit(cache=True, nogil=True)
@@ -149,7 +148,7 @@ def scatter_outer(crow: Tensor, order: Tensor, k: int, weights: Tensor, rows: Te
     return torch.from_numpy(out)
 
 
-@numba.njit(**_SUMS)
+@numba.njit(cache=True, nogil=True, fastmath=_SUMS)
 def _scatter_outer(
     crow: np.ndarray, order: np.ndarray, k: int, weights: np.ndarray, rows: np.ndarray, out: np.ndarray
 ) -> None:
@@ -170,7 +169,7 @@ def gathered_dot(rows: Tensor, table: Tensor, indices: Tensor) -> Tensor:
     return torch.from_numpy(out)
 
 
-@numba.njit(**_SUMS)
+@numba.njit(cache=True, nogil=True, fastmath=_SUMS)
 def _gathered_dot(rows: np.ndarray, table: np.ndarray, indices: np.ndarray, out: np.ndarray) -> None:
     n, k = indices.shape
     for t in range(n):
