@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mechscope.sae import loops
+import mechscope.sae.loops as loops
 
 
 class SparseDecode(torch.autograd.Function):
