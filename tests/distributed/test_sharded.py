@@ -18,7 +18,7 @@ from mechscope.sae import SparseAutoencoder
 from mechscope.sae.train import CHECKPOINT_DIR, SAE_DIR, TRAINER_JSON, train_sae
 from tests.distributed import harness
 from tests.distributed.job import SyntheticRows, train_config
-from tests.distributed.test_train import TOLERANCE, _max_difference, _metrics
+from tests.distributed.test_train import TOLERANCE, _max_difference, assert_same_run
 
 WIDTHS = [47, 9]
 AUX_K = {47: 6, 9: 4}
@@ -62,16 +62,7 @@ def test_the_autograd_sums_of_two_ranks(runs: dict) -> None:
 @pytest.mark.parametrize("d_sae", WIDTHS)
 def test_two_sharded_ranks_train_the_sae_one_process_trains(runs: dict, d_sae: int) -> None:
     assert runs["status"] == 0, harness.log(runs["tmp"], "sharded")
-    one, two = runs["tmp"] / f"one_{d_sae}", runs["tmp"] / f"sharded_{d_sae}"
-    difference = _max_difference(one, two)  # the whole SAEs, as saved; the dead-latent counters equal
-    print(f"d_sae {d_sae}: largest weight difference {difference:.2e}")
-    assert difference < TOLERANCE
-    expected, got = _metrics(one), _metrics(two)
-    assert [m["step"] for m in got] == [m["step"] for m in expected] == list(range(10, 61, 10))
-    for want, have in zip(expected, got, strict=True):
-        assert have.keys() == want.keys()
-        for key, value in want.items():
-            assert have[key] == pytest.approx(value, rel=1e-3, abs=1e-6), (key, want["step"])
+    expected = assert_same_run(runs["tmp"] / f"one_{d_sae}", runs["tmp"] / f"sharded_{d_sae}", f"d_sae {d_sae}")
     if d_sae == 47:
         assert any("aux" in m for m in expected), "no dead latents: AuxK untested"
 
