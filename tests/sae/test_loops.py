@@ -77,3 +77,12 @@ def test_gathered_dot_is_the_dense_product_at_the_indices(dtype: torch.dtype, do
     got = dot(rows, table, indices)
     assert got.dtype == dtype
     torch.testing.assert_close(got, (rows @ table.T).gather(-1, indices))
+
+
+def test_top_indices_add_the_bias_before_choosing() -> None:
+    g = torch.Generator().manual_seed(5)
+    products, bias = torch.randn(40, 60, generator=g), 3 * torch.randn(60, generator=g)
+    among = torch.rand(60, generator=g) < 0.5
+    expected = (products + bias).masked_fill(~among, float("-inf")).topk(6, dim=-1).indices
+    assert _sets(kernels.top_indices(products, 6, among=among, bias=bias)) == _sets(expected)
+    assert _sets(kernels.top_indices(products, 6, bias=bias)) == _sets((products + bias).topk(6, dim=-1).indices)
